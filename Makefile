@@ -1,0 +1,43 @@
+# Two commands matter: `make run` (the demo) and `make test` (checks + the whole suite).
+# Both bootstrap .venv on their own, so a fresh Debian machine needs only python3 and make.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: run test check fmt bench deps clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/doproxy demo
+
+check: $(STAMP)
+	$(BIN)/ruff format --check doproxy tests bench
+	$(BIN)/ruff check doproxy tests bench
+	$(BIN)/mypy --strict doproxy
+
+# Debian packages the tests need (installed only when running as root; otherwise listed).
+deps:
+	@sh scripts/debian-deps.sh test
+
+test: $(STAMP) deps check
+	$(BIN)/coverage erase
+	$(BIN)/coverage run -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/coverage combine -q 2>/dev/null || true
+	$(BIN)/coverage report --fail-under=80 | tail -n 1
+
+fmt: $(STAMP)
+	$(BIN)/ruff format doproxy tests bench
+	$(BIN)/ruff check --fix doproxy tests bench
+
+bench: $(STAMP)
+	@sh scripts/debian-deps.sh bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .coverage .coverage.* build *.egg-info

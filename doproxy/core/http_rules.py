@@ -1,0 +1,94 @@
+"""Header forwarding rules: what a proxy must drop, add and re-frame. Pure byte manipulation.
+
+Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection, not the message, so they are
+never forwarded: Connection and every header it names, Keep-Alive, Proxy-Connection, TE, Trailer,
+Upgrade (except for a WebSocket tunnel) and Transfer-Encoding (the proxy re-frames the body
+itself). Trailers are dropped in both directions: chunked bodies are re-encoded without them,
+as nginx does by default, so no field can slip past the header rules at the end of a body.
+"""
+
+from __future__ import annotations
+
+# Request headers handled specially on the way to a backend (lower-case).
+CONNECTION = b"connection"
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"http2-settings",  # only meaningful with Upgrade: h2c, which is never tunnelled
+    }
+)
+# Hop-by-hop plus the ones the proxy rewrites or consumes.
+REQUEST_SPECIAL = HOP_BY_HOP | {
+    b"host",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}
+RESPONSE_SPECIAL = HOP_BY_HOP | {b"content-length"}
+
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+REASONS: dict[int, bytes] = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+def connection_tokens(values: list[bytes]) -> set[bytes]:
+    """The lower-cased tokens of every Connection header value."""
+    out: set[bytes] = set()
+    for v in values:
+        for tok in v.split(b","):
+            t = tok.strip().lower()
+            if t:
+                out.add(t)
+    return out
+
+
+def status_line(version: bytes, status: int, reason: bytes) -> bytes:
+    return b"HTTP/" + version + b" " + str(status).encode() + b" " + reason + b"\r\n"
+
+
+def error_response(status: int, body: bytes | None = None, close: bool = True) -> bytes:
+    """A small complete response the proxy itself answers with."""
+    reason = REASONS.get(status, b"Error")
+    if body is None:
+        body = str(status).encode() + b" " + reason + b"\n"
+    head = (
+        b"HTTP/1.1 " + str(status).encode() + b" " + reason + b"\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+        b"Cache-Control: no-store\r\n"
+    )
+    if close:
+        head += b"Connection: close\r\n"
+    return head + b"\r\n" + body
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,138 @@
+"""Typed, frozen configuration models.
+
+Every key of the 2015 Go doproxy's `doproxy.toml` is accepted with the same meaning and default;
+new settings use the same kebab-case style and have defaults, so a minimal file works. Durations
+are Go duration strings ("250ms", "2s") and are stored as float seconds.
+
+This module is part of the pure core: it parses values, it never reads files or the clock.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from doproxy.core.durations import parse_duration
+
+
+def _duration(value: Any) -> Any:
+    if isinstance(value, str):
+        return parse_duration(value)
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"2s\" or \"250ms\"")
+    return value  # int/float seconds are accepted as a convenience
+
+
+Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+PositiveDuration = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=_kebab,
+        populate_by_name=True,
+        frozen=True,
+        extra="forbid",
+    )
+
+
+class LoadBalancing(Section):
+    type: Literal["roundrobin", "leastconn"] = "roundrobin"
+
+
+class BackendSettings(Section):
+    latency_average_seconds: int = Field(30, gt=0)
+    dial_timeout: PositiveDuration = 2.0
+    health_check_timeout: PositiveDuration = 0.25
+    new_host_port: int = Field(8080, ge=1, le=65535)
+    new_host_health_path: str = "/"
+    new_host_health_https: bool = False
+    disable_health_check: bool = False
+
+
+class DOProvisioner(Section):
+    enable: bool = False
+    token: str = Field("", repr=False)
+    ssh_key_ids: list[int | str] = Field(default_factory=list)
+    hostname_prefix: str = "doproxy-"
+    region: str = "nyc3"
+    size: str = "s-1vcpu-1gb"
+    image: str = "ubuntu-22-04-x64"
+    user_data: str = ""
+    backups: bool = False
+
+
+class Provisioning(Section):
+    enable: bool = False
+    min_backends: int = Field(1, ge=0)
+    max_backends: int = Field(2, ge=0)
+    downscale_latency: Duration = 0.150
+    downscale_time: Duration = 900.0
+    downscale_every: Duration = 3600.0
+    upscale_latency: Duration = 0.5
+    upscale_time: Duration = 180.0
+    upscale_every: Duration = 900.0
+    max_health_failures: int = Field(180, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Provisioning:
+        if self.min_backends > self.max_backends:
+            raise ValueError(
+                f"provisioning.min-backends ({self.min_backends}) must not exceed "
+                f"provisioning.max-backends ({self.max_backends})"
+            )
+        return self
+
+
+class Timeouts(Section):
+    """Data-plane timeouts. New in doproxy (Python); the Go version had only dial-timeout."""
+
+    client_header: PositiveDuration = 10.0  # whole request head must arrive within this -> 408
+    keep_alive: PositiveDuration = 75.0  # idle client keep-alive connection
+    response_header: PositiveDuration = 60.0  # backend must start answering within this -> 504
+    upstream_idle: PositiveDuration = 60.0  # pooled idle backend connection is closed after this
+    shutdown_grace: Duration = 30.0  # in-flight requests may finish within this on SIGTERM
+
+
+class Limits(Section):
+    max_header_bytes: int = Field(32 * 1024, ge=1024)  # request line + headers -> 431
+    max_url_bytes: int = Field(8 * 1024, ge=64)  # request target -> 414
+    max_idle_per_backend: int = Field(64, ge=0)  # pooled keep-alive connections per backend
+
+
+class Settings(Section):
+    bind: str = ":8000"
+    https: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    add_x_forwarded_for: bool = True
+    watch_config: bool = True
+    inventory_file: str = "inventory.toml"
+    loadbalancing: LoadBalancing = Field(default_factory=LoadBalancing)
+    backend: BackendSettings = Field(default_factory=BackendSettings)
+    do_provisioner: DOProvisioner = Field(default_factory=DOProvisioner)
+    provisioning: Provisioning = Field(default_factory=Provisioning)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _tls(self) -> Settings:
+        if self.https and not (self.tls_cert_file and self.tls_key_file):
+            missing = "tls-cert-file" if not self.tls_cert_file else "tls-key-file"
+            raise ValueError(f"https = true needs {missing}")
+        return self
+
+
+def parse_bind(bind: str) -> tuple[str | None, int]:
+    """Split a Go-style listen address. ":8000" means every interface (host None)."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bind {bind!r} must look like \":8000\" or \"127.0.0.1:8000\"")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return (host or None), int(port)

@@ -1,0 +1,103 @@
+"""Every error doproxy raises on purpose lives here.
+
+Client-facing errors carry the HTTP status the client will see. Configuration errors carry every
+problem found, each with its file, line (when known) and dotted key, so a user can fix them all at
+once. Only the CLI turns these into exit codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class DoproxyError(Exception):
+    """Base of every deliberate doproxy error."""
+
+
+# --- client-facing (data plane) -------------------------------------------------------------
+
+
+class ClientError(DoproxyError):
+    """An error answered to the client with an HTTP status."""
+
+    status: int = 500
+    reason: str = "Internal Server Error"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.reason)
+        self.detail = detail or self.reason
+
+
+class BadRequest(ClientError):
+    status = 400
+    reason = "Bad Request"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    reason = "Method Not Allowed"
+
+
+class RequestTimeout(ClientError):
+    status = 408
+    reason = "Request Timeout"
+
+
+class ExpectationFailed(ClientError):
+    status = 417
+    reason = "Expectation Failed"
+
+
+class URITooLong(ClientError):
+    status = 414
+    reason = "URI Too Long"
+
+
+class HeaderFieldsTooLarge(ClientError):
+    status = 431
+    reason = "Request Header Fields Too Large"
+
+
+class NotImplementedByProxy(ClientError):
+    status = 501
+    reason = "Not Implemented"
+
+
+class BadGateway(ClientError):
+    status = 502
+    reason = "Bad Gateway"
+
+
+class ServiceUnavailable(ClientError):
+    status = 503
+    reason = "Service Unavailable"
+
+
+class GatewayTimeout(ClientError):
+    status = 504
+    reason = "Gateway Timeout"
+
+
+# --- configuration and inventory ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a file: where, which key, and what."""
+
+    file: str
+    key: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(DoproxyError):
+    """A config or inventory file is invalid. Carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))

@@ -1,0 +1,186 @@
+"""The listener and everything shared by all client connections of one proxy.
+
+Theory of operation
+-------------------
+`ProxyServer` owns the listening sockets, the set of live client connections, and one periodic
+sweep (every `SWEEP_INTERVAL`) that enforces every deadline and closes backend connections idle
+for longer than `upstream-idle`. One sweep instead of a timer per request keeps per-request work
+at a few attribute writes; the price is that timeouts fire up to one interval late.
+
+The backend pool (`Pool`) is an immutable snapshot swapped as a whole on reload; each new client
+connection takes the snapshot current at accept time, so one request never sees half a reload.
+
+Shutdown: stop accepting, close idle keep-alive connections, let in-flight exchanges finish
+(their responses carry `Connection: close`), and abort whatever is left after the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+
+from doproxy.core.settings import Settings, parse_bind
+from doproxy.errors import BadGateway, ClientError, GatewayTimeout
+from doproxy.proxy.backend import Backend, Pool
+from doproxy.proxy.client import ClientConnection, Exchange
+from doproxy.proxy.upstream import UpstreamConnection
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 0.1
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: Pool,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.settings = settings
+        self.timeouts = settings.timeouts
+        self.pool = pool
+        self.ssl_context = ssl_context
+        self.tls = ssl_context is not None
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._dials: set[asyncio.Task[None]] = set()
+
+    # --- listening --------------------------------------------------------------------------
+
+    async def listen(self, bind: str | None = None, sock: socket.socket | None = None) -> None:
+        """Start accepting on `bind` (doproxy's ":8000" form) or on an already bound socket."""
+        if sock is not None:
+            server = await self.loop.create_server(
+                self._new_connection, sock=sock, ssl=self.ssl_context, backlog=1024
+            )
+        else:
+            host, port = parse_bind(bind or self.settings.bind)
+            server = await self.loop.create_server(
+                self._new_connection,
+                host=host,
+                port=port,
+                ssl=self.ssl_context,
+                reuse_address=True,
+                backlog=1024,
+            )
+        self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = self.loop.create_task(self._sweep())
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for server in self._servers:
+            for s in server.sockets:
+                name = s.getsockname()
+                out.append((name[0], name[1]))
+        return out
+
+    def _new_connection(self) -> ClientConnection:
+        return ClientConnection(self, self.pool)
+
+    def set_pool(self, pool: Pool) -> None:
+        self.pool = pool
+
+    # --- upstream connections ---------------------------------------------------------------
+
+    def dial(self, backend: Backend, client: ClientConnection, ex: Exchange) -> None:
+        task = self.loop.create_task(self._dial(backend, client, ex))
+        self._dials.add(task)
+        task.add_done_callback(self._dials.discard)
+
+    async def _dial(self, backend: Backend, client: ClientConnection, ex: Exchange) -> None:
+        err: ClientError | None = None
+        up: UpstreamConnection | None = None
+        try:
+            async with asyncio.timeout(self.settings.backend.dial_timeout):
+                _, proto = await self.loop.create_connection(
+                    lambda: UpstreamConnection(backend), backend.host, backend.port
+                )
+            up = proto
+        except TimeoutError:
+            log.warning("backend %s: connect timed out", backend)
+            err = GatewayTimeout("backend connect timed out")
+        except OSError as e:
+            log.warning("backend %s: cannot connect: %s", backend, e.strerror or e)
+            err = BadGateway("backend unreachable")
+        client.dial_done(ex, up, err)
+
+    def release(self, up: UpstreamConnection) -> None:
+        """Return a healthy keep-alive connection to its backend's idle pool (LIFO)."""
+        t = up.transport
+        idle = up.backend.idle
+        if up.closed or t is None or t.is_closing():
+            return
+        if len(idle) >= self.settings.limits.max_idle_per_backend:
+            up.close()
+            return
+        up.idle_since = self.loop.time()
+        idle.append(up)
+
+    # --- deadlines --------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        idle_timeout = self.timeouts.upstream_idle
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = self.loop.time()
+            for conn in list(self.connections):
+                kind = conn.deadline_kind
+                if kind and conn.deadline <= now:
+                    conn.on_deadline(kind)
+            for backend in self.pool.backends:
+                idle = backend.idle
+                # LIFO: the oldest idle connections sit at the bottom of the stack.
+                while idle and now - idle[0].idle_since > idle_timeout:
+                    idle.pop(0).close()
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        grace = self.timeouts.shutdown_grace if grace is None else grace
+        self.draining = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = self.loop.time() + grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._dials):
+            task.cancel()
+        for backend in self.pool.backends:
+            while backend.idle:
+                backend.idle.pop().close()
+        for server in self._servers:
+            await server.wait_closed()
+
+    def error_body(self, status: int) -> bytes | None:
+        return None
+
+
+def make_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """TLS 1.2 and 1.3 only, with Mozilla's "intermediate" cipher suite list for TLS 1.2."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(
+        "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+        "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+        "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+        "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+    )
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx

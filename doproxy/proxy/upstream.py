@@ -1,0 +1,171 @@
+"""One keep-alive connection to a backend.
+
+Theory of operation
+-------------------
+An upstream connection is either *idle* (in its backend's LIFO pool, `client is None`) or
+*attached* to exactly one client connection for the length of one exchange. While attached it
+parses the backend's response with llhttp (httptools) and hands each event straight to the
+client connection, which writes it out: nothing is buffered here.
+
+    dial --> attached --(response complete, reusable)--> idle --(picked)--> attached ...
+                 |                                         |
+                 +--(101 Switching Protocols)--> tunnel     +--(backend closed / idle timeout)--> closed
+                 +--(error, close, not reusable)----------------------------------------------> closed
+
+A connection goes back to the pool only when both the request and the response were complete and
+neither side asked to close. An idle connection that the backend closes is removed from the pool
+at once (connection_lost/eof), so the next request dials afresh instead of failing.
+
+Backpressure: when this connection's write buffer fills (a backend reading an upload slowly),
+pause_writing pauses reading from the client, and resume_writing resumes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+if TYPE_CHECKING:
+    from doproxy.proxy.backend import Backend
+    from doproxy.proxy.client import ClientConnection
+
+
+class _HeadResponseDone(Exception):
+    """Raised inside the parser to stop it after the head of a response to HEAD.
+
+    llhttp cannot be told that a response answers a HEAD request (httptools hides the
+    on_headers_complete return value), so it would wait for Content-Length bytes that never come.
+    """
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_headers",
+        "_reason",
+        "backend",
+        "client",
+        "closed",
+        "got_bytes",
+        "idle_since",
+        "parser",
+        "reused",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.client: ClientConnection | None = None
+        self.idle_since = 0.0
+        self.reused = False
+        self.closed = False
+        self.got_bytes = False
+        self.tunnel = False
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._reason = b""
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.backend.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            # Bytes from an idle backend connection are a protocol error; never reuse it.
+            self.close()
+            return
+        if self.tunnel:
+            client.tunnel_from_backend(data)
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            client.backend_switched_protocols(self, data[e.args[0] :])
+        except httptools.HttpParserCallbackError as e:
+            if isinstance(e.__context__, _HeadResponseDone):
+                # Fresh parser for the next response on this keep-alive connection.
+                self.parser = httptools.HttpResponseParser(self)
+                if self.client is not None:
+                    self.client.response_complete(self)
+            else:
+                raise
+        except httptools.HttpParserError as e:
+            client.backend_protocol_error(self, str(e))
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        client = self.client
+        if client is not None:
+            self.client = None
+            client.backend_lost(self)
+        else:
+            try:
+                self.backend.idle.remove(self)
+            except ValueError:
+                pass
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause_reading_for_backend()
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume_reading_for_backend()
+
+    # --- llhttp callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        client = self.client
+        if client is None:
+            return
+        parser = self.parser
+        client.response_head(
+            self,
+            parser.get_status_code(),
+            self._reason,
+            self._headers,
+            parser.should_keep_alive(),
+        )
+
+    def on_body(self, body: bytes) -> None:
+        if self.client is not None:
+            self.client.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.client is not None:
+            self.client.response_complete(self)
+
+    def stop_after_head(self) -> None:
+        raise _HeadResponseDone()
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
