@@ -56,8 +56,10 @@ async def run_proxy(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    log.info("shutting down: finishing in-flight requests (grace %.1fs)",
-             settings.timeouts.shutdown_grace)
+    log.info(
+        "shutting down: finishing in-flight requests (grace %.1fs)",
+        settings.timeouts.shutdown_grace,
+    )
     await server.shutdown()
     log.info("stopped")
 

@@ -35,8 +35,13 @@ def render_env(text: str, file: str, environ: Mapping[str, str]) -> str:
             return default
         line = text.count("\n", 0, m.start()) + 1
         problems.append(
-            Problem(file, "", f'environment variable {name} is not set (used as {{{{env "{name}"}}}})'
-                    f' and no default is given', line)
+            Problem(
+                file,
+                "",
+                f'environment variable {name} is not set (used as {{{{env "{name}"}}}})'
+                f" and no default is given",
+                line,
+            )
         )
         return ""
 

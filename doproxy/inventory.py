@@ -24,7 +24,9 @@ def parse_inventory(text: str, file: str) -> list[InventoryEntry]:
     entries: list[InventoryEntry] = []
     for key in data:
         if key not in TABLES:
-            problems.append(Problem(file, key, "unknown table (expected [[droplet]] or [[backend]])"))
+            problems.append(
+                Problem(file, key, "unknown table (expected [[droplet]] or [[backend]])")
+            )
     for table in TABLES:
         rows = data.get(table, [])
         if not isinstance(rows, list):
@@ -53,8 +55,14 @@ def parse_inventory(text: str, file: str) -> list[InventoryEntry]:
         seen[k] = seen.get(k, 0) + 1
     for k, n in seen.items():
         if n > 1:
-            problems.append(Problem(file, "id", f"duplicate id {k} ({n} entries)",
-                                    find_line(text, ("droplet", "id"))))
+            problems.append(
+                Problem(
+                    file,
+                    "id",
+                    f"duplicate id {k} ({n} entries)",
+                    find_line(text, ("droplet", "id")),
+                )
+            )
     if problems:
         raise ConfigError(problems)
     return entries

@@ -5,8 +5,8 @@ from __future__ import annotations
 _UNITS = {
     "ns": 1e-9,
     "us": 1e-6,
-    "µs": 1e-6,  # noqa: RUF001 - Go accepts both micro signs
-    "μs": 1e-6,  # noqa: RUF001
+    "µs": 1e-6,
+    "μs": 1e-6,
     "ms": 1e-3,
     "s": 1.0,
     "m": 60.0,
@@ -48,7 +48,7 @@ def parse_duration(text: str) -> float:
         unit = s[ustart:i]
         if unit not in _UNITS:
             if not unit:
-                raise ValueError(f"missing unit in duration {text!r} (e.g. \"2s\", \"250ms\")")
+                raise ValueError(f'missing unit in duration {text!r} (e.g. "2s", "250ms")')
             raise ValueError(f"unknown unit {unit!r} in duration {text!r}")
         total += float(number) * _UNITS[unit]
     return sign * total

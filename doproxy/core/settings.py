@@ -20,7 +20,7 @@ def _duration(value: Any) -> Any:
     if isinstance(value, str):
         return parse_duration(value)
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as \"2s\" or \"250ms\"")
+        raise ValueError('expected a duration such as "2s" or "250ms"')
     return value  # int/float seconds are accepted as a convenience
 
 
@@ -132,7 +132,7 @@ def parse_bind(bind: str) -> tuple[str | None, int]:
     """Split a Go-style listen address. ":8000" means every interface (host None)."""
     host, sep, port = bind.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"bind {bind!r} must look like \":8000\" or \"127.0.0.1:8000\"")
+        raise ValueError(f'bind {bind!r} must look like ":8000" or "127.0.0.1:8000"')
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return (host or None), int(port)

@@ -1,1 +1,1 @@
-"""The data plane: listener, client-side HTTP/1.1, upstream pool, tunnels. asyncio Protocols only."""
+"""The data plane: listener, client-side HTTP/1.1, upstream pool, tunnels."""

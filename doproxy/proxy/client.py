@@ -214,13 +214,11 @@ class ClientConnection(asyncio.Protocol):
             return True
         # A client that half-closes after its request still gets its response (as nginx does);
         # with nothing in flight there is nothing to wait for.
-        if not self.queue:
-            return False
-        return True
+        return bool(self.queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.server.connections.discard(self)
+        self.server.connection_closed(self)
         tunnel = self._tunnel
         if tunnel is not None:
             self._tunnel = None
@@ -425,7 +423,9 @@ class ClientConnection(asyncio.Protocol):
         self._pause(_PAUSE_BUFFER)
         self.server.dial(backend, self, ex)
 
-    def dial_done(self, ex: Exchange, up: UpstreamConnection | None, err: ClientError | None) -> None:
+    def dial_done(
+        self, ex: Exchange, up: UpstreamConnection | None, err: ClientError | None
+    ) -> None:
         """The server's dial for `ex` finished, with a connection or an error."""
         if self.closed or not self.queue or self.queue[0] is not ex:
             if up is not None:
@@ -735,7 +735,9 @@ class ClientConnection(asyncio.Protocol):
         elif kind == DEADLINE_RESPONSE and self.queue:
             ex = self.queue[0]
             if not ex.response_started:
-                log.warning("backend %s: no response within the response-header timeout", ex.backend)
+                log.warning(
+                    "backend %s: no response within the response-header timeout", ex.backend
+                )
                 self._fail(ex, GatewayTimeout("backend did not answer in time"))
 
     def shutdown(self) -> None:
@@ -781,4 +783,3 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
-

@@ -50,6 +50,7 @@ class ProxyServer:
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._dials: set[asyncio.Task[None]] = set()
+        self._all_closed = asyncio.Event()
 
     # --- listening --------------------------------------------------------------------------
 
@@ -84,6 +85,11 @@ class ProxyServer:
 
     def _new_connection(self) -> ClientConnection:
         return ClientConnection(self, self.pool)
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections:
+            self._all_closed.set()
 
     def set_pool(self, pool: Pool) -> None:
         self.pool = pool
@@ -150,9 +156,15 @@ class ProxyServer:
             server.close()
         for conn in list(self.connections):
             conn.shutdown()
-        deadline = self.loop.time() + grace
-        while self.connections and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        if self.connections:
+            try:
+                async with asyncio.timeout(grace):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                log.warning(
+                    "%d connection(s) still busy after the grace period: closing them",
+                    len(self.connections),
+                )
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()

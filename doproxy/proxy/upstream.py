@@ -8,9 +8,9 @@ parses the backend's response with llhttp (httptools) and hands each event strai
 client connection, which writes it out: nothing is buffered here.
 
     dial --> attached --(response complete, reusable)--> idle --(picked)--> attached ...
-                 |                                         |
-                 +--(101 Switching Protocols)--> tunnel     +--(backend closed / idle timeout)--> closed
-                 +--(error, close, not reusable)----------------------------------------------> closed
+               |  |                                        |
+               |  +--(101 Switching Protocols)--> tunnel    +--(backend closed, timeout)--> closed
+               +--(error, close, not reusable)--> closed
 
 A connection goes back to the pool only when both the request and the response were complete and
 neither side asked to close. An idle connection that the backend closes is removed from the pool
@@ -23,6 +23,7 @@ pause_writing pauses reading from the client, and resume_writing resumes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -110,10 +111,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.client = None
             client.backend_lost(self)
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self.backend.idle.remove(self)
-            except ValueError:
-                pass
 
     def pause_writing(self) -> None:
         if self.client is not None:
