@@ -161,10 +161,12 @@ class ProxyServer:
                 async with asyncio.timeout(grace):
                     await self._all_closed.wait()
             except TimeoutError:
-                log.warning(
-                    "%d connection(s) still busy after the grace period: closing them",
-                    len(self.connections),
-                )
+                pass
+        if self.connections:
+            log.warning(
+                "%d connection(s) still busy after the grace period: closing them",
+                len(self.connections),
+            )
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
