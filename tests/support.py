@@ -6,6 +6,7 @@ Everything runs on real sockets on 127.0.0.1 with port 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -159,10 +160,8 @@ class RequestReader:
             data = await self.reader.read(65536)
             if not data:
                 return None
-            try:
+            with contextlib.suppress(httptools.HttpParserUpgrade):
                 self.parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                pass
             if self.c.done:
                 break
         req = self.c.done.pop(0)
@@ -294,10 +293,8 @@ class Client:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 async def request(port: int, raw: bytes, head_request: bool = False) -> Response:

@@ -45,27 +45,20 @@ class RoundRobin:
 
 
 class LeastConn:
-    """Fewest in-flight requests; ties rotate so equal backends share the load fairly."""
+    """Fewest in-flight requests; ties take turns, so equal backends share the load fairly."""
 
     name = "leastconn"
 
     def __init__(self) -> None:
-        self._offset = 0
+        self._turn = 0
 
     def pick(self, backends: Sequence[B], request_key: object = None) -> B | None:
-        n = len(backends)
-        if n == 0:
+        if not backends:
             return None
-        start = self._offset % n
-        self._offset = start + 1
-        best = backends[start]
-        best_load = best.in_flight
-        for k in range(1, n):
-            b = backends[(start + k) % n]
-            load = b.in_flight
-            if load < best_load:
-                best, best_load = b, load
-        return best
+        least = min(b.in_flight for b in backends)
+        ties = [b for b in backends if b.in_flight == least]
+        self._turn += 1
+        return ties[self._turn % len(ties)]
 
 
 def make_balancer(kind: str) -> RoundRobin | LeastConn:
