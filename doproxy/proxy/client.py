@@ -158,11 +158,14 @@ class ClientConnection(asyncio.Protocol):
         self._paused = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # raw bytes received while the head is incomplete
+        self._head_size = 0  # parsed header bytes of the current request
         self._in_head = False
         self._writing_paused = False
         self._tunnel: UpstreamConnection | None = None
         self._limits = server.settings.limits
+        self._batching = False
+        self._out: list[bytes] = []
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -255,6 +258,7 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._in_head = True
         self._head_bytes = 0
+        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -263,6 +267,9 @@ class ClientConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self._limits.max_header_bytes:
+            raise HeaderFieldsTooLarge()
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -326,7 +333,7 @@ class ClientConnection(asyncio.Protocol):
                     conn_values = []
                 conn_values.append(value)
             elif lname == b"transfer-encoding":
-                te = value
+                te = value if te is None else te + b", " + value
             elif lname == b"upgrade":
                 upgrade = value
             elif lname == b"expect":
@@ -341,7 +348,11 @@ class ClientConnection(asyncio.Protocol):
         if te is not None:
             if ex.version != b"1.1":
                 raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-            if te.strip().lower() != b"chunked":
+            codings = [c.strip() for c in te.lower().split(b",")]
+            if codings[-1] != b"chunked":
+                # RFC 9112 6.3: the body length cannot be known; 400 and close.
+                raise BadRequest("Transfer-Encoding does not end in chunked")
+            if len(codings) > 1:
                 raise NotImplementedByProxy(f"Transfer-Encoding {te.decode('latin-1')!r}")
             ex.chunked_in = True
             lines.append(b"Transfer-Encoding: chunked\r\n")
@@ -752,9 +763,32 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = self.server.loop.time() + timeout if kind else 0.0
 
     def _write(self, data: bytes) -> None:
+        if self._batching:
+            self._out.append(data)
+            return
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(data)
+
+    def begin_batch(self) -> None:
+        """Collect writes until end_batch: one syscall for a response's head and body.
+
+        The upstream connection brackets each chunk it parses with these, so a small response
+        costs one write to the client instead of one per parser event.
+        """
+        self._batching = True
+
+    def end_batch(self) -> None:
+        self._batching = False
+        out = self._out
+        if out:
+            self._out = []
+            t = self.transport
+            if t is not None and not t.is_closing():
+                if len(out) == 1:
+                    t.write(out[0])
+                else:
+                    t.writelines(out)
 
     def _pause(self, reason: int) -> None:
         if not self._paused and self.transport is not None and not self.closed:
@@ -776,6 +810,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closed = True
+        if self._batching:
+            self.end_batch()
         if self.transport is not None:
             self.transport.close()
 

@@ -86,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
             client.tunnel_from_backend(data)
             return
         self.got_bytes = True
+        client.begin_batch()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -100,6 +101,8 @@ class UpstreamConnection(asyncio.Protocol):
                 raise
         except httptools.HttpParserError as e:
             client.backend_protocol_error(self, str(e))
+        finally:
+            client.end_batch()
 
     def eof_received(self) -> bool | None:
         return False  # close our side too; connection_lost follows
