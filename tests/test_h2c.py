@@ -1,0 +1,103 @@
+"""h2c is refused: the upgrade is stripped, the request is served as HTTP/1.1, and a backend that
+switches protocols anyway never gets a 101 through to the client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from tests.conftest import StartProxy, port_of
+from tests.support import Client, RawBackend
+
+BackendFactory = Callable[..., Awaitable[RawBackend]]
+
+H2C_REQUEST = (
+    b"GET /h2c HTTP/1.1\r\n"
+    b"Host: example.test\r\n"
+    b"Connection: Upgrade, HTTP2-Settings\r\n"
+    b"Upgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    b"X-Keep: yes\r\n"
+    b"\r\n"
+)
+
+
+async def test_h2c_upgrade_is_stripped_and_served_as_http11(
+    start_proxy: StartProxy, echo_backend: RawBackend
+) -> None:
+    proxy = await start_proxy([echo_backend.port])
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(H2C_REQUEST)
+        async with asyncio.timeout(5):
+            r = await c.response()
+        assert r.status == 200
+        assert r.body == b"GET /h2c len=0"
+        assert r.header("Upgrade") is None
+        assert r.header("Connection") == b"close"
+        # The parser is spent after an upgrade request: the proxy closes after this response.
+        assert await c.closed(timeout=2)
+    finally:
+        await c.close()
+    assert c.interim == []  # no 101 (nor any other interim response)
+    sent = echo_backend.all_received
+    assert sent.startswith(b"GET /h2c HTTP/1.1\r\n")
+    head = sent.lower()
+    assert b"upgrade" not in head
+    assert b"h2c" not in head.replace(b"/h2c", b"")
+    assert b"http2-settings" not in head
+    assert b"aamaaabkaaraaaaaaaiaaaaa" not in head
+    assert b"x-keep: yes\r\n" in head  # an end-to-end header still passes
+
+
+async def test_h2c_upgrade_on_a_request_with_a_body(
+    start_proxy: StartProxy, echo_backend: RawBackend
+) -> None:
+    proxy = await start_proxy([echo_backend.port])
+    c = await Client.connect(port_of(proxy))
+    try:
+        head = H2C_REQUEST.replace(b"GET ", b"POST ").replace(
+            b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\n"
+        )
+        await c.send(head + b"hello")
+        async with asyncio.timeout(2):
+            r = await c.response()
+        assert r.status == 200
+        assert r.body == b"POST /h2c len=5"
+        assert await c.closed(timeout=2)
+    finally:
+        await c.close()
+    sent = echo_backend.all_received
+    assert sent.endswith(b"\r\n\r\nhello")
+    assert b"upgrade" not in sent.lower()
+    assert b"http2-settings" not in sent.lower()
+
+
+async def test_backend_101_to_h2c_never_reaches_the_client(
+    start_proxy: StartProxy, backend_factory: BackendFactory
+) -> None:
+    async def switch(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read()
+
+    backend = await backend_factory(switch)
+    proxy = await start_proxy([backend.port])
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(H2C_REQUEST)
+        async with asyncio.timeout(5):
+            r = await c.response()
+        assert r.status == 502
+        assert r.header("Upgrade") is None
+        assert await c.closed(timeout=2)
+    finally:
+        await c.close()
+    assert c.interim == []
+    assert backend.connections == 1  # the request did reach the backend, without the upgrade
+    assert b"upgrade" not in backend.all_received.lower()

@@ -1,0 +1,207 @@
+"""TLS termination at the proxy: TLS 1.2 and 1.3 with Mozilla's "intermediate" ciphers only.
+
+The refusals are checked against a control server first (same certificate, permissive settings),
+so a refused handshake shows the proxy's policy at work, not a client that could not work anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+from doproxy.proxy.server import make_tls_context
+from tests.conftest import StartProxy, port_of
+from tests.support import Client, RawBackend, get
+
+# Building a TLS 1.1 context is the point of two tests; Python warns that the version is old.
+legacy_tls = pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1:DeprecationWarning")
+
+
+@dataclass
+class Tls:
+    ca: trustme.CA
+    cert_file: Path
+    key_file: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        return make_tls_context(str(self.cert_file), str(self.key_file))
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        self.ca.configure_trust(ctx)
+        return ctx
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> Tls:
+    ca = trustme.CA()
+    # An RSA certificate, so that RSA key exchange (AES128-SHA) is possible at all and its
+    # refusal below is the cipher policy's doing.
+    cert = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)
+    cert_file = tmp_path / "cert.pem"
+    key_file = tmp_path / "key.pem"
+    for i, blob in enumerate(cert.cert_chain_pems):
+        blob.write_to_path(cert_file, append=i > 0)
+    cert.private_key_pem.write_to_path(key_file)
+    return Tls(ca, cert_file, key_file)
+
+
+@pytest.fixture
+async def permissive_server(tls: Tls) -> AsyncIterator[int]:
+    """A plain TLS server with the same certificate that accepts TLS 1.1 and legacy ciphers."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+
+
+def tls11_client(tls: Tls) -> ssl.SSLContext:
+    ctx = tls.client_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return ctx
+
+
+def aes128_sha_client(tls: Tls) -> ssl.SSLContext:
+    ctx = tls.client_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("AES128-SHA")  # RSA key exchange: no forward secrecy
+    return ctx
+
+
+async def handshake(port: int, ctx: ssl.SSLContext) -> tuple[str, str]:
+    """Complete a TLS handshake with 127.0.0.1:port; return the (version, cipher) agreed."""
+    async with asyncio.timeout(5):
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+        )
+    try:
+        obj = writer.get_extra_info("ssl_object")
+        version = obj.version()
+        cipher = obj.cipher()
+        assert version is not None and cipher is not None
+        return version, cipher[0]
+    finally:
+        writer.close()
+
+
+async def https_get(port: int, ctx: ssl.SSLContext, path: str) -> tuple[int, bytes, str]:
+    c = await Client.connect(port, ssl=ctx, server_hostname="localhost")
+    try:
+        version = c.writer.get_extra_info("ssl_object").version()
+        await c.send(get(path, host="secure.example"))
+        async with asyncio.timeout(5):
+            r = await c.response()
+        return r.status, r.body, version
+    finally:
+        await c.close()
+
+
+async def test_https_request_through_proxy(
+    start_proxy: StartProxy, echo_backend: RawBackend, tls: Tls
+) -> None:
+    proxy = await start_proxy([echo_backend.port], {}, ssl_context=tls.server_context())
+    c = await Client.connect(port_of(proxy), ssl=tls.client_context(), server_hostname="localhost")
+    try:
+        for i in range(3):  # keep-alive over one TLS connection
+            await c.send(get(f"/s{i}", host="secure.example"))
+            async with asyncio.timeout(5):
+                r = await c.response()
+            assert r.status == 200
+            assert r.body == f"GET /s{i} len=0".encode()
+    finally:
+        await c.close()
+    sent = echo_backend.all_received
+    assert sent.count(b"X-Forwarded-Proto: https\r\n") == 3
+    assert b"X-Forwarded-Proto: http\r\n" not in sent
+    assert b"Host: secure.example\r\n" in sent
+    assert echo_backend.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("version", "name"),
+    [(ssl.TLSVersion.TLSv1_2, "TLSv1.2"), (ssl.TLSVersion.TLSv1_3, "TLSv1.3")],
+    ids=["tls1.2", "tls1.3"],
+)
+async def test_tls12_and_tls13_clients_succeed(
+    start_proxy: StartProxy,
+    echo_backend: RawBackend,
+    tls: Tls,
+    version: ssl.TLSVersion,
+    name: str,
+) -> None:
+    proxy = await start_proxy([echo_backend.port], {}, ssl_context=tls.server_context())
+    ctx = tls.client_context()
+    ctx.minimum_version = version
+    ctx.maximum_version = version
+    status, body, agreed = await https_get(port_of(proxy), ctx, "/v")
+    assert agreed == name
+    assert status == 200
+    assert body == b"GET /v len=0"
+    assert b"X-Forwarded-Proto: https\r\n" in echo_backend.all_received
+
+
+async def test_tls12_default_cipher_has_forward_secrecy(
+    start_proxy: StartProxy, echo_backend: RawBackend, tls: Tls
+) -> None:
+    proxy = await start_proxy([echo_backend.port], {}, ssl_context=tls.server_context())
+    ctx = tls.client_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ALL:@SECLEVEL=0")  # the client offers everything; the server chooses
+    version, cipher = await handshake(port_of(proxy), ctx)
+    assert version == "TLSv1.2"
+    assert cipher.startswith(("ECDHE-", "DHE-"))
+    assert "GCM" in cipher or "CHACHA20" in cipher
+
+
+@legacy_tls
+async def test_tls11_client_is_refused(
+    start_proxy: StartProxy, echo_backend: RawBackend, tls: Tls, permissive_server: int
+) -> None:
+    # Control: this client does speak TLS 1.1 to a server that allows it.
+    assert (await handshake(permissive_server, tls11_client(tls)))[0] == "TLSv1.1"
+    proxy = await start_proxy([echo_backend.port], {}, ssl_context=tls.server_context())
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await handshake(port_of(proxy), tls11_client(tls))
+    assert echo_backend.connections == 0
+
+
+@legacy_tls
+async def test_cipher_without_forward_secrecy_is_refused(
+    start_proxy: StartProxy, echo_backend: RawBackend, tls: Tls, permissive_server: int
+) -> None:
+    # Control: this client does agree on AES128-SHA with a server that allows it.
+    assert await handshake(permissive_server, aes128_sha_client(tls)) == ("TLSv1.2", "AES128-SHA")
+    proxy = await start_proxy([echo_backend.port], {}, ssl_context=tls.server_context())
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await handshake(port_of(proxy), aes128_sha_client(tls))
+    assert echo_backend.connections == 0
+
+
+async def test_plain_http_to_the_tls_port_is_not_forwarded(
+    start_proxy: StartProxy, echo_backend: RawBackend, tls: Tls
+) -> None:
+    proxy = await start_proxy([echo_backend.port], {}, ssl_context=tls.server_context())
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(get("/plain"))
+        assert await c.closed(timeout=2)
+    finally:
+        await c.close()
+    assert echo_backend.connections == 0
