@@ -66,6 +66,32 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return out
 
 
+# Response headers whose presence sends a response head down the general (slower) path,
+# keyed by their first letter after the line break, searched in the lower-cased head text.
+RESPONSE_SLOW_MARKERS = {
+    "\nt": ("\ntransfer-encoding:", "\nte:", "\ntrailer:"),
+    "\nk": ("\nkeep-alive:",),
+    "\nu": ("\nupgrade:",),
+    "\np": ("\nproxy-connection:",),
+    "\nh": ("\nhttp2-settings:",),
+}
+RESPONSE_SLOW_GATES = tuple(RESPONSE_SLOW_MARKERS)
+
+
+def split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Split a head already validated by llhttp into its first line and (name, value) pairs.
+
+    llhttp has rejected obs-fold, bare CR/LF and bad names by now, so a line split is exact.
+    """
+    lines = head.split(b"\r\n")
+    fields = []
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(b":")
+            fields.append((name, value.strip(b" \t")))
+    return lines[0], fields
+
+
 def status_line(version: bytes, status: int, reason: bytes) -> bytes:
     return b"HTTP/" + version + b" " + str(status).encode() + b" " + reason + b"\r\n"
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -45,10 +46,13 @@ from doproxy.core.http_rules import (
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     REQUEST_SPECIAL,
+    RESPONSE_SLOW_GATES,
+    RESPONSE_SLOW_MARKERS,
     RESPONSE_SPECIAL,
     chunk,
     connection_tokens,
     error_response,
+    split_head,
 )
 from doproxy.errors import (
     BadGateway,
@@ -92,54 +96,70 @@ _BUFFER_LIMIT = 256 * 1024  # bytes of request body held while a backend connect
 
 
 class Exchange:
-    """One request and its response."""
+    """One request and its response.
 
-    __slots__ = (
-        "backend",
-        "backend_keep_alive",
-        "body",
-        "buffered",
-        "chunked_in",
-        "expect_continue",
-        "head",
-        "host",
-        "is_head",
-        "keep_alive",
-        "method",
-        "out_mode",
-        "request_done",
-        "response_started",
-        "sent_body",
-        "started",
-        "tunnel_data",
-        "until_close",
-        "upgrade",
-        "upstream",
-        "version",
-    )
+    Defaults live on the class and an instance stores only what differs: a new exchange per
+    request then costs one small object, not two dozen attribute writes.
+    """
+
+    method = b""
+    version = b"1.1"
+    head = b""
+    host: bytes | None = None
+    keep_alive = True
+    chunked_in = False
+    buffered = 0
+    request_done = False
+    is_head = False
+    expect_continue = False
+    upgrade = False  # a WebSocket upgrade was requested
+    backend: Backend | None = None
+    upstream: UpstreamConnection | None = None
+    started = 0.0
+    response_started = False
+    sent_body = False
+    out_mode = _OUT_RAW
+    tunnel_data = b""
+    backend_keep_alive = True
+    until_close = False
 
     def __init__(self) -> None:
-        self.method = b""
-        self.version = b"1.1"
-        self.head = b""
-        self.host: bytes | None = None
-        self.keep_alive = True
-        self.chunked_in = False
         self.body: list[bytes] = []
-        self.buffered = 0
-        self.request_done = False
-        self.is_head = False
-        self.expect_continue = False
-        self.upgrade = False  # a WebSocket upgrade was requested
-        self.backend: Backend | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.started = 0.0
-        self.response_started = False
-        self.sent_body = False
-        self.out_mode = _OUT_RAW
-        self.tunnel_data = b""
-        self.backend_keep_alive = True
-        self.until_close = False
+
+
+class _NeedFullParser(Exception):
+    """Raised inside the lean parser to hand a request over to the full parser."""
+
+
+class _LeanCallbacks:
+    """The lean parser's protocol object: no per-header callbacks at all."""
+
+    __slots__ = ("on_body", "on_headers_complete", "on_message_complete")
+
+    def __init__(
+        self,
+        on_headers_complete: Callable[[], None],
+        on_body: Callable[[bytes], None],
+        on_message_complete: Callable[[], None],
+    ) -> None:
+        self.on_headers_complete = on_headers_complete
+        self.on_body = on_body
+        self.on_message_complete = on_message_complete
+
+
+# Request headers that send a head down the general path: hop-by-hop or forwarding headers
+# (Connection with only keep-alive/close is handled on the lean path).
+_REQUEST_SLOW_MARKERS = (
+    "\nkeep-alive:",
+    "\nproxy-connection:",
+    "\nte:",
+    "\ntrailer:",
+    "\nupgrade:",
+    "\nhttp2-settings:",
+    "\nexpect:",
+    "\nx-forwarded-",
+)
+_LEAN_MAX = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
 
 
 class ClientConnection(asyncio.Protocol):
@@ -147,7 +167,18 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # Two parsers, switched only between requests (where llhttp's state is clean):
+        # - lean: no per-header callbacks; used when one data chunk holds exactly one whole
+        #   request head, which is then rewritten as raw bytes (the common case, and fast);
+        # - full: callbacks per URL piece and header; everything else (split heads, pipelining,
+        #   chunked bodies).
+        self._lean_parser = self._new_lean_parser()
+        self.parser = self._lean_parser
+        # The request the lean parser is on: its bytes (one whole head, ending in a blank
+        # line) and the same as text, for searching (see _lean_headers_complete).
+        self._raw_head = b""
+        self._raw_text = ""
+        self._body_left = -1  # lean mode: Content-Length bytes still to come, or -1
         self.queue: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
         self.peer_ip = b""
@@ -164,8 +195,16 @@ class ClientConnection(asyncio.Protocol):
         self._writing_paused = False
         self._tunnel: UpstreamConnection | None = None
         self._limits = server.settings.limits
-        self._batching = False
-        self._out: list[bytes] = []
+        self._max_url_bytes = server.settings.limits.max_url_bytes
+        self._max_header_bytes = server.settings.limits.max_header_bytes
+        self._xff = server.settings.add_x_forwarded_for
+        timeouts = server.timeouts
+        self._t_header = timeouts.client_header
+        self._t_idle = timeouts.keep_alive
+        self._t_response = timeouts.response_header
+        self._now = server.loop.time
+        # A response head waits here for the first body bytes, so both go out in one write.
+        self._held: bytes | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -175,8 +214,16 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer_ip = str(peer[0]).encode()
+        # What the proxy adds to every request on this connection (lean path).
+        self._forwarded = (
+            (b"X-Forwarded-For: " + self.peer_ip + b"\r\n" if self._xff else b"")
+            + b"X-Forwarded-Proto: "
+            + self.scheme
+            + b"\r\n"
+        )
         self.server.connections.add(self)
-        self._set_deadline(DEADLINE_HEADER, self.server.timeouts.client_header)
+        self.deadline_kind = DEADLINE_HEADER
+        self.deadline = self._now() + self._t_header
 
     def data_received(self, data: bytes) -> None:
         if self._tunnel is not None:
@@ -186,15 +233,47 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.closed:
             return
-        if not self._in_head and self.parsing is None:
+        if self.deadline_kind == DEADLINE_IDLE:
             # First bytes of a new request on an idle connection: the head deadline starts now.
-            self._set_deadline(DEADLINE_HEADER, self.server.timeouts.client_header)
+            self.deadline_kind = DEADLINE_HEADER
+            self.deadline = self._now() + self._t_header
+        parser = self.parser
+        if self.parsing is None and not self._in_head:
+            # Between requests: choose the parser for what this chunk holds.
+            lean = False
+            if len(data) <= _LEAN_MAX:
+                text = data.decode("latin-1")
+                if text.find("\r\n\r\n") + 4 == len(text):
+                    lean = True
+                    self._raw_head = data
+                    self._raw_text = text
+                    if parser is not self._lean_parser:
+                        self.parser = parser = self._lean_parser
+            if not lean and parser is self._lean_parser:
+                self.parser = parser = httptools.HttpRequestParser(self)
+        elif self._body_left >= 0 and len(data) > self._body_left:
+            # A lean request's body ends inside this chunk and more follows (pipelining):
+            # feed exactly the body, then treat the rest as a new chunk.
+            left = self._body_left
+            self.data_received(data[:left])
+            if not self.closed:
+                self.data_received(data[left:])
+            return
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self._upgrade_requested(data[e.args[0] :])
         except httptools.HttpParserCallbackError as e:
             err = e.__context__
+            if isinstance(err, _NeedFullParser):
+                # The lean parser met a request it does not handle (a chunked body): parse
+                # the same head again with the full parser, from the start.
+                self._lean_parser = self._new_lean_parser()
+                self.parser = httptools.HttpRequestParser(self)
+                self.parsing = None
+                self._in_head = False
+                self.data_received(data)
+                return
             if isinstance(err, ClientError):
                 self._reject(err)
                 return
@@ -204,10 +283,14 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._in_head:
             self._head_bytes += len(data)
-            if self._head_bytes > self._limits.max_header_bytes:
+            if self._head_bytes > self._max_header_bytes:
                 self._reject(HeaderFieldsTooLarge())
                 return
-        self._flush()
+        queue = self.queue
+        if queue and queue[0].backend is None:
+            self._start(queue[0])
+        else:
+            self._flush()
 
     def eof_received(self) -> bool | None:
         tunnel = self._tunnel
@@ -268,7 +351,7 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
         self._head_size += len(name) + len(value) + 4
-        if self._head_size > self._limits.max_header_bytes:
+        if self._head_size > self._max_header_bytes:
             raise HeaderFieldsTooLarge()
 
     def on_headers_complete(self) -> None:
@@ -289,18 +372,24 @@ class ClientConnection(asyncio.Protocol):
         ex.method = method
         ex.is_head = method == b"HEAD"
         ex.keep_alive = parser.should_keep_alive()
-        self._build_request_head(ex)
-        self.queue.append(ex)
-        if len(self.queue) > 1:
+        self._build_request_head(ex, self._url, self._headers)
+        self._queue_parsed(ex)
+
+    def _queue_parsed(self, ex: Exchange) -> None:
+        queue = self.queue
+        queue.append(ex)
+        if len(queue) > 1:
             self._pause(_PAUSE_QUEUE)
         else:
-            self._set_deadline(DEADLINE_NONE, 0.0)
+            self.deadline_kind = DEADLINE_NONE
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         assert ex is not None
         ex.body.append(chunk(body) if ex.chunked_in else body)
         ex.buffered += len(body)
+        if self._body_left >= 0:
+            self._body_left -= len(body)
 
     def on_message_complete(self) -> None:
         ex = self.parsing
@@ -309,15 +398,104 @@ class ClientConnection(asyncio.Protocol):
             ex.body.append(LAST_CHUNK)
         ex.request_done = True
         self.parsing = None
+        self._body_left = -1
 
-    def _build_request_head(self, ex: Exchange) -> None:
+    def _new_lean_parser(self) -> httptools.HttpRequestParser:
+        return httptools.HttpRequestParser(
+            _LeanCallbacks(self._lean_headers_complete, self.on_body, self.on_message_complete)
+        )
+
+    def _lean_headers_complete(self) -> None:
+        """The lean parser accepted a whole head: rewrite it as raw bytes.
+
+        llhttp has validated every line already (no obs-fold, no bare CR/LF, token names,
+        one valid Content-Length, Transfer-Encoding rules), so plain searches are exact: a
+        header name can only follow a line break. The searches run on the head decoded as
+        latin-1 (one byte, one character, so positions match): CPython 3.11's bytes.find and
+        `in` first try the needle as an integer and raise and swallow a TypeError each time,
+        which costs more than the search itself.
+        """
+        head = self._raw_head
+        low = self._raw_text.lower()
+        parser = self.parser
+        if "\ntransfer-encoding:" in low:
+            raise _NeedFullParser()
+        ex = Exchange()
+        self.parsing = ex
+        method = parser.get_method()
+        line_end = low.find("\r\n")
+        if line_end > self._max_url_bytes:
+            raise URITooLong()
+        if len(head) > self._max_header_bytes:
+            raise HeaderFieldsTooLarge()
+        # The version from the request line llhttp accepted (httptools' get_http_version
+        # formats a new string on every call).
+        version = low[line_end - 9 : line_end]
+        if version == " http/1.1":
+            pass
+        elif version == " http/1.0":
+            ex.version = b"1.0"
+        else:
+            raise BadRequest("only HTTP/1.0 and HTTP/1.1 are supported")
+        if method == b"CONNECT":
+            raise MethodNotAllowed("CONNECT is not supported by a reverse proxy")
+        ex.method = method
+        if method == b"HEAD":
+            ex.is_head = True
+        if not parser.should_keep_alive():
+            ex.keep_alive = False
+        for marker in _REQUEST_SLOW_MARKERS:
+            if marker in low:
+                # Hop-by-hop or forwarding headers to rewrite: the general path.
+                first, fields = split_head(head[:-2])
+                self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
+                break
+        else:
+            body = head[:-2]  # without the blank line
+            i = low.find("\nconnection:")
+            if i >= 0:
+                j = low.find("\r\n", i)
+                value = low[i + 12 : j].strip()
+                if (value != "keep-alive" and value != "close") or "\nconnection:" in low[j:]:
+                    first, fields = split_head(body)
+                    self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
+                    self._queue_parsed(ex)
+                    return
+                body = body[: i + 1] + body[j + 2 :]
+                low = low[: i + 1] + low[j + 2 :]
+            i = low.find("\nhost:")
+            if i >= 0:
+                j = low.find("\r\n", i)
+                if "\nhost:" in low[j:]:
+                    raise BadRequest("more than one Host header")
+                host = body[i + 6 : j].strip(b" \t")
+                ex.host = host
+                tail = b"X-Forwarded-Host: " + host + b"\r\n" + self._forwarded
+            elif ex.version == b"1.1":
+                raise BadRequest("HTTP/1.1 request without Host")
+            else:
+                tail = self._forwarded
+            if ex.version == b"1.1":
+                ex.head = body + tail
+            else:
+                url = body[len(method) + 1 : body.rfind(b" ", 0, line_end)]
+                ex.head = method + b" " + url + b" HTTP/1.1" + body[line_end:] + tail
+            i = low.find("\ncontent-length:")
+            if i >= 0:
+                self._body_left = int(body[i + 16 : low.find("\r\n", i)])
+        self._queue_parsed(ex)
+
+    def _build_request_head(
+        self, ex: Exchange, url: bytes, fields: list[tuple[bytes, bytes]]
+    ) -> None:
+        """The general path: apply every header rule to a parsed list of fields."""
         lines: list[bytes] = []
         host: bytes | None = None
         xff: bytes | None = None
         conn_values: list[bytes] | None = None
         te: bytes | None = None
         upgrade: bytes | None = None
-        for name, value in self._headers:
+        for name, value in fields:
             lname = name.lower()
             if lname not in REQUEST_SPECIAL:
                 lines.append(name + b": " + value + b"\r\n")
@@ -367,12 +545,12 @@ class ClientConnection(asyncio.Protocol):
             lines.append(b"Host: " + host + b"\r\n")
             lines.append(b"X-Forwarded-Host: " + host + b"\r\n")
         ex.host = host
-        if self.server.settings.add_x_forwarded_for:
+        if self._xff:
             xff = self.peer_ip if xff is None else xff + b", " + self.peer_ip
         if xff is not None:
             lines.append(b"X-Forwarded-For: " + xff + b"\r\n")
         lines.append(b"X-Forwarded-Proto: " + self.scheme + b"\r\n")
-        ex.head = ex.method + b" " + self._url + b" HTTP/1.1\r\n" + b"".join(lines)
+        ex.head = ex.method + b" " + url + b" HTTP/1.1\r\n" + b"".join(lines)
 
     def _upgrade_requested(self, rest: bytes) -> None:
         """llhttp stopped after a request that asked to switch protocols."""
@@ -460,9 +638,8 @@ class ClientConnection(asyncio.Protocol):
         # An HTTP/1.0 request may lack Host; HTTP/1.1 to the backend needs one.
         host = b"" if ex.host is not None else b"Host: " + backend.host_header + b"\r\n"
         head = ex.head + host + b"\r\n"
-        loop_time = self.server.loop.time()
-        ex.started = loop_time
-        self.deadline = loop_time + self.server.timeouts.response_header
+        ex.started = now = self._now()
+        self.deadline = now + self._t_response
         self.deadline_kind = DEADLINE_RESPONSE
         if ex.body:
             ex.body.insert(0, head)
@@ -480,31 +657,69 @@ class ClientConnection(asyncio.Protocol):
     # --- response (called by UpstreamConnection) --------------------------------------------
 
     def response_head(
-        self,
-        up: UpstreamConnection,
-        status: int,
-        reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        backend_keep_alive: bool,
+        self, up: UpstreamConnection, status: int, head: bytes, text: str, backend_keep_alive: bool
     ) -> None:
+        """The backend's response head as raw bytes validated by llhttp (without the blank
+        line), and the same decoded as latin-1 for searching."""
         ex = self.queue[0]
         if status < 200:
-            if status == 100 or status == 101 or ex.version != b"1.1":
-                return  # 100 is answered by the proxy itself; 101 is handled as an upgrade
-            out = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
-            for name, value in headers:
-                if name.lower() not in RESPONSE_SPECIAL:
-                    out.append(name + b": " + value + b"\r\n")
-            out.append(b"\r\n")
-            self._write(b"".join(out))
-            return
+            if status != 100 and status != 101 and ex.version == b"1.1":
+                # Interim responses such as 103 Early Hints pass to HTTP/1.1 clients.
+                _, fields = split_head(head)
+                out = [head[: text.find("\r\n") + 2]]
+                out += [
+                    n + b": " + v + b"\r\n" for n, v in fields if n.lower() not in RESPONSE_SPECIAL
+                ]
+                out.append(b"\r\n")
+                self._write(b"".join(out))
+            return  # 100 is answered by the proxy itself; 101 is handled as an upgrade
         self.deadline_kind = DEADLINE_NONE
         ex.response_started = True
+        ex.backend_keep_alive = backend_keep_alive
+        keep = ex.keep_alive and not self.server.draining and not ex.upgrade
+        # Fast path, the common case: an HTTP/1.1 exchange with Content-Length (or no body)
+        # whose only hop-by-hop header is "Connection: keep-alive/close".
+        if ex.version == b"1.1" and text.startswith("HTTP/1.1 "):
+            low = text.lower()
+            for marker in RESPONSE_SLOW_GATES:
+                # Each gate is the start of one or more hop-by-hop names ("\nt": te, trailer,
+                # transfer-encoding); a match is then checked exactly.
+                if marker in low and any(m in low for m in RESPONSE_SLOW_MARKERS[marker]):
+                    break
+            else:
+                no_body = ex.is_head or status == 304
+                if no_body or (status != 204 and "\ncontent-length:" in low):
+                    i = low.find("\nconnection:")
+                    if i >= 0:
+                        j = low.find("\r\n", i)
+                        value = low[i + 12 : j].strip()
+                        if (value == "keep-alive" or value == "close") and (
+                            "\nconnection:" not in low[j:]
+                        ):
+                            head = head[: i + 1] + head[j + 2 :]
+                            i = -1
+                    if i < 0:
+                        ex.until_close = False
+                        ex.out_mode = _OUT_NONE if no_body else _OUT_RAW
+                        if not keep:
+                            ex.keep_alive = False
+                        self._held = head + (b"\r\n" if keep else b"Connection: close\r\n\r\n")
+                        if no_body and ex.is_head:
+                            up.stop_after_head()
+                        return
+        self._response_head_general(up, ex, status, head, keep)
+
+    def _response_head_general(
+        self, up: UpstreamConnection, ex: Exchange, status: int, head: bytes, keep: bool
+    ) -> None:
+        first, fields = split_head(head)
+        parts = first.split(b" ", 2)
+        reason = parts[2] if len(parts) > 2 else b""
         lines = [b"HTTP/", ex.version, b" ", str(status).encode(), b" ", reason, b"\r\n"]
         length: bytes | None = None
         chunked = False
         conn_values: list[bytes] | None = None
-        for name, value in headers:
+        for name, value in fields:
             lname = name.lower()
             if lname not in RESPONSE_SPECIAL:
                 lines.append(name + b": " + value + b"\r\n")
@@ -522,7 +737,6 @@ class ClientConnection(asyncio.Protocol):
                 lines = lines[:7] + [
                     ln for ln in lines[7:] if ln.split(b":", 1)[0].lower() not in tokens
                 ]
-        ex.backend_keep_alive = backend_keep_alive
         ex.until_close = False
         if ex.is_head or status == 204 or status == 304:
             ex.out_mode = _OUT_NONE
@@ -538,8 +752,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             ex.until_close = not chunked
             ex.out_mode = _OUT_RAW  # HTTP/1.0 client: the body ends when we close
-            ex.keep_alive = False
-        keep = ex.keep_alive and not self.server.draining and not ex.upgrade
+            keep = False
         if not keep:
             ex.keep_alive = False
             lines.append(b"Connection: close\r\n\r\n")
@@ -547,15 +760,15 @@ class ClientConnection(asyncio.Protocol):
             lines.append(b"Connection: keep-alive\r\n\r\n")
         else:
             lines.append(b"\r\n")
-        self._write(b"".join(lines))
+        self._held = b"".join(lines)
         if ex.out_mode == _OUT_NONE and ex.is_head:
             up.stop_after_head()
 
     def response_body(self, body: bytes) -> None:
-        ex = self.queue[0]
-        if ex.out_mode == _OUT_RAW:
+        mode = self.queue[0].out_mode
+        if mode == _OUT_RAW:
             self._write(body)
-        elif ex.out_mode == _OUT_CHUNKED:
+        elif mode == _OUT_CHUNKED:
             self._write(chunk(body))
 
     def response_complete(self, up: UpstreamConnection) -> None:
@@ -620,7 +833,7 @@ class ClientConnection(asyncio.Protocol):
             self.backend_protocol_error(up, "101 without a WebSocket upgrade request")
             return
         out = [b"HTTP/1.1 101 Switching Protocols\r\n"]
-        for name, value in up._headers:
+        for name, value in split_head(up.last_head)[1]:
             lname = name.lower()
             if lname not in RESPONSE_SPECIAL:
                 out.append(name + b": " + value + b"\r\n")
@@ -647,30 +860,48 @@ class ClientConnection(asyncio.Protocol):
     def _finish(
         self, ex: Exchange, up: UpstreamConnection | None, reusable: bool, abort: bool = False
     ) -> None:
+        now = self._now()
         backend = ex.backend
         if backend is not None:
             backend.in_flight -= 1
             backend.requests += 1
             if ex.started:
-                backend.latency_sum += self.server.loop.time() - ex.started
+                backend.latency_sum += now - ex.started
             ex.backend = None
         if up is not None:
             ex.upstream = None
             up.client = None
             if reusable and not up.closed:
-                self.server.release(up)
+                self.server.release(up, now)
             elif abort:
                 up.abort()
             else:
                 up.close()
-        self.queue.popleft()
         if abort:
+            self._held = None
+            self.queue.popleft()
             self._abort()
             return
+        if self._held is not None:
+            self._write(b"")
+        queue = self.queue
+        queue.popleft()
         if not ex.keep_alive or not ex.request_done:
             self._close()
-            return
-        self._next()
+        elif queue:
+            self._next()
+        else:
+            # The common case: nothing pipelined; wait for the next request.
+            if self._paused & _PAUSE_QUEUE:
+                self._resume(_PAUSE_QUEUE)
+            if self.server.draining:
+                self._close()
+            elif self.parsing is None:
+                self.deadline_kind = DEADLINE_IDLE
+                self.deadline = now + self._t_idle
+            else:
+                self.deadline_kind = DEADLINE_HEADER
+                self.deadline = now + self._t_header
 
     def _next(self) -> None:
         if self.queue:
@@ -685,9 +916,9 @@ class ClientConnection(asyncio.Protocol):
             if self.server.draining:
                 self._close()
             elif self.parsing is None:
-                self._set_deadline(DEADLINE_IDLE, self.server.timeouts.keep_alive)
+                self._set_deadline(DEADLINE_IDLE, self._t_idle)
             else:
-                self._set_deadline(DEADLINE_HEADER, self.server.timeouts.client_header)
+                self._set_deadline(DEADLINE_HEADER, self._t_header)
 
     def _fail(self, ex: Exchange, err: ClientError) -> None:
         """Answer `ex` with an error instead of a backend's response."""
@@ -760,35 +991,16 @@ class ClientConnection(asyncio.Protocol):
 
     def _set_deadline(self, kind: int, timeout: float) -> None:
         self.deadline_kind = kind
-        self.deadline = self.server.loop.time() + timeout if kind else 0.0
+        self.deadline = self._now() + timeout if kind else 0.0
 
     def _write(self, data: bytes) -> None:
-        if self._batching:
-            self._out.append(data)
-            return
+        held = self._held
+        if held is not None:
+            self._held = None
+            data = held + data
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(data)
-
-    def begin_batch(self) -> None:
-        """Collect writes until end_batch: one syscall for a response's head and body.
-
-        The upstream connection brackets each chunk it parses with these, so a small response
-        costs one write to the client instead of one per parser event.
-        """
-        self._batching = True
-
-    def end_batch(self) -> None:
-        self._batching = False
-        out = self._out
-        if out:
-            self._out = []
-            t = self.transport
-            if t is not None and not t.is_closing():
-                if len(out) == 1:
-                    t.write(out[0])
-                else:
-                    t.writelines(out)
 
     def _pause(self, reason: int) -> None:
         if not self._paused and self.transport is not None and not self.closed:
@@ -810,8 +1022,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closed = True
-        if self._batching:
-            self.end_batch()
+        if self._held is not None:
+            self._write(b"")
         if self.transport is not None:
             self.transport.close()
 

@@ -51,6 +51,7 @@ class ProxyServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._dials: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
+        self._max_idle = settings.limits.max_idle_per_backend
 
     # --- listening --------------------------------------------------------------------------
 
@@ -118,16 +119,15 @@ class ProxyServer:
             err = BadGateway("backend unreachable")
         client.dial_done(ex, up, err)
 
-    def release(self, up: UpstreamConnection) -> None:
+    def release(self, up: UpstreamConnection, now: float | None = None) -> None:
         """Return a healthy keep-alive connection to its backend's idle pool (LIFO)."""
-        t = up.transport
-        idle = up.backend.idle
-        if up.closed or t is None or t.is_closing():
+        if up.closed:
             return
-        if len(idle) >= self.settings.limits.max_idle_per_backend:
+        idle = up.backend.idle
+        if len(idle) >= self._max_idle:
             up.close()
             return
-        up.idle_since = self.loop.time()
+        up.idle_since = self.loop.time() if now is None else now
         idle.append(up)
 
     # --- deadlines --------------------------------------------------------------------------

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from doproxy.proxy.client import ClientConnection
 
 
+_SCAN = 8192  # response heads are searched within this many bytes first
+
+
 class _HeadResponseDone(Exception):
     """Raised inside the parser to stop it after the head of a response to HEAD.
 
@@ -43,13 +46,14 @@ class _HeadResponseDone(Exception):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "_headers",
-        "_reason",
+        "_awaiting_head",
+        "_headbuf",
         "backend",
         "client",
         "closed",
         "got_bytes",
         "idle_since",
+        "last_head",
         "parser",
         "reused",
         "transport",
@@ -66,8 +70,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.got_bytes = False
         self.tunnel = False
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
+        # The response head is handled as raw bytes (llhttp validates it, we copy it through
+        # minus hop-by-hop lines): far cheaper than a Python callback per header.
+        self._awaiting_head = True
+        self._headbuf = b""
+        self.last_head = b""
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -86,7 +93,8 @@ class UpstreamConnection(asyncio.Protocol):
             client.tunnel_from_backend(data)
             return
         self.got_bytes = True
-        client.begin_batch()
+        if self._awaiting_head:
+            self._headbuf = self._headbuf + data if self._headbuf else data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -95,14 +103,14 @@ class UpstreamConnection(asyncio.Protocol):
             if isinstance(e.__context__, _HeadResponseDone):
                 # Fresh parser for the next response on this keep-alive connection.
                 self.parser = httptools.HttpResponseParser(self)
+                self._awaiting_head = True
+                self._headbuf = b""
                 if self.client is not None:
                     self.client.response_complete(self)
             else:
                 raise
         except httptools.HttpParserError as e:
             client.backend_protocol_error(self, str(e))
-        finally:
-            client.end_batch()
 
     def eof_received(self) -> bool | None:
         return False  # close our side too; connection_lost follows
@@ -127,33 +135,35 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- llhttp callbacks -------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._headers = []
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason = reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
     def on_headers_complete(self) -> None:
-        client = self.client
-        if client is None:
-            return
+        buf = self._headbuf
+        # Search as text (latin-1 maps bytes to characters one to one): CPython 3.11's
+        # bytes.find raises and swallows a TypeError per call, which costs more than the search.
+        text = buf[:_SCAN].decode("latin-1") if len(buf) > _SCAN else buf.decode("latin-1")
+        end = text.find("\r\n\r\n")
+        if end < 0:  # a head longer than _SCAN bytes
+            end = buf.find(b"\r\n\r\n")
+            text = buf[: end + 2].decode("latin-1")
+        head = buf[: end + 2]
+        text = text[: end + 2]
         parser = self.parser
-        client.response_head(
-            self,
-            parser.get_status_code(),
-            self._reason,
-            self._headers,
-            parser.should_keep_alive(),
-        )
+        status = parser.get_status_code()
+        if status < 200:
+            self._headbuf = buf[end + 4 :]  # an interim response: the next head follows
+        else:
+            self._headbuf = b""
+            self._awaiting_head = False
+        self.last_head = head
+        client = self.client
+        if client is not None:
+            client.response_head(self, status, head, text, parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         if self.client is not None:
             self.client.response_body(body)
 
     def on_message_complete(self) -> None:
+        self._awaiting_head = True
         if self.client is not None:
             self.client.response_complete(self)
 
