@@ -73,6 +73,47 @@ async def test_h2c_upgrade_on_a_request_with_a_body(
     assert b"http2-settings" not in sent.lower()
 
 
+async def test_h2c_upgrade_body_in_later_writes(
+    start_proxy: StartProxy, echo_backend: RawBackend
+) -> None:
+    # The body follows the head in separate writes: it must still reach the backend as the
+    # body, never be parsed as a new request.
+    proxy = await start_proxy([echo_backend.port])
+    c = await Client.connect(port_of(proxy))
+    try:
+        head = H2C_REQUEST.replace(b"GET ", b"POST ").replace(
+            b"\r\n\r\n", b"\r\nContent-Length: 10\r\n\r\n"
+        )
+        await c.send(head)
+        await c.send(b"hello")
+        await c.send(b"GET /x")
+        async with asyncio.timeout(2):
+            r = await c.response()
+        assert (r.status, r.body) == (200, b"POST /h2c len=10")
+        assert await c.closed(timeout=2)
+    finally:
+        await c.close()
+    # exactly Content-Length bytes were forwarded; the extra byte was not
+    assert echo_backend.all_received.endswith(b"\r\n\r\nhelloGET /")
+
+
+async def test_chunked_body_with_upgrade_is_refused(
+    start_proxy: StartProxy, echo_backend: RawBackend
+) -> None:
+    proxy = await start_proxy([echo_backend.port])
+    head = H2C_REQUEST.replace(b"GET ", b"POST ").replace(
+        b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(head)
+        r = await c.response()
+        assert r.status == 400
+    finally:
+        await c.close()
+    assert echo_backend.connections == 0
+
+
 async def test_backend_101_to_h2c_never_reaches_the_client(
     start_proxy: StartProxy, backend_factory: BackendFactory
 ) -> None:

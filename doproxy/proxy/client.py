@@ -122,6 +122,7 @@ class Exchange:
     tunnel_data = b""
     backend_keep_alive = True
     until_close = False
+    upgrade_body = 0  # Content-Length of a request with a (refused) Upgrade
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
@@ -205,6 +206,7 @@ class ClientConnection(asyncio.Protocol):
         self._now = server.loop.time
         # A response head waits here for the first body bytes, so both go out in one write.
         self._held: bytes | None = None
+        self._plain_upgrade: Exchange | None = None  # a request whose Upgrade was refused
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -232,6 +234,9 @@ class ClientConnection(asyncio.Protocol):
                 t.write(data)
             return
         if self.closed:
+            return
+        if self._plain_upgrade is not None:
+            self._upgrade_body(data)
             return
         if self.deadline_kind == DEADLINE_IDLE:
             # First bytes of a new request on an idle connection: the head deadline starts now.
@@ -538,9 +543,18 @@ class ClientConnection(asyncio.Protocol):
             tokens = connection_tokens(conn_values) - {b"close", b"keep-alive", b"upgrade"}
             if tokens:  # headers named by Connection are hop-by-hop too
                 lines = [ln for ln in lines if ln.split(b":", 1)[0].lower() not in tokens]
-        if upgrade is not None and upgrade.strip().lower() == b"websocket":
-            ex.upgrade = True
-            lines.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
+        if upgrade is not None:
+            # llhttp treats an upgrade request as ending with its head; a body after it
+            # is handled by _upgrade_requested, for Content-Length only.
+            for name, value in fields:
+                if name.lower() == b"content-length":
+                    ex.upgrade_body = int(value)
+            websocket = upgrade.strip().lower() == b"websocket"
+            if ex.chunked_in or (websocket and ex.upgrade_body > 0):
+                raise BadRequest("a request body with Upgrade is not supported")
+            if websocket:
+                ex.upgrade = True
+                lines.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
         if host is not None:
             lines.append(b"Host: " + host + b"\r\n")
             lines.append(b"X-Forwarded-Host: " + host + b"\r\n")
@@ -563,10 +577,31 @@ class ClientConnection(asyncio.Protocol):
             # WebSocket: bytes after the head belong to the tunnel, once the backend agrees.
             ex.tunnel_data = rest
         else:
-            # h2c or anything else: forwarded as a plain request without Upgrade; the parser is
-            # spent, so the connection closes after the response.
+            # h2c or anything else: forwarded as a plain request without Upgrade. llhttp is
+            # spent (it stopped for the upgrade), so the body, if any, is counted here and
+            # the connection closes after the response.
             ex.keep_alive = False
+            self._plain_upgrade = ex
+            if ex.upgrade_body:
+                ex.request_done = False
+                self._upgrade_body(rest)
+                return
         self._pause(_PAUSE_QUEUE)
+        self._flush()
+
+    def _upgrade_body(self, data: bytes) -> None:
+        """Body bytes of a request whose Upgrade was refused (see _upgrade_requested)."""
+        ex = self._plain_upgrade
+        if ex is None or ex.request_done:
+            return  # whatever follows is ignored: the connection closes after the response
+        take = data[: ex.upgrade_body]
+        ex.upgrade_body -= len(take)
+        if take:
+            ex.body.append(take)
+            ex.buffered += len(take)
+        if ex.upgrade_body == 0:
+            ex.request_done = True
+            self._pause(_PAUSE_QUEUE)
         self._flush()
 
     # --- forwarding -------------------------------------------------------------------------
