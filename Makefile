@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+LINT    = doproxy tests $(wildcard bench)
 
 .PHONY: run test check fmt bench deps clean
 
@@ -17,8 +18,8 @@ run: $(STAMP)
 	$(BIN)/doproxy demo
 
 check: $(STAMP)
-	$(BIN)/ruff format --check doproxy tests bench
-	$(BIN)/ruff check doproxy tests bench
+	$(BIN)/ruff format --check $(LINT)
+	$(BIN)/ruff check $(LINT)
 	$(BIN)/mypy --strict doproxy
 
 # Debian packages the tests need (installed only when running as root; otherwise listed).
@@ -32,8 +33,8 @@ test: $(STAMP) deps check
 	$(BIN)/coverage report --fail-under=80 | tail -n 1
 
 fmt: $(STAMP)
-	$(BIN)/ruff format doproxy tests bench
-	$(BIN)/ruff check --fix doproxy tests bench
+	$(BIN)/ruff format $(LINT)
+	$(BIN)/ruff check --fix $(LINT)
 
 bench: $(STAMP)
 	@sh scripts/debian-deps.sh bench
