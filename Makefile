@@ -1,5 +1,7 @@
 # Two commands matter: `make run` (the demo) and `make test` (checks + the whole suite).
 # Both bootstrap .venv on their own, so a fresh Debian machine needs only python3 and make.
+SHELL  := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -29,7 +31,7 @@ deps:
 test: $(STAMP) deps check
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
-	$(BIN)/coverage combine -q 2>/dev/null || true
+	$(BIN)/coverage combine -q
 	$(BIN)/coverage report --fail-under=80 | tail -n 1
 
 fmt: $(STAMP)

@@ -56,14 +56,16 @@ def write_config(tmp: Path, backend_ports: list[int], extra: str = "") -> Path:
     return cfg
 
 
-async def start_proxy_process(config: Path, timeout: float = 15.0) -> ProxyProcess:
+async def start_proxy_process(
+    config: Path | None, timeout: float = 15.0, args: tuple[str, ...] = ()
+) -> ProxyProcess:
     """Start doproxy and wait for its "listening on" log line (readiness, not a sleep)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "doproxy",
-        "--config",
-        str(config),
+        *(("--config", str(config)) if config is not None else ()),
+        *args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

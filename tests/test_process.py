@@ -192,3 +192,21 @@ def test_bad_config_fails_to_start_with_clear_error(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "loadbalancing.type" in r.stderr
     assert "doproxy.toml:5" in r.stderr
+
+
+async def test_demo_serves_two_backends_in_turn() -> None:
+    """`make run` runs `doproxy demo`: the proxy in front of two demo backends it starts."""
+    proxy = await start_proxy_process(None, args=("demo", "--bind", "127.0.0.1:0"))
+    try:
+        c = await Client.connect(proxy.port)
+        bodies = []
+        for _ in range(4):
+            await c.send(get("/hello"))
+            r = await c.response()
+            assert r.status == 200
+            bodies.append(r.body.split(b":")[0])
+        await c.close()
+        assert bodies == [b"demo-backend-1", b"demo-backend-2"] * 2
+        assert await proxy.stop() == 0
+    finally:
+        await proxy.stop()
