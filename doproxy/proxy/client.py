@@ -128,24 +128,13 @@ class Exchange:
         self.body: list[bytes] = []
 
 
-class _NeedFullParser(Exception):
-    """Raised inside the lean parser to hand a request over to the full parser."""
-
-
 class _LeanCallbacks:
-    """The lean parser's protocol object: no per-header callbacks at all."""
+    """The lean parser's protocol object: only body bytes call back into Python."""
 
-    __slots__ = ("on_body", "on_headers_complete", "on_message_complete")
+    __slots__ = ("on_body",)
 
-    def __init__(
-        self,
-        on_headers_complete: Callable[[], None],
-        on_body: Callable[[bytes], None],
-        on_message_complete: Callable[[], None],
-    ) -> None:
-        self.on_headers_complete = on_headers_complete
+    def __init__(self, on_body: Callable[[bytes], None]) -> None:
         self.on_body = on_body
-        self.on_message_complete = on_message_complete
 
 
 # Request headers that send a head down the general path: hop-by-hop or forwarding headers
@@ -173,13 +162,10 @@ class ClientConnection(asyncio.Protocol):
         #   request head, which is then rewritten as raw bytes (the common case, and fast);
         # - full: callbacks per URL piece and header; everything else (split heads, pipelining,
         #   chunked bodies).
-        self._lean_parser = self._new_lean_parser()
-        self.parser = self._lean_parser
-        # The request the lean parser is on: its bytes (one whole head, ending in a blank
-        # line) and the same as text, for searching (see _lean_headers_complete).
-        self._raw_head = b""
-        self._raw_text = ""
-        self._body_left = -1  # lean mode: Content-Length bytes still to come, or -1
+        self._full_parser = httptools.HttpRequestParser(self)
+        self._lean_parser = httptools.HttpRequestParser(_LeanCallbacks(self._lean_body))
+        self.parser = self._full_parser
+        self._body_left = -1  # express lane: Content-Length bytes still to come, or -1
         self.queue: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
         self.peer_ip = b""
@@ -238,47 +224,36 @@ class ClientConnection(asyncio.Protocol):
         if self._plain_upgrade is not None:
             self._upgrade_body(data)
             return
-        if self.deadline_kind == DEADLINE_IDLE:
-            # First bytes of a new request on an idle connection: the head deadline starts now.
-            self.deadline_kind = DEADLINE_HEADER
-            self.deadline = self._now() + self._t_header
-        parser = self.parser
         if self.parsing is None and not self._in_head:
-            # Between requests: choose the parser for what this chunk holds.
-            lean = False
-            if len(data) <= _LEAN_MAX:
+            # Between requests. The express lane: one chunk holding exactly one whole request
+            # head, with no queue ahead of it, chunked body or upgrade (the common case).
+            if not self.queue and len(data) <= _LEAN_MAX:
                 text = data.decode("latin-1")
                 if text.find("\r\n\r\n") + 4 == len(text):
-                    lean = True
-                    self._raw_head = data
-                    self._raw_text = text
-                    if parser is not self._lean_parser:
-                        self.parser = parser = self._lean_parser
-            if not lean and parser is self._lean_parser:
-                self.parser = parser = httptools.HttpRequestParser(self)
+                    low = text.lower()
+                    if "\ntransfer-encoding:" not in low and "\nupgrade:" not in low:
+                        self._express(data, low)
+                        return
+            self.parser = self._full_parser
         elif self._body_left >= 0 and len(data) > self._body_left:
-            # A lean request's body ends inside this chunk and more follows (pipelining):
+            # An express request's body ends inside this chunk and more follows (pipelining):
             # feed exactly the body, then treat the rest as a new chunk.
             left = self._body_left
             self.data_received(data[:left])
             if not self.closed:
                 self.data_received(data[left:])
             return
+        if self.deadline_kind == DEADLINE_IDLE:
+            # First bytes of a new request on an idle connection: the head deadline starts now.
+            self.deadline_kind = DEADLINE_HEADER
+            self.deadline = self._now() + self._t_header
+        parser = self.parser
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self._upgrade_requested(data[e.args[0] :])
         except httptools.HttpParserCallbackError as e:
             err = e.__context__
-            if isinstance(err, _NeedFullParser):
-                # The lean parser met a request it does not handle (a chunked body): parse
-                # the same head again with the full parser, from the start.
-                self._lean_parser = self._new_lean_parser()
-                self.parser = httptools.HttpRequestParser(self)
-                self.parsing = None
-                self._in_head = False
-                self.data_received(data)
-                return
             if isinstance(err, ClientError):
                 self._reject(err)
                 return
@@ -405,90 +380,134 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         self._body_left = -1
 
-    def _new_lean_parser(self) -> httptools.HttpRequestParser:
-        return httptools.HttpRequestParser(
-            _LeanCallbacks(self._lean_headers_complete, self.on_body, self.on_message_complete)
-        )
+    def _express(self, data: bytes, low: str) -> None:
+        """A whole request head in one chunk: validate it with the lean parser (llhttp with no
+        per-header callbacks), rewrite it as raw bytes and start it.
 
-    def _lean_headers_complete(self) -> None:
-        """The lean parser accepted a whole head: rewrite it as raw bytes.
-
-        llhttp has validated every line already (no obs-fold, no bare CR/LF, token names,
-        one valid Content-Length, Transfer-Encoding rules), so plain searches are exact: a
-        header name can only follow a line break. The searches run on the head decoded as
-        latin-1 (one byte, one character, so positions match): CPython 3.11's bytes.find and
-        `in` first try the needle as an integer and raise and swallow a TypeError each time,
-        which costs more than the search itself.
+        llhttp has validated every line once feed_data returns (no obs-fold, no bare CR/LF,
+        token names, one valid Content-Length), so plain searches are exact: a header name can
+        only follow a line break. The searches run on the head decoded as latin-1 (one byte,
+        one character, so positions match): CPython 3.11's bytes.find and `in` first try the
+        needle as an integer and raise and swallow a TypeError each time, which costs more
+        than the search itself.
         """
-        head = self._raw_head
-        low = self._raw_text.lower()
-        parser = self.parser
-        if "\ntransfer-encoding:" in low:
-            raise _NeedFullParser()
+        parser = self._lean_parser
+        self.parser = parser
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(MethodNotAllowed("CONNECT is not supported by a reverse proxy"))
+            return
+        except httptools.HttpParserError as e:
+            self._reject(BadRequest(str(e)))
+            return
         ex = Exchange()
-        self.parsing = ex
-        method = parser.get_method()
+        try:
+            self._rewrite_head(ex, data, low, parser.get_method())
+        except ClientError as e:
+            self._reject(e)
+            return
+        if self._body_left > 0:
+            self.parsing = ex  # the body follows in later chunks (see _lean_body)
+        else:
+            self._body_left = -1
+            ex.request_done = True
+        self.queue.append(ex)
+        self.deadline_kind = DEADLINE_NONE
+        self._start(ex)
+
+    def _lean_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.body.append(body)
+        n = len(body)
+        ex.buffered += n
+        self._body_left -= n
+        if self._body_left == 0:
+            self._body_left = -1
+            ex.request_done = True
+            self.parsing = None
+
+    def _rewrite_head(self, ex: Exchange, data: bytes, low: str, method: bytes) -> None:
         line_end = low.find("\r\n")
         if line_end > self._max_url_bytes:
             raise URITooLong()
-        if len(head) > self._max_header_bytes:
+        if len(data) > self._max_header_bytes:
             raise HeaderFieldsTooLarge()
         # The version from the request line llhttp accepted (httptools' get_http_version
         # formats a new string on every call).
         version = low[line_end - 9 : line_end]
         if version == " http/1.1":
-            pass
+            keep_alive = True
         elif version == " http/1.0":
             ex.version = b"1.0"
+            keep_alive = False
         else:
             raise BadRequest("only HTTP/1.0 and HTTP/1.1 are supported")
-        if method == b"CONNECT":
-            raise MethodNotAllowed("CONNECT is not supported by a reverse proxy")
         ex.method = method
         if method == b"HEAD":
             ex.is_head = True
-        if not parser.should_keep_alive():
-            ex.keep_alive = False
+        head = data[:-2]  # without the blank line
         for marker in _REQUEST_SLOW_MARKERS:
             if marker in low:
                 # Hop-by-hop or forwarding headers to rewrite: the general path.
-                first, fields = split_head(head[:-2])
+                ex.keep_alive = self._lean_keep_alive(low, keep_alive)
+                first, fields = split_head(head)
                 self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
-                break
+                self._lean_content_length(head, low)
+                return
+        i = low.find("\nconnection:")
+        if i >= 0:
+            j = low.find("\r\n", i)
+            value = low[i + 12 : j].strip()
+            if value == "close":
+                keep_alive = False
+            elif value == "keep-alive":
+                keep_alive = True
+            if (value != "keep-alive" and value != "close") or "\nconnection:" in low[j:]:
+                ex.keep_alive = self._lean_keep_alive(low, keep_alive)
+                first, fields = split_head(head)
+                self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
+                self._lean_content_length(head, low)
+                return
+            head = head[: i + 1] + head[j + 2 :]
+            low = low[: i + 1] + low[j + 2 :]
+        if not keep_alive:
+            ex.keep_alive = False
+        i = low.find("\nhost:")
+        if i >= 0:
+            j = low.find("\r\n", i)
+            if "\nhost:" in low[j:]:
+                raise BadRequest("more than one Host header")
+            host = head[i + 6 : j].strip(b" \t")
+            ex.host = host
+            tail = b"X-Forwarded-Host: " + host + b"\r\n" + self._forwarded
+        elif ex.version == b"1.1":
+            raise BadRequest("HTTP/1.1 request without Host")
         else:
-            body = head[:-2]  # without the blank line
-            i = low.find("\nconnection:")
-            if i >= 0:
-                j = low.find("\r\n", i)
-                value = low[i + 12 : j].strip()
-                if (value != "keep-alive" and value != "close") or "\nconnection:" in low[j:]:
-                    first, fields = split_head(body)
-                    self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
-                    self._queue_parsed(ex)
-                    return
-                body = body[: i + 1] + body[j + 2 :]
-                low = low[: i + 1] + low[j + 2 :]
-            i = low.find("\nhost:")
-            if i >= 0:
-                j = low.find("\r\n", i)
-                if "\nhost:" in low[j:]:
-                    raise BadRequest("more than one Host header")
-                host = body[i + 6 : j].strip(b" \t")
-                ex.host = host
-                tail = b"X-Forwarded-Host: " + host + b"\r\n" + self._forwarded
-            elif ex.version == b"1.1":
-                raise BadRequest("HTTP/1.1 request without Host")
-            else:
-                tail = self._forwarded
-            if ex.version == b"1.1":
-                ex.head = body + tail
-            else:
-                url = body[len(method) + 1 : body.rfind(b" ", 0, line_end)]
-                ex.head = method + b" " + url + b" HTTP/1.1" + body[line_end:] + tail
-            i = low.find("\ncontent-length:")
-            if i >= 0:
-                self._body_left = int(body[i + 16 : low.find("\r\n", i)])
-        self._queue_parsed(ex)
+            tail = self._forwarded
+        if ex.version == b"1.1":
+            ex.head = head + tail
+        else:
+            url = head[len(method) + 1 : head.rfind(b" ", 0, line_end)]
+            ex.head = method + b" " + url + b" HTTP/1.1" + head[line_end:] + tail
+        self._lean_content_length(head, low)
+
+    def _lean_keep_alive(self, low: str, default: bool) -> bool:
+        """Keep-alive from the Connection tokens of a lean head (llhttp's flags are gone)."""
+        tokens: set[str] = set()
+        start = 0
+        while (i := low.find("\nconnection:", start)) >= 0:
+            j = low.find("\r\n", i)
+            tokens.update(t.strip() for t in low[i + 12 : j].split(","))
+            start = j
+        if "close" in tokens:
+            return False
+        return True if "keep-alive" in tokens else default
+
+    def _lean_content_length(self, head: bytes, low: str) -> None:
+        i = low.find("\ncontent-length:")
+        self._body_left = int(head[i + 16 : low.find("\r\n", i)]) if i >= 0 else -1
 
     def _build_request_head(
         self, ex: Exchange, url: bytes, fields: list[tuple[bytes, bytes]]
