@@ -2,7 +2,9 @@
 # Both bootstrap .venv on their own, so a fresh Debian machine needs only python3 and make.
 SHELL  := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
-PYTHON ?= python3
+# Prefer Debian's own python3 when it can make a venv: it is built with PGO and LTO and runs
+# the data plane about 25% faster than a plain source build (e.g. one from pyenv).
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed

@@ -149,6 +149,8 @@ _REQUEST_SLOW_MARKERS = (
     "\nexpect:",
     "\nx-forwarded-",
 )
+_SCAN = 8192  # response heads are searched within this many bytes
+_FINAL = frozenset("2345")  # first digit of a final (non-1xx) status
 _LEAN_MAX = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
 
 
@@ -709,6 +711,89 @@ class ClientConnection(asyncio.Protocol):
             up.transport.pause_reading()
 
     # --- response (called by UpstreamConnection) --------------------------------------------
+
+    def express_response(self, up: UpstreamConnection, data: bytes) -> bool:
+        """The express lane for responses: one chunk holding a whole Content-Length response.
+
+        Decides from the raw bytes before anything is parsed, and returns False (having done
+        nothing) when the response needs the general path. Otherwise llhttp validates it with
+        no Python callbacks, and head and body go to the client in one write.
+        """
+        ex = self.queue[0]
+        if ex.version != b"1.1" or ex.is_head or ex.upgrade or not ex.request_done:
+            return False
+        n = len(data)
+        text = data[:_SCAN].decode("latin-1") if n > _SCAN else data.decode("latin-1")
+        if not text.startswith("HTTP/1.1 ") or text[9:10] not in _FINAL or text[9:12] == "204":
+            return False
+        end = text.find("\r\n\r\n")
+        if end < 0:
+            return False
+        low = text[: end + 2].lower()
+        for marker in RESPONSE_SLOW_GATES:
+            if marker in low and any(m in low for m in RESPONSE_SLOW_MARKERS[marker]):
+                return False
+        i = low.find("\ncontent-length:")
+        if i < 0:
+            return False
+        try:
+            length = int(low[i + 16 : low.find("\r\n", i)])
+        except ValueError:
+            return False  # llhttp will say what is wrong with it
+        if n != end + 4 + length:
+            return False
+        head = data[: end + 2]
+        backend_keep_alive = True
+        i = low.find("\nconnection:")
+        if i >= 0:
+            j = low.find("\r\n", i)
+            value = low[i + 12 : j].strip()
+            if value == "close":
+                backend_keep_alive = False
+            elif value != "keep-alive" or "\nconnection:" in low[j:]:
+                return False
+            head = head[: i + 1] + head[j + 2 :]
+        try:
+            up.lean_parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            self.backend_protocol_error(up, str(e))
+            return True
+        keep = ex.keep_alive and not self.server.draining
+        head += b"\r\n" if keep else b"Connection: close\r\n\r\n"
+        t = self.transport
+        if t is not None and not t.is_closing():
+            if length < 65536:
+                t.write(head + data[end + 4 :])
+            else:
+                t.writelines((head, data[end + 4 :]))
+        # Finish the exchange (the common case of _finish, inline).
+        now = self._now()
+        backend = ex.backend
+        if backend is not None:
+            backend.in_flight -= 1
+            backend.requests += 1
+            backend.latency_sum += now - ex.started
+        up.client = None
+        if backend_keep_alive:
+            self.server.release(up, now)
+        else:
+            up.close()
+        self.queue.popleft()
+        if not keep:
+            ex.keep_alive = False
+            self._close()
+        elif self.queue:
+            self._next()
+        else:
+            if self._paused & _PAUSE_QUEUE:
+                self._resume(_PAUSE_QUEUE)
+            if self.parsing is None:
+                self.deadline_kind = DEADLINE_IDLE
+                self.deadline = now + self._t_idle
+            else:
+                self.deadline_kind = DEADLINE_HEADER
+                self.deadline = now + self._t_header
+        return True
 
     def response_head(
         self, up: UpstreamConnection, status: int, head: bytes, text: str, backend_keep_alive: bool

@@ -36,6 +36,12 @@ if TYPE_CHECKING:
 _SCAN = 8192  # response heads are searched within this many bytes first
 
 
+class _NoCallbacks:
+    """A parser protocol object with no callbacks: llhttp only validates."""
+
+    __slots__ = ()
+
+
 class _HeadResponseDone(Exception):
     """Raised inside the parser to stop it after the head of a response to HEAD.
 
@@ -54,6 +60,7 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes",
         "idle_since",
         "last_head",
+        "lean_parser",
         "parser",
         "reused",
         "transport",
@@ -64,6 +71,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.backend = backend
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        # Validates whole responses for the express lane, with no Python callbacks at all.
+        self.lean_parser = httptools.HttpResponseParser(_NoCallbacks())
         self.client: ClientConnection | None = None
         self.idle_since = 0.0
         self.reused = False
@@ -94,6 +103,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         if self._awaiting_head:
+            if not self._headbuf and client.express_response(self, data):
+                return
             self._headbuf = self._headbuf + data if self._headbuf else data
         try:
             self.parser.feed_data(data)
