@@ -66,18 +66,6 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return out
 
 
-# Response headers whose presence sends a response head down the general (slower) path,
-# keyed by their first letter after the line break, searched in the lower-cased head text.
-RESPONSE_SLOW_MARKERS = {
-    "\nt": ("\ntransfer-encoding:", "\nte:", "\ntrailer:"),
-    "\nk": ("\nkeep-alive:",),
-    "\nu": ("\nupgrade:",),
-    "\np": ("\nproxy-connection:",),
-    "\nh": ("\nhttp2-settings:",),
-}
-RESPONSE_SLOW_GATES = tuple(RESPONSE_SLOW_MARKERS)
-
-
 def split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """Split a head already validated by llhttp into its first line and (name, value) pairs.
 

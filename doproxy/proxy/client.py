@@ -46,8 +46,6 @@ from doproxy.core.http_rules import (
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     REQUEST_SPECIAL,
-    RESPONSE_SLOW_GATES,
-    RESPONSE_SLOW_MARKERS,
     RESPONSE_SPECIAL,
     chunk,
     connection_tokens,
@@ -128,6 +126,21 @@ class Exchange:
         self.body: list[bytes] = []
 
 
+def _response_needs_general_path(low: str) -> bool:
+    """True when a lower-cased response head has a hop-by-hop header other than Connection.
+
+    Each test is a first letter after a line break ("\nt": te, trailer, transfer-encoding),
+    confirmed exactly only when it matches: most heads fail all five quick tests.
+    """
+    return (
+        ("\nt" in low and ("\ntransfer-encoding:" in low or "\nte:" in low or "\ntrailer:" in low))
+        or ("\nk" in low and "\nkeep-alive:" in low)
+        or ("\nu" in low and "\nupgrade:" in low)
+        or ("\np" in low and "\nproxy-connection:" in low)
+        or ("\nh" in low and "\nhttp2-settings:" in low)
+    )
+
+
 class _LeanCallbacks:
     """The lean parser's protocol object: only body bytes call back into Python."""
 
@@ -137,18 +150,6 @@ class _LeanCallbacks:
         self.on_body = on_body
 
 
-# Request headers that send a head down the general path: hop-by-hop or forwarding headers
-# (Connection with only keep-alive/close is handled on the lean path).
-_REQUEST_SLOW_MARKERS = (
-    "\nkeep-alive:",
-    "\nproxy-connection:",
-    "\nte:",
-    "\ntrailer:",
-    "\nupgrade:",
-    "\nhttp2-settings:",
-    "\nexpect:",
-    "\nx-forwarded-",
-)
 _SCAN = 8192  # response heads are searched within this many bytes
 _FINAL = frozenset("2345")  # first digit of a final (non-1xx) status
 _LEAN_MAX = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
@@ -204,12 +205,13 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer_ip = str(peer[0]).encode()
-        # What the proxy adds to every request on this connection (lean path).
+        # What the proxy adds to every request on this connection (express lane), with the
+        # blank line that ends the head.
         self._forwarded = (
             (b"X-Forwarded-For: " + self.peer_ip + b"\r\n" if self._xff else b"")
             + b"X-Forwarded-Proto: "
             + self.scheme
-            + b"\r\n"
+            + b"\r\n\r\n"
         )
         self.server.connections.add(self)
         self.deadline_kind = DEADLINE_HEADER
@@ -450,14 +452,22 @@ class ClientConnection(asyncio.Protocol):
         if method == b"HEAD":
             ex.is_head = True
         head = data[:-2]  # without the blank line
-        for marker in _REQUEST_SLOW_MARKERS:
-            if marker in low:
-                # Hop-by-hop or forwarding headers to rewrite: the general path.
-                ex.keep_alive = self._lean_keep_alive(low, keep_alive)
-                first, fields = split_head(head)
-                self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
-                self._lean_content_length(head, low)
-                return
+        if (
+            # Hop-by-hop or forwarding headers to rewrite (other than Connection: keep-alive
+            # or close, handled below) send the head down the general path.
+            "\nx-forwarded-" in low
+            or "\nkeep-alive:" in low
+            or "\nproxy-connection:" in low
+            or "\nte:" in low
+            or "\ntrailer:" in low
+            or "\nhttp2-settings:" in low
+            or "\nexpect:" in low
+        ):
+            ex.keep_alive = self._lean_keep_alive(low, keep_alive)
+            first, fields = split_head(head)
+            self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
+            self._lean_content_length(head, low)
+            return
         i = low.find("\nconnection:")
         if i >= 0:
             j = low.find("\r\n", i)
@@ -585,6 +595,7 @@ class ClientConnection(asyncio.Protocol):
         if xff is not None:
             lines.append(b"X-Forwarded-For: " + xff + b"\r\n")
         lines.append(b"X-Forwarded-Proto: " + self.scheme + b"\r\n")
+        lines.append(b"\r\n")
         ex.head = ex.method + b" " + url + b" HTTP/1.1\r\n" + b"".join(lines)
 
     def _upgrade_requested(self, rest: bytes) -> None:
@@ -691,9 +702,10 @@ class ClientConnection(asyncio.Protocol):
         assert t is not None
         backend = ex.backend
         assert backend is not None
-        # An HTTP/1.0 request may lack Host; HTTP/1.1 to the backend needs one.
-        host = b"" if ex.host is not None else b"Host: " + backend.host_header + b"\r\n"
-        head = ex.head + host + b"\r\n"
+        head = ex.head
+        if ex.host is None:
+            # An HTTP/1.0 request may lack Host; HTTP/1.1 to the backend needs one.
+            head = head[:-2] + b"Host: " + backend.host_header + b"\r\n\r\n"
         ex.started = now = self._now()
         self.deadline = now + self._t_response
         self.deadline_kind = DEADLINE_RESPONSE
@@ -730,9 +742,8 @@ class ClientConnection(asyncio.Protocol):
         if end < 0:
             return False
         low = text[: end + 2].lower()
-        for marker in RESPONSE_SLOW_GATES:
-            if marker in low and any(m in low for m in RESPONSE_SLOW_MARKERS[marker]):
-                return False
+        if _response_needs_general_path(low):
+            return False
         i = low.find("\ncontent-length:")
         if i < 0:
             return False
@@ -820,12 +831,7 @@ class ClientConnection(asyncio.Protocol):
         # whose only hop-by-hop header is "Connection: keep-alive/close".
         if ex.version == b"1.1" and text.startswith("HTTP/1.1 "):
             low = text.lower()
-            for marker in RESPONSE_SLOW_GATES:
-                # Each gate is the start of one or more hop-by-hop names ("\nt": te, trailer,
-                # transfer-encoding); a match is then checked exactly.
-                if marker in low and any(m in low for m in RESPONSE_SLOW_MARKERS[marker]):
-                    break
-            else:
+            if not _response_needs_general_path(low):
                 no_body = ex.is_head or status == 304
                 if no_body or (status != 204 and "\ncontent-length:" in low):
                     i = low.find("\nconnection:")
