@@ -151,7 +151,7 @@ class _LeanCallbacks:
 
 
 _SCAN = 8192  # response heads are searched within this many bytes
-_FINAL = frozenset("2345")  # first digit of a final (non-1xx) status
+_CLOSE_LINE = b"Connection: close\r\n"
 _LEAN_MAX = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
 
 
@@ -736,8 +736,8 @@ class ClientConnection(asyncio.Protocol):
             return False
         n = len(data)
         text = data[:_SCAN].decode("latin-1") if n > _SCAN else data.decode("latin-1")
-        if not text.startswith("HTTP/1.1 ") or text[9:10] not in _FINAL or text[9:12] == "204":
-            return False
+        if not text.startswith("HTTP/1.1 ") or text[9:12] < "200" or text[9:12] == "204":
+            return False  # 1xx and 204 take the general path
         end = text.find("\r\n\r\n")
         if end < 0:
             return False
@@ -753,8 +753,10 @@ class ClientConnection(asyncio.Protocol):
             return False  # llhttp will say what is wrong with it
         if n != end + 4 + length:
             return False
-        head = data[: end + 2]
+        keep = ex.keep_alive and not self.server.draining
         backend_keep_alive = True
+        # The client gets the backend's bytes with the Connection line dropped (keep-alive)
+        # or replaced (close): one copy of the whole response.
         i = low.find("\nconnection:")
         if i >= 0:
             j = low.find("\r\n", i)
@@ -763,20 +765,17 @@ class ClientConnection(asyncio.Protocol):
                 backend_keep_alive = False
             elif value != "keep-alive" or "\nconnection:" in low[j:]:
                 return False
-            head = head[: i + 1] + head[j + 2 :]
+            out = data[: i + 1] + (data[j + 2 :] if keep else _CLOSE_LINE + data[j + 2 :])
+        else:
+            out = data if keep else data[: end + 2] + _CLOSE_LINE + data[end + 2 :]
         try:
             up.lean_parser.feed_data(data)
         except httptools.HttpParserError as e:
             self.backend_protocol_error(up, str(e))
             return True
-        keep = ex.keep_alive and not self.server.draining
-        head += b"\r\n" if keep else b"Connection: close\r\n\r\n"
         t = self.transport
         if t is not None and not t.is_closing():
-            if length < 65536:
-                t.write(head + data[end + 4 :])
-            else:
-                t.writelines((head, data[end + 4 :]))
+            t.write(out)
         # Finish the exchange (the common case of _finish, inline).
         now = self._now()
         backend = ex.backend
