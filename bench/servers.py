@@ -1,0 +1,181 @@
+"""The servers under test and the backends: config files in a temp dir, start, readiness.
+
+Every process listens on 127.0.0.1 only, on ports found free just before. Config files, pid
+files and logs live in the run's temporary directory and vanish with it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.procs import ProcStat, Service, pinned, process_tree, start, stop, wait_ready
+
+BODIES = {"/2b": 2, "/16k": 16 * 1024}
+READY_PATH = "/2b"
+
+# Proxy keys, in table order. "none" is wrk straight at one backend (the ceiling).
+NONE, HAPROXY, NGINX, DOPROXY = "none", "haproxy", "nginx", "doproxy"
+PROXY_KEYS = (NONE, HAPROXY, NGINX, DOPROXY)
+LABELS = {
+    NONE: "no proxy",
+    HAPROXY: "HAProxy, nbthread 1",
+    NGINX: "nginx, 1 worker",
+    DOPROXY: "doproxy",
+}
+
+
+@dataclass
+class Target:
+    """Something wrk is pointed at: a proxy we started, or a backend directly."""
+
+    key: str
+    port: int
+    service: Service | None = None
+    procs: list[ProcStat] = field(default_factory=list)  # whose CPU time we read
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.key]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def _nginx_main(workdir: Path) -> str:
+    """The top of an nginx.conf that runs in the foreground with everything in `workdir`."""
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return (
+        f"{user}daemon off;\nmaster_process on;\nworker_processes 1;\n"
+        f"error_log stderr warn;\npid {workdir}/nginx.pid;\n"
+        "events { worker_connections 4096; }\n"
+    )
+
+
+def _nginx_http_common(workdir: Path) -> str:
+    temp = "".join(
+        f"    {kind}_temp_path {workdir}/{kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return (
+        f"    access_log off;\n    keepalive_requests 1000000;\n    keepalive_timeout 75s;\n{temp}"
+    )
+
+
+def backend_nginx_conf(workdir: Path, ports: list[int], docroot: Path) -> str:
+    listens = "".join(f"        listen 127.0.0.1:{p};\n" for p in ports)
+    return (
+        _nginx_main(workdir)
+        + "http {\n"
+        + _nginx_http_common(workdir)
+        + "    default_type application/octet-stream;\n"
+        + "    open_file_cache max=16;\n    open_file_cache_valid 1h;\n"
+        + "    server {\n"
+        + listens
+        + f"        root {docroot};\n"
+        + "    }\n}\n"
+    )
+
+
+def nginx_proxy_conf(workdir: Path, port: int, backends: list[int]) -> str:
+    servers = "".join(f"        server 127.0.0.1:{p};\n" for p in backends)
+    return (
+        _nginx_main(workdir)
+        + "http {\n"
+        + _nginx_http_common(workdir)
+        + "    upstream backends {\n"
+        + servers
+        + "        keepalive 64;\n        keepalive_requests 1000000;\n    }\n"
+        + "    server {\n"
+        + f"        listen 127.0.0.1:{port};\n"
+        + "        location / {\n"
+        + "            proxy_pass http://backends;\n"
+        + "            proxy_http_version 1.1;\n"
+        + '            proxy_set_header Connection "";\n'
+        + "            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n"
+        + "        }\n    }\n}\n"
+    )
+
+
+def haproxy_conf(port: int, backends: list[int]) -> str:
+    servers = "".join(f"    server b{i} 127.0.0.1:{p}\n" for i, p in enumerate(backends, 1))
+    return (
+        "global\n    nbthread 1\n    maxconn 4096\n\n"
+        "defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n"
+        "    timeout server 30s\n    option http-keep-alive\n    http-reuse always\n"
+        "    option forwardfor\n\n"
+        f"frontend fe\n    bind 127.0.0.1:{port}\n    default_backend be\n\n"
+        f"backend be\n    balance roundrobin\n{servers}"
+    )
+
+
+def doproxy_files(port: int, backends: list[int]) -> dict[str, str]:
+    inventory = "".join(
+        f'[[droplet]]\nid = {i}\nname = "b{i}"\nserver-host = "127.0.0.1:{p}"\n\n'
+        for i, p in enumerate(backends, 1)
+    )
+    config = f'bind = "127.0.0.1:{port}"\nwatch-config = false\ninventory-file = "inventory.toml"\n'
+    return {"doproxy.toml": config, "inventory.toml": inventory}
+
+
+def _workdir(base: Path, name: str) -> Path:
+    d = base / name
+    d.mkdir(mode=0o755)
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (d / kind).mkdir(mode=0o755)
+    return d
+
+
+def _nginx_cmd(workdir: Path) -> list[str]:
+    return ["nginx", "-p", str(workdir), "-e", "stderr", "-c", str(workdir / "nginx.conf")]
+
+
+def start_backends(base: Path, ports: list[int], cpus: str | None) -> Service:
+    """One nginx serving /2b and /16k on every port in `ports`."""
+    workdir = _workdir(base, "backends")
+    docroot = workdir / "www"
+    docroot.mkdir(mode=0o755)
+    for path, size in BODIES.items():
+        (docroot / path.lstrip("/")).write_bytes(b"x" * size)
+    (workdir / "nginx.conf").write_text(backend_nginx_conf(workdir, ports, docroot))
+    service = start("backend nginx", pinned(_nginx_cmd(workdir), cpus), workdir / "log")
+    try:
+        for port in ports:
+            wait_ready(service, port, READY_PATH)
+    except BaseException:
+        stop(service)
+        raise
+    return service
+
+
+def _start_proxy(key: str, base: Path, port: int, backends: list[int], cpus: str | None) -> Service:
+    workdir = _workdir(base, key)
+    if key == HAPROXY:
+        (workdir / "haproxy.cfg").write_text(haproxy_conf(port, backends))
+        cmd = ["haproxy", "-db", "-f", str(workdir / "haproxy.cfg")]
+    elif key == NGINX:
+        (workdir / "nginx.conf").write_text(nginx_proxy_conf(workdir, port, backends))
+        cmd = _nginx_cmd(workdir)
+    elif key == DOPROXY:
+        for name, text in doproxy_files(port, backends).items():
+            (workdir / name).write_text(text)
+        config = str(workdir / "doproxy.toml")
+        cmd = [sys.executable, "-m", "doproxy", "--config", config, "--log-level", "warning"]
+    else:
+        raise ValueError(key)
+    return start(LABELS[key], pinned(cmd, cpus), workdir / "log", cwd=workdir)
+
+
+def start_target(key: str, base: Path, port: int, backends: list[int], cpus: str | None) -> Target:
+    """Start proxy `key` (or, for "none", point at the first backend) and wait until it serves."""
+    if key == NONE:
+        return Target(key, backends[0])
+    service = _start_proxy(key, base, port, backends, cpus)
+    try:
+        wait_ready(service, port, READY_PATH)
+    except BaseException:
+        stop(service)
+        raise
+    return Target(key, port, service, process_tree(service.pid))
