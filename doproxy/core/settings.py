@@ -102,7 +102,9 @@ class Timeouts(Section):
 class Limits(Section):
     max_header_bytes: int = Field(32 * 1024, ge=1024)  # request line + headers -> 431
     max_url_bytes: int = Field(8 * 1024, ge=64)  # request target -> 414
-    max_idle_per_backend: int = Field(64, ge=0)  # pooled keep-alive connections per backend
+    # Pooled keep-alive connections per backend. Generous, like HAProxy's unlimited default:
+    # a pool smaller than the concurrency makes connections open and close under load.
+    max_idle_per_backend: int = Field(1024, ge=0)
 
 
 class Settings(Section):

@@ -165,9 +165,9 @@ class ClientConnection(asyncio.Protocol):
         #   request head, which is then rewritten as raw bytes (the common case, and fast);
         # - full: callbacks per URL piece and header; everything else (split heads, pipelining,
         #   chunked bodies).
-        self._full_parser = httptools.HttpRequestParser(self)
+        self._full_parser: httptools.HttpRequestParser | None = None  # made when first needed
         self._lean_parser = httptools.HttpRequestParser(_LeanCallbacks(self._lean_body))
-        self.parser = self._full_parser
+        self.parser = self._lean_parser
         self._body_left = -1  # express lane: Content-Length bytes still to come, or -1
         self.queue: deque[Exchange] = deque()
         self.parsing: Exchange | None = None
@@ -238,6 +238,8 @@ class ClientConnection(asyncio.Protocol):
                     if "\ntransfer-encoding:" not in low and "\nupgrade:" not in low:
                         self._express(data, low)
                         return
+            if self._full_parser is None:
+                self._full_parser = httptools.HttpRequestParser(self)
             self.parser = self._full_parser
         elif self._body_left >= 0 and len(data) > self._body_left:
             # An express request's body ends inside this chunk and more follows (pipelining):
