@@ -50,6 +50,7 @@ from doproxy.core.http_rules import (
     chunk,
     connection_tokens,
     error_response,
+    head_text,
     split_head,
 )
 from doproxy.errors import (
@@ -150,7 +151,6 @@ class _LeanCallbacks:
         self.on_body = on_body
 
 
-_SCAN = 8192  # response heads are searched within this many bytes
 _CLOSE_LINE = b"Connection: close\r\n"
 _LEAN_MAX = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
 
@@ -184,7 +184,6 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = False
         self._writing_paused = False
         self._tunnel: UpstreamConnection | None = None
-        self._limits = server.settings.limits
         self._max_url_bytes = server.settings.limits.max_url_bytes
         self._max_header_bytes = server.settings.limits.max_header_bytes
         self._xff = server.settings.add_x_forwarded_for
@@ -331,7 +330,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self._limits.max_url_bytes:
+        if len(self._url) > self._max_url_bytes:
             raise URITooLong()
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -736,13 +735,9 @@ class ClientConnection(asyncio.Protocol):
         ex = self.queue[0]
         if ex.version != b"1.1" or ex.is_head or ex.upgrade or not ex.request_done:
             return False
-        n = len(data)
-        text = data[:_SCAN].decode("latin-1") if n > _SCAN else data.decode("latin-1")
-        if not text.startswith("HTTP/1.1 ") or text[9:12] < "200" or text[9:12] == "204":
+        text, end = head_text(data)
+        if end < 0 or not text.startswith("HTTP/1.1 ") or text[9:12] < "200" or text[9:12] == "204":
             return False  # 1xx and 204 take the general path
-        end = text.find("\r\n\r\n")
-        if end < 0:
-            return False
         low = text[: end + 2].lower()
         if _response_needs_general_path(low):
             return False
@@ -753,7 +748,7 @@ class ClientConnection(asyncio.Protocol):
             length = int(low[i + 16 : low.find("\r\n", i)])
         except ValueError:
             return False  # llhttp will say what is wrong with it
-        if n != end + 4 + length:
+        if len(data) != end + 4 + length:
             return False
         keep = ex.keep_alive and not self.server.draining
         backend_keep_alive = True

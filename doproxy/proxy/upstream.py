@@ -28,12 +28,11 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from doproxy.core.http_rules import head_text
+
 if TYPE_CHECKING:
     from doproxy.proxy.backend import Backend
     from doproxy.proxy.client import ClientConnection
-
-
-_SCAN = 8192  # response heads are searched within this many bytes first
 
 
 class _NoCallbacks:
@@ -148,13 +147,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         buf = self._headbuf
-        # Search as text (latin-1 maps bytes to characters one to one): CPython 3.11's
-        # bytes.find raises and swallows a TypeError per call, which costs more than the search.
-        text = buf[:_SCAN].decode("latin-1") if len(buf) > _SCAN else buf.decode("latin-1")
-        end = text.find("\r\n\r\n")
-        if end < 0:  # a head longer than _SCAN bytes
-            end = buf.find(b"\r\n\r\n")
-            text = buf[: end + 2].decode("latin-1")
+        text, end = head_text(buf)
         head = buf[: end + 2]
         text = text[: end + 2]
         parser = self.parser
