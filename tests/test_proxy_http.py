@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from tests.conftest import StartProxy, port_of, wait_for
 from tests.support import Client, RawBackend, RequestReader, get, request, respond
@@ -409,3 +410,34 @@ async def test_max_idle_per_backend(start_proxy: StartProxy, echo_backend: RawBa
         await c.close()
     # ...but at most two stay pooled.
     assert len(proxy.pool.backends[0].idle) <= 2
+
+
+async def test_dial_timeout_is_504(start_proxy: StartProxy) -> None:
+    # A backend whose accept queue is full: the kernel drops the proxy's SYN, so the connect
+    # hangs until [backend] dial-timeout.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        proxy = await start_proxy(
+            [port],
+            {"backend": {"dial-timeout": "0.3s"}, "timeouts": {"response-header": "30s"}},
+        )
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        r = await asyncio.wait_for(request(port_of(proxy), get()), 10)
+        elapsed = loop.time() - t0
+        assert r.status == 504
+        # Well before the response-header timeout: it was the connect that timed out.
+        assert 0.3 <= elapsed < 5
+    finally:
+        for s in fillers:
+            s.close()
+        srv.close()

@@ -406,6 +406,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._reject(BadRequest(str(e)))
             return
+        self.server.express_requests += 1
         ex = Exchange()
         try:
             self._rewrite_head(ex, data, low, parser.get_method())
@@ -483,8 +484,11 @@ class ClientConnection(asyncio.Protocol):
                 self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
                 self._lean_content_length(head, low)
                 return
-            head = head[: i + 1] + head[j + 2 :]
-            low = low[: i + 1] + low[j + 2 :]
+            if value == "close":
+                # The backend connection stays open: only the client's connection closes.
+                # ("Connection: keep-alive" stays: it is true of the backend connection too.)
+                head = head[: i + 1] + head[j + 2 :]
+                low = low[: i + 1] + low[j + 2 :]
         if not keep_alive:
             ex.keep_alive = False
         i = low.find("\nhost:")
@@ -752,8 +756,9 @@ class ClientConnection(asyncio.Protocol):
             return False
         keep = ex.keep_alive and not self.server.draining
         backend_keep_alive = True
-        # The client gets the backend's bytes with the Connection line dropped (keep-alive)
-        # or replaced (close): one copy of the whole response.
+        # The client gets the backend's bytes as they are when their Connection line already
+        # states what the proxy does with the client connection (the common case: no copy),
+        # else with that line dropped or replaced.
         i = low.find("\nconnection:")
         if i >= 0:
             j = low.find("\r\n", i)
@@ -762,7 +767,12 @@ class ClientConnection(asyncio.Protocol):
                 backend_keep_alive = False
             elif value != "keep-alive" or "\nconnection:" in low[j:]:
                 return False
-            out = data[: i + 1] + (data[j + 2 :] if keep else _CLOSE_LINE + data[j + 2 :])
+            if backend_keep_alive == keep:
+                out = data
+            elif keep:
+                out = data[: i + 1] + data[j + 2 :]
+            else:
+                out = data[: i + 1] + _CLOSE_LINE + data[j + 2 :]
         else:
             out = data if keep else data[: end + 2] + _CLOSE_LINE + data[end + 2 :]
         try:
@@ -774,6 +784,7 @@ class ClientConnection(asyncio.Protocol):
         if t is not None and not t.is_closing():
             t.write(out)
         # Finish the exchange (the common case of _finish, inline).
+        self.server.express_responses += 1
         now = self._now()
         backend = ex.backend
         if backend is not None:

@@ -52,6 +52,9 @@ class ProxyServer:
         self._dials: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
         self._max_idle = settings.limits.max_idle_per_backend
+        # How many requests and responses took the express lanes (see client.py).
+        self.express_requests = 0
+        self.express_responses = 0
 
     # --- listening --------------------------------------------------------------------------
 

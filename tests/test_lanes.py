@@ -1,0 +1,195 @@
+"""The express lanes and the general path apply the same rules.
+
+A request sent in one write takes the express lane; the same request split over two writes
+takes the general path (a head split across reads). Whatever the lane, the backend must receive
+the same request line, the same header fields and the same body. The same holds for responses:
+one write from the backend (express) or the head and body in separate writes (general).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from doproxy.proxy.server import ProxyServer
+from tests.conftest import StartProxy, port_of, wait_for
+from tests.support import Client, RawBackend, RequestReader
+
+REQUESTS = [
+    b"GET /a?x=1 HTTP/1.1\r\nHost: app.test\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
+    b"GET /b HTTP/1.1\r\nHOST: App.Test\r\nConnection: keep-alive\r\nX-Other: 1\r\n\r\n",
+    b"GET /c HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.0.0.1\r\nX-Forwarded-Proto: ftp\r\n\r\n",
+    b"GET /d HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\n"
+    b"Keep-Alive: timeout=5\r\nTE: trailers\r\n\r\n",
+    b"POST /e HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello",
+    b"GET /f HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET /g HTTP/1.0\r\nHost: h10\r\n\r\n",
+    b"HEAD /h HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+]
+
+
+def fields(raw: bytes) -> tuple[bytes, set[bytes], bytes]:
+    """Request line, the set of header lines (names lower-cased), and the body."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    first, *lines = head.split(b"\r\n")
+    norm = set()
+    for line in lines:
+        name, _, value = line.partition(b":")
+        value = value.strip()
+        if name.lower() == b"connection" and value.lower() == b"keep-alive":
+            continue  # may be kept as a truthful statement about the backend connection
+        if name.lower() == b"host" and value.startswith(b"127.0.0.1:"):
+            value = b"<the backend's server-host>"  # HTTP/1.0 without Host
+        norm.add(name.lower() + b":" + value)
+    return first, norm, body
+
+
+async def _one_response(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
+) -> None:
+    rr = RequestReader(reader)
+    while (req := await rr.next()) is not None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        if not req.keep_alive:
+            return
+
+
+def _mid_head(proxy: ProxyServer) -> bool:
+    """True once the proxy has read part of a request head and waits for the rest."""
+    return any(conn._in_head for conn in proxy.connections)
+
+
+async def _send(proxy: ProxyServer, parts: list[bytes]) -> None:
+    c = await Client.connect(port_of(proxy))
+    for k, part in enumerate(parts):
+        await c.send(part)
+        if k < len(parts) - 1:
+            await wait_for(lambda: _mid_head(proxy))  # each part is read on its own
+    head_only = parts[0].startswith(b"HEAD")
+    r = await c.response(head_request=head_only)
+    assert r.status == 200
+    await c.close()
+
+
+@pytest.mark.parametrize("raw", REQUESTS, ids=lambda r: r.split(b" ")[1].decode())
+async def test_request_lanes_agree(
+    raw: bytes,
+    start_proxy: StartProxy,
+    backend_factory: Callable[..., Awaitable[RawBackend]],
+) -> None:
+    express = await backend_factory(_one_response)
+    general = await backend_factory(_one_response)
+    p1 = await start_proxy([express.port])
+    p2 = await start_proxy([general.port])
+    await _send(p1, [raw])
+    cut = raw.index(b"\r\n") + 5  # inside the head: the general path must put it together
+    await _send(p2, [raw[:cut], raw[cut:]])
+    await wait_for(lambda: bool(express.received) and bool(general.received))
+    a, b = fields(express.all_received), fields(general.all_received)
+    # A lone head in one write takes the express lane; two writes, the general path.
+    lone_head = raw.index(b"\r\n\r\n") + 4 == len(raw)
+    assert (p1.express_requests, p2.express_requests) == (int(lone_head), 0)
+    assert a == b
+    # And both are right: HTTP/1.1 upstream, forwarding headers set by the proxy.
+    assert a[0].endswith(b" HTTP/1.1")
+    assert b"x-forwarded-proto:http" in a[1]
+    assert not any(f.startswith((b"keep-alive:", b"te:", b"x-drop:")) for f in a[1])
+
+
+def _upstream_mid_head(proxy: ProxyServer) -> bool:
+    """True once the proxy has read part of a response head and waits for the rest."""
+    return any(
+        ex.upstream is not None and ex.upstream._headbuf
+        for conn in proxy.connections
+        for ex in conn.queue
+    )
+
+
+def _response_backend(
+    response: bytes, split: bool, proxy: list[ProxyServer]
+) -> Callable[..., Awaitable[None]]:
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
+    ) -> None:
+        rr = RequestReader(reader)
+        while await rr.next() is not None:
+            if split:
+                cut = response.index(b"\r\n") + 3
+                writer.write(response[:cut])
+                await writer.drain()
+                await wait_for(lambda: _upstream_mid_head(proxy[0]))  # two reads at the proxy
+                writer.write(response[cut:])
+            else:
+                writer.write(response)
+            await writer.drain()
+
+    return handler
+
+
+RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+    b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nnop",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nX-A: 1\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\r\nok",
+]
+
+
+@pytest.mark.parametrize("response", RESPONSES, ids=lambda r: str(RESPONSES.index(r)))
+@pytest.mark.parametrize("client_close", [False, True])
+async def test_response_lanes_agree(
+    response: bytes,
+    client_close: bool,
+    start_proxy: StartProxy,
+    backend_factory: Callable[..., Awaitable[RawBackend]],
+) -> None:
+    got = []
+    lanes: list[int] = []
+    for split in (False, True):
+        holder: list[ProxyServer] = []
+        backend = await backend_factory(_response_backend(response, split, holder))
+        proxy = await start_proxy([backend.port])
+        holder.append(proxy)
+        c = await Client.connect(port_of(proxy))
+        extra = b"Connection: close\r\n" if client_close else b""
+        await c.send(b"GET / HTTP/1.1\r\nHost: h\r\n" + extra + b"\r\n")
+        r = await c.response()
+        conn = r.header("connection")
+        names = {n.lower() + b":" + v for n, v in r.headers if n.lower() != b"connection"}
+        got.append((r.status, r.body, names, conn == b"close"))
+        lanes.append(proxy.express_responses)
+        if client_close:
+            assert await c.closed()
+        else:
+            # the client connection stays usable
+            await c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert (await c.response()).body == r.body
+        await c.close()
+    assert got[0] == got[1]
+    # Plain Content-Length responses in one write take the express lane; the others, and
+    # every response split over two reads, the general path.
+    assert lanes == [1 if response in RESPONSES[:3] else 0, 0]
+    _, _, names, closing = got[0]
+    assert closing == client_close
+    assert not any(n.startswith((b"keep-alive:", b"x-hop:")) for n in names)
+
+
+async def test_express_head_then_body_then_pipelined_request(
+    start_proxy: StartProxy, echo_backend: RawBackend
+) -> None:
+    # The head arrives alone (express lane), its body later, and the next request in the same
+    # read as the end of the body: the body must end exactly at its Content-Length.
+    proxy = await start_proxy([echo_backend.port])
+    c = await Client.connect(port_of(proxy))
+    await c.send(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n")
+    await wait_for(lambda: proxy.express_requests == 1)
+    await c.send(b"hello")
+    await wait_for(lambda: echo_backend.all_received.endswith(b"hello"))
+    await c.send(b"world" + b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert (await c.response()).body == b"POST /up len=10"
+    assert (await c.response()).body == b"GET /next len=0"
+    await c.close()
+    assert b"\r\n\r\nhelloworldGET /next HTTP/1.1\r\n" in echo_backend.all_received
