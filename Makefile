@@ -34,7 +34,7 @@ test: $(STAMP) deps check
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	$(BIN)/coverage combine -q
-	$(BIN)/coverage report --fail-under=80 | tail -n 1
+	$(BIN)/coverage report --fail-under=80 | grep -E "^TOTAL"
 
 fmt: $(STAMP)
 	$(BIN)/ruff format $(LINT)
