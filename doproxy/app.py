@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from doproxy.proxy.server import ProxyServer, make_tls_context
 log = logging.getLogger(__name__)
 
 
-def build_pool(settings: Settings, entries: list[InventoryEntry]) -> Pool:
+def build_pool(
+    settings: Settings, entries: list[InventoryEntry], clock: Callable[[], float] = time.monotonic
+) -> Pool:
     backends = [Backend(e) for e in entries]
-    return Pool(backends=backends, balancer=make_balancer(settings.loadbalancing.type))
+    return Pool(backends=backends, balancer=make_balancer(settings.loadbalancing.type, clock))
 
 
 async def run_proxy(

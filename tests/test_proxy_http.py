@@ -441,3 +441,29 @@ async def test_dial_timeout_is_504(start_proxy: StartProxy) -> None:
         for s in fillers:
             s.close()
         srv.close()
+
+
+async def test_configured_balancer_is_used(
+    start_proxy: StartProxy, backend_factory: object
+) -> None:
+    # hash on the client address: every request from this client lands on one backend.
+    def tagged(tag: bytes) -> object:
+        async def handler(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+        ) -> None:
+            rr = RequestReader(reader)
+            while await rr.next() is not None:
+                writer.write(respond(200, tag))
+                await writer.drain()
+
+        return handler
+
+    ports = [(await backend_factory(tagged(t))).port for t in (b"one", b"two", b"three")]  # type: ignore[operator]
+    proxy = await start_proxy(ports, {"loadbalancing": {"type": "hash"}})
+    c = await Client.connect(port_of(proxy))
+    seen = set()
+    for _ in range(6):
+        await c.send(get())
+        seen.add((await c.response()).body)
+    await c.close()
+    assert len(seen) == 1

@@ -42,7 +42,11 @@ class Section(BaseModel):
 
 
 class LoadBalancing(Section):
-    type: Literal["roundrobin", "leastconn"] = "roundrobin"
+    type: Literal["roundrobin", "leastconn", "weighted", "random2", "leastlatency", "hash"] = (
+        "roundrobin"
+    )
+    # What `hash` hashes. Only the client address so far; header and cookie keys come later.
+    hash_key: Literal["client-ip"] = "client-ip"
 
 
 class BackendSettings(Section):

@@ -10,11 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from doproxy.core.balancers import LeastConn, RoundRobin
+from doproxy.core.balancers import Balancer, LeastLatency
 from doproxy.core.inventory_model import InventoryEntry
+from doproxy.core.stats import PeakEwma
 
 if TYPE_CHECKING:
     from doproxy.proxy.upstream import UpstreamConnection
+
+
+PEAK_EWMA_TAU = 10.0  # seconds; how fast a backend that turned fast earns its traffic back
 
 
 class Backend:
@@ -23,12 +27,14 @@ class Backend:
     __slots__ = (
         "connections",
         "entry",
+        "failure_rate",
         "failures",
         "host",
         "host_header",
         "idle",
         "in_flight",
         "key",
+        "latency",
         "latency_sum",
         "name",
         "port",
@@ -47,6 +53,13 @@ class Backend:
         self.failures = 0
         self.latency_sum = 0.0
         self.connections = 0  # connections ever opened (tests count keep-alive reuse with it)
+        # Per-request peak-EWMA latency, kept only when the balancer uses it (leastlatency).
+        self.latency = PeakEwma(tau=PEAK_EWMA_TAU)
+        self.failure_rate = 0.0
+
+    @property
+    def weight(self) -> int:
+        return self.entry.weight
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r}, {self.host}:{self.port})"
@@ -57,9 +70,11 @@ class Pool:
     """One config snapshot's view of the backends: who is eligible, and who picks among them."""
 
     backends: list[Backend]
-    balancer: RoundRobin | LeastConn
+    balancer: Balancer
     eligible: list[Backend] = field(default_factory=list)
+    observe_latency: bool = False  # feed each request's latency to Backend.latency
 
     def __post_init__(self) -> None:
         if not self.eligible:
             self.eligible = [b for b in self.backends if b.entry.state == "active"]
+        self.observe_latency = isinstance(self.balancer, LeastLatency)

@@ -668,7 +668,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _start(self, ex: Exchange) -> None:
         pool = self.pool
-        backend = pool.balancer.pick(pool.eligible, None)
+        backend = pool.balancer.pick(pool.eligible, self.peer_ip)
         if backend is None:
             self._fail(ex, ServiceUnavailable("no backend available"))
             return
@@ -791,6 +791,8 @@ class ClientConnection(asyncio.Protocol):
             backend.in_flight -= 1
             backend.requests += 1
             backend.latency_sum += now - ex.started
+            if self.pool.observe_latency:
+                backend.latency.observe(now - ex.started, now)
         up.client = None
         if backend_keep_alive:
             self.server.release(up, now)
@@ -1019,6 +1021,8 @@ class ClientConnection(asyncio.Protocol):
             backend.requests += 1
             if ex.started:
                 backend.latency_sum += now - ex.started
+                if self.pool.observe_latency:
+                    backend.latency.observe(now - ex.started, now)
             ex.backend = None
         if up is not None:
             ex.upstream = None

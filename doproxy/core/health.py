@@ -1,0 +1,56 @@
+"""Health of one backend from a stream of check results: the rise/fall state machine.
+
+Theory of operation
+-------------------
+A backend is either UP or DOWN. Each check result moves a counter:
+
+    UP   --fail--> (consecutive failures += 1) --reaches `fall`--> DOWN
+    DOWN --pass--> (consecutive passes += 1)   --reaches `rise`--> UP
+
+A result in the other direction resets the opposite counter, so flapping checks never flip the
+state. A new backend starts in the state the caller chooses (a freshly added backend is checked
+at once; a backend with checks disabled is simply never fed results and stays UP).
+
+`record()` returns the transition, if any, so the caller logs it once rather than on every probe.
+The number of consecutive failures is kept too: the autoscaler replaces a backend after
+`max-health-failures` of them. Pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class State(Enum):
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass
+class Health:
+    rise: int = 2
+    fall: int = 5
+    state: State = State.UP
+    passes: int = 0  # consecutive passing checks
+    failures: int = 0  # consecutive failing checks
+
+    def record(self, ok: bool) -> State | None:
+        """Fold in one check result; return the new state if it changed, else None."""
+        if ok:
+            self.failures = 0
+            self.passes += 1
+            if self.state is State.DOWN and self.passes >= self.rise:
+                self.state = State.UP
+                return State.UP
+        else:
+            self.passes = 0
+            self.failures += 1
+            if self.state is State.UP and self.failures >= self.fall:
+                self.state = State.DOWN
+                return State.DOWN
+        return None
+
+    @property
+    def up(self) -> bool:
+        return self.state is State.UP
