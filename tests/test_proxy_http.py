@@ -216,18 +216,21 @@ async def test_add_x_forwarded_for_false_passes_client_value(
     assert b"127.0.0.1\r\n" not in sent.split(b"X-Forwarded-For")[1].split(b"\r\n\r\n")[0]
 
 
+def tagged(tag: bytes) -> object:
+    """A keep-alive backend that answers every request with `tag`."""
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+    ) -> None:
+        rr = RequestReader(reader)
+        while await rr.next() is not None:
+            writer.write(respond(200, tag))
+            await writer.drain()
+
+    return handler
+
+
 async def test_round_robin_alternates(start_proxy: StartProxy, backend_factory: object) -> None:
-    def tagged(tag: bytes) -> object:
-        async def handler(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
-        ) -> None:
-            rr = RequestReader(reader)
-            while await rr.next() is not None:
-                writer.write(respond(200, tag))
-                await writer.drain()
-
-        return handler
-
     b1 = await backend_factory(tagged(b"one"))  # type: ignore[operator]
     b2 = await backend_factory(tagged(b"two"))  # type: ignore[operator]
     proxy = await start_proxy([b1.port, b2.port])
@@ -447,17 +450,6 @@ async def test_configured_balancer_is_used(
     start_proxy: StartProxy, backend_factory: object
 ) -> None:
     # hash on the client address: every request from this client lands on one backend.
-    def tagged(tag: bytes) -> object:
-        async def handler(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
-        ) -> None:
-            rr = RequestReader(reader)
-            while await rr.next() is not None:
-                writer.write(respond(200, tag))
-                await writer.drain()
-
-        return handler
-
     ports = [(await backend_factory(tagged(t))).port for t in (b"one", b"two", b"three")]  # type: ignore[operator]
     proxy = await start_proxy(ports, {"loadbalancing": {"type": "hash"}})
     c = await Client.connect(port_of(proxy))

@@ -86,6 +86,24 @@ def head_text(buf: bytes) -> tuple[str, int]:
     return text, end
 
 
+def lone_connection(low: str) -> tuple[int, int, str]:
+    """The Connection line of a lower-cased head: (start, end, value).
+
+    `start` is the index of the line break before the line and `end` that of its CRLF, or
+    (-1, -1, "") when there is none. `value` is "keep-alive" or "close" for a single line with
+    just that token, and "" for anything else (other tokens, several Connection lines): those
+    heads need the general path, which removes every header Connection names.
+    """
+    i = low.find("\nconnection:")
+    if i < 0:
+        return -1, -1, ""
+    j = low.find("\r\n", i)
+    value = low[i + 12 : j].strip()
+    if (value != "keep-alive" and value != "close") or "\nconnection:" in low[j:]:
+        value = ""
+    return i, j, value
+
+
 def split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """Split a head already validated by llhttp into its first line and (name, value) pairs.
 

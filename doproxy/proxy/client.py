@@ -51,6 +51,7 @@ from doproxy.core.http_rules import (
     connection_tokens,
     error_response,
     head_text,
+    lone_connection,
     split_head,
 )
 from doproxy.errors import (
@@ -454,10 +455,12 @@ class ClientConnection(asyncio.Protocol):
         if method == b"HEAD":
             ex.is_head = True
         head = data[:-2]  # without the blank line
+        i, j, value = lone_connection(low)
         if (
-            # Hop-by-hop or forwarding headers to rewrite (other than Connection: keep-alive
-            # or close, handled below) send the head down the general path.
-            "\nx-forwarded-" in low
+            # Hop-by-hop or forwarding headers to rewrite, other than a lone Connection:
+            # keep-alive or close, send the head down the general path.
+            (i >= 0 and not value)
+            or "\nx-forwarded-" in low
             or "\nkeep-alive:" in low
             or "\nproxy-connection:" in low
             or "\nte:" in low
@@ -470,25 +473,13 @@ class ClientConnection(asyncio.Protocol):
             self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
             self._lean_content_length(head, low)
             return
-        i = low.find("\nconnection:")
-        if i >= 0:
-            j = low.find("\r\n", i)
-            value = low[i + 12 : j].strip()
-            if value == "close":
-                keep_alive = False
-            elif value == "keep-alive":
-                keep_alive = True
-            if (value != "keep-alive" and value != "close") or "\nconnection:" in low[j:]:
-                ex.keep_alive = self._lean_keep_alive(low, keep_alive)
-                first, fields = split_head(head)
-                self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
-                self._lean_content_length(head, low)
-                return
-            if value == "close":
-                # The backend connection stays open: only the client's connection closes.
-                # ("Connection: keep-alive" stays: it is true of the backend connection too.)
-                head = head[: i + 1] + head[j + 2 :]
-                low = low[: i + 1] + low[j + 2 :]
+        if value == "keep-alive":
+            keep_alive = True  # kept: it is true of the backend connection too
+        elif value == "close":
+            # The backend connection stays open: only the client's connection closes.
+            keep_alive = False
+            head = head[: i + 1] + head[j + 2 :]
+            low = low[: i + 1] + low[j + 2 :]
         if not keep_alive:
             ex.keep_alive = False
         i = low.find("\nhost:")
@@ -759,14 +750,11 @@ class ClientConnection(asyncio.Protocol):
         # The client gets the backend's bytes as they are when their Connection line already
         # states what the proxy does with the client connection (the common case: no copy),
         # else with that line dropped or replaced.
-        i = low.find("\nconnection:")
+        i, j, value = lone_connection(low)
         if i >= 0:
-            j = low.find("\r\n", i)
-            value = low[i + 12 : j].strip()
-            if value == "close":
-                backend_keep_alive = False
-            elif value != "keep-alive" or "\nconnection:" in low[j:]:
+            if not value:
                 return False
+            backend_keep_alive = value == "keep-alive"
             if backend_keep_alive == keep:
                 out = data
             elif keep:
@@ -843,15 +831,10 @@ class ClientConnection(asyncio.Protocol):
             if not _response_needs_general_path(low):
                 no_body = ex.is_head or status == 304
                 if no_body or (status != 204 and "\ncontent-length:" in low):
-                    i = low.find("\nconnection:")
-                    if i >= 0:
-                        j = low.find("\r\n", i)
-                        value = low[i + 12 : j].strip()
-                        if (value == "keep-alive" or value == "close") and (
-                            "\nconnection:" not in low[j:]
-                        ):
-                            head = head[: i + 1] + head[j + 2 :]
-                            i = -1
+                    i, j, value = lone_connection(low)
+                    if value:
+                        head = head[: i + 1] + head[j + 2 :]
+                        i = -1
                     if i < 0:
                         ex.until_close = False
                         ex.out_mode = _OUT_NONE if no_body else _OUT_RAW
