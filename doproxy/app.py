@@ -15,6 +15,7 @@ from doproxy.config import load_settings, resolve_relative
 from doproxy.core.balancers import make_balancer
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
+from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
@@ -43,13 +44,15 @@ async def run_proxy(
             str(resolve_relative(base / "x", settings.tls_cert_file)),
             str(resolve_relative(base / "x", settings.tls_key_file)),
         )
-    server = ProxyServer(settings, build_pool(settings, entries), ssl_ctx)
+    loop = asyncio.get_running_loop()
+    server = ProxyServer(settings, build_pool(settings, entries, loop.time), ssl_ctx)
     await server.listen()
+    checker = HealthChecker(settings, sink=lambda backend, state: server.pool.refresh())
+    checker.watch(server.pool.backends)
     for host, port in server.addresses:
         log.info("listening on %s:%d (%s)", host, port, "https" if ssl_ctx else "http")
     log.info("%d backend(s), balancing %s", len(entries), settings.loadbalancing.type)
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if on_ready is not None:
@@ -63,6 +66,7 @@ async def run_proxy(
         "shutting down: finishing in-flight requests (grace %.1fs)",
         settings.timeouts.shutdown_grace,
     )
+    await checker.stop()
     await server.shutdown()
     log.info("stopped")
 
@@ -86,7 +90,9 @@ async def _demo(bind: str, count: int) -> None:
         entries.append(
             InventoryEntry(id=i + 1, name=f"demo-backend-{i + 1}", server_host=f"127.0.0.1:{port}")
         )
-    settings = Settings(bind=bind, watch_config=False)
+    settings = Settings.model_validate(
+        {"bind": bind, "watch-config": False, "backend": {"new-host-health-path": "/health"}}
+    )
 
     def ready(server: ProxyServer) -> None:
         host, port = server.addresses[0]

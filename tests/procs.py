@@ -50,6 +50,9 @@ def write_config(tmp: Path, backend_ports: list[int], extra: str = "") -> Path:
         )
     )
     cfg = tmp / "doproxy.toml"
+    # Health checks would send their own requests to the tests' backends: off unless asked.
+    if "[backend]" not in extra:
+        extra += "\n[backend]\ndisable-health-check = true\n"
     cfg.write_text(
         f'bind = "127.0.0.1:0"\nwatch-config = false\ninventory-file = "inventory.toml"\n{extra}'
     )

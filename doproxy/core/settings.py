@@ -93,6 +93,21 @@ class Provisioning(Section):
         return self
 
 
+class HealthSettings(Section):
+    """Active health checks. New in doproxy (Python); the Go version checked every second."""
+
+    interval: PositiveDuration = 1.0  # between checks of a healthy backend
+    down_interval: PositiveDuration = 2.0  # between checks of a backend that is down
+    # timeout: [backend] health-check-timeout (the Go key) unless set here
+    timeout: PositiveDuration | None = None
+    rise: int = Field(2, ge=1)  # consecutive passes that bring a backend back
+    fall: int = Field(5, ge=1)  # consecutive failures that take it out
+    jitter: float = Field(0.1, ge=0, le=1)  # each wait is interval * (1 +- jitter)
+    # Statuses that pass; empty means anything below 500, as in the Go version.
+    expect_status: tuple[int, ...] = ()
+    body_match: str = ""  # when set, the body must contain this text
+
+
 class Timeouts(Section):
     """Data-plane timeouts. New in doproxy (Python); the Go version had only dial-timeout."""
 
@@ -123,6 +138,7 @@ class Settings(Section):
     backend: BackendSettings = Field(default_factory=BackendSettings)
     do_provisioner: DOProvisioner = Field(default_factory=DOProvisioner)
     provisioning: Provisioning = Field(default_factory=Provisioning)
+    health: HealthSettings = Field(default_factory=HealthSettings)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: Limits = Field(default_factory=Limits)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from doproxy.core.balancers import Balancer, LeastLatency
+from doproxy.core.health import Health
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.stats import PeakEwma
 
@@ -29,6 +30,7 @@ class Backend:
         "entry",
         "failure_rate",
         "failures",
+        "health",
         "host",
         "host_header",
         "idle",
@@ -56,6 +58,7 @@ class Backend:
         # Per-request peak-EWMA latency, kept only when the balancer uses it (leastlatency).
         self.latency = PeakEwma(tau=PEAK_EWMA_TAU)
         self.failure_rate = 0.0
+        self.health = Health()  # fed by the health checker; stays UP when nobody checks
 
     @property
     def weight(self) -> int:
@@ -75,6 +78,9 @@ class Pool:
     observe_latency: bool = False  # feed each request's latency to Backend.latency
 
     def __post_init__(self) -> None:
-        if not self.eligible:
-            self.eligible = [b for b in self.backends if b.entry.state == "active"]
+        self.refresh()
         self.observe_latency = isinstance(self.balancer, LeastLatency)
+
+    def refresh(self) -> None:
+        """Recompute who may take traffic: active in the inventory and healthy."""
+        self.eligible = [b for b in self.backends if b.entry.state == "active" and b.health.up]

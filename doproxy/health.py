@@ -1,0 +1,198 @@
+"""Active health checks: probe each backend's health URL and keep the pool's eligible list.
+
+Theory of operation
+-------------------
+One task per checked backend loops: wait (interval, or down-interval while the backend is down,
+with jitter so checks do not march in step), probe, and fold the result into the backend's
+rise/fall state machine (doproxy.core.health). A transition is logged once and reported to the
+sink, which rebuilds the list of backends the balancer may pick from; the checker never touches
+the balancer itself. A probe never blocks the data plane: it is an ordinary asyncio connection.
+
+A backend that is new to the checker is probed at once rather than after a full interval, and a
+failure of that very first probe takes it out at once: a fresh backend has not earned the
+benefit of the doubt that `fall` gives a proven one.
+
+A backend is checked when health checks are enabled and it has a health URL: its inventory
+`health-url` (the 2015 files sometimes omit the scheme, "10.0.0.1:8080/"), or
+`new-host-health-path` on its `server-host`. Otherwise it is always eligible, as in the Go
+version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httptools
+
+from doproxy.core.health import State
+from doproxy.core.settings import Settings
+from doproxy.proxy.backend import Backend
+
+log = logging.getLogger(__name__)
+
+_MAX_BODY = 64 * 1024  # bytes of a health response read for body-match
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    path: str
+    https: bool
+    host_header: str
+
+
+def health_target(backend: Backend, settings: Settings) -> Target | None:
+    """Where to probe a backend, or None when it is not checked."""
+    if settings.backend.disable_health_check:
+        return None
+    url = backend.entry.health_url.strip()
+    if url:
+        if "://" not in url:
+            url = "http://" + url
+        parts = urlsplit(url)
+        if not parts.hostname:
+            return None
+        https = parts.scheme == "https"
+        port = parts.port or (443 if https else 80)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        return Target(parts.hostname, port, path, https, parts.netloc)
+    path = settings.backend.new_host_health_path or "/"
+    return Target(
+        backend.host,
+        backend.port,
+        path,
+        settings.backend.new_host_health_https,
+        backend.entry.server_host,
+    )
+
+
+class _ResponseReader:
+    def __init__(self) -> None:
+        self.done = False
+        self.body = bytearray()
+
+    def on_body(self, body: bytes) -> None:
+        if len(self.body) < _MAX_BODY:
+            self.body += body[: _MAX_BODY - len(self.body)]
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+async def probe(target: Target, within: float, expect: tuple[int, ...], body_match: str) -> str:
+    """One health check, bounded by `within` seconds.
+
+    Returns "" when it passes, else what was wrong, in words for the log.
+    """
+    try:
+        async with asyncio.timeout(within):
+            ssl_ctx = None
+            if target.https:
+                import ssl
+
+                # Health checks go to our own backends, often by IP with self-signed certs.
+                ssl_ctx = ssl.create_default_context()
+                ssl_ctx.check_hostname = False
+                ssl_ctx.verify_mode = ssl.CERT_NONE
+            reader, writer = await asyncio.open_connection(target.host, target.port, ssl=ssl_ctx)
+            try:
+                writer.write(
+                    f"GET {target.path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
+                    "User-Agent: doproxy-health\r\nConnection: close\r\n\r\n".encode()
+                )
+                rr = _ResponseReader()
+                parser = httptools.HttpResponseParser(rr)
+                while not rr.done:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    parser.feed_data(data)
+                status = parser.get_status_code()
+            finally:
+                writer.close()
+    except TimeoutError:
+        return f"no answer within {within:g}s"
+    except OSError as e:
+        return f"cannot connect: {e.strerror or e}"
+    except httptools.HttpParserError as e:
+        return f"invalid response: {e}"
+    if not status:
+        return "connection closed without a response"
+    passed = status in expect if expect else status < 500
+    if not passed:
+        return f"status {status}"
+    if body_match and body_match.encode() not in bytes(rr.body):
+        return f"body does not contain {body_match!r}"
+    return ""
+
+
+Sink = Callable[[Backend, State], None]
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        settings: Settings,
+        sink: Sink,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.rng = rng or random.Random()
+        self._tasks: dict[Backend, asyncio.Task[None]] = {}
+
+    def watch(self, backends: list[Backend]) -> None:
+        """Check exactly these backends: start new ones (probed at once), stop removed ones."""
+        wanted = set(backends)
+        for b in list(self._tasks):
+            if b not in wanted:
+                self._tasks.pop(b).cancel()
+        for b in backends:
+            if b in self._tasks:
+                continue
+            target = health_target(b, self.settings)
+            if target is None:
+                continue
+            b.health.rise = self.settings.health.rise
+            b.health.fall = self.settings.health.fall
+            self._tasks[b] = asyncio.get_running_loop().create_task(
+                self._run(b, target), name=f"health {b.name}"
+            )
+
+    async def _run(self, backend: Backend, target: Target) -> None:
+        h = self.settings.health
+        timeout = h.timeout if h.timeout is not None else self.settings.backend.health_check_timeout
+        health = backend.health
+        first = True
+        while True:
+            problem = await probe(target, timeout, h.expect_status, h.body_match)
+            if first and problem and health.up:
+                health.record(False)
+                health.state = State.DOWN  # a new backend that fails its first check is out
+                changed: State | None = State.DOWN
+            else:
+                changed = health.record(not problem)
+            first = False
+            if changed is not None:
+                if changed is State.DOWN:
+                    log.warning("backend %s is down: %s", backend.name, problem)
+                else:
+                    log.info("backend %s is up again", backend.name)
+                self.sink(backend, changed)
+            base = h.interval if health.up else h.down_interval
+            await asyncio.sleep(base * (1.0 + h.jitter * (2.0 * self.rng.random() - 1.0)))
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

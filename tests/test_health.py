@@ -1,0 +1,187 @@
+"""Active health checks against real backends on 127.0.0.1, with short intervals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from doproxy.core.inventory_model import InventoryEntry
+from doproxy.core.settings import Settings
+from doproxy.health import HealthChecker, Target, health_target, probe
+from doproxy.proxy.backend import Backend
+from doproxy.proxy.server import ProxyServer
+from tests.conftest import StartProxy, port_of, wait_for
+from tests.support import Client, RawBackend, RequestReader, get, request, respond
+
+FAST = {"interval": "50ms", "down-interval": "50ms", "rise": 2, "fall": 2, "timeout": "500ms"}
+
+
+class Switchable:
+    """A backend whose /health answers `status` (settable); other paths answer its name."""
+
+    def __init__(self, name: bytes, status: int = 200) -> None:
+        self.name = name
+        self.status = status
+        self.probes = 0
+
+    async def handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+    ) -> None:
+        rr = RequestReader(reader)
+        while (req := await rr.next()) is not None:
+            if req.url == b"/health":
+                self.probes += 1
+                writer.write(respond(self.status, b"status %d" % self.status))
+            else:
+                writer.write(respond(200, self.name))
+            await writer.drain()
+            if not req.keep_alive:
+                return
+
+
+@pytest.fixture
+async def checked(
+    start_proxy: StartProxy, backend_factory: Callable[..., Awaitable[RawBackend]]
+) -> AsyncIterator[Callable[..., Awaitable[tuple[ProxyServer, HealthChecker]]]]:
+    checkers: list[HealthChecker] = []
+
+    async def _make(
+        backends: list[Switchable], health: dict[str, Any] | None = None
+    ) -> tuple[ProxyServer, HealthChecker]:
+        ports = [(await backend_factory(b.handle)).port for b in backends]
+        proxy = await start_proxy(
+            ports,
+            {"health": {**FAST, **(health or {})}, "backend": {"new-host-health-path": "/health"}},
+        )
+        checker = HealthChecker(proxy.settings, sink=lambda b, s: proxy.pool.refresh())
+        checker.watch(proxy.pool.backends)
+        checkers.append(checker)
+        return proxy, checker
+
+    yield _make
+    for c in checkers:
+        await c.stop()
+
+
+async def test_sick_backend_leaves_and_returns(
+    checked: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = Switchable(b"A"), Switchable(b"B")
+    proxy, _ = await checked([a, b])
+    await wait_for(lambda: a.probes >= 2 and b.probes >= 2)
+    assert len(proxy.pool.eligible) == 2
+    caplog.set_level(logging.INFO, logger="doproxy.health")
+    b.status = 503
+    await wait_for(lambda: len(proxy.pool.eligible) == 1)
+    # While B is down every request goes to A, none fails.
+    c = await Client.connect(port_of(proxy))
+    for _ in range(6):
+        await c.send(get())
+        r = await c.response()
+        assert (r.status, r.body) == (200, b"A")
+    await c.close()
+    downs = b.probes
+    await wait_for(lambda: b.probes >= downs + 3)  # keeps being checked while down
+    b.status = 200
+    await wait_for(lambda: len(proxy.pool.eligible) == 2)
+    # Each transition is logged once, not on every probe.
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("is down" in m for m in messages) == 1
+    assert sum("is up again" in m for m in messages) == 1
+    assert any("status 503" in m for m in messages)
+
+
+async def test_a_new_backend_failing_its_first_check_is_out_at_once(checked: Any) -> None:
+    a, b = Switchable(b"A"), Switchable(b"B", status=500)
+    proxy, _ = await checked([a, b], {"fall": 5, "interval": "10s", "down-interval": "10s"})
+    await wait_for(lambda: len(proxy.pool.eligible) == 1)
+    # One probe was enough (fall = 5 applies to backends that passed before), and it came
+    # at once, not after the 10 s interval.
+    assert b.probes == 1
+    assert proxy.pool.eligible[0].port != proxy.pool.backends[1].port
+
+
+async def test_all_backends_down_is_503(checked: Any) -> None:
+    a = Switchable(b"A", status=500)
+    proxy, _ = await checked([a])
+    await wait_for(lambda: not proxy.pool.eligible)
+    r = await request(port_of(proxy), get())
+    assert r.status == 503
+
+
+async def test_disabled_health_checks_check_nothing(start_proxy: StartProxy) -> None:
+    settings = Settings.model_validate({"backend": {"disable-health-check": True}})
+    proxy = await start_proxy([1])
+    checker = HealthChecker(settings, sink=lambda b, s: None)
+    checker.watch(proxy.pool.backends)
+    assert checker._tasks == {}
+    assert proxy.pool.eligible == proxy.pool.backends
+    await checker.stop()
+
+
+async def test_probe_timeout_counts_as_failure(
+    backend_factory: Callable[..., Awaitable[RawBackend]],
+) -> None:
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter, b: RawBackend) -> None:
+        await r.read()
+
+    backend = await backend_factory(silent)
+    t = Target("127.0.0.1", backend.port, "/", False, "h")
+    assert await probe(t, 0.1, (), "") == "no answer within 0.1s"
+
+
+async def test_probe_status_and_body_rules(
+    backend_factory: Callable[..., Awaitable[RawBackend]],
+) -> None:
+    async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter, b: RawBackend) -> None:
+        req = await RequestReader(r).next()
+        assert req is not None
+        status = int(req.url.strip(b"/"))
+        w.write(respond(status, b"all good"))
+        await w.drain()
+
+    port = (await backend_factory(answer)).port
+
+    def t(status: int) -> Target:
+        return Target("127.0.0.1", port, f"/{status}", False, "h")
+
+    assert await probe(t(200), 1, (), "") == ""
+    assert await probe(t(404), 1, (), "") == ""  # anything below 500 passes, as in Go
+    assert await probe(t(500), 1, (), "") == "status 500"
+    assert await probe(t(404), 1, (200, 204), "") == "status 404"
+    assert await probe(t(200), 1, (), "good") == ""
+    assert await probe(t(200), 1, (), "bad") == "body does not contain 'bad'"
+
+
+async def test_probe_refused() -> None:
+    srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    srv.close()
+    await srv.wait_closed()
+    assert (await probe(Target("127.0.0.1", port, "/", False, "h"), 1, (), "")).startswith(
+        "cannot connect"
+    )
+
+
+@pytest.mark.parametrize(
+    ("health_url", "expected"),
+    [
+        # The 2015 files: with and without a scheme.
+        (
+            "http://10.132.169.170:8080/",
+            Target("10.132.169.170", 8080, "/", False, "10.132.169.170:8080"),
+        ),
+        ("10.132.221.249:8080/", Target("10.132.221.249", 8080, "/", False, "10.132.221.249:8080")),
+        ("https://h.example/ping?x=1", Target("h.example", 443, "/ping?x=1", True, "h.example")),
+        ("", Target("10.0.0.9", 81, "/healthz", False, "10.0.0.9:81")),
+    ],
+)
+def test_health_target(health_url: str, expected: Target) -> None:
+    # Parsing only: nothing is ever sent to these addresses.
+    entry = InventoryEntry(id=1, server_host="10.0.0.9:81", health_url=health_url)
+    settings = Settings.model_validate({"backend": {"new-host-health-path": "/healthz"}})
+    assert health_target(Backend(entry), settings) == expected
