@@ -19,6 +19,7 @@ from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
+from doproxy.statistics import StatsCollector
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,12 @@ async def run_proxy(
             str(resolve_relative(base / "x", settings.tls_key_file)),
         )
     loop = asyncio.get_running_loop()
-    server = ProxyServer(settings, build_pool(settings, entries, loop.time), ssl_ctx)
+    server = ProxyServer(settings, build_pool(settings, entries, time.monotonic), ssl_ctx)
     await server.listen()
     checker = HealthChecker(settings, sink=lambda backend, state: server.pool.refresh())
     checker.watch(server.pool.backends)
+    stats = StatsCollector(lambda: server.pool, settings.backend.latency_average_seconds)
+    stats_task = loop.create_task(stats.run(time.monotonic))
     for host, port in server.addresses:
         log.info("listening on %s:%d (%s)", host, port, "https" if ssl_ctx else "http")
     log.info("%d backend(s), balancing %s", len(entries), settings.loadbalancing.type)
@@ -66,6 +69,7 @@ async def run_proxy(
         "shutting down: finishing in-flight requests (grace %.1fs)",
         settings.timeouts.shutdown_grace,
     )
+    stats_task.cancel()
     await checker.stop()
     await server.shutdown()
     log.info("stopped")

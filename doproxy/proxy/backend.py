@@ -76,6 +76,8 @@ class Pool:
     balancer: Balancer
     eligible: list[Backend] = field(default_factory=list)
     observe_latency: bool = False  # feed each request's latency to Backend.latency
+    # Latency of each request since the statistics' last tick (doproxy.statistics).
+    samples: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.refresh()

@@ -192,7 +192,7 @@ class ClientConnection(asyncio.Protocol):
         self._t_header = timeouts.client_header
         self._t_idle = timeouts.keep_alive
         self._t_response = timeouts.response_header
-        self._now = server.loop.time
+        self._now = server.clock
         # A response head waits here for the first body bytes, so both go out in one write.
         self._held: bytes | None = None
         self._plain_upgrade: Exchange | None = None  # a request whose Upgrade was refused
@@ -778,9 +778,12 @@ class ClientConnection(asyncio.Protocol):
         if backend is not None:
             backend.in_flight -= 1
             backend.requests += 1
-            backend.latency_sum += now - ex.started
-            if self.pool.observe_latency:
-                backend.latency.observe(now - ex.started, now)
+            latency = now - ex.started
+            backend.latency_sum += latency
+            pool = self.pool
+            pool.samples.append(latency)
+            if pool.observe_latency:
+                backend.latency.observe(latency, now)
         up.client = None
         if backend_keep_alive:
             self.server.release(up, now)
@@ -1003,9 +1006,12 @@ class ClientConnection(asyncio.Protocol):
             backend.in_flight -= 1
             backend.requests += 1
             if ex.started:
-                backend.latency_sum += now - ex.started
-                if self.pool.observe_latency:
-                    backend.latency.observe(now - ex.started, now)
+                latency = now - ex.started
+                backend.latency_sum += latency
+                pool = self.pool
+                pool.samples.append(latency)
+                if pool.observe_latency:
+                    backend.latency.observe(latency, now)
             ex.backend = None
         if up is not None:
             ex.upstream = None

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 
 from doproxy.core.settings import Settings, parse_bind
 from doproxy.errors import BadGateway, ClientError, GatewayTimeout
@@ -30,6 +31,7 @@ from doproxy.proxy.upstream import UpstreamConnection
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 0.1
+_MAX_SAMPLES = 200_000  # latency samples kept between two statistics ticks
 
 
 class ProxyServer:
@@ -45,6 +47,9 @@ class ProxyServer:
         self.ssl_context = ssl_context
         self.tls = ssl_context is not None
         self.loop = asyncio.get_running_loop()
+        # The data plane's clock, for latencies and deadlines. Not loop.time(): uvloop's is
+        # cached per loop iteration at millisecond resolution, too coarse to time a request.
+        self.clock = time.monotonic
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self._servers: list[asyncio.Server] = []
@@ -130,7 +135,7 @@ class ProxyServer:
         if len(idle) >= self._max_idle:
             up.close()
             return
-        up.idle_since = self.loop.time() if now is None else now
+        up.idle_since = self.clock() if now is None else now
         idle.append(up)
 
     # --- deadlines --------------------------------------------------------------------------
@@ -139,11 +144,14 @@ class ProxyServer:
         idle_timeout = self.timeouts.upstream_idle
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            now = self.loop.time()
+            now = self.clock()
             for conn in list(self.connections):
                 kind = conn.deadline_kind
                 if kind and conn.deadline <= now:
                     conn.on_deadline(kind)
+            samples = self.pool.samples
+            if len(samples) > _MAX_SAMPLES:  # nobody collects them (no statistics running)
+                del samples[: len(samples) - _MAX_SAMPLES // 2]
             for backend in self.pool.backends:
                 idle = backend.idle
                 # LIFO: the oldest idle connections sit at the bottom of the stack.

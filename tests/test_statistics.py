@@ -1,0 +1,107 @@
+"""Backend statistics: the once-a-second aggregation, with a fake clock and real traffic."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from doproxy.app import build_pool
+from doproxy.core.inventory_model import InventoryEntry
+from doproxy.core.settings import Settings
+from doproxy.proxy.backend import Pool
+from doproxy.statistics import StatsCollector
+from tests.conftest import StartProxy, port_of
+from tests.support import Client, RawBackend, get
+
+
+def make_pool(n: int) -> Pool:
+    entries = [InventoryEntry(id=i + 1, server_host=f"127.0.0.1:{i + 1}") for i in range(n)]
+    return build_pool(Settings(), entries, clock=lambda: 0.0)
+
+
+def test_latency_is_positive_and_idle_seconds_do_not_pull_it_to_zero() -> None:
+    pool = make_pool(1)
+    b = pool.backends[0]
+    st = StatsCollector(lambda: pool, average_seconds=30)
+    st.tick(0.0)  # first sight: baseline only
+    b.requests, b.latency_sum = 10, 10 * 0.200
+    pool.samples = [0.2] * 10
+    st.tick(1.0)
+    assert st.stats[b].latency.value == pytest.approx(0.200)
+    assert st.signal.latency.value == pytest.approx(0.200)
+    assert st.signal.requests_per_second == 10
+    for t in range(2, 30):
+        st.tick(float(t))  # idle: no requests at all
+    assert st.stats[b].latency.value == pytest.approx(0.200)
+    assert st.signal.latency.value == pytest.approx(0.200)
+    assert st.signal.requests_per_second == 0
+
+
+def test_latency_average_decays_with_latency_average_seconds() -> None:
+    pool = make_pool(1)
+    b = pool.backends[0]
+    st = StatsCollector(lambda: pool, average_seconds=30)
+    st.tick(0.0)
+    b.requests, b.latency_sum = 1, 1.0
+    st.tick(1.0)
+    b.requests, b.latency_sum = 2, 1.0  # one request of 0 s, 30 s later
+    st.tick(31.0)
+    assert st.stats[b].latency.value == pytest.approx(0.36788, rel=1e-3)
+
+
+def test_failure_rate_and_pool_signal_are_request_weighted() -> None:
+    pool = make_pool(2)
+    a, b = pool.backends
+    st = StatsCollector(lambda: pool, average_seconds=10)
+    st.tick(0.0)
+    a.requests, a.latency_sum = 90, 90 * 0.1
+    b.requests, b.latency_sum, b.failures = 10, 10 * 1.0, 10
+    st.tick(1.0)
+    # 90 requests at 100 ms and 10 at 1 s: 190 ms, not the 550 ms mean of the two backends.
+    assert st.signal.latency.value == pytest.approx(0.19)
+    assert a.failure_rate == 0.0
+    assert b.failure_rate == pytest.approx(0.5)  # 10 failed of 20 attempts
+
+
+def test_p95_over_a_sliding_window() -> None:
+    pool = make_pool(1)
+    st = StatsCollector(lambda: pool, 30, window_seconds=3, rng=random.Random(1))
+    pool.samples = [0.01] * 95 + [1.0] * 5
+    st.tick(1.0)
+    assert st.signal.p95 == pytest.approx(0.01)
+    pool.samples = [1.0] * 100
+    st.tick(2.0)
+    assert st.signal.p95 == 1.0
+    for t in (3.0, 4.0, 5.0):
+        pool.samples = [0.02] * 100
+        st.tick(t)
+    # The slow second has left the 3 s window.
+    assert st.signal.p95 == pytest.approx(0.02)
+
+
+def test_removed_backends_are_forgotten() -> None:
+    pool = make_pool(2)
+    st = StatsCollector(lambda: pool, 30)
+    st.tick(0.0)
+    gone = pool.backends.pop()
+    st.tick(1.0)
+    assert gone not in st.stats
+
+
+async def test_statistics_of_real_traffic(
+    start_proxy: StartProxy, echo_backend: RawBackend
+) -> None:
+    proxy = await start_proxy([echo_backend.port])
+    st = StatsCollector(lambda: proxy.pool, 30)
+    st.tick(proxy.clock())
+    c = await Client.connect(port_of(proxy))
+    for _ in range(20):
+        await c.send(get())
+        await c.response()
+    await c.close()
+    st.tick(proxy.clock())
+    b = proxy.pool.backends[0]
+    assert st.stats[b].requests == 20
+    assert 0 < st.stats[b].latency.value < 1.0
+    assert 0 < st.signal.p95 < 1.0
