@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from doproxy.core.inventory_model import InventoryEntry
 from doproxy.errors import ConfigError
-from doproxy.inventory import load_inventory, parse_inventory
+from doproxy.inventory import load_inventory, parse_inventory, update_inventory
 
 
 def test_droplets_and_backends(tmp_path: Path) -> None:
@@ -61,3 +62,55 @@ def test_every_problem_is_reported_at_once() -> None:
         parse_inventory(text, "inv.toml")
     keys = {p.key for p in e.value.problems}
     assert keys == {"droplet[0].server-host", "droplet[1].weight"}
+
+
+def test_write_then_read_back_keeps_every_field(tmp_path: Path) -> None:
+    f = tmp_path / "inventory.toml"
+    f.write_text(
+        '[[droplet]]\nid = 7993556\nname = "auto-nginxA3GWw3uZv6"\npublic-ip = "45.55.229.160"\n'
+        'private-ip = "10.132.169.170"\nserver-host = "10.132.169.170:8080"\n'
+        'health-url = "http://10.132.169.170:8080/"\nstarted-time = 2015-10-02T12:08:29Z\n'
+        '[[backend]]\nname = "local"\nserver-host = "127.0.0.1:9"\nweight = 3\ntags = ["a"]\n'
+    )
+    before = load_inventory(f)
+    update_inventory(f, lambda entries: entries)
+    assert load_inventory(f) == before
+    text = f.read_text()
+    assert "[[droplet]]" in text and "started-time = 2015-10-02T12:08:29Z" in text
+    assert not list(tmp_path.glob(".inventory.toml.*.tmp"))  # no temp file left behind
+
+
+def test_a_bad_change_writes_nothing(tmp_path: Path) -> None:
+    f = tmp_path / "inventory.toml"
+    f.write_text('[[droplet]]\nid = 1\nserver-host = "127.0.0.1:1"\n')
+    before = f.read_text()
+    with pytest.raises(ConfigError):
+        update_inventory(f, lambda entries: [*entries, entries[0]])  # a duplicate id
+    assert f.read_text() == before
+
+
+def _add_many(path: str, start: int, count: int) -> None:
+    for i in range(start, start + count):
+        update_inventory(
+            path,
+            lambda entries, i=i: [  # type: ignore[misc]
+                *entries,
+                InventoryEntry(id=i, name=f"w{i}", server_host=f"127.0.0.1:{1000 + i}"),
+            ],
+        )
+
+
+def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+    # Four processes (as the CLI and a server would be) each add 25 entries at once.
+    import multiprocessing
+
+    f = tmp_path / "inventory.toml"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_add_many, args=(str(f), k * 100, 25)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    ids = sorted(int(e.id) for e in load_inventory(f))
+    assert ids == sorted(k * 100 + i for k in range(4) for i in range(25))
