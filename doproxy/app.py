@@ -5,57 +5,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import uvloop
 
 from doproxy.config import load_settings, resolve_relative
-from doproxy.core.balancers import make_balancer
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
-from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
-from doproxy.proxy.backend import Backend, Pool
-from doproxy.proxy.server import ProxyServer, make_tls_context
-from doproxy.statistics import StatsCollector
+from doproxy.proxy.server import ProxyServer
+from doproxy.runtime import Runtime, build_pool
+
+__all__ = ["build_pool", "demo", "run_proxy", "serve"]
 
 log = logging.getLogger(__name__)
-
-
-def build_pool(
-    settings: Settings, entries: list[InventoryEntry], clock: Callable[[], float] = time.monotonic
-) -> Pool:
-    backends = [Backend(e) for e in entries]
-    return Pool(backends=backends, balancer=make_balancer(settings.loadbalancing.type, clock))
 
 
 async def run_proxy(
     settings: Settings,
     entries: list[InventoryEntry],
-    base: Path,
+    config_file: Path | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[ProxyServer], None] | None = None,
 ) -> None:
     """Serve until `stop` is set or SIGTERM/SIGINT arrives, then shut down gracefully."""
-    ssl_ctx = None
-    if settings.https:
-        ssl_ctx = make_tls_context(
-            str(resolve_relative(base / "x", settings.tls_cert_file)),
-            str(resolve_relative(base / "x", settings.tls_key_file)),
-        )
-    loop = asyncio.get_running_loop()
-    server = ProxyServer(settings, build_pool(settings, entries, time.monotonic), ssl_ctx)
-    await server.listen()
-    checker = HealthChecker(settings, sink=lambda backend, state: server.pool.refresh())
-    checker.watch(server.pool.backends)
-    stats = StatsCollector(lambda: server.pool, settings.backend.latency_average_seconds)
-    stats_task = loop.create_task(stats.run(time.monotonic))
-    for host, port in server.addresses:
-        log.info("listening on %s:%d (%s)", host, port, "https" if ssl_ctx else "http")
-    log.info("%d backend(s), balancing %s", len(entries), settings.loadbalancing.type)
+    runtime = Runtime(settings, entries, config_file)
+    server = await runtime.start()
     stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if on_ready is not None:
@@ -67,11 +45,9 @@ async def run_proxy(
             loop.remove_signal_handler(sig)
     log.info(
         "shutting down: finishing in-flight requests (grace %.1fs)",
-        settings.timeouts.shutdown_grace,
+        runtime.settings.timeouts.shutdown_grace,
     )
-    stats_task.cancel()
-    await checker.stop()
-    await server.shutdown()
+    await runtime.stop()
     log.info("stopped")
 
 
@@ -79,8 +55,7 @@ def serve(config_file: str) -> None:
     """`doproxy --config FILE`: load the config and inventory, serve until told to stop."""
     settings = load_settings(config_file)
     inventory = load_inventory(resolve_relative(config_file, settings.inventory_file))
-    base = Path(config_file).resolve().parent
-    uvloop.run(run_proxy(settings, inventory, base))
+    uvloop.run(run_proxy(settings, inventory, Path(config_file)))
 
 
 async def _demo(bind: str, count: int) -> None:
@@ -107,7 +82,7 @@ async def _demo(bind: str, count: int) -> None:
         print("stop with Ctrl-C")
 
     try:
-        await run_proxy(settings, entries, Path.cwd(), on_ready=ready)
+        await run_proxy(settings, entries, on_ready=ready)
     finally:
         for s in servers:
             s.close()

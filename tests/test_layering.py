@@ -37,7 +37,7 @@ def layer_of(module: str) -> int:
         return 0
     if sub == "proxy":
         return 1
-    if sub in ("app",):
+    if sub in ("app", "runtime"):
         return 3
     if sub in ("cli", "__main__"):
         return 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,36 @@ async def test_demo_serves_two_backends_in_turn() -> None:
         assert await proxy.stop() == 0
     finally:
         await proxy.stop()
+
+
+async def test_sighup_reloads_the_inventory(tmp_path: Path) -> None:
+    async def named(name: bytes) -> tuple[asyncio.Server, int]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            rr = RequestReader(reader)
+            while await rr.next() is not None:
+                writer.write(respond(200, name))
+                await writer.drain()
+
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return srv, srv.sockets[0].getsockname()[1]
+
+    s1, p1 = await named(b"one")
+    s2, p2 = await named(b"two")
+    proxy = await start_proxy_process(write_config(tmp_path, [p1]))  # watch-config = false
+    try:
+        c = await Client.connect(proxy.port)
+        await c.send(get())
+        assert (await c.response()).body == b"one"
+        write_config(tmp_path, [p2])  # the inventory now lists only the second backend
+        proxy.proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            while b"reloaded" not in proxy.log:
+                await asyncio.sleep(0.05)
+        # The open keep-alive connection's next request goes to the new pool.
+        await c.send(get())
+        assert (await c.response()).body == b"two"
+        await c.close()
+    finally:
+        await proxy.stop()
+        s1.close()
+        s2.close()

@@ -67,7 +67,7 @@ from doproxy.errors import (
     ServiceUnavailable,
     URITooLong,
 )
-from doproxy.proxy.backend import Backend, Pool
+from doproxy.proxy.backend import Backend
 
 if TYPE_CHECKING:
     from doproxy.proxy.server import ProxyServer
@@ -157,9 +157,8 @@ _LEAN_MAX = 16 * 1024  # a chunk longer than this is not a lone request head wor
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, server: ProxyServer, pool: Pool) -> None:
+    def __init__(self, server: ProxyServer) -> None:
         self.server = server
-        self.pool = pool
         self.transport: asyncio.Transport | None = None
         # Two parsers, switched only between requests (where llhttp's state is clean):
         # - lean: no per-header callbacks; used when one data chunk holds exactly one whole
@@ -658,7 +657,7 @@ class ClientConnection(asyncio.Protocol):
             ex.sent_body = True
 
     def _start(self, ex: Exchange) -> None:
-        pool = self.pool
+        pool = self.server.pool  # the snapshot current as this request starts
         backend = pool.balancer.pick(pool.eligible, self.peer_ip)
         if backend is None:
             self._fail(ex, ServiceUnavailable("no backend available"))
@@ -780,7 +779,7 @@ class ClientConnection(asyncio.Protocol):
             backend.requests += 1
             latency = now - ex.started
             backend.latency_sum += latency
-            pool = self.pool
+            pool = self.server.pool
             pool.samples.append(latency)
             if pool.observe_latency:
                 backend.latency.observe(latency, now)
@@ -1008,7 +1007,7 @@ class ClientConnection(asyncio.Protocol):
             if ex.started:
                 latency = now - ex.started
                 backend.latency_sum += latency
-                pool = self.pool
+                pool = self.server.pool
                 pool.samples.append(latency)
                 if pool.observe_latency:
                     backend.latency.observe(latency, now)

@@ -69,6 +69,7 @@ class ProxyServer:
             server = await self.loop.create_server(
                 self._new_connection, sock=sock, ssl=self.ssl_context, backlog=1024
             )
+
         else:
             host, port = parse_bind(bind or self.settings.bind)
             server = await self.loop.create_server(
@@ -77,6 +78,8 @@ class ProxyServer:
                 port=port,
                 ssl=self.ssl_context,
                 reuse_address=True,
+                # Lets a reload open the new listener on the same port before closing the old.
+                reuse_port=True,
                 backlog=1024,
             )
         self._servers.append(server)
@@ -93,7 +96,7 @@ class ProxyServer:
         return out
 
     def _new_connection(self) -> ClientConnection:
-        return ClientConnection(self, self.pool)
+        return ClientConnection(self)
 
     def connection_closed(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
@@ -102,6 +105,28 @@ class ProxyServer:
 
     def set_pool(self, pool: Pool) -> None:
         self.pool = pool
+
+    def set_settings(self, settings: Settings) -> None:
+        """New connections use the new settings; open ones keep theirs until they close."""
+        self.settings = settings
+        self.timeouts = settings.timeouts
+        self._max_idle = settings.limits.max_idle_per_backend
+
+    async def rebind(self, bind: str, ssl_context: ssl.SSLContext | None) -> None:
+        """Listen on `bind` with `ssl_context` instead: the new listener opens before the old
+        ones close, so nothing is refused in between; open connections carry on."""
+        old = self._servers
+        self._servers = []
+        previous_ctx, previous_tls = self.ssl_context, self.tls
+        self.ssl_context, self.tls = ssl_context, ssl_context is not None
+        try:
+            await self.listen(bind)
+        except BaseException:
+            self._servers = old
+            self.ssl_context, self.tls = previous_ctx, previous_tls
+            raise
+        for server in old:
+            server.close()
 
     # --- upstream connections ---------------------------------------------------------------
 

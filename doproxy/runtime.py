@@ -1,0 +1,240 @@
+"""A running doproxy: the proxy, its health checks and statistics, and hot reload.
+
+Theory of operation (reload)
+----------------------------
+A reload is all-or-nothing: parse and validate the config and the inventory, build the new
+pool, open a new listener if `bind` or TLS changed, and only when every step succeeded swap them
+in. On any error every problem is logged and the last valid configuration keeps running.
+
+Backends are matched by identity (inventory id, else address) and address: an unchanged backend
+keeps its Backend object, so its health, statistics and pooled connections carry over; a new
+backend is health-checked at once; a removed one gets no new requests, finishes the ones in
+flight, and its idle connections are closed. Each request reads the pool current when it starts
+(one snapshot per request).
+
+A changed `bind` opens the new listener first and then closes the old one, so no connection is
+refused in between; connections accepted on the old one finish normally. A changed certificate
+for the same address is loaded into the live TLS context, so new handshakes use it. Reloads come
+from SIGHUP and, with `watch-config`, from changes to the config file, the inventory and the TLS
+files (watched through their folders, so editors that save by rename work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import watchfiles
+
+from doproxy.config import load_settings, resolve_relative
+from doproxy.core.balancers import make_balancer
+from doproxy.core.inventory_model import InventoryEntry
+from doproxy.core.settings import Settings
+from doproxy.errors import ConfigError
+from doproxy.health import HealthChecker
+from doproxy.inventory import load_inventory
+from doproxy.proxy.backend import Backend, Pool
+from doproxy.proxy.server import ProxyServer, make_tls_context
+from doproxy.statistics import StatsCollector
+
+log = logging.getLogger(__name__)
+
+
+def build_pool(
+    settings: Settings,
+    entries: list[InventoryEntry],
+    clock: Callable[[], float] = time.monotonic,
+    reuse: list[Backend] | None = None,
+) -> Pool:
+    """A pool for `entries`, reusing the Backend objects of `reuse` that did not change."""
+    old = {(b.key, b.entry.server_host): b for b in reuse or []}
+    backends = []
+    for e in entries:
+        b = old.get((e.key, e.server_host))
+        if b is None:
+            b = Backend(e)
+        else:
+            b.entry = e  # weight, state, name may change without losing anything
+            b.name = e.name or e.server_host
+        backends.append(b)
+    return Pool(backends=backends, balancer=make_balancer(settings.loadbalancing.type, clock))
+
+
+def tls_context(settings: Settings, base: Path) -> ssl.SSLContext | None:
+    if not settings.https:
+        return None
+    return make_tls_context(
+        str(resolve_relative(base / "x", settings.tls_cert_file)),
+        str(resolve_relative(base / "x", settings.tls_key_file)),
+    )
+
+
+def _signatures(files: set[Path]) -> dict[Path, tuple[int, int] | None]:
+    """Modification time and size of each file (None when missing), to notice any change."""
+    out: dict[Path, tuple[int, int] | None] = {}
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError:
+            out[f] = None
+        else:
+            out[f] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+class Runtime:
+    def __init__(
+        self, settings: Settings, entries: list[InventoryEntry], config_file: Path | None = None
+    ) -> None:
+        self.config_file = config_file
+        self.base = config_file.resolve().parent if config_file else Path.cwd()
+        self.settings = settings
+        self.entries = entries
+        self.server: ProxyServer | None = None
+        self.checker: HealthChecker | None = None
+        self.stats: StatsCollector | None = None
+        self.reloads = 0  # successful reloads (tests and the status page read it)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._reload_lock = asyncio.Lock()
+
+    async def start(self) -> ProxyServer:
+        settings = self.settings
+        ctx = tls_context(settings, self.base)
+        server = ProxyServer(settings, build_pool(settings, self.entries), ctx)
+        await server.listen()
+        self.server = server
+        self.checker = HealthChecker(settings, sink=lambda backend, state: self._refresh())
+        self.checker.watch(server.pool.backends)
+        self.stats = StatsCollector(lambda: server.pool, settings.backend.latency_average_seconds)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.stats.run(time.monotonic)))
+        if self.config_file is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
+            if settings.watch_config:
+                ready = asyncio.Event()
+                self._tasks.append(loop.create_task(self._watch(ready)))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5):
+                        await ready.wait()
+        for host, port in server.addresses:
+            log.info("listening on %s:%d (%s)", host, port, "https" if ctx else "http")
+        log.info("%d backend(s), balancing %s", len(self.entries), settings.loadbalancing.type)
+        return server
+
+    def _refresh(self) -> None:
+        if self.server is not None:
+            self.server.pool.refresh()
+
+    def _reload_soon(self) -> None:
+        log.info("SIGHUP: reloading")
+        self._tasks.append(asyncio.get_running_loop().create_task(self.reload()))
+
+    def _watched(self) -> set[Path]:
+        files = set()
+        if self.config_file is not None:
+            files.add(self.config_file.resolve())
+        files.add(resolve_relative(self.base / "x", self.settings.inventory_file))
+        if self.settings.https:
+            files.add(resolve_relative(self.base / "x", self.settings.tls_cert_file))
+            files.add(resolve_relative(self.base / "x", self.settings.tls_key_file))
+        return files
+
+    async def _watch(self, ready: asyncio.Event) -> None:
+        while True:
+            files = self._watched()
+            folders = {str(f.parent) for f in files}
+            names = {str(f) for f in files}
+            before = _signatures(files)
+            # yield_on_timeout: an empty batch tells us the watcher runs, so start() can wait
+            # for it, and a change made while it was starting is still seen (by signature).
+            async for changes in watchfiles.awatch(
+                *folders, debounce=50, step=20, yield_on_timeout=True, rust_timeout=200
+            ):
+                if not ready.is_set():
+                    ready.set()
+                    if _signatures(files) != before:
+                        await self.reload()
+                if any(p in names for _, p in changes):
+                    await self.reload()
+                if self._watched() != files:
+                    break  # the config now names other files: watch those
+
+    async def reload(self) -> bool:
+        """Reload config and inventory. Returns True when the new configuration is running."""
+        async with self._reload_lock:
+            try:
+                return await self._reload()
+            except ConfigError as e:
+                for problem in e.problems:
+                    log.error("reload failed, keeping the running configuration: %s", problem)
+            except (OSError, ssl.SSLError) as e:
+                log.error("reload failed, keeping the running configuration: %s", e)
+            return False
+
+    async def _reload(self) -> bool:
+        assert self.server is not None and self.config_file is not None
+        server = self.server
+        settings = load_settings(self.config_file)
+        entries = load_inventory(resolve_relative(self.config_file, settings.inventory_file))
+        old = self.settings
+        ctx = server.ssl_context
+        listen_changed = settings.bind != old.bind or settings.https != old.https
+        tls_files_changed = settings.https and (
+            settings.tls_cert_file != old.tls_cert_file or settings.tls_key_file != old.tls_key_file
+        )
+        if listen_changed or tls_files_changed:
+            ctx = tls_context(settings, self.base)
+        elif settings.https and ctx is not None:
+            # Same files, maybe new contents (a renewed certificate): load them into the live
+            # context so new handshakes use them. A bad file raises before anything changed.
+            ctx.load_cert_chain(
+                str(resolve_relative(self.base / "x", settings.tls_cert_file)),
+                str(resolve_relative(self.base / "x", settings.tls_key_file)),
+            )
+        pool = build_pool(settings, entries, reuse=server.pool.backends)
+        # Everything is valid: apply.
+        if listen_changed or tls_files_changed:
+            await server.rebind(settings.bind, ctx)
+            for host, port in server.addresses:
+                log.info("now listening on %s:%d (%s)", host, port, "https" if ctx else "http")
+        removed = [b for b in server.pool.backends if b not in pool.backends]
+        server.set_settings(settings)
+        server.set_pool(pool)
+        for b in removed:
+            while b.idle:
+                b.idle.pop().close()
+        assert self.checker is not None
+        self.checker.settings = settings
+        self.checker.watch(pool.backends)
+        self.settings, self.entries = settings, entries
+        self.reloads += 1
+        log.info(
+            "reloaded: %d backend(s) (%d new, %d removed), balancing %s",
+            len(pool.backends),
+            sum(1 for b in pool.backends if b.requests == 0 and b not in removed),
+            len(removed),
+            settings.loadbalancing.type,
+        )
+        return True
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.config_file is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self.checker is not None:
+            await self.checker.stop()
+        if self.server is not None:
+            await self.server.shutdown()

@@ -1,0 +1,184 @@
+"""Hot reload against a real running proxy: inventory, config, balancer, bind; broken files."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from doproxy.config import load_settings
+from doproxy.core.balancers import Hash
+from doproxy.inventory import load_inventory
+from doproxy.runtime import Runtime
+from tests.conftest import wait_for
+from tests.support import Client, RawBackend, echo_handler, get, request
+
+MakeRuntime = Callable[..., Awaitable[Runtime]]
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def inventory(*ports: int) -> str:
+    return "".join(
+        f'[[droplet]]\nid = {p}\nname = "b{p}"\nserver-host = "127.0.0.1:{p}"\n' for p in ports
+    )
+
+
+def config(bind: str = "127.0.0.1:0", extra: str = "", watch: bool = True) -> str:
+    return (
+        f'bind = "{bind}"\nwatch-config = {str(watch).lower()}\ninventory-file = "inventory.toml"\n'
+        f"{extra}\n[backend]\ndisable-health-check = true\n"
+    )
+
+
+def save_by_rename(path: Path, text: str) -> None:
+    """What many editors do: write a temp file, then rename it over the original."""
+    tmp = path.with_name(path.name + ".swp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+async def make_runtime(tmp_path: Path) -> AsyncIterator[MakeRuntime]:
+    made: list[Runtime] = []
+
+    async def _make(config_text: str, inventory_text: str) -> Runtime:
+        cfg = tmp_path / "doproxy.toml"
+        cfg.write_text(config_text)
+        (tmp_path / "inventory.toml").write_text(inventory_text)
+        settings = load_settings(cfg)
+        rt = Runtime(settings, load_inventory(tmp_path / "inventory.toml"), cfg)
+        await rt.start()
+        made.append(rt)
+        return rt
+
+    yield _make
+    for rt in made:
+        await rt.stop()
+
+
+@pytest.fixture
+async def two_backends(
+    backend_factory: Callable[..., Awaitable[RawBackend]],
+) -> tuple[RawBackend, RawBackend]:
+    return await backend_factory(echo_handler), await backend_factory(echo_handler)
+
+
+def port_of_rt(rt: Runtime) -> int:
+    assert rt.server is not None
+    return rt.server.addresses[0][1]
+
+
+async def test_inventory_change_keeps_unchanged_backends(
+    make_runtime: MakeRuntime, two_backends: tuple[RawBackend, RawBackend], tmp_path: Path
+) -> None:
+    b1, b2 = two_backends
+    rt = await make_runtime(config(), inventory(b1.port))
+    assert rt.server is not None
+    assert (await request(port_of_rt(rt), get())).status == 200
+    first = rt.server.pool.backends[0]
+    await wait_for(lambda: len(first.idle) == 1)
+    pooled = first.idle[0]
+    save_by_rename(tmp_path / "inventory.toml", inventory(b1.port, b2.port))
+    await wait_for(lambda: rt.reloads == 1)
+    pool = rt.server.pool
+    assert [b.port for b in pool.backends] == [b1.port, b2.port]
+    # The unchanged backend is the same object: its counters and pooled connection survive.
+    assert pool.backends[0] is first
+    assert first.requests == 1
+    assert first.idle == [pooled]
+    # Both take traffic now.
+    for _ in range(4):
+        assert (await request(port_of_rt(rt), get())).status == 200
+    assert b2.connections >= 1
+    # Removing b1: its idle connections close and it gets nothing new.
+    save_by_rename(tmp_path / "inventory.toml", inventory(b2.port))
+    await wait_for(lambda: rt.reloads == 2)
+    await wait_for(lambda: pooled.closed)
+    before = len(b1.all_received)
+    for _ in range(3):
+        assert (await request(port_of_rt(rt), get())).status == 200
+    assert len(b1.all_received) == before
+
+
+async def test_broken_file_keeps_the_running_config(
+    make_runtime: MakeRuntime,
+    two_backends: tuple[RawBackend, RawBackend],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    b1, _ = two_backends
+    rt = await make_runtime(config(), inventory(b1.port))
+    caplog.set_level(logging.ERROR, logger="doproxy.runtime")
+    (tmp_path / "doproxy.toml").write_text(config(extra='[loadbalancing]\ntype = "fastest"'))
+    await wait_for(lambda: any("loadbalancing.type" in r.getMessage() for r in caplog.records))
+    assert any("doproxy.toml:" in r.getMessage() for r in caplog.records)  # file and line
+    assert rt.reloads == 0
+    assert (await request(port_of_rt(rt), get())).status == 200  # still serving
+    # A broken inventory too (duplicate ids): with the config fixed, the inventory's error
+    # is reported, and nothing changes.
+    (tmp_path / "inventory.toml").write_text(inventory(b1.port) + inventory(b1.port))
+    (tmp_path / "doproxy.toml").write_text(config())
+    await wait_for(lambda: any("duplicate id" in r.getMessage() for r in caplog.records))
+    assert rt.reloads == 0
+    assert (await request(port_of_rt(rt), get())).status == 200
+    # Fixing the inventory is picked up.
+    (tmp_path / "inventory.toml").write_text(inventory(b1.port))
+    await wait_for(lambda: rt.reloads == 1)
+
+
+async def test_sighup_reloads_and_balancer_change_takes_effect(
+    make_runtime: MakeRuntime, two_backends: tuple[RawBackend, RawBackend], tmp_path: Path
+) -> None:
+    b1, b2 = two_backends
+    rt = await make_runtime(config(watch=False), inventory(b1.port, b2.port))
+    (tmp_path / "doproxy.toml").write_text(
+        config(watch=False).replace("\n[backend]", '\n[loadbalancing]\ntype = "hash"\n[backend]')
+    )
+    os.kill(os.getpid(), signal.SIGHUP)
+    await wait_for(lambda: rt.reloads == 1)
+    assert rt.server is not None
+    assert isinstance(rt.server.pool.balancer, Hash)
+
+
+async def test_bind_change_opens_new_listener_first(
+    make_runtime: MakeRuntime, two_backends: tuple[RawBackend, RawBackend], tmp_path: Path
+) -> None:
+    b1, _ = two_backends
+    old_port, new_port = free_port(), free_port()
+    rt = await make_runtime(config(f"127.0.0.1:{old_port}"), inventory(b1.port))
+    kept = await Client.connect(old_port)  # an open keep-alive connection on the old listener
+    await kept.send(get())
+    assert (await kept.response()).status == 200
+    save_by_rename(tmp_path / "doproxy.toml", config(f"127.0.0.1:{new_port}"))
+    await wait_for(lambda: rt.reloads == 1)
+    assert (await request(new_port, get())).status == 200
+    with pytest.raises(OSError):
+        await request(old_port, get())
+    # The connection accepted before the change carries on.
+    await kept.send(get())
+    assert (await kept.response()).status == 200
+    await kept.close()
+
+
+async def test_unchanged_files_touched_reload_harmlessly(
+    make_runtime: MakeRuntime, two_backends: tuple[RawBackend, RawBackend], tmp_path: Path
+) -> None:
+    b1, _ = two_backends
+    rt = await make_runtime(config(), inventory(b1.port))
+    assert rt.server is not None
+    first = rt.server.pool.backends[0]
+    (tmp_path / "inventory.toml").write_text(inventory(b1.port))
+    await wait_for(lambda: rt.reloads == 1)
+    assert rt.server.pool.backends == [first]
