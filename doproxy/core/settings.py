@@ -108,6 +108,15 @@ class HealthSettings(Section):
     body_match: str = ""  # when set, the body must contain this text
 
 
+class Retries(Section):
+    """Redispatch to a different backend. New in doproxy (Python)."""
+
+    attempts: int = Field(2, ge=0)  # retries after the first try; 0 turns retries off
+    budget_percent: float = Field(20.0, ge=0, le=100)  # of recent requests
+    budget_min_per_second: float = Field(10.0, ge=0)  # retries always allowed at this rate
+    on_status: tuple[int, ...] = (502, 503, 504)  # backend answers retried (idempotent only)
+
+
 class Timeouts(Section):
     """Data-plane timeouts. New in doproxy (Python); the Go version had only dial-timeout."""
 
@@ -139,6 +148,7 @@ class Settings(Section):
     do_provisioner: DOProvisioner = Field(default_factory=DOProvisioner)
     provisioning: Provisioning = Field(default_factory=Provisioning)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    retries: Retries = Field(default_factory=Retries)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: Limits = Field(default_factory=Limits)
 

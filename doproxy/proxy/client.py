@@ -123,6 +123,7 @@ class Exchange:
     backend_keep_alive = True
     until_close = False
     upgrade_body = 0  # Content-Length of a request with a (refused) Upgrade
+    tried: tuple[Backend, ...] = ()  # backends that failed this request (retries avoid them)
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
@@ -141,6 +142,13 @@ def _response_needs_general_path(low: str) -> bool:
         or ("\np" in low and "\nproxy-connection:" in low)
         or ("\nh" in low and "\nhttp2-settings:" in low)
     )
+
+
+_STATUS_ERRORS: dict[int, type[ClientError]] = {
+    502: BadGateway,
+    503: ServiceUnavailable,
+    504: GatewayTimeout,
+}
 
 
 class _LeanCallbacks:
@@ -657,8 +665,14 @@ class ClientConnection(asyncio.Protocol):
             ex.sent_body = True
 
     def _start(self, ex: Exchange) -> None:
-        pool = self.server.pool  # the snapshot current as this request starts
-        backend = pool.balancer.pick(pool.eligible, self.peer_ip)
+        server = self.server
+        pool = server.pool  # the snapshot current as this request starts
+        if ex.tried:
+            eligible = [b for b in pool.eligible if b not in ex.tried]
+        else:
+            server.retry_budget.deposit()
+            eligible = pool.eligible
+        backend = pool.balancer.pick(eligible, self.peer_ip)
         if backend is None:
             self._fail(ex, ServiceUnavailable("no backend available"))
             return
@@ -685,7 +699,9 @@ class ClientConnection(asyncio.Protocol):
         self._resume(_PAUSE_BUFFER)
         if up is None:
             assert err is not None
-            self._fail(ex, err)
+            # Nothing was sent: any method may go to another backend.
+            if not self._redispatch(ex, err):
+                self._fail(ex, err)
             return
         self._attach(ex, up)
 
@@ -767,6 +783,8 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self.backend_protocol_error(up, str(e))
             return True
+        if text[9] == "5" and self._retry_on_status(ex, up, int(text[9:12]), backend_keep_alive):
+            return True
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(out)
@@ -822,6 +840,8 @@ class ClientConnection(asyncio.Protocol):
                 out.append(b"\r\n")
                 self._write(b"".join(out))
             return  # 100 is answered by the proxy itself; 101 is handled as an upgrade
+        if status >= 500 and self._retry_on_status(ex, up, status, reusable=False):
+            return
         self.deadline_kind = DEADLINE_NONE
         ex.response_started = True
         ex.backend_keep_alive = backend_keep_alive
@@ -950,7 +970,9 @@ class ClientConnection(asyncio.Protocol):
             self._pause(_PAUSE_BUFFER)
             self.server.dial(backend, self, ex)
             return
-        self._fail(ex, BadGateway("backend closed the connection"))
+        err = BadGateway("backend closed the connection")
+        if not (self._may_resend(ex) and self._redispatch(ex, err)):
+            self._fail(ex, err)
 
     def backend_protocol_error(self, up: UpstreamConnection, detail: str) -> None:
         log.warning("invalid response from backend %s: %s", up.backend, detail)
@@ -993,6 +1015,70 @@ class ClientConnection(asyncio.Protocol):
 
     def tunnel_from_backend(self, data: bytes) -> None:
         self._write(data)
+
+    # --- retries ----------------------------------------------------------------------------
+
+    def _may_resend(self, ex: Exchange) -> bool:
+        """May this request be sent again after some of it reached a backend? Only an
+        idempotent one whose body, if any, was never sent (bodies are streamed, not kept)."""
+        return ex.method in IDEMPOTENT_METHODS and not ex.sent_body and ex.request_done
+
+    def _redispatch(self, ex: Exchange, err: ClientError) -> bool:
+        """Send `ex` to a different backend, if retries, the budget and the pool allow.
+
+        The caller has checked that resending is safe. Returns False (having changed nothing)
+        when it does not retry.
+        """
+        if not self._retry_allowed(ex, err):
+            return False
+        self._redispatch_now(ex, err)
+        return True
+
+    def _retry_allowed(self, ex: Exchange, err: ClientError) -> bool:
+        server = self.server
+        backend = ex.backend
+        if backend is None or ex.response_started:
+            return False
+        if len(ex.tried) + 1 > server.settings.retries.attempts:
+            return False
+        tried = (*ex.tried, backend)
+        if not any(b not in tried for b in server.pool.eligible):
+            return False  # nowhere else to go
+        if not server.retry_budget.withdraw(self._now()):
+            log.warning("retry budget exhausted: not retrying after %s", err.detail)
+            return False
+        return True
+
+    def _redispatch_now(self, ex: Exchange, err: ClientError) -> None:
+        backend = ex.backend
+        assert backend is not None
+        backend.in_flight -= 1
+        backend.failures += 1
+        ex.tried = (*ex.tried, backend)
+        ex.backend = None
+        ex.upstream = None
+        self.server.retried += 1
+        log.info("retrying on another backend after %s from %s", err.detail, backend.name)
+        self._start(ex)
+
+    def _retry_on_status(
+        self, ex: Exchange, up: UpstreamConnection, status: int, reusable: bool
+    ) -> bool:
+        """A backend answered 502/503/504 (by default) to a request that may be resent, and
+        nothing of the answer reached the client yet: try another backend instead."""
+        if status not in self.server.settings.retries.on_status or not self._may_resend(ex):
+            return False
+        err = _STATUS_ERRORS.get(status, BadGateway)(f"backend answered {status}")
+        if not self._retry_allowed(ex, err):
+            return False
+        up.client = None
+        ex.upstream = None
+        if reusable:
+            self.server.release(up)
+        else:
+            up.abort()
+        self._redispatch_now(ex, err)
+        return True
 
     # --- completion -------------------------------------------------------------------------
 
@@ -1124,7 +1210,15 @@ class ClientConnection(asyncio.Protocol):
                 log.warning(
                     "backend %s: no response within the response-header timeout", ex.backend
                 )
-                self._fail(ex, GatewayTimeout("backend did not answer in time"))
+                err = GatewayTimeout("backend did not answer in time")
+                up = ex.upstream
+                if self._may_resend(ex) and up is not None:
+                    ex.upstream = None
+                    up.client = None
+                    up.abort()  # its late answer must not reach anyone
+                    if self._redispatch(ex, err):
+                        return
+                self._fail(ex, err)
 
     def shutdown(self) -> None:
         """Graceful shutdown: idle connections close now, busy ones after their response."""

@@ -22,6 +22,7 @@ import socket
 import ssl
 import time
 
+from doproxy.core.retry import RetryBudget
 from doproxy.core.settings import Settings, parse_bind
 from doproxy.errors import BadGateway, ClientError, GatewayTimeout
 from doproxy.proxy.backend import Backend, Pool
@@ -57,6 +58,11 @@ class ProxyServer:
         self._dials: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
         self._max_idle = settings.limits.max_idle_per_backend
+        retries = settings.retries
+        self.retry_budget = RetryBudget(
+            ratio=retries.budget_percent / 100.0, min_per_second=retries.budget_min_per_second
+        )
+        self.retried = 0  # requests redispatched to another backend
         # How many requests and responses took the express lanes (see client.py).
         self.express_requests = 0
         self.express_responses = 0
@@ -111,6 +117,8 @@ class ProxyServer:
         self.settings = settings
         self.timeouts = settings.timeouts
         self._max_idle = settings.limits.max_idle_per_backend
+        self.retry_budget.ratio = settings.retries.budget_percent / 100.0
+        self.retry_budget.min_per_second = settings.retries.budget_min_per_second
 
     async def rebind(self, bind: str, ssl_context: ssl.SSLContext | None) -> None:
         """Listen on `bind` with `ssl_context` instead: the new listener opens before the old
