@@ -54,3 +54,17 @@ class Health:
     @property
     def up(self) -> bool:
         return self.state is State.UP
+
+
+def may_eject(ejected: int, pool_size: int, max_percent: float) -> bool:
+    """Passive health never ejects more than `max_percent` of the pool (at least one backend
+    may always be ejected from a pool of two or more, none from a pool of one)."""
+    if pool_size <= 1:
+        return False
+    limit = max(int(pool_size * max_percent / 100.0), 1)
+    return ejected < limit
+
+
+def ejection_duration(base: float, previous_ejections: int, longest: float) -> float:
+    """Each repeat ejection lasts twice as long as the one before, up to `longest`."""
+    return float(min(base * (2 ** min(previous_ejections, 30)), longest))

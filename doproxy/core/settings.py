@@ -108,6 +108,15 @@ class HealthSettings(Section):
     body_match: str = ""  # when set, the body must contain this text
 
 
+class PassiveHealth(Section):
+    """Eject a backend that keeps failing real requests. New in doproxy (Python)."""
+
+    consecutive_failures: int = Field(5, ge=0)  # connect failures or 5xx in a row; 0 = off
+    ejection_time: PositiveDuration = 10.0  # first ejection; each repeat doubles it
+    max_ejection_time: PositiveDuration = 300.0
+    max_ejection_percent: float = Field(50.0, ge=0, le=100)
+
+
 class Retries(Section):
     """Redispatch to a different backend. New in doproxy (Python)."""
 
@@ -149,6 +158,7 @@ class Settings(Section):
     provisioning: Provisioning = Field(default_factory=Provisioning)
     health: HealthSettings = Field(default_factory=HealthSettings)
     retries: Retries = Field(default_factory=Retries)
+    passive_health: PassiveHealth = Field(default_factory=PassiveHealth)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: Limits = Field(default_factory=Limits)
 

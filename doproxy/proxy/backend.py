@@ -27,6 +27,8 @@ class Backend:
 
     __slots__ = (
         "connections",
+        "ejected_until",
+        "ejections",
         "entry",
         "failure_rate",
         "failures",
@@ -39,6 +41,7 @@ class Backend:
         "latency",
         "latency_sum",
         "name",
+        "passive_failures",
         "port",
         "requests",
     )
@@ -59,6 +62,10 @@ class Backend:
         self.latency = PeakEwma(tau=PEAK_EWMA_TAU)
         self.failure_rate = 0.0
         self.health = Health()  # fed by the health checker; stays UP when nobody checks
+        # Passive health: real requests failing in a row, and the ejection they caused.
+        self.passive_failures = 0
+        self.ejected_until = 0.0  # clock time the current ejection ends; 0 when not ejected
+        self.ejections = 0
 
     @property
     def weight(self) -> int:
@@ -84,5 +91,9 @@ class Pool:
         self.observe_latency = isinstance(self.balancer, LeastLatency)
 
     def refresh(self) -> None:
-        """Recompute who may take traffic: active in the inventory and healthy."""
-        self.eligible = [b for b in self.backends if b.entry.state == "active" and b.health.up]
+        """Recompute who may take traffic: active in the inventory, healthy, not ejected."""
+        self.eligible = [
+            b
+            for b in self.backends
+            if b.entry.state == "active" and b.health.up and not b.ejected_until
+        ]

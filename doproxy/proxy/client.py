@@ -699,6 +699,8 @@ class ClientConnection(asyncio.Protocol):
         self._resume(_PAUSE_BUFFER)
         if up is None:
             assert err is not None
+            if ex.backend is not None:
+                self.server.backend_failed(ex.backend)
             # Nothing was sent: any method may go to another backend.
             if not self._redispatch(ex, err):
                 self._fail(ex, err)
@@ -783,15 +785,20 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self.backend_protocol_error(up, str(e))
             return True
-        if text[9] == "5" and self._retry_on_status(ex, up, int(text[9:12]), backend_keep_alive):
-            return True
+        backend = ex.backend
+        if text[9] == "5":
+            if backend is not None:
+                self.server.backend_failed(backend)
+            if self._retry_on_status(ex, up, int(text[9:12]), backend_keep_alive):
+                return True
+        elif backend is not None:
+            backend.passive_failures = 0
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(out)
         # Finish the exchange (the common case of _finish, inline).
         self.server.express_responses += 1
         now = self._now()
-        backend = ex.backend
         if backend is not None:
             backend.in_flight -= 1
             backend.requests += 1
@@ -840,8 +847,13 @@ class ClientConnection(asyncio.Protocol):
                 out.append(b"\r\n")
                 self._write(b"".join(out))
             return  # 100 is answered by the proxy itself; 101 is handled as an upgrade
-        if status >= 500 and self._retry_on_status(ex, up, status, reusable=False):
-            return
+        if status >= 500:
+            if ex.backend is not None:
+                self.server.backend_failed(ex.backend)
+            if self._retry_on_status(ex, up, status, reusable=False):
+                return
+        elif ex.backend is not None:
+            ex.backend.passive_failures = 0
         self.deadline_kind = DEADLINE_NONE
         ex.response_started = True
         ex.backend_keep_alive = backend_keep_alive
@@ -971,6 +983,8 @@ class ClientConnection(asyncio.Protocol):
             self.server.dial(backend, self, ex)
             return
         err = BadGateway("backend closed the connection")
+        if ex.backend is not None:
+            self.server.backend_failed(ex.backend)
         if not (self._may_resend(ex) and self._redispatch(ex, err)):
             self._fail(ex, err)
 
@@ -1211,6 +1225,8 @@ class ClientConnection(asyncio.Protocol):
                     "backend %s: no response within the response-header timeout", ex.backend
                 )
                 err = GatewayTimeout("backend did not answer in time")
+                if ex.backend is not None:
+                    self.server.backend_failed(ex.backend)
                 up = ex.upstream
                 if self._may_resend(ex) and up is not None:
                     ex.upstream = None

@@ -22,6 +22,7 @@ import socket
 import ssl
 import time
 
+from doproxy.core.health import ejection_duration, may_eject
 from doproxy.core.retry import RetryBudget
 from doproxy.core.settings import Settings, parse_bind
 from doproxy.errors import BadGateway, ClientError, GatewayTimeout
@@ -171,6 +172,44 @@ class ProxyServer:
         up.idle_since = self.clock() if now is None else now
         idle.append(up)
 
+    # --- passive health ---------------------------------------------------------------------
+
+    def backend_failed(self, backend: Backend) -> None:
+        """A real request failed at `backend` (connect failure, reset, timeout or 5xx)."""
+        backend.passive_failures += 1
+        ph = self.settings.passive_health
+        if (
+            ph.consecutive_failures
+            and backend.passive_failures >= ph.consecutive_failures
+            and not backend.ejected_until
+        ):
+            pool = self.pool
+            ejected = sum(1 for b in pool.backends if b.ejected_until)
+            if not may_eject(ejected, len(pool.backends), ph.max_ejection_percent):
+                return
+            duration = ejection_duration(ph.ejection_time, backend.ejections, ph.max_ejection_time)
+            backend.ejected_until = self.clock() + duration
+            backend.ejections += 1
+            backend.passive_failures = 0
+            log.warning(
+                "backend %s ejected for %.0fs after %d failed requests in a row",
+                backend.name,
+                duration,
+                ph.consecutive_failures,
+            )
+            pool.refresh()
+
+    def _end_ejections(self, now: float) -> None:
+        pool = self.pool
+        ended = False
+        for b in pool.backends:
+            if b.ejected_until and now >= b.ejected_until:
+                b.ejected_until = 0.0
+                ended = True
+                log.info("backend %s returns after its ejection", b.name)
+        if ended:
+            pool.refresh()
+
     # --- deadlines --------------------------------------------------------------------------
 
     async def _sweep(self) -> None:
@@ -182,6 +221,7 @@ class ProxyServer:
                 kind = conn.deadline_kind
                 if kind and conn.deadline <= now:
                     conn.on_deadline(kind)
+            self._end_ejections(now)
             samples = self.pool.samples
             if len(samples) > _MAX_SAMPLES:  # nobody collects them (no statistics running)
                 del samples[: len(samples) - _MAX_SAMPLES // 2]
