@@ -7,7 +7,7 @@ import logging
 import sys
 
 from doproxy import __version__
-from doproxy.errors import ConfigError, DoproxyError
+from doproxy.errors import ConfigError, DoproxyError, Problem
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,11 +68,52 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(config_file: str) -> int:
+    """Validate the config, the inventory and the files they name; report every problem.
+
+    Reads files only: it never contacts a backend or an API.
+    """
+    import tomllib
+    from pathlib import Path
+
     from doproxy.config import load_settings, resolve_relative
     from doproxy.inventory import load_inventory
+    from doproxy.runtime import load_error_pages, tls_context
 
-    settings = load_settings(config_file)
-    inventory_file = resolve_relative(config_file, settings.inventory_file)
-    entries = load_inventory(inventory_file)
+    problems: list[Problem] = []
+    settings = None
+    try:
+        settings = load_settings(config_file)
+    except ConfigError as e:
+        problems += e.problems
+    inventory_name = "inventory.toml"
+    if settings is not None:
+        inventory_name = settings.inventory_file
+    else:  # the config is broken; still check the inventory it most likely names
+        try:
+            raw = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
+            inventory_name = str(raw.get("inventory-file", inventory_name))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+            pass
+    inventory_file = resolve_relative(config_file, inventory_name)
+    entries = []
+    try:
+        entries = load_inventory(inventory_file)
+    except ConfigError as e:
+        problems += e.problems
+    if settings is not None:
+        base = Path(config_file).resolve().parent
+        try:
+            load_error_pages(settings, base)
+        except ConfigError as e:
+            problems += e.problems
+        try:
+            tls_context(settings, base)
+        except (OSError, ValueError) as e:
+            problems.append(Problem(config_file, "tls-cert-file", f"cannot load TLS files: {e}"))
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s)", file=sys.stderr)
+        return 1
     print(f"{config_file}: ok; {inventory_file.name}: {len(entries)} backend(s)")
     return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mimetypes
 import os
 import signal
 import ssl
@@ -36,9 +37,10 @@ import watchfiles
 
 from doproxy.config import load_settings, resolve_relative
 from doproxy.core.balancers import make_balancer
+from doproxy.core.http_rules import ErrorPage
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
-from doproxy.errors import ConfigError
+from doproxy.errors import ConfigError, Problem
 from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
 from doproxy.proxy.backend import Backend, Pool
@@ -66,6 +68,28 @@ def build_pool(
             b.name = e.name or e.server_host
         backends.append(b)
     return Pool(backends=backends, balancer=make_balancer(settings.loadbalancing.type, clock))
+
+
+def load_error_pages(settings: Settings, base: Path) -> dict[int, ErrorPage]:
+    """Read every [error-pages] file now, so a missing one is a config error, not a 500 later."""
+    pages: dict[int, ErrorPage] = {}
+    problems = []
+    for code, name in settings.error_pages.items():
+        path = resolve_relative(base / "x", name)
+        try:
+            body = path.read_bytes()
+        except OSError as e:
+            problems.append(
+                Problem(str(path), f"error-pages.{code}", f"cannot read: {e.strerror or e}")
+            )
+            continue
+        kind = mimetypes.guess_type(path.name)[0] or "text/plain"
+        if kind.startswith("text/"):
+            kind += "; charset=utf-8"
+        pages[code] = (kind.encode(), body)
+    if problems:
+        raise ConfigError(problems)
+    return pages
 
 
 def tls_context(settings: Settings, base: Path) -> ssl.SSLContext | None:
@@ -109,6 +133,7 @@ class Runtime:
         settings = self.settings
         ctx = tls_context(settings, self.base)
         server = ProxyServer(settings, build_pool(settings, self.entries), ctx)
+        server.error_pages = load_error_pages(settings, self.base)
         await server.listen()
         self.server = server
         self.checker = HealthChecker(settings, sink=lambda backend, state: self._refresh())
@@ -200,6 +225,7 @@ class Runtime:
                 str(resolve_relative(self.base / "x", settings.tls_key_file)),
             )
         pool = build_pool(settings, entries, reuse=server.pool.backends)
+        error_pages = load_error_pages(settings, self.base)
         # Everything is valid: apply.
         if listen_changed or tls_files_changed:
             await server.rebind(settings.bind, ctx)
@@ -208,6 +234,7 @@ class Runtime:
         removed = [b for b in server.pool.backends if b not in pool.backends]
         server.set_settings(settings)
         server.set_pool(pool)
+        server.error_pages = error_pages
         for b in removed:
             while b.idle:
                 b.idle.pop().close()

@@ -122,14 +122,18 @@ def status_line(version: bytes, status: int, reason: bytes) -> bytes:
     return b"HTTP/" + version + b" " + str(status).encode() + b" " + reason + b"\r\n"
 
 
-def error_response(status: int, body: bytes | None = None, close: bool = True) -> bytes:
-    """A small complete response the proxy itself answers with."""
+ErrorPage = tuple[bytes, bytes]  # (content type, body)
+
+
+def error_response(status: int, page: ErrorPage | None = None, close: bool = True) -> bytes:
+    """A small complete response the proxy itself answers with (a configured page, or text)."""
     reason = REASONS.get(status, b"Error")
-    if body is None:
-        body = str(status).encode() + b" " + reason + b"\n"
+    if page is None:
+        page = (b"text/plain; charset=utf-8", str(status).encode() + b" " + reason + b"\n")
+    content_type, body = page
     head = (
         b"HTTP/1.1 " + str(status).encode() + b" " + reason + b"\r\n"
-        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Type: " + content_type + b"\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n"
         b"Cache-Control: no-store\r\n"
     )

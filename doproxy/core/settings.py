@@ -159,8 +159,18 @@ class Settings(Section):
     health: HealthSettings = Field(default_factory=HealthSettings)
     retries: Retries = Field(default_factory=Retries)
     passive_health: PassiveHealth = Field(default_factory=PassiveHealth)
+    # Status code -> file whose contents doproxy answers with instead of its plain text,
+    # e.g. [error-pages] 503 = "errors/503.html". Paths are relative to the config file.
+    error_pages: dict[int, str] = Field(default_factory=dict)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _error_codes(self) -> Settings:
+        bad = [code for code in self.error_pages if not 400 <= code <= 599]
+        if bad:
+            raise ValueError(f"error-pages: {bad[0]} is not an error status (400-599)")
+        return self
 
     @model_validator(mode="after")
     def _tls(self) -> Settings:

@@ -23,6 +23,7 @@ import ssl
 import time
 
 from doproxy.core.health import ejection_duration, may_eject
+from doproxy.core.http_rules import ErrorPage
 from doproxy.core.retry import RetryBudget
 from doproxy.core.settings import Settings, parse_bind
 from doproxy.errors import BadGateway, ClientError, GatewayTimeout
@@ -54,6 +55,7 @@ class ProxyServer:
         self.clock = time.monotonic
         self.connections: set[ClientConnection] = set()
         self.draining = False
+        self.error_pages: dict[int, ErrorPage] = {}  # loaded by the runtime from [error-pages]
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._dials: set[asyncio.Task[None]] = set()
@@ -264,8 +266,9 @@ class ProxyServer:
         for server in self._servers:
             await server.wait_closed()
 
-    def error_body(self, status: int) -> bytes | None:
-        return None
+    def error_body(self, status: int) -> ErrorPage | None:
+        """The configured error page for `status`, if any ([error-pages])."""
+        return self.error_pages.get(status)
 
 
 def make_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
