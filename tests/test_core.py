@@ -101,3 +101,18 @@ def test_minimal_settings_have_go_defaults() -> None:
     assert s.backend.health_check_timeout == 0.25
     assert s.loadbalancing.type == "roundrobin"
     assert s.provisioning.upscale_latency == 0.5
+
+
+@pytest.mark.parametrize("key", ["header:", "cookie", "path", "header"])
+def test_bad_hash_key_is_refused(key: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="hash-key"):
+        Settings.model_validate({"loadbalancing": {"type": "hash", "hash-key": key}})
+
+
+def test_cookie_value() -> None:
+    from doproxy.core.http_rules import cookie_value
+
+    assert cookie_value(b"a=1; sid=xyz; b=2", b"sid") == b"xyz"
+    assert cookie_value(b"sidx=1", b"sid") is None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from tests.conftest import StartProxy, port_of, wait_for
 from tests.support import Client, RawBackend, RequestReader, get, request, respond
 
@@ -459,3 +461,32 @@ async def test_configured_balancer_is_used(
         seen.add((await c.response()).body)
     await c.close()
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("hash_key", "extra"),
+    [("header:X-User", "X-User: {n}\r\n"), ("cookie:sid", "Cookie: theme=dark; sid={n}\r\n")],
+)
+async def test_hash_on_a_header_or_cookie(
+    hash_key: str, extra: str, start_proxy: StartProxy, backend_factory: object
+) -> None:
+    ports = [(await backend_factory(tagged(t))).port for t in (b"a", b"b", b"c")]  # type: ignore[operator]
+    proxy = await start_proxy(ports, {"loadbalancing": {"type": "hash", "hash-key": hash_key}})
+    seen: dict[int, set[bytes]] = {}
+    for n in range(12):
+        for split in (False, True):  # express lane and general path agree
+            raw = get(extra=extra.format(n=n))
+            c = await Client.connect(port_of(proxy))
+            if split:
+                await c.send(raw[:10])
+                await wait_for(lambda: any(conn._in_head for conn in proxy.connections))
+                await c.send(raw[10:])
+            else:
+                await c.send(raw)
+            seen.setdefault(n, set()).add((await c.response()).body)
+            await c.close()
+    assert all(len(v) == 1 for v in seen.values())  # one key, one backend
+    assert len(set().union(*seen.values())) > 1  # different keys spread out
+    # Without the header or cookie: round robin.
+    bodies = {(await request(port_of(proxy), get())).body for _ in range(3)}
+    assert bodies == {b"a", b"b", b"c"}

@@ -148,3 +148,12 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+
+def cookie_value(cookie_header: bytes, name: bytes) -> bytes | None:
+    """The value of cookie `name` in a Cookie header ("a=1; b=2"), or None."""
+    for part in cookie_header.split(b";"):
+        key, sep, value = part.strip().partition(b"=")
+        if sep and key == name:
+            return value
+    return None

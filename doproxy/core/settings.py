@@ -45,8 +45,17 @@ class LoadBalancing(Section):
     type: Literal["roundrobin", "leastconn", "weighted", "random2", "leastlatency", "hash"] = (
         "roundrobin"
     )
-    # What `hash` hashes. Only the client address so far; header and cookie keys come later.
-    hash_key: Literal["client-ip"] = "client-ip"
+    # What `hash` hashes: "client-ip", "header:NAME" or "cookie:NAME".
+    hash_key: str = "client-ip"
+
+    @model_validator(mode="after")
+    def _hash_key(self) -> LoadBalancing:
+        kind, _, name = self.hash_key.partition(":")
+        if self.hash_key != "client-ip" and (kind not in ("header", "cookie") or not name):
+            raise ValueError(
+                f'hash-key {self.hash_key!r} must be "client-ip", "header:NAME" or "cookie:NAME"'
+            )
+        return self
 
 
 class BackendSettings(Section):

@@ -49,6 +49,7 @@ from doproxy.core.http_rules import (
     RESPONSE_SPECIAL,
     chunk,
     connection_tokens,
+    cookie_value,
     error_response,
     head_text,
     lone_connection,
@@ -124,6 +125,7 @@ class Exchange:
     until_close = False
     upgrade_body = 0  # Content-Length of a request with a (refused) Upgrade
     tried: tuple[Backend, ...] = ()  # backends that failed this request (retries avoid them)
+    hash_key: bytes | None = None  # what a `hash` balancer hashes, when not the client address
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
@@ -195,6 +197,12 @@ class ClientConnection(asyncio.Protocol):
         self._max_url_bytes = server.settings.limits.max_url_bytes
         self._max_header_bytes = server.settings.limits.max_header_bytes
         self._xff = server.settings.add_x_forwarded_for
+        # hash-key = "header:NAME" / "cookie:NAME": which header to read per request.
+        kind, _, name = server.settings.loadbalancing.hash_key.partition(":")
+        self._hash_header = (
+            "" if kind == "client-ip" else ("cookie" if kind == "cookie" else name.lower())
+        )
+        self._hash_cookie = name.encode() if kind == "cookie" else b""
         timeouts = server.timeouts
         self._t_header = timeouts.client_header
         self._t_idle = timeouts.keep_alive
@@ -366,7 +374,23 @@ class ClientConnection(asyncio.Protocol):
         ex.is_head = method == b"HEAD"
         ex.keep_alive = parser.should_keep_alive()
         self._build_request_head(ex, self._url, self._headers)
+        if self._hash_header:
+            self._set_hash_key(ex, self._headers)
         self._queue_parsed(ex)
+
+    def _set_hash_key(self, ex: Exchange, fields: list[tuple[bytes, bytes]]) -> None:
+        """The header (or cookie) value the `hash` balancer keys on; absent means round robin."""
+        want = self._hash_header.encode()
+        for name, value in fields:
+            if name.lower() == want:
+                if self._hash_cookie:
+                    found = cookie_value(value, self._hash_cookie)
+                    if found is not None:
+                        ex.hash_key = found
+                        return
+                else:
+                    ex.hash_key = value
+                    return
 
     def _queue_parsed(self, ex: Exchange) -> None:
         queue = self.queue
@@ -421,6 +445,8 @@ class ClientConnection(asyncio.Protocol):
         except ClientError as e:
             self._reject(e)
             return
+        if self._hash_header:
+            self._set_hash_key(ex, split_head(data[:-2])[1])
         if self._body_left > 0:
             self.parsing = ex  # the body follows in later chunks (see _lean_body)
         else:
@@ -672,7 +698,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             server.retry_budget.deposit()
             eligible = pool.eligible
-        backend = pool.balancer.pick(eligible, self.peer_ip)
+        # The hash key: the configured header or cookie (absent: round robin), or the client.
+        backend = pool.balancer.pick(eligible, ex.hash_key if self._hash_header else self.peer_ip)
         if backend is None:
             self._fail(ex, ServiceUnavailable("no backend available"))
             return
