@@ -218,8 +218,10 @@ class Runtime:
         if listen_changed or tls_files_changed:
             ctx = tls_context(settings, self.base)
         elif settings.https and ctx is not None:
-            # Same files, maybe new contents (a renewed certificate): load them into the live
-            # context so new handshakes use them. A bad file raises before anything changed.
+            # Same files, maybe new contents (a renewed certificate). Load them into a scratch
+            # context first: a bad or mismatched pair raises there, before the live context
+            # is touched (a failed load into the live one would leave it half-changed).
+            tls_context(settings, self.base)
             ctx.load_cert_chain(
                 str(resolve_relative(self.base / "x", settings.tls_cert_file)),
                 str(resolve_relative(self.base / "x", settings.tls_key_file)),

@@ -182,3 +182,39 @@ async def test_unchanged_files_touched_reload_harmlessly(
     (tmp_path / "inventory.toml").write_text(inventory(b1.port))
     await wait_for(lambda: rt.reloads == 1)
     assert rt.server.pool.backends == [first]
+
+
+async def test_renewed_certificate_is_served_without_restart(
+    make_runtime: MakeRuntime, two_backends: tuple[RawBackend, RawBackend], tmp_path: Path
+) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    first, second = ca.issue_cert("localhost"), ca.issue_cert("localhost")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    first.cert_chain_pems[0].write_to_path(str(cert))
+    first.private_key_pem.write_to_path(str(key))
+    b1, _ = two_backends
+    extra = 'https = true\ntls-cert-file = "cert.pem"\ntls-key-file = "key.pem"'
+    rt = await make_runtime(config(extra=extra), inventory(b1.port))
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def served_cert() -> bytes:
+        c = await Client.connect(port_of_rt(rt), ssl=client_ctx, server_hostname="localhost")
+        sslobj = c.writer.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True)
+        await c.send(get())
+        assert (await c.response()).status == 200
+        await c.close()
+        return bytes(der)
+
+    before = await served_cert()
+    save_by_rename(cert, second.cert_chain_pems[0].bytes().decode())
+    save_by_rename(key, second.private_key_pem.bytes().decode())
+    await wait_for(lambda: rt.reloads >= 1)
+    after = await served_cert()
+    assert before != after
+    assert after == ssl.PEM_cert_to_DER_cert(second.cert_chain_pems[0].bytes().decode())
