@@ -94,3 +94,9 @@ async def test_error_pages_are_served(start_proxy: StartProxy, tmp_path: Path) -
     assert r.status == 503
     assert r.body == b"<h1>We are busy</h1>"
     assert r.header("content-type") == b"text/html; charset=utf-8"
+
+
+def test_the_annotated_example_is_valid() -> None:
+    example = Path(__file__).parent.parent / "docs" / "doproxy.example.toml"
+    s = load_settings(example)
+    assert s.retries.attempts == 2 and s.health.fall == 5 and s.limits.max_idle_per_backend == 1024
