@@ -64,7 +64,7 @@ def health_target(backend: Backend, settings: Settings) -> Target | None:
         if parts.query:
             path += "?" + parts.query
         return Target(parts.hostname, port, path, https, parts.netloc)
-    path = settings.backend.new_host_health_path or "/"
+    path = settings.health.path or settings.backend.new_host_health_path or "/"
     return Target(
         backend.host,
         backend.port,

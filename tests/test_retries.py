@@ -200,3 +200,22 @@ async def test_killing_and_restarting_a_backend_under_load_fails_no_get(
     assert len(statuses) == 600
     assert set(statuses) == {200}
     assert bodies == {b"good", b"victim"}
+
+
+async def test_idempotent_body_is_kept_and_resent_up_to_the_limit(
+    start_proxy: StartProxy, backend_factory: Factory
+) -> None:
+    dying = await backend_factory(resetting)
+    good = await backend_factory(answering(200, b"good"))
+    proxy = await start_proxy([dying.port, good.port], {"retries": {"buffer-body-bytes": 1000}})
+    small = b"PUT /doc HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello world"
+    big_body = b"x" * 2000
+    big = b"PUT /doc HTTP/1.1\r\nHost: h\r\nContent-Length: 2000\r\n\r\n" + big_body
+    # Round robin sends the first of each pair to the dying backend.
+    r = await request(port_of(proxy), small)
+    assert r.status == 200  # retried on the good backend, with its whole body
+    assert good.all_received.endswith(b"\r\n\r\nhello world")
+    await request(port_of(proxy), get())  # the good backend's turn
+    r = await request(port_of(proxy), big)
+    assert r.status == 502  # too large to keep: not sent twice
+    assert big_body not in good.all_received

@@ -109,6 +109,9 @@ class HealthSettings(Section):
     down_interval: PositiveDuration = 2.0  # between checks of a backend that is down
     # timeout: [backend] health-check-timeout (the Go key) unless set here
     timeout: PositiveDuration | None = None
+    # Path probed on server-host when a backend has no health-url; default: [backend]
+    # new-host-health-path (the Go key).
+    path: str | None = None
     rise: int = Field(2, ge=1)  # consecutive passes that bring a backend back
     fall: int = Field(5, ge=1)  # consecutive failures that take it out
     jitter: float = Field(0.1, ge=0, le=1)  # each wait is interval * (1 +- jitter)
@@ -133,6 +136,9 @@ class Retries(Section):
     budget_percent: float = Field(20.0, ge=0, le=100)  # of recent requests
     budget_min_per_second: float = Field(10.0, ge=0)  # retries always allowed at this rate
     on_status: tuple[int, ...] = (502, 503, 504)  # backend answers retried (idempotent only)
+    # An idempotent request's body is kept for a retry up to this size; a larger one is not
+    # retried once sent.
+    buffer_body_bytes: int = Field(64 * 1024, ge=0)
 
 
 class Timeouts(Section):

@@ -126,6 +126,10 @@ class Exchange:
     upgrade_body = 0  # Content-Length of a request with a (refused) Upgrade
     tried: tuple[Backend, ...] = ()  # backends that failed this request (retries avoid them)
     hash_key: bytes | None = None  # what a `hash` balancer hashes, when not the client address
+    # The body as sent, kept for a retry of an idempotent request up to [retries]
+    # buffer-body-bytes; None when not kept (not idempotent, or too large).
+    kept: list[bytes] | None = None
+    kept_size = 0
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
@@ -686,6 +690,7 @@ class ClientConnection(asyncio.Protocol):
                 t.write(ex.body[0])
             else:
                 t.writelines(ex.body)
+            self._keep_for_retry(ex, ex.body)
             ex.body = []
             ex.buffered = 0
             ex.sent_body = True
@@ -750,6 +755,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = now + self._t_response
         self.deadline_kind = DEADLINE_RESPONSE
         if ex.body:
+            self._keep_for_retry(ex, ex.body)
             ex.body.insert(0, head)
             t.writelines(ex.body)
             ex.body = []
@@ -1061,8 +1067,29 @@ class ClientConnection(asyncio.Protocol):
 
     def _may_resend(self, ex: Exchange) -> bool:
         """May this request be sent again after some of it reached a backend? Only an
-        idempotent one whose body, if any, was never sent (bodies are streamed, not kept)."""
-        return ex.method in IDEMPOTENT_METHODS and not ex.sent_body and ex.request_done
+        idempotent one, complete, whose body (if any) was kept in full for a retry."""
+        return (
+            ex.method in IDEMPOTENT_METHODS
+            and ex.request_done
+            and (not ex.sent_body or ex.kept is not None)
+        )
+
+    def _keep_for_retry(self, ex: Exchange, chunks: list[bytes]) -> None:
+        """Remember body bytes being sent, while a retry could still resend them."""
+        if not ex.sent_body and ex.kept is None and not ex.tried:
+            # The first body bytes of the first attempt: decide whether to keep them.
+            if ex.method not in IDEMPOTENT_METHODS or not self.server.settings.retries.attempts:
+                return
+            ex.kept = []
+        kept = ex.kept
+        if kept is None:
+            return
+        size = ex.kept_size + sum(len(c) for c in chunks)
+        if size > self.server.settings.retries.buffer_body_bytes:
+            ex.kept = None  # too large to keep: this request will not be retried once sent
+            return
+        kept.extend(chunks)
+        ex.kept_size = size
 
     def _redispatch(self, ex: Exchange, err: ClientError) -> bool:
         """Send `ex` to a different backend, if retries, the budget and the pool allow.
@@ -1098,6 +1125,12 @@ class ClientConnection(asyncio.Protocol):
         ex.tried = (*ex.tried, backend)
         ex.backend = None
         ex.upstream = None
+        if ex.sent_body and ex.kept is not None:
+            # Send the kept body again (it is kept again as it goes out).
+            ex.body = ex.kept + ex.body
+            ex.buffered = ex.kept_size
+            ex.kept, ex.kept_size = [], 0
+            ex.sent_body = False
         self.server.retried += 1
         log.info("retrying on another backend after %s from %s", err.detail, backend.name)
         self._start(ex)
