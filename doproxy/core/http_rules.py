@@ -118,10 +118,6 @@ def split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     return lines[0], fields
 
 
-def status_line(version: bytes, status: int, reason: bytes) -> bytes:
-    return b"HTTP/" + version + b" " + str(status).encode() + b" " + reason + b"\r\n"
-
-
 ErrorPage = tuple[bytes, bytes]  # (content type, body)
 
 

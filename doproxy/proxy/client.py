@@ -829,38 +829,10 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(out)
-        # Finish the exchange (the common case of _finish, inline).
-        self.server.express_responses += 1
-        now = self._now()
-        if backend is not None:
-            backend.in_flight -= 1
-            backend.requests += 1
-            latency = now - ex.started
-            backend.latency_sum += latency
-            pool = self.server.pool
-            pool.samples.append(latency)
-            if pool.observe_latency:
-                backend.latency.observe(latency, now)
-        up.client = None
-        if backend_keep_alive:
-            self.server.release(up, now)
-        else:
-            up.close()
-        self.queue.popleft()
         if not keep:
             ex.keep_alive = False
-            self._close()
-        elif self.queue:
-            self._next()
-        else:
-            if self._paused & _PAUSE_QUEUE:
-                self._resume(_PAUSE_QUEUE)
-            if self.parsing is None:
-                self.deadline_kind = DEADLINE_IDLE
-                self.deadline = now + self._t_idle
-            else:
-                self.deadline_kind = DEADLINE_HEADER
-                self.deadline = now + self._t_header
+        self.server.express_responses += 1
+        self._finish(ex, up, reusable=backend_keep_alive)
         return True
 
     def response_head(
@@ -1188,41 +1160,34 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._held is not None:
             self._write(b"")
-        queue = self.queue
-        queue.popleft()
+        self.queue.popleft()
         if not ex.keep_alive or not ex.request_done:
             self._close()
-        elif queue:
-            self._next()
         else:
-            # The common case: nothing pipelined; wait for the next request.
-            if self._paused & _PAUSE_QUEUE:
-                self._resume(_PAUSE_QUEUE)
-            if self.server.draining:
-                self._close()
-            elif self.parsing is None:
-                self.deadline_kind = DEADLINE_IDLE
-                self.deadline = now + self._t_idle
-            else:
-                self.deadline_kind = DEADLINE_HEADER
-                self.deadline = now + self._t_header
+            self._continue(now)
 
-    def _next(self) -> None:
-        if self.queue:
-            nxt = self.queue[0]
-            if len(self.queue) == 1:
+    def _continue(self, now: float) -> None:
+        """After an exchange: start the next pipelined request, or wait for one."""
+        queue = self.queue
+        if queue:
+            nxt = queue[0]
+            if len(queue) == 1:
                 self._resume(_PAUSE_QUEUE)
             if nxt.tunnel_data or not nxt.keep_alive:
                 self._pause(_PAUSE_QUEUE)
             self._flush()
-        else:
+            return
+        # The common case: nothing pipelined; wait for the next request.
+        if self._paused & _PAUSE_QUEUE:
             self._resume(_PAUSE_QUEUE)
-            if self.server.draining:
-                self._close()
-            elif self.parsing is None:
-                self._set_deadline(DEADLINE_IDLE, self._t_idle)
-            else:
-                self._set_deadline(DEADLINE_HEADER, self._t_header)
+        if self.server.draining:
+            self._close()
+        elif self.parsing is None:
+            self.deadline_kind = DEADLINE_IDLE
+            self.deadline = now + self._t_idle
+        else:
+            self.deadline_kind = DEADLINE_HEADER
+            self.deadline = now + self._t_header
 
     def _fail(self, ex: Exchange, err: ClientError) -> None:
         """Answer `ex` with an error instead of a backend's response."""
@@ -1246,7 +1211,7 @@ class ClientConnection(asyncio.Protocol):
         if not keep:
             self._close()
         else:
-            self._next()
+            self._continue(self._now())
 
     def _reject(self, err: ClientError) -> None:
         """A malformed request: answer it and close. Nothing of it was forwarded."""
@@ -1302,10 +1267,6 @@ class ClientConnection(asyncio.Protocol):
             self._close()
 
     # --- small helpers ----------------------------------------------------------------------
-
-    def _set_deadline(self, kind: int, timeout: float) -> None:
-        self.deadline_kind = kind
-        self.deadline = self._now() + timeout if kind else 0.0
 
     def _write(self, data: bytes) -> None:
         held = self._held
