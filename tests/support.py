@@ -15,6 +15,15 @@ import httptools
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "RawBackend"], Awaitable[None]]
 
 
+def find_header(headers: list[tuple[bytes, bytes]], name: str) -> bytes | None:
+    """The first value of header `name` (any case), or None."""
+    want = name.lower().encode()
+    for n, v in headers:
+        if n.lower() == want:
+            return v
+    return None
+
+
 @dataclass
 class Response:
     status: int
@@ -23,11 +32,7 @@ class Response:
     reason: bytes = b""
 
     def header(self, name: str) -> bytes | None:
-        want = name.lower().encode()
-        for n, v in self.headers:
-            if n.lower() == want:
-                return v
-        return None
+        return find_header(self.headers, name)
 
     def header_names(self) -> set[bytes]:
         return {n.lower() for n in self.headers}
@@ -115,11 +120,7 @@ class ParsedRequest:
     keep_alive: bool = True
 
     def header(self, name: str) -> bytes | None:
-        want = name.lower().encode()
-        for n, v in self.headers:
-            if n.lower() == want:
-                return v
-        return None
+        return find_header(self.headers, name)
 
 
 class _ReqCollector:

@@ -114,6 +114,20 @@ class Weighted:
         return best
 
 
+def two_choices(
+    backends: Sequence[B], rng: random.Random, first_is_better: Callable[[B, B], bool]
+) -> B | None:
+    """The power of two random choices: the better of two distinct random backends."""
+    n = len(backends)
+    if n == 0:
+        return None
+    if n == 1:
+        return backends[0]
+    i, j = rng.sample(range(n), 2)
+    a, b = backends[i], backends[j]
+    return a if first_is_better(a, b) else b
+
+
 class Random2:
     """The power of two random choices: the less loaded (in flight) of two random backends."""
 
@@ -123,14 +137,7 @@ class Random2:
         self._rng = rng or random.Random()
 
     def pick(self, backends: Sequence[B], request_key: object = None) -> B | None:
-        n = len(backends)
-        if n == 0:
-            return None
-        if n == 1:
-            return backends[0]
-        i, j = self._rng.sample(range(n), 2)
-        a, b = backends[i], backends[j]
-        return a if a.in_flight <= b.in_flight else b
+        return two_choices(backends, self._rng, lambda a, b: a.in_flight <= b.in_flight)
 
 
 class LeastLatency:
@@ -154,17 +161,14 @@ class LeastLatency:
         return cost * (b.in_flight + 1) * (1.0 + self.FAILURE_PENALTY * b.failure_rate)
 
     def pick(self, backends: Sequence[B], request_key: object = None) -> B | None:
-        n = len(backends)
-        if n == 0:
-            return None
-        if n == 1:
-            return backends[0]
         seen = [b.latency.cost for b in backends if b.latency.stamp is not None]
         mean = sum(seen) / len(seen) if seen else 0.0
         now = self._clock()
-        i, j = self._rng.sample(range(n), 2)
-        a, b = backends[i], backends[j]
-        return a if self.score(a, mean, now) <= self.score(b, mean, now) else b
+        return two_choices(
+            backends,
+            self._rng,
+            lambda a, b: self.score(a, mean, now) <= self.score(b, mean, now),
+        )
 
 
 class Hash:

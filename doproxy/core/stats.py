@@ -13,6 +13,11 @@ import math
 from dataclasses import dataclass
 
 
+def _weight(elapsed: float, tau: float) -> float:
+    """How much the old average still counts after `elapsed` seconds: exp(-elapsed / tau)."""
+    return math.exp(-max(elapsed, 0.0) / tau) if tau > 0 else 0.0
+
+
 @dataclass
 class Ewma:
     """An exponentially weighted moving average whose decay is a time constant `tau` seconds.
@@ -29,8 +34,7 @@ class Ewma:
         if self.stamp is None:
             self.value = sample
         else:
-            dt = max(now - self.stamp, 0.0)
-            w = math.exp(-dt / self.tau) if self.tau > 0 else 0.0
+            w = _weight(now - self.stamp, self.tau)
             self.value = self.value * w + sample * (1.0 - w)
         self.stamp = now
         return self.value
@@ -63,8 +67,7 @@ class PeakEwma:
         if self.stamp is None or rtt > self.cost:
             self.cost = rtt
         else:
-            dt = max(now - self.stamp, 0.0)
-            w = math.exp(-dt / self.tau) if self.tau > 0 else 0.0
+            w = _weight(now - self.stamp, self.tau)
             self.cost = self.cost * w + rtt * (1.0 - w)
         self.stamp = now
         return self.cost
@@ -74,8 +77,7 @@ class PeakEwma:
         not toward zero, so a backend that was slow and then idle is not suddenly the fastest."""
         if self.stamp is None:
             return target
-        dt = max(now - self.stamp, 0.0)
-        w = math.exp(-dt / self.tau) if self.tau > 0 else 0.0
+        w = _weight(now - self.stamp, self.tau)
         return self.cost * w + target * (1.0 - w)
 
 

@@ -119,7 +119,7 @@ class Exchange:
     started = 0.0
     response_started = False
     sent_body = False
-    out_mode = _OUT_RAW
+    out_mode = 0  # _OUT_RAW (a literal: compilers such as mypyc want literal defaults)
     tunnel_data = b""
     backend_keep_alive = True
     until_close = False
