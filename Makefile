@@ -12,7 +12,8 @@ LINT    = doproxy tests $(wildcard bench)
 
 .PHONY: run test check fmt bench deps clean
 
-$(STAMP): pyproject.toml
+# client.py is compiled by the install (setup.py): reinstall when it changes.
+$(STAMP): pyproject.toml setup.py doproxy/proxy/client.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -32,7 +33,10 @@ deps:
 
 test: $(STAMP) deps check
 	$(BIN)/coverage erase
-	$(BIN)/coverage run -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	@echo "== tests on the data plane as installed ($$($(BIN)/python -c 'import doproxy.proxy as p; print("compiled" if p.compiled() else "pure Python")'))"
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	@echo "== the same tests on the Python source, with coverage"
+	DOPROXY_PURE_PYTHON=1 $(BIN)/coverage run -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	$(BIN)/coverage combine -q
 	$(BIN)/coverage report --fail-under=80 | grep -E "^TOTAL"
 

@@ -82,3 +82,20 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to test a compiled data plane older than its source (edit, then forget make)."""
+    from pathlib import Path
+
+    import doproxy.proxy as dp
+    from doproxy.proxy import client
+
+    if dp.compiled():
+        source = Path(dp.__file__).with_name("client.py")
+        if Path(str(client.__file__)).stat().st_mtime < source.stat().st_mtime:
+            pytest.exit(
+                "doproxy/proxy/client.py changed after it was compiled: run `make test` (or "
+                "`.venv/bin/pip install -e .`) to rebuild, or set DOPROXY_PURE_PYTHON=1",
+                returncode=2,
+            )
