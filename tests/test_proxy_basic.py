@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from tests.conftest import StartProxy, port_of
 from tests.support import Client, RawBackend, get, request
 
@@ -29,3 +33,33 @@ async def test_keep_alive_reuses_backend_connection(
     await c.close()
     # Twenty requests over one client connection used one backend connection.
     assert echo_backend.connections == 1
+
+
+async def test_access_log_one_line_per_request(
+    start_proxy: StartProxy, echo_backend: RawBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="doproxy.access")
+    proxy = await start_proxy([echo_backend.port], {"access-log": True})
+    c = await Client.connect(port_of(proxy))
+    await c.send(get("/a?b=1"))
+    await c.response()
+    await c.send(b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx")
+    await c.response()
+    await c.close()
+    empty = await start_proxy([], {"access-log": True})
+    await request(port_of(empty), get("/none"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "doproxy.access"]
+    assert len(lines) == 3
+    assert lines[0].startswith('127.0.0.1 "GET /a?b=1 HTTP/1.1" 200 ')
+    assert lines[0].endswith(" b1")
+    assert lines[1].startswith('127.0.0.1 "POST /p HTTP/1.1" 200 ')
+    assert lines[2].startswith('127.0.0.1 "GET /none HTTP/1.1" 503 ')
+
+
+async def test_access_log_is_off_by_default(
+    start_proxy: StartProxy, echo_backend: RawBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="doproxy.access")
+    proxy = await start_proxy([echo_backend.port])
+    await request(port_of(proxy), get())
+    assert not [r for r in caplog.records if r.name == "doproxy.access"]

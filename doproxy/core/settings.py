@@ -165,6 +165,8 @@ class Settings(Section):
     tls_cert_file: str = ""
     tls_key_file: str = ""
     add_x_forwarded_for: bool = True
+    # One line per request on the "doproxy.access" logger. New in doproxy (Python).
+    access_log: bool = False
     watch_config: bool = True
     inventory_file: str = "inventory.toml"
     loadbalancing: LoadBalancing = Field(default_factory=LoadBalancing)

@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from doproxy.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("doproxy.access")  # one line per request, when enabled
 
 # Reasons reading from the client is paused (bit flags).
 _PAUSE_BACKEND = 1  # the backend's write buffer is full
@@ -130,6 +131,7 @@ class Exchange:
     # buffer-body-bytes; None when not kept (not idempotent, or too large).
     kept: list[bytes] | None = None
     kept_size = 0
+    status = 0  # the status answered to the client (for the access log)
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
@@ -201,6 +203,7 @@ class ClientConnection(asyncio.Protocol):
         self._max_url_bytes = server.settings.limits.max_url_bytes
         self._max_header_bytes = server.settings.limits.max_header_bytes
         self._xff = server.settings.add_x_forwarded_for
+        self._access_log = server.settings.access_log
         # hash-key = "header:NAME" / "cookie:NAME": which header to read per request.
         kind, _, name = server.settings.loadbalancing.hash_key.partition(":")
         self._hash_header = (
@@ -831,6 +834,8 @@ class ClientConnection(asyncio.Protocol):
             t.write(out)
         if not keep:
             ex.keep_alive = False
+        if self._access_log:
+            ex.status = int(text[9:12])
         self.server.express_responses += 1
         self._finish(ex, up, reusable=backend_keep_alive)
         return True
@@ -861,6 +866,7 @@ class ClientConnection(asyncio.Protocol):
             ex.backend.passive_failures = 0
         self.deadline_kind = DEADLINE_NONE
         ex.response_started = True
+        ex.status = status
         ex.backend_keep_alive = backend_keep_alive
         keep = ex.keep_alive and not self.server.draining and not ex.upgrade
         # Fast path, the common case: an HTTP/1.1 exchange with Content-Length (or no body)
@@ -1133,6 +1139,8 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         now = self._now()
         backend = ex.backend
+        if self._access_log:
+            self._log_access(ex, now, abort)
         if backend is not None:
             backend.in_flight -= 1
             backend.requests += 1
@@ -1165,6 +1173,22 @@ class ClientConnection(asyncio.Protocol):
             self._close()
         else:
             self._continue(now)
+
+    def _log_access(self, ex: Exchange, now: float, aborted: bool) -> None:
+        """One line per request on the "doproxy.access" logger (only when access-log is on)."""
+        first = ex.head[: ex.head.find(b"\r\n")].decode("latin-1")
+        target = first.split(" ")[1] if first.count(" ") >= 2 else "-"
+        backend = ex.backend
+        access_log.info(
+            '%s "%s %s HTTP/%s" %s %.1fms %s',
+            self.peer_ip.decode(),
+            ex.method.decode(),
+            target,
+            ex.version.decode(),
+            "cut" if aborted else (ex.status or "-"),
+            (now - ex.started) * 1000.0 if ex.started else 0.0,
+            backend.name if backend is not None else "-",
+        )
 
     def _continue(self, now: float) -> None:
         """After an exchange: start the next pipelined request, or wait for one."""
@@ -1204,6 +1228,9 @@ class ClientConnection(asyncio.Protocol):
             up.client = None
             up.close()
         log.debug("answering %d: %s", err.status, err.detail)
+        if self._access_log:
+            ex.status = err.status
+            self._log_access(ex, self._now(), False)
         # Keep the connection only when the request is fully read and nothing else is odd.
         keep = ex.keep_alive and ex.request_done and not ex.upgrade and not self.server.draining
         self._write(error_response(err.status, self.server.error_body(err.status), close=not keep))
