@@ -118,7 +118,12 @@ def load_settings(path: str | Path, environ: Mapping[str, str] | None = None) ->
     return parse_settings(text, str(p), environ)
 
 
+def resolve_in(folder: Path, path: str) -> Path:
+    """A path from the config: absolute as written, else inside `folder`."""
+    p = Path(path)
+    return p if p.is_absolute() else folder / p
+
+
 def resolve_relative(settings_file: str | Path, path: str) -> Path:
     """Paths in the config (inventory, TLS files) are relative to the config file's folder."""
-    p = Path(path)
-    return p if p.is_absolute() else Path(settings_file).resolve().parent / p
+    return resolve_in(Path(settings_file).resolve().parent, path)

@@ -35,7 +35,7 @@ from typing import Any
 
 import watchfiles
 
-from doproxy.config import load_settings, resolve_relative
+from doproxy.config import load_settings, resolve_in
 from doproxy.core.balancers import make_balancer
 from doproxy.core.http_rules import ErrorPage
 from doproxy.core.inventory_model import InventoryEntry
@@ -75,7 +75,7 @@ def load_error_pages(settings: Settings, base: Path) -> dict[int, ErrorPage]:
     pages: dict[int, ErrorPage] = {}
     problems = []
     for code, name in settings.error_pages.items():
-        path = resolve_relative(base / "x", name)
+        path = resolve_in(base, name)
         try:
             body = path.read_bytes()
         except OSError as e:
@@ -92,13 +92,16 @@ def load_error_pages(settings: Settings, base: Path) -> dict[int, ErrorPage]:
     return pages
 
 
+def tls_files(settings: Settings, base: Path) -> tuple[Path, Path]:
+    """The certificate chain and key files the config names."""
+    return resolve_in(base, settings.tls_cert_file), resolve_in(base, settings.tls_key_file)
+
+
 def tls_context(settings: Settings, base: Path) -> ssl.SSLContext | None:
     if not settings.https:
         return None
-    return make_tls_context(
-        str(resolve_relative(base / "x", settings.tls_cert_file)),
-        str(resolve_relative(base / "x", settings.tls_key_file)),
-    )
+    cert, key = tls_files(settings, base)
+    return make_tls_context(str(cert), str(key))
 
 
 def _signatures(files: set[Path]) -> dict[Path, tuple[int, int] | None]:
@@ -166,10 +169,9 @@ class Runtime:
         files = set()
         if self.config_file is not None:
             files.add(self.config_file.resolve())
-        files.add(resolve_relative(self.base / "x", self.settings.inventory_file))
+        files.add(resolve_in(self.base, self.settings.inventory_file))
         if self.settings.https:
-            files.add(resolve_relative(self.base / "x", self.settings.tls_cert_file))
-            files.add(resolve_relative(self.base / "x", self.settings.tls_key_file))
+            files.update(tls_files(self.settings, self.base))
         return files
 
     async def _watch(self, ready: asyncio.Event) -> None:
@@ -208,32 +210,29 @@ class Runtime:
         assert self.server is not None and self.config_file is not None
         server = self.server
         settings = load_settings(self.config_file)
-        entries = load_inventory(resolve_relative(self.config_file, settings.inventory_file))
+        entries = load_inventory(resolve_in(self.base, settings.inventory_file))
         old = self.settings
-        ctx = server.ssl_context
+        live = server.ssl_context
         listen_changed = settings.bind != old.bind or settings.https != old.https
         tls_files_changed = settings.https and (
             settings.tls_cert_file != old.tls_cert_file or settings.tls_key_file != old.tls_key_file
         )
-        if listen_changed or tls_files_changed:
-            ctx = tls_context(settings, self.base)
-        elif settings.https and ctx is not None:
-            # Same files, maybe new contents (a renewed certificate). Load them into a scratch
-            # context first: a bad or mismatched pair raises there, before the live context
-            # is touched (a failed load into the live one would leave it half-changed).
-            tls_context(settings, self.base)
-            ctx.load_cert_chain(
-                str(resolve_relative(self.base / "x", settings.tls_cert_file)),
-                str(resolve_relative(self.base / "x", settings.tls_key_file)),
-            )
+        new_ctx = tls_context(settings, self.base)  # validates the TLS files in every case
         pool = build_pool(settings, entries, reuse=server.pool.backends)
         error_pages = load_error_pages(settings, self.base)
         # Everything is valid: apply.
         if listen_changed or tls_files_changed:
-            await server.rebind(settings.bind, ctx)
+            await server.rebind(settings.bind, new_ctx)
             for host, port in server.addresses:
-                log.info("now listening on %s:%d (%s)", host, port, "https" if ctx else "http")
-        removed = [b for b in server.pool.backends if b not in pool.backends]
+                log.info("now listening on %s:%d (%s)", host, port, "https" if new_ctx else "http")
+        elif settings.https and live is not None:
+            # Same files, maybe new contents (a renewed certificate): load them into the live
+            # context, so new handshakes use them. They loaded into new_ctx above, so a bad or
+            # mismatched pair was refused before anything changed.
+            live.load_cert_chain(*(str(f) for f in tls_files(settings, self.base)))
+        old_backends = server.pool.backends
+        removed = [b for b in old_backends if b not in pool.backends]
+        added = [b for b in pool.backends if b not in old_backends]
         server.set_settings(settings)
         server.set_pool(pool)
         server.error_pages = error_pages
@@ -248,7 +247,7 @@ class Runtime:
         log.info(
             "reloaded: %d backend(s) (%d new, %d removed), balancing %s",
             len(pool.backends),
-            sum(1 for b in pool.backends if b.requests == 0 and b not in removed),
+            len(added),
             len(removed),
             settings.loadbalancing.type,
         )
