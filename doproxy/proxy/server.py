@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import time
 
@@ -72,25 +71,19 @@ class ProxyServer:
 
     # --- listening --------------------------------------------------------------------------
 
-    async def listen(self, bind: str | None = None, sock: socket.socket | None = None) -> None:
-        """Start accepting on `bind` (doproxy's ":8000" form) or on an already bound socket."""
-        if sock is not None:
-            server = await self.loop.create_server(
-                self._new_connection, sock=sock, ssl=self.ssl_context, backlog=1024
-            )
-
-        else:
-            host, port = parse_bind(bind or self.settings.bind)
-            server = await self.loop.create_server(
-                self._new_connection,
-                host=host,
-                port=port,
-                ssl=self.ssl_context,
-                reuse_address=True,
-                # Lets a reload open the new listener on the same port before closing the old.
-                reuse_port=True,
-                backlog=1024,
-            )
+    async def listen(self, bind: str | None = None) -> None:
+        """Start accepting on `bind` (doproxy's ":8000" form), by default the config's."""
+        host, port = parse_bind(bind or self.settings.bind)
+        server = await self.loop.create_server(
+            self._new_connection,
+            host=host,
+            port=port,
+            ssl=self.ssl_context,
+            reuse_address=True,
+            # Lets a reload open the new listener on the same port before closing the old.
+            reuse_port=True,
+            backlog=1024,
+        )
         self._servers.append(server)
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep())
