@@ -181,6 +181,37 @@ def respond(
     return head.encode() + b"\r\n" + body
 
 
+def answering(status: int, body: bytes) -> Handler:
+    """A keep-alive backend that answers every request with `status` and `body`."""
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
+    ) -> None:
+        rr = RequestReader(reader)
+        while await rr.next() is not None:
+            writer.write(respond(status, body))
+            await writer.drain()
+
+    return handler
+
+
+async def silent(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
+) -> None:
+    """A backend that reads a request and never answers."""
+    await RequestReader(reader).next()
+    await reader.read()
+
+
+async def dead_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago: nothing listens there."""
+    srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port: int = srv.sockets[0].getsockname()[1]
+    srv.close()
+    await srv.wait_closed()
+    return port
+
+
 async def echo_handler(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
 ) -> None:

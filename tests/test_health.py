@@ -15,7 +15,16 @@ from doproxy.health import HealthChecker, Target, health_target, probe
 from doproxy.proxy.backend import Backend
 from doproxy.proxy.server import ProxyServer
 from tests.conftest import StartProxy, port_of, wait_for
-from tests.support import Client, RawBackend, RequestReader, get, request, respond
+from tests.support import (
+    Client,
+    RawBackend,
+    RequestReader,
+    dead_port,
+    get,
+    request,
+    respond,
+    silent,
+)
 
 FAST = {"interval": "50ms", "down-interval": "50ms", "rise": 2, "fall": 2, "timeout": "500ms"}
 
@@ -126,9 +135,6 @@ async def test_disabled_health_checks_check_nothing(start_proxy: StartProxy) -> 
 async def test_probe_timeout_counts_as_failure(
     backend_factory: Callable[..., Awaitable[RawBackend]],
 ) -> None:
-    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter, b: RawBackend) -> None:
-        await r.read()
-
     backend = await backend_factory(silent)
     t = Target("127.0.0.1", backend.port, "/", False, "h")
     assert await probe(t, 0.1, (), "") == "no answer within 0.1s"
@@ -158,13 +164,8 @@ async def test_probe_status_and_body_rules(
 
 
 async def test_probe_refused() -> None:
-    srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    srv.close()
-    await srv.wait_closed()
-    assert (await probe(Target("127.0.0.1", port, "/", False, "h"), 1, (), "")).startswith(
-        "cannot connect"
-    )
+    target = Target("127.0.0.1", await dead_port(), "/", False, "h")
+    assert (await probe(target, 1, (), "")).startswith("cannot connect")
 
 
 @pytest.mark.parametrize(

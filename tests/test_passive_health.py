@@ -9,8 +9,7 @@ import pytest
 
 from doproxy.core.health import ejection_duration, may_eject
 from tests.conftest import StartProxy, port_of, wait_for
-from tests.support import RawBackend, RequestReader, get, request, respond
-from tests.test_retries import answering
+from tests.support import RawBackend, RequestReader, answering, get, request, respond
 
 Factory = Callable[..., Awaitable[RawBackend]]
 PASSIVE = {

@@ -8,7 +8,17 @@ import socket
 import pytest
 
 from tests.conftest import StartProxy, port_of, wait_for
-from tests.support import Client, RawBackend, RequestReader, get, request, respond
+from tests.support import (
+    Client,
+    RawBackend,
+    RequestReader,
+    answering,
+    dead_port,
+    get,
+    request,
+    respond,
+    silent,
+)
 
 
 async def test_runs_on_uvloop() -> None:
@@ -218,23 +228,9 @@ async def test_add_x_forwarded_for_false_passes_client_value(
     assert b"127.0.0.1\r\n" not in sent.split(b"X-Forwarded-For")[1].split(b"\r\n\r\n")[0]
 
 
-def tagged(tag: bytes) -> object:
-    """A keep-alive backend that answers every request with `tag`."""
-
-    async def handler(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
-    ) -> None:
-        rr = RequestReader(reader)
-        while await rr.next() is not None:
-            writer.write(respond(200, tag))
-            await writer.drain()
-
-    return handler
-
-
 async def test_round_robin_alternates(start_proxy: StartProxy, backend_factory: object) -> None:
-    b1 = await backend_factory(tagged(b"one"))  # type: ignore[operator]
-    b2 = await backend_factory(tagged(b"two"))  # type: ignore[operator]
+    b1 = await backend_factory(answering(200, b"one"))  # type: ignore[operator]
+    b2 = await backend_factory(answering(200, b"two"))  # type: ignore[operator]
     proxy = await start_proxy([b1.port, b2.port])
     c = await Client.connect(port_of(proxy))
     seen = []
@@ -267,27 +263,15 @@ async def test_no_backend_is_503(start_proxy: StartProxy) -> None:
 
 
 async def test_unreachable_backend_is_502(start_proxy: StartProxy) -> None:
-    # A port that was just free: nothing listens there.
-    srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    srv.close()
-    await srv.wait_closed()
-    proxy = await start_proxy([port])
+    proxy = await start_proxy([await dead_port()])
     r = await request(port_of(proxy), get())
     assert r.status == 502
-
-
-async def _silent_backend(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
-) -> None:
-    await RequestReader(reader).next()
-    await reader.read()  # never answers
 
 
 async def test_backend_response_timeout_is_504(
     start_proxy: StartProxy, backend_factory: object
 ) -> None:
-    backend = await backend_factory(_silent_backend)  # type: ignore[operator]
+    backend = await backend_factory(silent)  # type: ignore[operator]
     proxy = await start_proxy([backend.port], {"timeouts": {"response-header": "0.3s"}})
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -452,7 +436,7 @@ async def test_configured_balancer_is_used(
     start_proxy: StartProxy, backend_factory: object
 ) -> None:
     # hash on the client address: every request from this client lands on one backend.
-    ports = [(await backend_factory(tagged(t))).port for t in (b"one", b"two", b"three")]  # type: ignore[operator]
+    ports = [(await backend_factory(answering(200, t))).port for t in (b"one", b"two", b"three")]  # type: ignore[operator]
     proxy = await start_proxy(ports, {"loadbalancing": {"type": "hash"}})
     c = await Client.connect(port_of(proxy))
     seen = set()
@@ -470,7 +454,7 @@ async def test_configured_balancer_is_used(
 async def test_hash_on_a_header_or_cookie(
     hash_key: str, extra: str, start_proxy: StartProxy, backend_factory: object
 ) -> None:
-    ports = [(await backend_factory(tagged(t))).port for t in (b"a", b"b", b"c")]  # type: ignore[operator]
+    ports = [(await backend_factory(answering(200, t))).port for t in (b"a", b"b", b"c")]  # type: ignore[operator]
     proxy = await start_proxy(ports, {"loadbalancing": {"type": "hash", "hash-key": hash_key}})
     seen: dict[int, set[bytes]] = {}
     for n in range(12):

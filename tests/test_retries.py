@@ -7,33 +7,25 @@ from collections.abc import Awaitable, Callable
 
 from doproxy.core.retry import RetryBudget
 from tests.conftest import StartProxy, port_of
-from tests.support import Client, RawBackend, RequestReader, get, request, respond
+from tests.support import (
+    Client,
+    RawBackend,
+    RequestReader,
+    answering,
+    dead_port,
+    get,
+    request,
+    respond,
+    silent,
+)
 
 Factory = Callable[..., Awaitable[RawBackend]]
-
-
-def answering(status: int, tag: bytes) -> Callable[..., Awaitable[None]]:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, b: RawBackend) -> None:
-        rr = RequestReader(r)
-        while await rr.next() is not None:
-            w.write(respond(status, tag))
-            await w.drain()
-
-    return handler
 
 
 async def resetting(r: asyncio.StreamReader, w: asyncio.StreamWriter, b: RawBackend) -> None:
     """Reads a whole request, then drops the connection without answering."""
     await RequestReader(r).next()
     w.transport.abort()
-
-
-async def dead_port() -> int:
-    srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    srv.close()
-    await srv.wait_closed()
-    return port
 
 
 POST = b"POST /order HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
@@ -106,10 +98,6 @@ async def test_retries_can_be_turned_off(start_proxy: StartProxy, backend_factor
 async def test_response_timeout_is_retried_for_get(
     start_proxy: StartProxy, backend_factory: Factory
 ) -> None:
-    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter, b: RawBackend) -> None:
-        await RequestReader(r).next()
-        await r.read()
-
     slow = await backend_factory(silent)
     good = await backend_factory(answering(200, b"good"))
     proxy = await start_proxy([slow.port, good.port], {"timeouts": {"response-header": "0.2s"}})
