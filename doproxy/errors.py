@@ -101,3 +101,27 @@ class ConfigError(DoproxyError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+
+
+# --- provisioning (DigitalOcean, local processes) --------------------------------------------
+
+
+class ProviderError(DoproxyError):
+    """A provider call failed. The message says what failed in words a user can act on, e.g.
+    "DigitalOcean rejected the token (401)". It never contains the API token."""
+
+
+class MachineNotFound(ProviderError):
+    """The droplet or process does not exist (any more)."""
+
+
+class ProviderAuthError(ProviderError):
+    """The provider refused our credentials (HTTP 401/403)."""
+
+
+class RateLimited(ProviderError):
+    """The provider kept answering 429 after we waited as it asked."""
+
+
+class ProvisionTimeout(ProviderError):
+    """A machine did not become active (or an action did not complete) in time."""

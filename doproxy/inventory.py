@@ -53,10 +53,13 @@ def parse_inventory(text: str, file: str) -> list[InventoryEntry]:
                 for err in e.errors():
                     path = ".".join(str(p) for p in err["loc"])
                     msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                    if not path and "server-host" in msg:  # the entry-level check names its key
+                        path, msg = "server-host", msg.removeprefix("Value error, ")
                     problems.append(Problem(file, f"{table}[{i}].{path}", msg))
                 continue
             try:
-                entry.address()
+                if entry.server_host or entry.state != "provisioning":
+                    entry.address()
             except ValueError as e:
                 problems.append(Problem(file, f"{table}[{i}].server-host", str(e)))
                 continue

@@ -60,6 +60,8 @@ def build_pool(
     old = {(b.key, b.entry.server_host): b for b in reuse or []}
     backends = []
     for e in entries:
+        if e.state == "provisioning":
+            continue  # an intent, not a backend yet
         b = old.get((e.key, e.server_host))
         if b is None:
             b = Backend(e)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from doproxy.core.settings import Section
 
@@ -19,19 +19,33 @@ class InventoryEntry(Section):
     name: str = ""
     public_ip: str = ""
     private_ip: str = ""
-    server_host: str = Field(min_length=1)
+    # Required, except on an entry in state "provisioning": the intent to create a machine, which
+    # is recorded before the provider is asked, so a crash cannot forget it.
+    server_host: str = ""
     health_url: str = ""
     started_time: dt.datetime = _ZERO_TIME
     # New in doproxy (Python): all optional, so 2015 files load unchanged.
     weight: int = Field(1, ge=0)
-    state: Literal["active", "draining", "disabled"] = "active"
-    provider: str = ""
+    # active: takes traffic. draining: no new requests, in-flight ones finish; a running server
+    # turns it into "disabled" once nothing is in flight. disabled: no traffic. provisioning: a
+    # machine is being created (name chosen, maybe no address yet); never takes traffic.
+    state: Literal["active", "draining", "disabled", "provisioning"] = "active"
+    provider: str = ""  # "digitalocean", "local", or "" for a hand-written entry
     tags: tuple[str, ...] = ()
+    pid: int = Field(0, ge=0)  # local provider: the backend's process id
+
+    @model_validator(mode="after")
+    def _needs_address(self) -> InventoryEntry:
+        if not self.server_host and self.state != "provisioning":
+            raise ValueError("server-host is required (host:port)")
+        return self
 
     @property
     def key(self) -> str:
         """Identity across reloads: the id when it has one, else the address."""
-        return str(self.id) if self.id not in (0, "") else self.server_host
+        if self.id not in (0, ""):
+            return str(self.id)
+        return self.server_host or f"name:{self.name}"
 
     def address(self) -> tuple[str, int]:
         host, sep, port = self.server_host.rpartition(":")

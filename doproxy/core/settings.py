@@ -76,8 +76,54 @@ class DOProvisioner(Section):
     region: str = "nyc3"
     size: str = "s-1vcpu-1gb"
     image: str = "ubuntu-22-04-x64"
-    user_data: str = ""
+    user_data: str = ""  # a file path (relative to the config file), as in the Go version
     backups: bool = False
+    # New in doproxy (Python).
+    tags: tuple[str, ...] = ("doproxy",)  # every droplet we create carries them; list() uses them
+    vpc_uuid: str = ""
+    monitoring: bool = False
+    ipv6: bool = False
+    token_file: str = ""  # read when `token` is empty; then the DIGITALOCEAN_TOKEN variable
+    api_url: str = "https://api.digitalocean.com"
+    create_timeout: PositiveDuration = 300.0  # a droplet must be active within this
+    poll_interval: PositiveDuration = 2.0  # between status polls while waiting
+
+    @model_validator(mode="after")
+    def _tags(self) -> DOProvisioner:
+        if not self.tags:
+            raise ValueError(
+                "tags must name at least one tag: it is how doproxy finds its droplets"
+            )
+        return self
+
+
+class LocalProvisioner(Section):
+    """Backends as child processes on this machine. New in doproxy (Python)."""
+
+    enable: bool = False
+    # Run through the shell-less argv split (shlex); {host}, {port} and {name} are filled in.
+    command: str = ""
+    host: str = "127.0.0.1"
+    ports: str = "9100-9199"  # the range new processes get a port from
+    health_path: str = "/"
+    boot_timeout: PositiveDuration = 10.0  # the process must answer health-path within this
+    stop_timeout: PositiveDuration = 5.0  # SIGTERM, then SIGKILL after this
+    workdir: str = ""  # relative to the config file; default: the config file's folder
+    tags: tuple[str, ...] = ("doproxy",)
+
+    @model_validator(mode="after")
+    def _check(self) -> LocalProvisioner:
+        low, _, high = self.ports.partition("-")
+        high = high or low
+        if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535):
+            raise ValueError(f'ports {self.ports!r} must look like "9100-9199"')
+        if self.enable and "{port}" not in self.command:
+            raise ValueError("command must contain {port}, so each process listens on its own")
+        return self
+
+    def port_range(self) -> range:
+        low, _, high = self.ports.partition("-")
+        return range(int(low), int(high or low) + 1)
 
 
 class Provisioning(Section):
@@ -91,6 +137,20 @@ class Provisioning(Section):
     upscale_time: Duration = 180.0
     upscale_every: Duration = 900.0
     max_health_failures: int = Field(180, ge=1)
+    # New in doproxy (Python); see docs/autoscaling.md.
+    mode: Literal["threshold", "target"] = "threshold"
+    target_latency: Duration = 0.3  # mode = "target": the latency to track
+    max_step: int = Field(1, ge=1)  # machines added or removed by one decision at most
+    # An idle pool (below min-requests per second) has no meaningful latency. "hold" keeps its
+    # size; "scale-down" treats it as fast, so it shrinks to min-backends.
+    idle: Literal["hold", "scale-down"] = "hold"
+    min_requests: float = Field(1.0, ge=0)  # requests per second below which the pool is idle
+    dry_run: bool = False  # decide and log, never act
+    drain_timeout: Duration = 30.0  # a victim's in-flight requests may finish within this
+    interval: PositiveDuration = 5.0  # between decisions
+    # Tagged machines that the inventory does not know, found at start: "adopt" or "destroy".
+    orphans: Literal["adopt", "destroy"] = "adopt"
+    history: int = Field(200, ge=1)  # decisions kept in memory for the admin API/status page
 
     @model_validator(mode="after")
     def _bounds(self) -> Provisioning:
@@ -173,6 +233,7 @@ class Settings(Section):
     backend: BackendSettings = Field(default_factory=BackendSettings)
     do_provisioner: DOProvisioner = Field(default_factory=DOProvisioner)
     provisioning: Provisioning = Field(default_factory=Provisioning)
+    local_provisioner: LocalProvisioner = Field(default_factory=LocalProvisioner)
     health: HealthSettings = Field(default_factory=HealthSettings)
     retries: Retries = Field(default_factory=Retries)
     passive_health: PassiveHealth = Field(default_factory=PassiveHealth)
@@ -187,6 +248,14 @@ class Settings(Section):
         bad = [code for code in self.error_pages if not 400 <= code <= 599]
         if bad:
             raise ValueError(f"error-pages: {bad[0]} is not an error status (400-599)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_provider(self) -> Settings:
+        if self.do_provisioner.enable and self.local_provisioner.enable:
+            raise ValueError(
+                "enable one provisioner: do-provisioner or local-provisioner, not both"
+            )
         return self
 
     @model_validator(mode="after")

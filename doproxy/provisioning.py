@@ -1,0 +1,138 @@
+"""What the CLI commands and the autoscaler need from a provider, and the glue they share.
+
+A provider makes and removes machines: DigitalOcean droplets (doproxy.providers.digitalocean)
+or local processes (doproxy.providers.local). Both speak the small `Provider` protocol below,
+which is defined here, by its consumers. Every machine a provider creates carries our tags, and
+`list()` returns exactly those, so a machine whose creation was interrupted (a crash, a kill -9
+right after the API call) is still found by the next reconcile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from doproxy.core.inventory_model import InventoryEntry
+from doproxy.core.settings import Settings
+from doproxy.errors import MachineNotFound, ProvisionTimeout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A machine as the provider reports it."""
+
+    id: str  # the provider's id: a droplet id ("3164444") or a local one ("local-9101")
+    name: str
+    status: str  # DigitalOcean's words: "new", "active", "off", "archive"
+    private_ip: str = ""  # IPv4; "" while a droplet is still new
+    public_ip: str = ""
+    tags: tuple[str, ...] = ()
+    created: dt.datetime | None = None
+    port: int | None = None  # where it serves; None means [backend] new-host-port
+    pid: int = 0  # local processes only
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+
+class Provider(Protocol):
+    """Creates, lists, reboots and destroys the machines we manage (those with our tags)."""
+
+    kind: str  # written into each inventory entry's `provider`: "digitalocean" or "local"
+
+    async def list(self) -> list[Machine]:
+        """Every machine that carries our tags, in any status."""
+        ...
+
+    async def get(self, machine_id: str) -> Machine:
+        """One machine; raises MachineNotFound when it does not exist."""
+        ...
+
+    async def create(self, name: str) -> Machine:
+        """Ask for a new machine called `name` with our tags; returns at once (status "new").
+
+        Idempotent by name: when the outcome of an earlier attempt is unknown, the provider
+        looks for a machine of that name with our tags before creating another.
+        """
+        ...
+
+    async def destroy(self, machine_id: str) -> None:
+        """Remove the machine. A machine that is already gone is not an error."""
+        ...
+
+    async def reboot(self, machine_id: str) -> None:
+        """Restart the machine; returns when the provider says the restart completed."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections (HTTP sessions). Machines keep running."""
+        ...
+
+
+def new_name(prefix: str) -> str:
+    """A fresh machine name: the hostname prefix and 8 random hex digits."""
+    return f"{prefix}{secrets.token_hex(4)}"
+
+
+def entry_for(machine: Machine, settings: Settings, provider: str) -> InventoryEntry:
+    """The inventory entry of a machine: it serves at private-ip:new-host-port, as in the Go
+    doproxy, and its health URL is built from new-host-health-path and new-host-health-https."""
+    b = settings.backend
+    host = machine.private_ip or machine.public_ip
+    port = machine.port or b.new_host_port
+    scheme = "https" if b.new_host_health_https else "http"
+    path = b.new_host_health_path if b.new_host_health_path.startswith("/") else "/"
+    return InventoryEntry(
+        id=machine.id,
+        name=machine.name,
+        public_ip=machine.public_ip,
+        private_ip=machine.private_ip,
+        server_host=f"{host}:{port}",
+        health_url=f"{scheme}://{host}:{port}{path}",
+        started_time=machine.created or dt.datetime.now(dt.UTC),
+        provider=provider,
+        tags=machine.tags,
+        pid=machine.pid,
+    )
+
+
+async def wait_active(
+    provider: Provider,
+    machine_id: str,
+    timeout: float,
+    interval: float = 1.0,
+    progress: Callable[[Machine, float], None] | None = None,
+    clock: Callable[[], float] | None = None,
+) -> Machine:
+    """Poll until the machine is active with a private address; ProvisionTimeout after `timeout`.
+
+    `progress(machine, elapsed)` is called after every poll (the CLI draws its spinner from it).
+    """
+    loop = asyncio.get_running_loop()
+    now = clock or loop.time
+    start = now()
+    while True:
+        try:
+            machine = await provider.get(machine_id)
+        except MachineNotFound:
+            raise
+        elapsed = now() - start
+        if progress is not None:
+            progress(machine, elapsed)
+        if machine.active and (machine.private_ip or machine.public_ip):
+            return machine
+        if elapsed >= timeout:
+            raise ProvisionTimeout(
+                f"{provider.kind} machine {machine.name} ({machine_id}) is still "
+                f"{machine.status!r} after {timeout:.0f}s"
+            )
+        await asyncio.sleep(min(interval, max(0.0, timeout - elapsed)))
