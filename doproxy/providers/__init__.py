@@ -1,0 +1,1 @@
+"""Providers: where backends come from (DigitalOcean droplets, local processes)."""
