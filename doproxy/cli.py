@@ -30,7 +30,73 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--bind", default="127.0.0.1:8000", help="where the proxy listens")
     d.add_argument("--backends", type=int, default=2, help="how many demo backends to start")
     sub.add_parser("check", help="validate the config and the inventory; contacts nothing")
+    _machine_commands(sub)
     return p
+
+
+def _machine_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The 2015 doproxy's droplet commands. They act on the configured provider: DigitalOcean
+    ([do-provisioner]), or local processes when [local-provisioner] is enabled."""
+    c = sub.add_parser(
+        "create",
+        help="create a machine, wait until it is active, add it to the inventory",
+        description="Create a droplet (or local process) with our tags, wait until it is active "
+        "(showing progress; [do-provisioner] create-timeout), then add it to the inventory. "
+        "The intent is recorded first, so an interrupted create is found by `sanitize`.",
+    )
+    c.add_argument("name", nargs="?", help="its name (default: hostname-prefix + random)")
+    ls = sub.add_parser(
+        "list",
+        help="list the machines we manage (by tag)",
+        description="List every machine that carries our tags, and whether the inventory has it.",
+    )
+    ls.add_argument(
+        "--output",
+        choices=["table", "json", "toml"],
+        default="table",
+        help="table (default); json for scripts; toml in the inventory's [[droplet]] format",
+    )
+    a = sub.add_parser(
+        "add",
+        help="adopt a running machine into the inventory",
+        description="Add a running droplet to the inventory. Refuses one that is already there "
+        "and one without a private IPv4 address.",
+    )
+    a.add_argument("id")
+    d = sub.add_parser(
+        "delete",
+        help="remove a machine from the inventory only; it keeps running",
+        description="Remove a backend from the inventory. The machine itself is not touched.",
+    )
+    d.add_argument("id")
+    x = sub.add_parser(
+        "destroy",
+        help="drain, remove from the inventory, destroy",
+        description="Drain the backend (when a server is running: no new requests, in-flight "
+        "ones finish), remove it from the inventory, and destroy the machine.",
+    )
+    x.add_argument("id")
+    x.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    r = sub.add_parser(
+        "reboot",
+        help="drain, reboot, wait until healthy, take traffic again",
+        description="Drain the backend, reboot the machine through a droplet action, wait for "
+        "the action to complete and the backend to pass its health check, then re-enable it.",
+    )
+    r.add_argument("id")
+    z = sub.add_parser(
+        "sanitize",
+        help="find (and with `apply` fix) differences between inventory and provider",
+        description="List inventory entries whose machine is gone, interrupted creates, and "
+        "tagged machines missing from the inventory. `apply` removes the first, completes the "
+        "second and asks whether to adopt or destroy each of the last.",
+    )
+    z.add_argument("apply", nargs="?", choices=["apply"], help="fix what was found")
+    z.add_argument(
+        "--orphans",
+        choices=["adopt", "destroy", "keep"],
+        help="what to do with tagged machines missing from the inventory, without asking",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +130,40 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "check":
         return _check(args.config)
+    if args.command in _MACHINE_COMMANDS:
+        return _machine(args)
     raise AssertionError(args.command)
+
+
+_MACHINE_COMMANDS = ("create", "list", "add", "delete", "destroy", "reboot", "sanitize")
+
+
+def _machine(args: argparse.Namespace) -> int:
+    import asyncio
+    from collections.abc import Awaitable
+
+    from doproxy import commands as c
+
+    async def main() -> int:
+        ctx = c.Context(args.config)
+        work: Awaitable[int]
+        if args.command == "create":
+            work = c.create(ctx, args.name)
+        elif args.command == "list":
+            work = c.list_machines(ctx, args.output)
+        elif args.command == "add":
+            work = c.add(ctx, args.id)
+        elif args.command == "delete":
+            work = c.delete(ctx, args.id)
+        elif args.command == "destroy":
+            work = c.destroy(ctx, args.id, args.yes)
+        elif args.command == "reboot":
+            work = c.reboot(ctx, args.id)
+        else:
+            work = c.sanitize(ctx, args.apply == "apply", args.orphans)
+        return await c.run(ctx, work)
+
+    return asyncio.run(main())
 
 
 def _check(config_file: str) -> int:

@@ -92,7 +92,8 @@ def entry_for(machine: Machine, settings: Settings, provider: str) -> InventoryE
     scheme = "https" if b.new_host_health_https else "http"
     path = b.new_host_health_path if b.new_host_health_path.startswith("/") else "/"
     return InventoryEntry(
-        id=machine.id,
+        # Droplet ids are numbers, and the 2015 inventory wrote them as TOML integers.
+        id=int(machine.id) if machine.id.isdigit() else machine.id,
         name=machine.name,
         public_ip=machine.public_ip,
         private_ip=machine.private_ip,
@@ -108,7 +109,7 @@ def entry_for(machine: Machine, settings: Settings, provider: str) -> InventoryE
 async def wait_active(
     provider: Provider,
     machine_id: str,
-    timeout: float,
+    timeout: float,  # noqa: ASYNC109 - polls; the error names the timeout
     interval: float = 1.0,
     progress: Callable[[Machine, float], None] | None = None,
     clock: Callable[[], float] | None = None,

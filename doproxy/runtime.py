@@ -43,6 +43,7 @@ from doproxy.core.settings import Settings
 from doproxy.errors import ConfigError, Problem
 from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
+from doproxy.machines import hold_server_lock, set_state
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
 from doproxy.statistics import StatsCollector
@@ -132,6 +133,8 @@ class Runtime:
         self.stats: StatsCollector | None = None
         self.reloads = 0  # successful reloads (tests and the status page read it)
         self._tasks: list[asyncio.Task[Any]] = []
+        self._exit = contextlib.ExitStack()
+        self._draining_since: dict[Backend, float] = {}
         self._reload_lock = asyncio.Lock()
 
     async def start(self) -> ProxyServer:
@@ -147,6 +150,10 @@ class Runtime:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.stats.run(time.monotonic)))
         if self.config_file is not None:
+            # Tells the CLI a server runs on this inventory and will finish its drains.
+            self._exit.enter_context(hold_server_lock(self.inventory_path))
+            self._tasks.append(loop.create_task(self._finish_drains()))
+        if self.config_file is not None:
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
             if settings.watch_config:
                 ready = asyncio.Event()
@@ -158,6 +165,48 @@ class Runtime:
             log.info("listening on %s:%d (%s)", host, port, "https" if ctx else "http")
         log.info("%d backend(s), balancing %s", len(self.entries), settings.loadbalancing.type)
         return server
+
+    @property
+    def inventory_path(self) -> Path:
+        return resolve_in(self.base, self.settings.inventory_file)
+
+    async def _finish_drains(self, every: float = 0.1) -> None:
+        """Turn "draining" backends "disabled" once nothing is in flight (or time is up).
+
+        See doproxy.machines: the inventory is where the CLI and the autoscaler ask for a drain
+        and where they see it finished.
+        """
+        while True:
+            await asyncio.sleep(every)
+            assert self.server is not None
+            now = time.monotonic()
+            draining = [b for b in self.server.pool.backends if b.entry.state == "draining"]
+            for b in list(self._draining_since):
+                if b not in draining:
+                    del self._draining_since[b]
+            for b in draining:
+                since = self._draining_since.setdefault(b, now)
+                timed_out = now - since >= self.settings.provisioning.drain_timeout
+                if b.in_flight and not timed_out:
+                    continue
+                while b.idle:
+                    b.idle.pop().close()
+                if b.entry.id in (0, ""):
+                    continue  # no id to address it by; it stays out of rotation as it is
+                log.info(
+                    "backend %s drained%s",
+                    b.name,
+                    f" (timeout, {b.in_flight} request(s) still in flight)" if b.in_flight else "",
+                )
+                try:
+                    await asyncio.to_thread(
+                        set_state, self.inventory_path, str(b.entry.id), "disabled"
+                    )
+                except (OSError, ConfigError) as e:
+                    log.error("cannot record the drain of %s in the inventory: %s", b.name, e)
+                    continue
+                b.entry = b.entry.model_copy(update={"state": "disabled"})
+                del self._draining_since[b]
 
     def _refresh(self) -> None:
         if self.server is not None:
@@ -264,6 +313,7 @@ class Runtime:
         if self.config_file is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        self._exit.close()
         if self.checker is not None:
             await self.checker.stop()
         if self.server is not None:

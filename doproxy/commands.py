@@ -1,0 +1,395 @@
+"""The machine commands: create, list, add, delete, destroy, reboot and sanitize.
+
+They are the 2015 doproxy's commands, made safe: every change to the inventory is atomic and
+locked (so a running server's own writes are never lost), a create is recorded before it is
+made (doproxy.machines), and destroy and reboot drain the backend through a running server
+instead of sleeping. Each returns an exit code; the CLI (doproxy.cli) parses the arguments and
+turns our errors into messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from doproxy.config import load_settings, resolve_relative
+from doproxy.core.inventory_model import InventoryEntry
+from doproxy.core.settings import Settings
+from doproxy.errors import DoproxyError, MachineNotFound, ProviderError
+from doproxy.health import Target, probe
+from doproxy.inventory import dump_inventory, load_inventory, update_inventory
+from doproxy.machines import (
+    Survey,
+    adopt,
+    create_machine,
+    drain,
+    drop_intent,
+    find_entry,
+    nudge_server,
+    remove_entry,
+    set_state,
+    survey,
+)
+from doproxy.provisioning import Machine, Provider, entry_for, new_name
+
+Confirm = Callable[[str], str]  # shows a question, returns the answer ("" when there is none)
+
+
+def open_provider(
+    settings: Settings, base: Path, environ: Mapping[str, str] | None = None
+) -> Provider:
+    """The configured provider: local processes when [local-provisioner] is enabled, else
+    DigitalOcean (the CLI commands work with a token even when [do-provisioner] enable is
+    false, as the 2015 doproxy's did)."""
+    if settings.local_provisioner.enable:
+        from doproxy.providers.local import LocalProvider
+
+        local: Provider = LocalProvider(settings.local_provisioner, base)
+        return local
+    from doproxy.providers.digitalocean import DigitalOceanProvider, load_token, read_user_data
+
+    do = settings.do_provisioner
+    token = load_token(do, base, os.environ if environ is None else environ)
+    remote: Provider = DigitalOceanProvider(do, token, user_data=read_user_data(do, base))
+    return remote
+
+
+class Context:
+    """What every command needs: the settings, the inventory's path, a provider, output."""
+
+    def __init__(
+        self,
+        config_file: str,
+        *,
+        environ: Mapping[str, str] | None = None,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        confirm: Confirm | None = None,
+        provider: Provider | None = None,
+    ) -> None:
+        self.config_file = config_file
+        self.settings = load_settings(config_file, environ)
+        self.base = Path(config_file).resolve().parent
+        self.inventory = resolve_relative(config_file, self.settings.inventory_file)
+        self.out = Console(file=out or sys.stdout, highlight=False, soft_wrap=True)
+        self.err = Console(file=err or sys.stderr, highlight=False, soft_wrap=True)
+        self.confirm = confirm or _ask
+        self._environ = environ
+        self._provider = provider
+
+    @property
+    def provider(self) -> Provider:
+        if self._provider is None:
+            self._provider = open_provider(self.settings, self.base, self._environ)
+        return self._provider
+
+    @property
+    def create_timeout(self) -> float:
+        if self.settings.local_provisioner.enable:
+            return self.settings.local_provisioner.boot_timeout
+        return self.settings.do_provisioner.create_timeout
+
+    def say(self, text: str) -> None:
+        self.err.print(text)
+
+    async def close(self) -> None:
+        if self._provider is not None:
+            await self._provider.close()
+
+
+def _ask(question: str) -> str:
+    if not sys.stdin.isatty():
+        return ""
+    try:
+        return input(question)
+    except EOFError:
+        return ""
+
+
+def _progress(ctx: Context, what: str) -> Callable[[Machine, float], None]:
+    """One line per change of status (and every 10 s), so logs and terminals both read well."""
+    last: list[object] = [None, -10.0]
+
+    def show(m: Machine, elapsed: float) -> None:
+        if m.status != last[0] or elapsed - float(str(last[1])) >= 10.0:
+            last[0], last[1] = m.status, elapsed
+            ctx.say(f"  {what} {m.name}: {m.status} ({elapsed:.0f}s)")
+
+    return show
+
+
+# --- create, add, delete ------------------------------------------------------------------------
+
+
+async def create(ctx: Context, name: str | None) -> int:
+    settings = ctx.settings
+    prefix = (
+        "local-" if settings.local_provisioner.enable else settings.do_provisioner.hostname_prefix
+    )
+    name = name or new_name(prefix)
+    ctx.say(f"creating {ctx.provider.kind} machine {name} ...")
+    entry = await create_machine(
+        ctx.provider,
+        name,
+        settings,
+        ctx.inventory,
+        ctx.create_timeout,
+        _progress(ctx, "waiting for"),
+    )
+    nudge_server(ctx.inventory, settings)
+    ctx.out.print(f"created {entry.name} (id {entry.id}) serving at {entry.server_host}")
+    return 0
+
+
+async def add(ctx: Context, machine_id: str) -> int:
+    entries = load_inventory(ctx.inventory)
+    if find_entry(entries, machine_id) is not None:
+        raise DoproxyError(f"{machine_id} is already in the inventory ({ctx.inventory.name})")
+    m = await ctx.provider.get(machine_id)
+    if not m.private_ip:
+        raise DoproxyError(
+            f"{m.name} ({m.id}) has no private IPv4 address; doproxy sends traffic over the "
+            "private network only (create the droplet with a VPC)"
+        )
+    if not m.active:
+        raise DoproxyError(f"{m.name} ({m.id}) is {m.status!r}, not running; add it once active")
+    entry = entry_for(m, ctx.settings, ctx.provider.kind)
+
+    def change(current: list[InventoryEntry]) -> list[InventoryEntry]:
+        if find_entry(current, machine_id) is not None:  # added meanwhile: refuse, change nothing
+            raise DoproxyError(f"{machine_id} is already in the inventory ({ctx.inventory.name})")
+        return [*current, entry]
+
+    update_inventory(ctx.inventory, change)
+    nudge_server(ctx.inventory, ctx.settings)
+    ctx.out.print(f"added {m.name} (id {m.id}) at {entry.server_host}")
+    return 0
+
+
+async def delete(ctx: Context, machine_id: str) -> int:
+    removed = remove_entry(ctx.inventory, machine_id)
+    if removed is None:
+        raise DoproxyError(f"{machine_id} is not in the inventory ({ctx.inventory.name})")
+    nudge_server(ctx.inventory, ctx.settings)
+    ctx.out.print(
+        f"removed {removed.name or machine_id} from the inventory; the machine keeps running"
+    )
+    return 0
+
+
+# --- destroy and reboot ---------------------------------------------------------------------------
+
+
+async def destroy(ctx: Context, machine_id: str, yes: bool) -> int:
+    entry = find_entry(load_inventory(ctx.inventory), machine_id)
+    label = f"{entry.name} ({machine_id})" if entry and entry.name else machine_id
+    if not yes:
+        answer = ctx.confirm(f"destroy {label}? This cannot be undone. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            ctx.say("not destroyed (answer y, or pass --yes)")
+            return 1
+    if entry is not None:
+        outcome = await drain(ctx.inventory, machine_id, ctx.settings)
+        ctx.say(f"  drain: {outcome}")
+        remove_entry(ctx.inventory, machine_id)
+        nudge_server(ctx.inventory, ctx.settings)
+    try:
+        await ctx.provider.destroy(machine_id)
+    except ProviderError:
+        if entry is not None:
+            # Put it back, disabled: the inventory must not forget a machine that still runs.
+            restored = entry.model_copy(update={"state": "disabled"})
+            update_inventory(ctx.inventory, lambda es: [*es, restored])
+            ctx.say(f"  {label} is back in the inventory, disabled")
+        raise
+    ctx.out.print(f"destroyed {label}")
+    return 0
+
+
+async def reboot(ctx: Context, machine_id: str, within: float | None = None) -> int:
+    entry = find_entry(load_inventory(ctx.inventory), machine_id)
+    if entry is None:
+        raise DoproxyError(f"{machine_id} is not in the inventory ({ctx.inventory.name})")
+    label = f"{entry.name} ({machine_id})" if entry.name else machine_id
+    outcome = await drain(ctx.inventory, machine_id, ctx.settings)
+    ctx.say(f"  drain: {outcome}")
+    ctx.say(f"rebooting {label} ...")
+    try:
+        await ctx.provider.reboot(machine_id)
+        await _wait_healthy(ctx, entry.health_url, entry.server_host, within or ctx.create_timeout)
+    except (ProviderError, TimeoutError) as e:
+        ctx.say(f"  {label} stays disabled in the inventory: {e or 'not healthy in time'}")
+        raise
+    set_state(ctx.inventory, machine_id, "active")
+    nudge_server(ctx.inventory, ctx.settings)
+    ctx.out.print(f"rebooted {label}; it takes traffic again")
+    return 0
+
+
+async def _wait_healthy(ctx: Context, health_url: str, server_host: str, within: float) -> None:
+    from urllib.parse import urlsplit
+
+    url = health_url if "://" in health_url else f"http://{health_url or server_host}/"
+    parts = urlsplit(url)
+    https = parts.scheme == "https"
+    target = Target(
+        parts.hostname or "127.0.0.1",
+        parts.port or (443 if https else 80),
+        parts.path or "/",
+        https,
+        parts.netloc,
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    each = max(ctx.settings.health.timeout or ctx.settings.backend.health_check_timeout, 1.0)
+    while True:
+        problem = await probe(target, each, ctx.settings.health.expect_status, "")
+        if not problem:
+            return
+        if loop.time() >= deadline:
+            raise ProviderError(f"{url} is not healthy after {within:.0f}s: {problem}")
+        await asyncio.sleep(0.2)
+
+
+# --- list and sanitize -------------------------------------------------------------------------
+
+
+async def list_machines(ctx: Context, output: str) -> int:
+    machines = sorted(await ctx.provider.list(), key=lambda m: (m.created or _EPOCH, m.name))
+    known = {str(e.id) for e in load_inventory(ctx.inventory)}
+    if output == "json":
+        rows = [
+            {
+                "id": m.id,
+                "name": m.name,
+                "status": m.status,
+                "private_ip": m.private_ip,
+                "public_ip": m.public_ip,
+                "tags": list(m.tags),
+                "created": m.created.isoformat() if m.created else None,
+                "in_inventory": m.id in known,
+            }
+            for m in machines
+        ]
+        ctx.out.file.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    if output == "toml":
+        entries = [entry_for(m, ctx.settings, ctx.provider.kind) for m in machines if m.private_ip]
+        ctx.out.file.write(dump_inventory(entries))
+        return 0
+    table = Table(title=f"{ctx.provider.kind} machines tagged {', '.join(_tags(ctx))}")
+    for col in ("id", "name", "status", "private ip", "public ip", "created", "inventory"):
+        table.add_column(col)
+    for m in machines:
+        table.add_row(
+            m.id,
+            m.name,
+            m.status,
+            m.private_ip or "-",
+            m.public_ip or "-",
+            m.created.strftime("%Y-%m-%d %H:%M") if m.created else "-",
+            "yes" if m.id in known else "no",
+        )
+    ctx.out.print(table)
+    return 0
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _tags(ctx: Context) -> tuple[str, ...]:
+    s = ctx.settings
+    return s.local_provisioner.tags if s.local_provisioner.enable else s.do_provisioner.tags
+
+
+def _describe(found: Survey) -> list[str]:
+    lines = []
+    for e in found.gone:
+        lines.append(
+            f"gone:     inventory entry {e.name or ''} ({e.id}): its machine no longer exists"
+        )
+    for e in found.intents_lost:
+        lines.append(f"lost:     {e.name}: recorded as provisioning, but no such machine exists")
+    for e, m in found.intents_found:
+        lines.append(f"creating: {e.name} ({m.id}, {m.status}): its creation was interrupted")
+    for m in found.orphans:
+        lines.append(
+            f"orphan:   {m.name} ({m.id}, {m.status}, {m.private_ip or 'no private ip'}): "
+            "tagged, but not in the inventory"
+        )
+    return lines
+
+
+async def sanitize(ctx: Context, apply: bool, orphans: str | None) -> int:
+    """List (and with `apply` fix) every difference between the inventory and the provider.
+
+    `orphans` answers the question asked for each orphan: "adopt", "destroy" or "keep"; None
+    means ask (and keep when there is nobody to ask).
+    """
+    found = await survey(ctx.provider, load_inventory(ctx.inventory))
+    for line in _describe(found):
+        ctx.out.print(line)
+    if found.clean:
+        ctx.out.print("inventory and provider agree")
+        return 0
+    if not apply:
+        ctx.out.print("run `doproxy sanitize apply` to fix these")
+        return 0
+    for e in [*found.gone, *found.intents_lost]:
+        if e.id not in (0, ""):
+            remove_entry(ctx.inventory, str(e.id))
+        else:
+            drop_intent(ctx.inventory, e.name)
+        ctx.out.print(f"removed {e.name or e.id} from the inventory")
+    for _, m in found.intents_found:
+        entry = await adopt(
+            ctx.provider,
+            m,
+            ctx.settings,
+            ctx.inventory,
+            ctx.create_timeout,
+            _progress(ctx, "waiting for"),
+        )
+        ctx.out.print(f"adopted {entry.name} ({entry.id}) at {entry.server_host}")
+    for m in found.orphans:
+        choice = (
+            orphans
+            or ctx.confirm(
+                f"{m.name} ({m.id}) is tagged but not in the inventory: adopt, destroy or keep? "
+            )
+            .strip()
+            .lower()
+            or "keep"
+        )
+        if choice == "adopt":
+            if not (m.private_ip or m.active):
+                ctx.out.print(f"kept {m.name}: no private address yet")
+                continue
+            entry = await adopt(ctx.provider, m, ctx.settings, ctx.inventory, ctx.create_timeout)
+            ctx.out.print(f"adopted {entry.name} ({entry.id}) at {entry.server_host}")
+        elif choice == "destroy":
+            with contextlib.suppress(MachineNotFound):
+                await ctx.provider.destroy(m.id)
+            ctx.out.print(f"destroyed {m.name} ({m.id})")
+        else:
+            ctx.out.print(f"kept {m.name} ({m.id}) out of the inventory")
+    nudge_server(ctx.inventory, ctx.settings)
+    return 0
+
+
+async def run(ctx: Context, command: Awaitable[int]) -> int:
+    """Run a command and always close the provider's connections."""
+    try:
+        return await command
+    finally:
+        await ctx.close()

@@ -1,0 +1,327 @@
+"""Keeping the inventory and the provider in step: intents, reconciliation, and drains.
+
+Theory of operation
+-------------------
+Creating a machine is a three-step affair, and a crash can happen between any two steps:
+
+1. record the intent: an inventory entry in state "provisioning" with the chosen name;
+2. ask the provider; the machine gets our tags, so `Provider.list()` finds it whatever happens;
+3. when the machine is active, the entry gets its id and address and turns "active".
+
+`survey()` compares the inventory with the provider's list and sorts every difference into one
+of four kinds; `apply()` fixes them:
+
+- an intent whose machine exists (the crash came after step 2): adopt it, i.e. wait until it is
+  active and complete the entry;
+- an intent without a machine (the crash came before step 2, or the create failed): drop it;
+- an entry whose machine is gone (destroyed elsewhere): drop it;
+- a tagged machine that no entry knows (created by hand, or an older crash): an orphan, adopted
+  or destroyed as the caller decides (`doproxy sanitize apply` asks; the server follows
+  `[provisioning] orphans`).
+
+So after a `kill -9` at any point no machine is leaked (every machine we made is tagged and ends
+up in the inventory or destroyed) and none is forgotten (every entry refers to a live machine).
+
+Draining goes through the inventory too, so the CLI and a running server agree on it: whoever
+wants a backend drained sets its state to "draining"; the server stops sending it new requests
+at once (it reloads the inventory), and sets the state to "disabled" when nothing is in flight
+any more or the drain timeout passed. The CLI knows a server is running because the server holds
+a shared lock on `<inventory>.server` for its whole life; the file also holds its pid, so the
+CLI can send SIGHUP when the server does not watch its files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from doproxy.core.inventory_model import InventoryEntry
+from doproxy.core.settings import Settings
+from doproxy.errors import MachineNotFound, ProviderError
+from doproxy.inventory import load_inventory, update_inventory
+from doproxy.provisioning import Machine, Provider, entry_for, wait_active
+
+log = logging.getLogger(__name__)
+
+
+# --- inventory edits ------------------------------------------------------------------------
+
+
+def record_intent(path: Path, name: str, provider: str, tags: tuple[str, ...]) -> None:
+    """Step 1: write down that we are about to create `name`, before asking the provider."""
+    intent = InventoryEntry(name=name, state="provisioning", provider=provider, tags=tags)
+    update_inventory(path, lambda entries: [*entries, intent])
+
+
+def _is_intent(e: InventoryEntry, name: str) -> bool:
+    return e.state == "provisioning" and e.name == name
+
+
+def note_machine_id(path: Path, name: str, machine_id: str) -> None:
+    """Step 2 done: the provider gave the machine an id; keep it with the intent."""
+
+    def change(entries: list[InventoryEntry]) -> list[InventoryEntry]:
+        return [
+            e.model_copy(update={"id": machine_id}) if _is_intent(e, name) else e for e in entries
+        ]
+
+    update_inventory(path, change)
+
+
+def complete_intent(path: Path, name: str, entry: InventoryEntry) -> None:
+    """Step 3: replace the intent with the machine's real entry (added when the intent is gone)."""
+
+    def change(entries: list[InventoryEntry]) -> list[InventoryEntry]:
+        rest = [e for e in entries if not _is_intent(e, name) and e.key != entry.key]
+        return [*rest, entry]
+
+    update_inventory(path, change)
+
+
+def drop_intent(path: Path, name: str) -> None:
+    update_inventory(path, lambda entries: [e for e in entries if not _is_intent(e, name)])
+
+
+def find_entry(entries: list[InventoryEntry], machine_id: str) -> InventoryEntry | None:
+    for e in entries:
+        if str(e.id) == machine_id and e.id not in (0, ""):
+            return e
+    return None
+
+
+def remove_entry(path: Path, machine_id: str) -> InventoryEntry | None:
+    """Remove the entry with this id; returns it (None when there was none)."""
+    removed: list[InventoryEntry] = []
+
+    def change(entries: list[InventoryEntry]) -> list[InventoryEntry]:
+        keep = []
+        for e in entries:
+            if e.id not in (0, "") and str(e.id) == machine_id:
+                removed.append(e)
+            else:
+                keep.append(e)
+        return keep
+
+    update_inventory(path, change)
+    return removed[0] if removed else None
+
+
+def set_state(path: Path, machine_id: str, state: str) -> bool:
+    """Set the state of the entry with this id; False when there is no such entry."""
+    found = False
+
+    def change(entries: list[InventoryEntry]) -> list[InventoryEntry]:
+        nonlocal found
+        out = []
+        for e in entries:
+            if e.id not in (0, "") and str(e.id) == machine_id:
+                found = True
+                e = e.model_copy(update={"state": state})
+            out.append(e)
+        return out
+
+    update_inventory(path, change)
+    return found
+
+
+# --- reconciliation -------------------------------------------------------------------------
+
+
+def managed_by(e: InventoryEntry, kind: str) -> bool:
+    """Is this entry's machine one the provider `kind` manages?
+
+    Entries name their provider; a 2015 inventory's [[droplet]] entries do not, and a numeric
+    id there is a droplet id, so they belong to DigitalOcean.
+    """
+    if e.provider:
+        return e.provider == kind
+    return kind == "digitalocean" and isinstance(e.id, int) and e.id != 0
+
+
+@dataclass
+class Survey:
+    intents_found: list[tuple[InventoryEntry, Machine]] = field(default_factory=list)
+    intents_lost: list[InventoryEntry] = field(default_factory=list)
+    gone: list[InventoryEntry] = field(default_factory=list)
+    orphans: list[Machine] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.intents_found or self.intents_lost or self.gone or self.orphans)
+
+
+async def survey(provider: Provider, entries: list[InventoryEntry]) -> Survey:
+    """Compare the inventory with the provider's tagged machines. Reads only."""
+    machines = await provider.list()
+    by_id = {m.id: m for m in machines}
+    by_name = {m.name: m for m in machines}
+    result = Survey()
+    known: set[str] = set()
+    for e in entries:
+        if not managed_by(e, provider.kind):
+            continue
+        if e.state == "provisioning":
+            m = by_id.get(str(e.id)) if e.id not in (0, "") else None
+            m = m or by_name.get(e.name)
+            if m is None:
+                result.intents_lost.append(e)
+            else:
+                known.add(m.id)
+                result.intents_found.append((e, m))
+            continue
+        mid = str(e.id)
+        if mid in by_id:
+            known.add(mid)
+            continue
+        # Not tagged (a droplet the 2015 doproxy made, or one adopted by hand): ask directly.
+        try:
+            await provider.get(mid)
+        except MachineNotFound:
+            result.gone.append(e)
+        else:
+            known.add(mid)
+    result.orphans = [m for m in machines if m.id not in known]
+    return result
+
+
+async def adopt(
+    provider: Provider,
+    machine: Machine,
+    settings: Settings,
+    path: Path,
+    within: float,
+    progress: Callable[[Machine, float], None] | None = None,
+) -> InventoryEntry:
+    """Wait until the machine is active, then give it its entry (completing any intent)."""
+    m = await wait_active(provider, machine.id, within, _poll_interval(settings), progress)
+    entry = entry_for(m, settings, provider.kind)
+    complete_intent(path, m.name, entry)
+    return entry
+
+
+def _poll_interval(settings: Settings) -> float:
+    if settings.local_provisioner.enable:
+        return 0.1
+    return settings.do_provisioner.poll_interval
+
+
+async def create_machine(
+    provider: Provider,
+    name: str,
+    settings: Settings,
+    path: Path,
+    within: float,
+    progress: Callable[[Machine, float], None] | None = None,
+) -> InventoryEntry:
+    """Create a machine crash-safely: intent, create, wait until active, complete the entry.
+
+    When the create fails for sure, the intent is dropped; when the outcome is unknown (the
+    provider cannot tell whether the machine exists), the intent stays for the next survey.
+    A machine that does not become active in time stays recorded as "provisioning" with its id.
+    """
+    tags = _tags(settings)
+    record_intent(path, name, provider.kind, tags)
+    try:
+        machine = await provider.create(name)
+    except ProviderError:
+        try:
+            found = [m for m in await provider.list() if m.name == name]
+        except ProviderError:
+            log.warning(
+                "create of %s failed and its outcome is unknown; kept as provisioning", name
+            )
+            raise
+        if not found:
+            drop_intent(path, name)
+            raise
+        machine = found[0]
+    note_machine_id(path, name, machine.id)
+    return await adopt(provider, machine, settings, path, within, progress)
+
+
+def _tags(settings: Settings) -> tuple[str, ...]:
+    if settings.local_provisioner.enable:
+        return settings.local_provisioner.tags
+    return settings.do_provisioner.tags
+
+
+# --- the server lock and drains ---------------------------------------------------------------
+
+
+def server_lock_path(inventory: Path) -> Path:
+    return inventory.with_name(inventory.name + ".server")
+
+
+@contextlib.contextmanager
+def hold_server_lock(inventory: Path) -> Iterator[None]:
+    """Held by a running server: tells the CLI that someone will act on "draining"."""
+    p = server_lock_path(inventory)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def running_server(inventory: Path) -> int | None:
+    """The pid of a server running on this inventory, or None."""
+    p = server_lock_path(inventory)
+    try:
+        fd = os.open(p, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def nudge_server(inventory: Path, settings: Settings) -> None:
+    """Make a running server reload now when it does not watch its files itself."""
+    pid = running_server(inventory)
+    if pid and not settings.watch_config:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGHUP)
+
+
+async def drain(
+    path: Path, machine_id: str, settings: Settings, clock: Callable[[], float] | None = None
+) -> str:
+    """Drain a backend through the inventory and wait for a running server to finish it.
+
+    Returns what happened, for the user: "drained", "no server running" or "not in inventory".
+    """
+    if not set_state(path, machine_id, "draining"):
+        return "not in inventory"
+    if running_server(path) is None:
+        set_state(path, machine_id, "disabled")
+        return "no server running"
+    nudge_server(path, settings)
+    loop = asyncio.get_running_loop()
+    now = clock or loop.time
+    deadline = now() + settings.provisioning.drain_timeout + 10.0
+    while now() < deadline:
+        e = find_entry(load_inventory(path), machine_id)
+        if e is None or e.state != "draining":
+            return "drained"
+        await asyncio.sleep(0.1)
+    # The server did not answer (stuck or gone): the drain timeout has passed in any case.
+    set_state(path, machine_id, "disabled")
+    return "drain timed out"
