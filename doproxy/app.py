@@ -58,35 +58,101 @@ def serve(config_file: str) -> None:
     uvloop.run(run_proxy(settings, inventory, Path(config_file)))
 
 
-async def _demo(bind: str, count: int) -> None:
-    from doproxy.demo_backend import start_demo_backend
+DEMO_CONFIG = """\
+# Written by `doproxy demo`: the proxy, autoscaling local demo backends (1 to 4).
+bind = "{bind}"
+watch-config = false
+inventory-file = "inventory.toml"
 
-    entries = []
-    servers = []
-    for i in range(count):
-        server, port = await start_demo_backend(f"demo-backend-{i + 1}")
-        servers.append(server)
-        entries.append(
-            InventoryEntry(id=i + 1, name=f"demo-backend-{i + 1}", server_host=f"127.0.0.1:{port}")
-        )
-    settings = Settings.model_validate(
-        {"bind": bind, "watch-config": False, "backend": {"new-host-health-path": "/health"}}
-    )
+[backend]
+new-host-health-path = "/health"
+
+[health]
+interval = "1s"
+
+[provisioning]
+enable = true
+min-backends = 1
+max-backends = 4
+upscale-latency = "150ms"
+upscale-time = "3s"
+upscale-every = "5s"
+downscale-latency = "90ms"
+downscale-time = "10s"
+downscale-every = "10s"
+interval = "1s"
+drain-timeout = "5s"
+orphans = "destroy"
+
+[local-provisioner]
+enable = true
+# Each backend serves at most 4 requests at once, 50 ms each: latency rises with concurrency.
+command = "python -m doproxy.demo_backend --host {{host}} --port {{port}} --name {{name}} --capacity 4 --service-time 0.05"
+ports = "{ports}"
+boot-timeout = "10s"
+stop-timeout = "2s"
+tags = ["doproxy-demo"]
+"""
+
+# `doproxy demo --load`: heavy load until the pool has grown, then light load so it shrinks.
+LOAD_PHASES = ((16, 40.0), (2, 40.0))
+
+
+async def _demo(bind: str, load: bool, ports: str = "9100-9199") -> None:
+    import tempfile
+
+    from doproxy.loadgen import LoadResult, run_load
+    from doproxy.machines import open_provider
+
+    folder = Path(tempfile.mkdtemp(prefix="doproxy-demo-"))
+    config = folder / "doproxy.toml"
+    config.write_text(DEMO_CONFIG.format(bind=bind, ports=ports), encoding="utf-8")
+    settings = load_settings(config)
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
 
     def ready(server: ProxyServer) -> None:
         host, port = server.addresses[0]
-        print(f"doproxy demo: proxy on http://{host}:{port} in front of {count} demo backends")
-        for e in entries:
-            print(f"  backend {e.name} at {e.server_host}")
-        print(f"try:  curl -s http://{host}:{port}/hello   (repeat it: the backends take turns)")
+        print(f"doproxy demo: proxy on http://{host}:{port}, autoscaling 1-4 local demo backends")
+        print(f"  config and inventory: {folder}")
+        print(f"try:  curl -s http://{host}:{port}/hello")
+        if load:
+            tasks.append(asyncio.get_running_loop().create_task(_drive(host, port, server)))
+        else:
+            print("      doproxy demo --load   drives load, so you can watch the pool scale")
         print("stop with Ctrl-C")
 
+    async def _drive(host: str, port: int, server: ProxyServer) -> None:
+        for clients, seconds in LOAD_PHASES:
+            print(f"load: {clients} clients for {seconds:.0f}s")
+            result = LoadResult()
+            runner = asyncio.get_running_loop().create_task(
+                run_load(host, port, clients, seconds, result=result)
+            )
+            seen = 0
+            while not runner.done():
+                await asyncio.sleep(5.0)
+                fresh = sorted(result.latencies[seen:])
+                seen = len(result.latencies)
+                p50 = fresh[len(fresh) // 2] * 1000 if fresh else 0.0
+                up = len(server.pool.eligible)
+                print(
+                    f"  {len(fresh) / 5:6.0f} req/s  median {p50:6.1f} ms  "
+                    f"failed {result.failed}  backends serving: {up}"
+                )
+            await runner
+        print("load finished; the pool shrinks back to 1 backend. Ctrl-C to stop.")
+
     try:
-        await run_proxy(settings, entries, on_ready=ready)
+        await run_proxy(settings, [], config, stop=stop, on_ready=ready)
     finally:
-        for s in servers:
-            s.close()
+        for t in tasks:
+            t.cancel()
+        provider = open_provider(settings, folder)
+        for m in await provider.list():
+            await provider.destroy(m.id)
+        await provider.close()
 
 
-def demo(bind: str = "127.0.0.1:8000", count: int = 2) -> None:
-    uvloop.run(_demo(bind, count))
+def demo(bind: str = "127.0.0.1:8000", load: bool = False, ports: str = "9100-9199") -> None:
+    uvloop.run(_demo(bind, load, ports))

@@ -26,9 +26,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("serve", help="run the proxy (the default)")
-    d = sub.add_parser("demo", help="run the proxy in front of two built-in demo backends")
+    d = sub.add_parser(
+        "demo", help="run the proxy in front of autoscaling local demo backends (1 to 4)"
+    )
     d.add_argument("--bind", default="127.0.0.1:8000", help="where the proxy listens")
-    d.add_argument("--backends", type=int, default=2, help="how many demo backends to start")
+    d.add_argument(
+        "--load",
+        action="store_true",
+        help="also drive a bounded load (heavy, then light) so you can watch the pool scale",
+    )
+    d.add_argument("--ports", default="9100-9199", help="ports for the demo backends")
     sub.add_parser("check", help="validate the config and the inventory; contacts nothing")
     _machine_commands(sub)
     return p
@@ -126,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         app.serve(args.config)
         return 0
     if args.command == "demo":
-        app.demo(args.bind, args.backends)
+        app.demo(args.bind, args.load, args.ports)
         return 0
     if args.command == "check":
         return _check(args.config)

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -24,7 +23,6 @@ from rich.table import Table
 
 from doproxy.config import load_settings, resolve_relative
 from doproxy.core.inventory_model import InventoryEntry
-from doproxy.core.settings import Settings
 from doproxy.errors import DoproxyError, MachineNotFound, ProviderError
 from doproxy.health import Target, probe
 from doproxy.inventory import dump_inventory, load_inventory, update_inventory
@@ -36,6 +34,7 @@ from doproxy.machines import (
     drop_intent,
     find_entry,
     nudge_server,
+    open_provider,
     remove_entry,
     set_state,
     survey,
@@ -43,25 +42,6 @@ from doproxy.machines import (
 from doproxy.provisioning import Machine, Provider, entry_for, new_name
 
 Confirm = Callable[[str], str]  # shows a question, returns the answer ("" when there is none)
-
-
-def open_provider(
-    settings: Settings, base: Path, environ: Mapping[str, str] | None = None
-) -> Provider:
-    """The configured provider: local processes when [local-provisioner] is enabled, else
-    DigitalOcean (the CLI commands work with a token even when [do-provisioner] enable is
-    false, as the 2015 doproxy's did)."""
-    if settings.local_provisioner.enable:
-        from doproxy.providers.local import LocalProvider
-
-        local: Provider = LocalProvider(settings.local_provisioner, base)
-        return local
-    from doproxy.providers.digitalocean import DigitalOceanProvider, load_token, read_user_data
-
-    do = settings.do_provisioner
-    token = load_token(do, base, os.environ if environ is None else environ)
-    remote: Provider = DigitalOceanProvider(do, token, user_data=read_user_data(do, base))
-    return remote
 
 
 class Context:

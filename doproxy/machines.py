@@ -38,7 +38,7 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,28 @@ from doproxy.inventory import load_inventory, update_inventory
 from doproxy.provisioning import Machine, Provider, entry_for, wait_active
 
 log = logging.getLogger(__name__)
+
+
+# --- the provider ---------------------------------------------------------------------------
+
+
+def open_provider(
+    settings: Settings, base: Path, environ: Mapping[str, str] | None = None
+) -> Provider:
+    """The configured provider: local processes when [local-provisioner] is enabled, else
+    DigitalOcean (the CLI commands work with a token even when [do-provisioner] enable is
+    false, as the 2015 doproxy's did)."""
+    if settings.local_provisioner.enable:
+        from doproxy.providers.local import LocalProvider
+
+        local: Provider = LocalProvider(settings.local_provisioner, base)
+        return local
+    from doproxy.providers.digitalocean import DigitalOceanProvider, load_token, read_user_data
+
+    do = settings.do_provisioner
+    token = load_token(do, base, os.environ if environ is None else environ)
+    remote: Provider = DigitalOceanProvider(do, token, user_data=read_user_data(do, base))
+    return remote
 
 
 # --- inventory edits ------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import watchfiles
 
@@ -43,10 +43,13 @@ from doproxy.core.settings import Settings
 from doproxy.errors import ConfigError, Problem
 from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
-from doproxy.machines import hold_server_lock, set_state
+from doproxy.machines import hold_server_lock, open_provider, set_state
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
 from doproxy.statistics import StatsCollector
+
+if TYPE_CHECKING:
+    from doproxy.autoscaler import Autoscaler
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,7 @@ class Runtime:
         self._tasks: list[asyncio.Task[Any]] = []
         self._exit = contextlib.ExitStack()
         self._draining_since: dict[Backend, float] = {}
+        self.autoscaler: Autoscaler | None = None
         self._reload_lock = asyncio.Lock()
 
     async def start(self) -> ProxyServer:
@@ -153,6 +157,8 @@ class Runtime:
             # Tells the CLI a server runs on this inventory and will finish its drains.
             self._exit.enter_context(hold_server_lock(self.inventory_path))
             self._tasks.append(loop.create_task(self._finish_drains()))
+            if settings.provisioning.enable:
+                self.start_autoscaler()
         if self.config_file is not None:
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
             if settings.watch_config:
@@ -165,6 +171,22 @@ class Runtime:
             log.info("listening on %s:%d (%s)", host, port, "https" if ctx else "http")
         log.info("%d backend(s), balancing %s", len(self.entries), settings.loadbalancing.type)
         return server
+
+    def start_autoscaler(self) -> None:
+        from doproxy.autoscaler import Autoscaler
+
+        provider = open_provider(self.settings, self.base)
+        self.autoscaler = Autoscaler(self, provider)
+        self.autoscaler.start()
+        p = self.settings.provisioning
+        log.info(
+            "autoscaler on (%s, %d-%d backends, %s)%s",
+            provider.kind,
+            p.min_backends,
+            p.max_backends,
+            p.mode,
+            " in dry-run" if p.dry_run else "",
+        )
 
     @property
     def inventory_path(self) -> Path:
@@ -295,6 +317,12 @@ class Runtime:
         self.checker.watch(pool.backends)
         self.settings, self.entries = settings, entries
         self.reloads += 1
+        if settings.provisioning.enable and self.autoscaler is None:
+            self.start_autoscaler()
+        elif not settings.provisioning.enable and self.autoscaler is not None:
+            scaler, self.autoscaler = self.autoscaler, None
+            self._tasks.append(asyncio.get_running_loop().create_task(scaler.stop()))
+            log.info("autoscaler off")
         log.info(
             "reloaded: %d backend(s) (%d new, %d removed), balancing %s",
             len(pool.backends),
@@ -313,6 +341,8 @@ class Runtime:
         if self.config_file is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
         self._exit.close()
         if self.checker is not None:
             await self.checker.stop()
