@@ -87,7 +87,8 @@ orphans = "destroy"
 [local-provisioner]
 enable = true
 # Each backend serves at most 4 requests at once, 50 ms each: latency rises with concurrency.
-command = "python -m doproxy.demo_backend --host {{host}} --port {{port}} --name {{name}} --capacity 4 --service-time 0.05"
+command = '''python -m doproxy.demo_backend --host {{host}} --port {{port}} --name {{name}}
+  --capacity 4 --service-time 0.05'''
 ports = "{ports}"
 boot-timeout = "10s"
 stop-timeout = "2s"
