@@ -166,8 +166,22 @@ def _capture(
     return _Reply(response.status_code, deserialized, response.headers)
 
 
-class _Uncertain(ProviderError):
-    """The request may or may not have been carried out (5xx, timeout, connection lost)."""
+class UncertainOutcome(ProviderError):
+    """A POST may or may not have been carried out (5xx, timeout, connection lost)."""
+
+
+class _DebugLog(SansIOHTTPPolicy[HttpRequest, AsyncHttpResponse]):
+    """One DEBUG line per request and answer, in place of azure-core's HTTP logging policy,
+    which logs every request's headers at INFO (the token redacted, but noisy for a CLI)."""
+
+    def on_response(
+        self,
+        request: PipelineRequest[HttpRequest],
+        response: PipelineResponse[HttpRequest, AsyncHttpResponse],
+    ) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            http = request.http_request
+            log.debug("%s %s -> %s", http.method, http.url, response.http_response.status_code)
 
 
 # --- the provider ----------------------------------------------------------------------------
@@ -208,6 +222,7 @@ class DigitalOceanProvider:
             endpoint=self.api_url,
             authentication_policy=_BearerAuth(token),
             retry_total=0,  # azure-core must never retry: a retried POST can duplicate a droplet
+            http_logging_policy=_DebugLog(),
             connection_timeout=request_timeout,
             read_timeout=request_timeout,
         )
@@ -230,12 +245,12 @@ class DigitalOceanProvider:
             droplet_id,
             not_found=f"droplet {droplet_id} not found",
         )
-        return _machine(reply.body["droplet"])
+        return _machine(_field(reply, "droplet", f"getting droplet {droplet_id}"))
 
     async def create(self, name: str) -> Machine:
         body = self._create_body(name)
         doing = f"creating droplet {name}"
-        uncertain: _Uncertain | None = None
+        uncertain: UncertainOutcome | None = None
         for attempt in range(1, self._attempts + 1):
             if uncertain is not None:
                 # The last attempt may have made the droplet: look before making another.
@@ -253,11 +268,11 @@ class DigitalOceanProvider:
                 reply = await self._call(
                     doing, self._client.droplets.create, body=body, idempotent=False
                 )
-            except _Uncertain as exc:
+            except UncertainOutcome as exc:
                 log.warning("%s: %s (attempt %d of %d)", doing, exc, attempt, self._attempts)
                 uncertain = exc
                 continue
-            machine = _machine(reply.body["droplet"])
+            machine = _machine(_field(reply, "droplet", doing))
             log.info("created droplet %s (%s)", machine.name, machine.id)
             return machine
         found = await self._find_ours(name)
@@ -291,7 +306,7 @@ class DigitalOceanProvider:
             idempotent=False,
             not_found=f"droplet {droplet_id} not found",
         )
-        action = reply.body["action"]
+        action = _field(reply, "action", doing)
         action_id = int(action["id"])
         now = self._clock or asyncio.get_running_loop().time
         deadline = now() + self.settings.create_timeout
@@ -315,7 +330,7 @@ class DigitalOceanProvider:
                 action_id,
                 not_found=f"droplet {droplet_id} or its reboot action {action_id} not found",
             )
-            action = reply.body["action"]
+            action = _field(reply, "action", doing)
         log.info("rebooted droplet %s", droplet_id)
 
     async def close(self) -> None:
@@ -404,10 +419,13 @@ class DigitalOceanProvider:
                 # Connection refused, reset, timed out: azure-core maps every aiohttp failure
                 # here, including some after the request was sent, so the outcome is unknown.
                 reason = str(exc.message or exc) or type(exc).__name__
-                error = _Uncertain(f"cannot reach DigitalOcean at {self.api_url}: {reason}")
                 failures += 1
-                if not idempotent or failures >= self._attempts:
-                    raise error from exc
+                what = f"cannot reach DigitalOcean at {self.api_url}: {reason}"
+                if not idempotent:
+                    raise UncertainOutcome(what) from exc
+                if failures >= self._attempts:
+                    raise ProviderError(what) from exc
+                error = ProviderError(what)
                 log.warning("%s: %s; trying again", doing, error)
                 await self._sleep(_backoff(failures))
                 continue
@@ -444,11 +462,12 @@ class DigitalOceanProvider:
                     raise MachineNotFound(not_found)
             if status >= 500:
                 failures += 1
-                error = _Uncertain(
-                    f"DigitalOcean failed ({status}) while {doing}: {message or 'no details'}"
-                )
-                if not idempotent or failures >= self._attempts:
-                    raise error
+                what = f"DigitalOcean failed ({status}) while {doing}: {message or 'no details'}"
+                if not idempotent:
+                    raise UncertainOutcome(what)
+                if failures >= self._attempts:
+                    raise ProviderError(what)
+                error = ProviderError(what)
                 log.warning("%s; trying again", error)
                 await self._sleep(_backoff(failures))
                 continue
@@ -529,6 +548,17 @@ def _machine(droplet: JSON) -> Machine:
         created=created,
         extra=extra,
     )
+
+
+def _field(reply: _Reply, key: str, doing: str) -> JSON:
+    """The object under `key` of a 2xx answer; a ProviderError when the answer has none."""
+    value = reply.body.get(key) if isinstance(reply.body, dict) else None
+    if not isinstance(value, dict) or "id" not in value:
+        raise ProviderError(
+            f"DigitalOcean answered {reply.status} without a {key} while {doing}; "
+            "is api-url DigitalOcean's API?"
+        )
+    return value
 
 
 def _error_reply(exc: HttpResponseError) -> _Reply:
