@@ -1,0 +1,308 @@
+"""The autoscaler end to end: real proxy, real backends (local processes or fake droplets that
+serve), real load. Durations are short, set in each test's config."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from doproxy.config import load_settings
+from doproxy.core.inventory_model import InventoryEntry
+from doproxy.inventory import load_inventory
+from doproxy.loadgen import LoadResult, run_load
+from doproxy.machines import open_provider
+from doproxy.runtime import Runtime
+from doproxy.testing.fake_digitalocean import FakeDigitalOcean
+from tests.conftest import wait_for
+from tests.procs import start_proxy_process
+
+TOKEN = "dop_v1_autoscaler-test-token"
+
+POLICY = """
+[health]
+interval = "200ms"
+down-interval = "200ms"
+rise = 1
+
+[provisioning]
+enable = true
+min-backends = 1
+max-backends = 3
+upscale-latency = "100ms"
+upscale-time = "1s"
+upscale-every = "1s"
+downscale-latency = "70ms"
+downscale-time = "1500ms"
+downscale-every = "1s"
+interval = "250ms"
+drain-timeout = "5s"
+"""
+
+# Each backend serves 2 requests at once, 40 ms each: 8 clients on one backend wait ~160 ms.
+BACKEND = "--capacity 2 --service-time 0.04"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_range(width: int = 20) -> str:
+    """A range of ports that were free a moment ago (the provider re-checks each one)."""
+    base = free_port()
+    base = min(base, 65535 - width)
+    return f"{base}-{base + width - 1}"
+
+
+def local_config(tmp: Path, tag: str, extra: str = "") -> Path:
+    cfg = tmp / "doproxy.toml"
+    cfg.write_text(
+        f"""bind = "127.0.0.1:0"
+watch-config = false
+inventory-file = "inventory.toml"
+
+[backend]
+new-host-health-path = "/health"
+{POLICY}
+[local-provisioner]
+enable = true
+command = "python -m doproxy.demo_backend --host {{host}} --port {{port}} --name {{name}} {BACKEND}"
+ports = "{port_range()}"
+boot-timeout = "10s"
+stop-timeout = "2s"
+tags = ["{tag}"]
+{extra}"""
+    )
+    return cfg
+
+
+def serving(rt: Runtime) -> int:
+    assert rt.server is not None
+    return len(rt.server.pool.eligible)
+
+
+@dataclass
+class Scaled:
+    grew_to: int
+    heavy: LoadResult
+    light: LoadResult
+
+
+async def scale_up_and_down(rt: Runtime) -> Scaled:
+    """Heavy load until the pool grows, then light load until it is back to one backend."""
+    assert rt.server is not None
+    await wait_for(lambda: serving(rt) == 1, timeout=15)  # min-backends, created at start
+    host, port = rt.server.addresses[0]
+    stop = asyncio.Event()
+    heavy = LoadResult()
+    load = asyncio.create_task(run_load(host, port, 8, 30.0, stop=stop, result=heavy))
+    try:
+        await wait_for(lambda: serving(rt) >= 2, timeout=25)
+    finally:
+        stop.set()
+        await load
+    grew_to = serving(rt)
+    # Light load: latency falls below downscale-latency, the pool shrinks while serving it.
+    stop = asyncio.Event()
+    light = LoadResult()
+    load = asyncio.create_task(run_load(host, port, 1, 30.0, stop=stop, result=light))
+    try:
+        scaler = rt.autoscaler
+        assert scaler is not None
+        await wait_for(lambda: serving(rt) == 1 and not scaler.retiring, timeout=25)
+    finally:
+        stop.set()
+        await load
+    return Scaled(grew_to, heavy, light)
+
+
+@pytest.mark.timeout(90)
+async def test_local_provider_scales_up_under_load_and_back_down(tmp_path: Path) -> None:
+    tag = f"doproxy-test-{uuid.uuid4().hex[:8]}"
+    cfg = local_config(tmp_path, tag)
+    settings = load_settings(cfg)
+    rt = Runtime(settings, [], cfg)
+    await rt.start()
+    try:
+        result = await scale_up_and_down(rt)
+        assert result.grew_to >= 2
+        assert result.light.failed == 0, result.light.errors  # 0 failed during the scale-down
+        assert result.heavy.failed == 0, result.heavy.errors
+        assert rt.autoscaler is not None
+        actions = [r.action for r in rt.autoscaler.history]
+        assert "up" in actions and "down" in actions
+        reasons = " | ".join(r.reason for r in rt.autoscaler.history)
+        assert "ms" in reasons  # decisions carry their numbers
+        entries = load_inventory(tmp_path / "inventory.toml")
+        assert len([e for e in entries if e.state == "active"]) == 1
+    finally:
+        await rt.stop()
+        await destroy_all(settings, tmp_path)
+
+
+async def destroy_all(settings: object, folder: Path) -> None:
+    from doproxy.core.settings import Settings
+
+    assert isinstance(settings, Settings)
+    provider = open_provider(settings, folder)
+    for m in await provider.list():
+        await provider.destroy(m.id)
+    await provider.close()
+
+
+async def machines(settings: object, folder: Path) -> set[str]:
+    from doproxy.core.settings import Settings
+
+    assert isinstance(settings, Settings)
+    provider = open_provider(settings, folder, {"DIGITALOCEAN_TOKEN": TOKEN})
+    try:
+        return {m.id for m in await provider.list()}
+    finally:
+        await provider.close()
+
+
+def inventory_ids(folder: Path) -> set[str]:
+    return {str(e.id) for e in load_inventory(folder / "inventory.toml") if e.id not in (0, "")}
+
+
+def provisioning(folder: Path) -> list[InventoryEntry]:
+    try:
+        return [e for e in load_inventory(folder / "inventory.toml") if e.state == "provisioning"]
+    except Exception:
+        return []
+
+
+@pytest.mark.timeout(90)
+async def test_kill_9_during_a_local_provision_leaks_and_forgets_nothing(tmp_path: Path) -> None:
+    tag = f"doproxy-test-{uuid.uuid4().hex[:8]}"
+    # The backend sleeps before it listens, so the kill lands while it boots.
+    cfg = local_config(
+        tmp_path,
+        tag,
+    ).read_text()
+    cfg = cfg.replace("min-backends = 1", "min-backends = 2").replace(
+        'command = "python -m doproxy.demo_backend',
+        'command = "python -m doproxy.demo_backend --boot-delay 1.5',
+    )
+    (tmp_path / "doproxy.toml").write_text(cfg)
+    settings = load_settings(tmp_path / "doproxy.toml")
+    try:
+        proxy = await start_proxy_process(tmp_path / "doproxy.toml")
+        await wait_for(lambda: len(provisioning(tmp_path)) >= 1, timeout=15)
+        os.kill(proxy.pid, signal.SIGKILL)
+        await proxy.proc.wait()
+        # Restart: it reconciles (adopts what was booting), then fills up to min-backends.
+        proxy = await start_proxy_process(tmp_path / "doproxy.toml")
+        try:
+
+            async def settled() -> bool:
+                ids = inventory_ids(tmp_path)
+                live = await machines(settings, tmp_path)
+                entries = load_inventory(tmp_path / "inventory.toml")
+                return len(ids) == 2 and ids == live and all(e.state == "active" for e in entries)
+
+            async with asyncio.timeout(30):
+                while not await settled():
+                    await asyncio.sleep(0.1)
+        finally:
+            await proxy.stop()
+        # After a clean stop the machines keep running and stay in the inventory.
+        assert inventory_ids(tmp_path) == await machines(settings, tmp_path)
+    finally:
+        await destroy_all(settings, tmp_path)
+
+
+# --- the same against the fake DigitalOcean API ---------------------------------------------
+
+
+def do_config(tmp: Path, url: str, port: int, extra: str = "") -> Path:
+    cfg = tmp / "doproxy.toml"
+    cfg.write_text(
+        f"""bind = "127.0.0.1:0"
+watch-config = false
+inventory-file = "inventory.toml"
+
+[backend]
+new-host-port = {port}
+new-host-health-path = "/health"
+{POLICY}
+[do-provisioner]
+enable = true
+token = "{TOKEN}"
+api-url = "{url}"
+create-timeout = "20s"
+poll-interval = "50ms"
+{extra}"""
+    )
+    return cfg
+
+
+@pytest.fixture
+async def fake_do() -> AsyncIterator[tuple[FakeDigitalOcean, int]]:
+    port = free_port()
+    async with FakeDigitalOcean(
+        token=TOKEN,
+        active_after=0.3,
+        serve_backends=True,
+        backend_port=port,
+        backend_capacity=2,
+        backend_service_time=0.04,
+    ) as fake:
+        yield fake, port
+        assert fake.violations == []
+
+
+@pytest.mark.timeout(90)
+async def test_fake_droplets_scale_up_under_load_and_back_down(
+    tmp_path: Path, fake_do: tuple[FakeDigitalOcean, int]
+) -> None:
+    fake, port = fake_do
+    cfg = do_config(tmp_path, fake.url, port)
+    rt = Runtime(load_settings(cfg), [], cfg)
+    await rt.start()
+    try:
+        result = await scale_up_and_down(rt)
+        assert result.grew_to >= 2
+        assert result.light.failed == 0, result.light.errors
+        assert fake.created_count >= 2
+        await wait_for(lambda: len(fake.droplets) == 1, timeout=10)
+        assert {str(i) for i in fake.droplets} == inventory_ids(tmp_path)
+    finally:
+        await rt.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_kill_9_during_a_droplet_provision_leaks_and_forgets_nothing(
+    tmp_path: Path, fake_do: tuple[FakeDigitalOcean, int]
+) -> None:
+    fake, port = fake_do
+    fake.active_after = 2.0  # the kill lands while the droplet is "new"
+    cfg = do_config(tmp_path, fake.url, port)
+    cfg.write_text(cfg.read_text().replace("min-backends = 1", "min-backends = 2"))
+    proxy = await start_proxy_process(cfg)
+    await wait_for(lambda: fake.created_count >= 1, timeout=15)
+    os.kill(proxy.pid, signal.SIGKILL)
+    await proxy.proc.wait()
+    assert provisioning(tmp_path), "the intent was recorded before the droplet was created"
+    proxy = await start_proxy_process(cfg)
+    try:
+        await wait_for(
+            lambda: (
+                len(inventory_ids(tmp_path)) == 2
+                and {str(i) for i in fake.droplets} == inventory_ids(tmp_path)
+                and not provisioning(tmp_path)
+            ),
+            timeout=30,
+        )
+    finally:
+        await proxy.stop()
+    assert {str(i) for i in fake.droplets} == inventory_ids(tmp_path)  # 0 leaked, 0 forgotten
