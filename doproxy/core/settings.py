@@ -139,7 +139,7 @@ class Provisioning(Section):
     max_health_failures: int = Field(180, ge=1)
     # New in doproxy (Python); see docs/autoscaling.md.
     mode: Literal["threshold", "target"] = "threshold"
-    target_latency: Duration = 0.3  # mode = "target": the latency to track
+    target_latency: PositiveDuration = 0.3  # mode = "target": the latency to track
     max_step: int = Field(1, ge=1)  # machines added or removed by one decision at most
     # An idle pool (below min-requests per second) has no meaningful latency. "hold" keeps its
     # size; "scale-down" treats it as fast, so it shrinks to min-backends.
