@@ -159,6 +159,17 @@ class Provisioning(Section):
                 f"provisioning.min-backends ({self.min_backends}) must not exceed "
                 f"provisioning.max-backends ({self.max_backends})"
             )
+        # Equal or crossed thresholds make the threshold mode flap: every latency is "slow"
+        # or "fast". Checked only when enabled, so a disabled Go file loads as it always did.
+        if (
+            self.enable
+            and self.mode == "threshold"
+            and self.downscale_latency >= self.upscale_latency
+        ):
+            raise ValueError(
+                f"provisioning.downscale-latency ({self.downscale_latency:g}s) must be below "
+                f"provisioning.upscale-latency ({self.upscale_latency:g}s)"
+            )
         return self
 
 
