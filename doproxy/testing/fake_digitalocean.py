@@ -172,8 +172,8 @@ def in_spec(method: str, path: str, spec_path: Path | None = None) -> bool:
     from openapi_core.testing import MockRequest
 
     spec = load_spec(spec_path or SPEC_PATH)
-    result = spec.unmarshal_request(MockRequest(SPEC_SERVER, method, path))
-    return not any(isinstance(e, PathError) for e in result.errors)
+    errors = spec.iter_request_errors(MockRequest(SPEC_SERVER, method, path))
+    return not any(isinstance(e, PathError) for e in errors)
 
 
 def validate_exchange(
@@ -207,9 +207,11 @@ def validate_exchange(
         data=body or None,
         content_type=content_type,
     )
-    req_result = spec.unmarshal_request(request)
-    req_problems = [_describe(e) for e in req_result.errors]
-    if status is None or any(isinstance(e, PathError) for e in req_result.errors):
+    # iter_*_errors validate without unmarshalling (building Python values from the data):
+    # twenty times faster on droplet lists, and every problem is reported, not only the first.
+    req_errors = list(spec.iter_request_errors(request))
+    req_problems = [_describe(e) for e in req_errors]
+    if status is None or any(isinstance(e, PathError) for e in req_errors):
         # A request the spec does not know has no documented response to compare with.
         return req_problems, []
     response = MockResponse(
@@ -218,8 +220,7 @@ def validate_exchange(
         headers=response_headers or {},
         content_type=response_content_type,
     )
-    resp_result = spec.unmarshal_response(request, response)
-    return req_problems, [_describe(e) for e in resp_result.errors]
+    return req_problems, [_describe(e) for e in spec.iter_response_errors(request, response)]
 
 
 # --- the fake -------------------------------------------------------------------------------
@@ -778,7 +779,8 @@ class FakeDigitalOcean:
         headers = {k: v for k, v in request.headers.items()}
         self._refresh()
         auth = request.headers.get("Authorization", "")
-        status, payload, extra = self._dispatch(method, path, query, auth, raw)
+        notes: list[str] = []  # problems found while routing: not-implemented, fake bugs
+        status, payload, extra = self._dispatch(method, path, query, auth, raw, notes)
         await self._sync_backends()
 
         self.ratelimit_remaining = max(0, self.ratelimit_remaining - 1)
@@ -800,6 +802,9 @@ class FakeDigitalOcean:
             response_body=payload,
             response_headers=out_headers,
         )
+        for note in notes:
+            exchange.request_errors.append(note)
+            self._violation(f"{method} {path}: {note}")
         if self.validate:
             self._check(exchange, raw, data, request.headers.get("Content-Type"))
         self.exchanges.append(exchange)
@@ -842,16 +847,23 @@ class FakeDigitalOcean:
         return None
 
     def _dispatch(
-        self, method: str, path: str, query: dict[str, str], auth: str, raw: bytes
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str],
+        auth: str,
+        raw: bytes,
+        notes: list[str],
     ) -> tuple[int, Any, dict[str, str]]:
-        """(status, JSON payload or None, extra headers) for one request."""
+        """(status, JSON payload or None, extra headers) for one request; problems that are
+        not the client's fault go to `notes`."""
         fault = self._take_fault(method, path)
         if fault is not None and not fault.after_effect:
             return self._fault_answer(fault)
         try:
             if auth != f"Bearer {self.token}":
                 raise _ApiError(401)
-            status, payload = self._route(method, path, query, raw)
+            status, payload = self._route(method, path, query, raw, notes)
             result: tuple[int, Any, dict[str, str]] = (status, payload, {})
         except _TagBadRequest as e:
             result = self._tag_error(str(e))
@@ -859,7 +871,7 @@ class FakeDigitalOcean:
             result = self._error(e.status, e.message)
         except Exception as e:  # a bug in the fake: say so loudly, answer like the API would
             log.exception("fake DigitalOcean failed on %s %s", method, path)
-            self._violation(f"{method} {path}: the fake itself failed: {e!r}")
+            notes.append(f"the fake itself failed: {e!r}")
             result = self._error(500)
         if fault is not None:
             log.debug("fault after effect: %s %s -> %s", method, path, fault.status)
@@ -894,7 +906,9 @@ class FakeDigitalOcean:
         }
         return 400, body, {"x-request-id": str(uuid.uuid4())}
 
-    def _route(self, method: str, path: str, query: dict[str, str], raw: bytes) -> tuple[int, Any]:
+    def _route(
+        self, method: str, path: str, query: dict[str, str], raw: bytes, notes: list[str]
+    ) -> tuple[int, Any]:
         parts = path.strip("/").split("/")
         if parts[:1] != ["v2"]:
             raise _ApiError(404)
@@ -927,7 +941,7 @@ class FakeDigitalOcean:
                     raise _ApiError(404)
                 return 200, {"tag": self._tag(name)}
         if self.validate and in_spec(method, path, self.spec_path):
-            self._violation(f"{method} {path}: in the spec but not implemented by the fake")
+            notes.append("in the spec but not implemented by the fake")
         raise _ApiError(404)
 
     # --- endpoints ------------------------------------------------------------------------
