@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from doproxy import __version__
+from doproxy import __version__, simulate
 from doproxy.errors import ConfigError, DoproxyError, Problem
 
 
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--ports", default="9100-9199", help="ports for the demo backends")
     sub.add_parser("check", help="validate the config and the inventory; contacts nothing")
     _machine_commands(sub)
+    simulate.add_parser(sub)
     return p
 
 
@@ -137,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "check":
         return _check(args.config)
+    if args.command == "simulate":
+        return simulate.run(args)
     if args.command in _MACHINE_COMMANDS:
         return _machine(args)
     raise AssertionError(args.command)

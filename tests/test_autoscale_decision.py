@@ -16,7 +16,7 @@ from doproxy.core.autoscale import (
     Decision,
     Observation,
     ScalerState,
-    _dur,
+    span,
     decide,
     pick_victims,
 )
@@ -551,7 +551,7 @@ def test_the_same_inputs_give_the_same_decision_in_dry_run() -> None:
     [(0, "0s"), (45, "45s"), (60, "1m"), (185, "3m05s"), (3600, "1h"), (3720, "1h02m")],
 )
 def test_durations_read_well(seconds: float, text: str) -> None:
-    assert _dur(seconds) == text
+    assert span(seconds) == text
 
 
 def test_provisioning_settings_validate() -> None:

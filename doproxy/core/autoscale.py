@@ -214,17 +214,17 @@ def decide(
     if signal == "slow":
         assert high_since is not None
         streak = now - high_since
-        what_for = f"{what} for {_dur(streak)}"
+        what_for = f"{what} for {span(streak)}"
         if streak < policy.upscale_time:
-            return out("slow", f"{what_for}; scale up after {_dur(policy.upscale_time)}")
+            return out("slow", f"{what_for}; scale up after {span(policy.upscale_time)}")
         if size >= hi:
             return out("at-max", f"{what_for}, but at max-backends {hi}")
         if state.last_up is not None and now - state.last_up < policy.upscale_every:
             wait = policy.upscale_every - (now - state.last_up)
             return out(
                 "cooldown-up",
-                f"{what_for}; cooldown: next scale-up in {_dur(wait)} "
-                f"(upscale-every {_dur(policy.upscale_every)})",
+                f"{what_for}; cooldown: next scale-up in {span(wait)} "
+                f"(upscale-every {span(policy.upscale_every)})",
             )
         if policy.mode == "threshold" and booting > 0:
             return out("booting", f"{what_for}; waiting for {booting} new backend(s) to boot")
@@ -237,9 +237,9 @@ def decide(
     if signal == "fast":
         assert low_since is not None
         streak = now - low_since
-        what_for = f"{what} for {_dur(streak)}"
+        what_for = f"{what} for {span(streak)}"
         if streak < policy.downscale_time:
-            return out("fast", f"{what_for}; scale down after {_dur(policy.downscale_time)}")
+            return out("fast", f"{what_for}; scale down after {span(policy.downscale_time)}")
         if size <= lo:
             return out("at-min", f"{what_for}, at min-backends {lo}")
         # downscale-every counts from the last change of size in either direction.
@@ -249,8 +249,8 @@ def decide(
             since = "scale-down" if last == state.last_down else "scale-up"
             return out(
                 "cooldown-down",
-                f"{what_for}; cooldown: next scale-down in {_dur(wait)} "
-                f"(downscale-every {_dur(policy.downscale_every)} since the last {since})",
+                f"{what_for}; cooldown: next scale-down in {span(wait)} "
+                f"(downscale-every {span(policy.downscale_every)} since the last {since})",
             )
         if booting > 0:
             return out("booting", f"{what_for}; waiting for {booting} new backend(s) to boot")
@@ -314,7 +314,7 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms"
 
 
-def _dur(seconds: float) -> str:
+def span(seconds: float) -> str:
     """45s, 3m05s, 15m, 1h02m: short and exact enough for a log line."""
     s = max(round(seconds), 0)
     if s < 60:
@@ -333,7 +333,7 @@ def _last(what: str, at: float | None, now: float) -> str:
         return f"last {what} {int(ago)} s ago"
     if ago < 7200:
         return f"last {what} {int(ago // 60)} min ago"
-    return f"last {what} {_dur(ago)} ago"
+    return f"last {what} {span(ago)} ago"
 
 
 @dataclass(frozen=True)
