@@ -65,6 +65,8 @@ def settings_for(url: str, **override: Any) -> DOProvisioner:
 async def fake() -> AsyncIterator[FakeDigitalOcean]:
     async with FakeDigitalOcean(token=TOKEN) as f:
         yield f
+        # Every request the provider sent, and every answer, matched the OpenAPI spec.
+        assert f.violations == [], f.summary()
 
 
 @pytest.fixture
@@ -280,6 +282,12 @@ async def test_422_carries_the_api_message(
     assert len(requests(fake, "POST", "/v2/droplets")) == 1  # a refusal is not retried
 
 
+async def test_403_names_the_scopes(fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
+    fake.fail_next("GET", "/v2/droplets", 403)
+    with pytest.raises(ProviderAuthError, match=r"refused the token access \(403\).*scope"):
+        await provider.list()
+
+
 async def test_not_found(fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
     with pytest.raises(MachineNotFound, match="droplet 999999 not found"):
         await provider.get("999999")
@@ -358,6 +366,29 @@ async def test_retry_after_is_bounded(
     fake.fail_next("GET", "/v2/droplets", 429, retry_after=3600)
     await provider.list()
     assert sleeps.calls == [60]
+
+
+async def test_no_requests_left_waits_for_the_reset(fake: FakeDigitalOcean) -> None:
+    sleeps = Sleeps()
+    settings = settings_for(fake.url)
+    provider = DigitalOceanProvider(settings, TOKEN, sleep=sleeps, wall_clock=lambda: 1000.0)
+    try:
+        fake.ratelimit_reset = 1012
+        fake.ratelimit_remaining = 2  # this answer says 1 left, the next one 0
+        await provider.list()
+        await provider.list()
+        assert sleeps.calls == []
+        fake.ratelimit_remaining = 1000  # the window resets, but we were told 0 left
+        await provider.list()  # so this waits until ratelimit-reset before asking
+        assert sleeps.calls == [12]
+        await provider.list()
+        assert sleeps.calls == [12]  # the last answer had requests left: no waiting
+        fake.ratelimit_reset, fake.ratelimit_remaining = 99999, 1
+        await provider.list()
+        await provider.list()
+        assert sleeps.calls == [12, 60]  # bounded
+    finally:
+        await provider.close()
 
 
 async def test_endless_429_is_rate_limited(

@@ -269,7 +269,7 @@ class DigitalOceanProvider:
                     doing, self._client.droplets.create, body=body, idempotent=False
                 )
             except UncertainOutcome as exc:
-                log.warning("%s: %s (attempt %d of %d)", doing, exc, attempt, self._attempts)
+                log.warning("%s (attempt %d of %d)", exc, attempt, self._attempts)
                 uncertain = exc
                 continue
             machine = _machine(_field(reply, "droplet", doing))
