@@ -96,6 +96,7 @@ class Autoscaler:
         self.history: deque[Record] = deque(maxlen=runtime.settings.provisioning.history)
         self.creating: set[asyncio.Task[Any]] = set()
         self.retiring: dict[str, asyncio.Task[Any]] = {}  # machine id -> its retire task
+        self.replacing = 0  # of the creates, those that replace a failing backend
         self._last_counts: tuple[int, float] | None = None
         self._last_tick: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -193,7 +194,8 @@ class Autoscaler:
                 rps = n / elapsed
         self._last_counts, self._last_tick = (requests, latency_sum), now
         limit = self.settings.max_health_failures
-        serving = [b for b in backends if b.entry.state == "active" and b.health.up]
+        # Every backend in rotation counts, up or down: a sick one is replaced, not added to.
+        serving = [b for b in backends if b.entry.state == "active"]
         failing = tuple(
             b.key
             for b in backends
@@ -210,6 +212,7 @@ class Autoscaler:
             provisioning=len(self.creating),
             draining=len(self.retiring),
             failing=failing,
+            replacing=self.replacing,
         )
 
     async def tick(self) -> Decision:
@@ -318,7 +321,11 @@ class Autoscaler:
         await rt.reload()
 
     async def _replace(self, key: str) -> None:
-        await self._create()  # the new one first: the pool never shrinks during a replacement
+        self.replacing += 1
+        try:
+            await self._create()  # the new one first: the pool never shrinks meanwhile
+        finally:
+            self.replacing -= 1
         self._spawn_retire(key)
 
     async def _retire(self, key: str) -> None:
