@@ -249,6 +249,7 @@ class Autoscaler:
                 self._spawn_retire(key)
         elif d.action == "replace":
             for key in d.replace:
+                self.replacing += 1  # counted now, not when the task first runs
                 self._spawn_create(functools.partial(self._replace, key))
 
     def _candidates(self) -> list[Candidate]:
@@ -321,7 +322,6 @@ class Autoscaler:
         await rt.reload()
 
     async def _replace(self, key: str) -> None:
-        self.replacing += 1
         try:
             await self._create()  # the new one first: the pool never shrinks meanwhile
         finally:
