@@ -115,16 +115,20 @@ class Model:
         return self.service_time * (1 + erlang_c / (c * (1 - rho)))
 
 
-Workload = Callable[[float], float]  # virtual time (s) -> offered load in machines' worth
+@dataclass(frozen=True)
+class Workload:
+    """The offered load over time, in machines' worth (times Model.capacity is req/s)."""
+
+    name: str
+    rate: Callable[[float], float]  # virtual time (s) -> load; called once per tick, in order
+    initial: float  # the load at the start, without noise: it sizes the starting pool
 
 
 def workload(name: str, duration: float, rng: random.Random) -> Workload:
-    """The offered load over time, in machines' worth (multiply by Model.capacity for req/s).
-
-    Called once per tick in time order: the noisy workload draws from `rng` as it goes."""
+    """One of WORKLOADS, shaped to `duration`. The noisy one draws from `rng` as it goes."""
     d = duration
     if name == "step":
-        return lambda t: 3.0 if d / 9 <= t < d / 2 else 0.4
+        return Workload(name, lambda t: 3.0 if d / 9 <= t < d / 2 else 0.4, 0.4)
     if name == "ramp":
 
         def ramp(t: float) -> float:
@@ -135,7 +139,7 @@ def workload(name: str, duration: float, rng: random.Random) -> Workload:
                 return 0.3 + 3.0 * (t - up) / (top - up)
             return 3.3 - 3.0 * (t - top) / (down - top)
 
-        return ramp
+        return Workload(name, ramp, 0.3)
     if name == "spike":
         # Bursts shorter than the usual upscale-time at 2 and 2.5 times the load, then a surge
         # that lasts.
@@ -149,7 +153,7 @@ def workload(name: str, duration: float, rng: random.Random) -> Workload:
                 return 2.6
             return 1.1
 
-        return spike
+        return Workload(name, spike, 1.1)
     if name == "noisy":
         wander = [0.0]
 
@@ -159,7 +163,7 @@ def workload(name: str, duration: float, rng: random.Random) -> Workload:
             wander[0] = 0.998 * wander[0] + rng.gauss(0.0, 0.01)
             return max(1.2 * (1.0 + wander[0] + rng.gauss(0.0, 0.25)), 0.0)
 
-        return noisy
+        return Workload(name, noisy, 1.2)
     raise ValueError(f"unknown workload {name!r}; one of {', '.join(WORKLOADS)}")
 
 
@@ -219,17 +223,16 @@ def simulate(
     duration: float,
     model: Model | None = None,
     rng: random.Random | None = None,
-    name: str = "",
     start: int | None = None,
 ) -> Result:
     """Run `policy` on `load` for `duration` virtual seconds. `start` is the initial pool size
     (default: the smallest that carries the initial load below 70 % utilisation)."""
     m = model or Model()
     rng = rng or random.Random(0)
-    res = Result(name, policy, m, duration)
+    res = Result(load.name, policy, m, duration)
     lo, hi = policy.min_backends, policy.max_backends
     if start is None:
-        start = max(math.ceil(load(0.0) / 0.7 - 1e-9), 1)
+        start = max(math.ceil(load.initial / 0.7 - 1e-9), 1)
     start = min(max(start, lo), hi)
     serial = 0
 
@@ -258,7 +261,7 @@ def simulate(
         res.machine_seconds += (len(serving) + len(booting) + len(draining)) * m.tick
 
         # One tick of traffic.
-        rate = load(t) * m.capacity
+        rate = load.rate(t) * m.capacity
         mean = rate * m.tick
         arrivals = max(rng.gauss(mean, math.sqrt(mean)), 0.0) if mean > 0 else 0.0
         offered += arrivals
@@ -563,7 +566,7 @@ def main(
         # One rng per workload, seeded from --seed: a workload's run does not depend on
         # which others ran before it.
         rng = random.Random(f"{seed}:{name}")
-        res = simulate(policy, workload(name, seconds, rng), seconds, model, rng, name)
+        res = simulate(policy, workload(name, seconds, rng), seconds, model, rng)
         results.append(res)
         out(summary(res))
     if plot_file:
