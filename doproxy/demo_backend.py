@@ -20,12 +20,14 @@ check behind a slow request waits for that request's answer, as it must.
 
 `python -m doproxy.demo_backend --host H --port P --name N --capacity C --service-time S` runs
 one on uvloop until SIGTERM or SIGINT; it prints one line to stderr when it listens.
+`--boot-delay SECONDS` makes it wait before it listens, like a slow application boot.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections import deque
@@ -204,6 +206,16 @@ async def start_demo_backend(
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.boot_delay:
+        # A slow-booting application, for tests that need a machine caught while it boots.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), args.boot_delay)
+        if stop.is_set():
+            return
     server, port = await start_demo_backend(
         args.name,
         args.host,
@@ -211,10 +223,6 @@ async def _serve(args: argparse.Namespace) -> None:
         capacity=args.capacity,
         service_time=args.service_time,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     print(f"demo backend {args.name} listening on {args.host}:{port}", file=sys.stderr, flush=True)
     await stop.wait()
     # Stop listening and leave; the loop's shutdown closes the open connections. (Waiting for
@@ -246,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--service-time", type=_not_negative(float), default=0.0, help="seconds per request"
+    )
+    p.add_argument(
+        "--boot-delay", type=_not_negative(float), default=0.0, help="seconds before listening"
     )
     args = p.parse_args(argv)
     uvloop.run(_serve(args))

@@ -197,3 +197,31 @@ async def test_main_rejects_a_negative_capacity() -> None:
     _, err = await proc.communicate()
     assert proc.returncode == 2
     assert b"negative" in err
+
+
+@pytest.mark.timeout(30)
+async def test_boot_delay_holds_the_listening_socket_back() -> None:
+    start = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "doproxy.demo_backend",
+        "--boot-delay",
+        "0.5",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stderr is not None
+        async with asyncio.timeout(15):
+            line = await proc.stderr.readline()
+        assert b"listening on" in line
+        assert time.monotonic() - start >= 0.5
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
