@@ -657,3 +657,29 @@ async def test_runner_prints_its_url_and_stops_on_sigterm() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.timeout(20)
+async def test_backends_have_limited_capacity(make_fake: MakeFake) -> None:
+    """backend_capacity=1, backend_service_time=0.2: two requests at once take 0.2 s and 0.4 s
+    (lower bounds only: a timer never fires early)."""
+    with socket.socket() as reserve:
+        reserve.bind(("127.0.0.1", 0))
+        port = reserve.getsockname()[1]
+        fake = await make_fake(
+            serve_backends=True, backend_port=port, backend_capacity=1, backend_service_time=0.2
+        )
+        async with session(fake) as s:
+            await create(s, "busy")
+            assert (await call(s, "GET", "/v2/droplets"))[1]["droplets"][0]["status"] == "active"
+
+        async def timed_get() -> float:
+            t0 = time.monotonic()
+            async with aiohttp.ClientSession() as c, c.get(f"http://127.0.1.1:{port}/x") as r:
+                assert r.status == 200 and (await r.text()).startswith("busy: GET /x")
+            return time.monotonic() - t0
+
+        first, second = sorted(await asyncio.gather(timed_get(), timed_get()))
+        assert first >= 0.2 and second >= 0.4
+        assert await _health("127.0.1.1", port) == 200  # health skips the queue
+    assert fake.violations == [], fake.summary()

@@ -24,7 +24,8 @@ and every read of `droplets` / `actions`), so no background task drives it:
 - DELETE removes a droplet at once.
 
 With serve_backends=True each droplet that is "active" and has no power action in progress
-runs one demo backend (doproxy.demo_backend) on private_ip:backend_port. The set of running
+runs one demo backend (doproxy.demo_backend, with backend_capacity workers of
+backend_service_time seconds each) on private_ip:backend_port. The set of running
 backends is brought in line with the state after every request, before the response is sent
 (so a client that *sees* "active" can connect at once), and by a timer when a droplet is due to
 become active or an action is due to complete (so a droplet serves even if nobody polls it).
@@ -61,7 +62,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from doproxy.demo_backend import DemoBackendProtocol
+from doproxy.demo_backend import DemoBackendProtocol, Service
 
 if TYPE_CHECKING:
     from openapi_core import OpenAPI
@@ -287,8 +288,8 @@ class _ApiError(Exception):
 class _TrackedBackend(DemoBackendProtocol):
     """A demo backend connection that the fake can cut when its droplet goes away."""
 
-    def __init__(self, name: str, live: set[asyncio.Transport]) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, service: Service, live: set[asyncio.Transport]) -> None:
+        super().__init__(name, service)
         self._live = live
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -299,6 +300,7 @@ class _TrackedBackend(DemoBackendProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
             self._live.discard(self.transport)
+        super().connection_lost(exc)
 
 
 @dataclass
@@ -467,12 +469,18 @@ class FakeDigitalOcean:
         validate: bool = True,
         spec_path: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
+        backend_capacity: int = 0,
+        backend_service_time: float = 0.0,
     ) -> None:
         self.token = token
         self.active_after = active_after
         self.action_after = action_after
         self.serve_backends = serve_backends
         self.backend_port = backend_port
+        # Each droplet's backend has its own workers (doproxy.demo_backend.Service): at most
+        # backend_capacity requests in service (0: any), each for backend_service_time seconds.
+        self.backend_capacity = backend_capacity
+        self.backend_service_time = backend_service_time
         self.validate = validate
         self.spec_path = spec_path or SPEC_PATH
         self.clock = clock
@@ -744,10 +752,11 @@ class FakeDigitalOcean:
     async def _start_backend(self, droplet_id: int, name: str) -> None:
         host = self._state[droplet_id].private_ip
         live: set[asyncio.Transport] = set()
+        service = Service(self.backend_capacity, self.backend_service_time)
         loop = asyncio.get_running_loop()
         try:
             server = await loop.create_server(
-                lambda: _TrackedBackend(name, live), host, self.backend_port
+                lambda: _TrackedBackend(name, service, live), host, self.backend_port
             )
         except OSError as e:
             msg = f"droplet {droplet_id}: backend on {host}:{self.backend_port}: {e}"
@@ -766,7 +775,11 @@ class FakeDigitalOcean:
         # A destroyed or rebooting machine drops its connections too, keep-alive ones included.
         for transport in list(backend.connections):
             transport.abort()
-        await backend.server.wait_closed()
+        # Newer Pythons wait here for the connections to finish closing; aborted, they do at
+        # once, but a stuck close must not hang the fake.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await backend.server.wait_closed()
         log.debug("droplet %s stopped serving", droplet_id)
 
     # --- HTTP -----------------------------------------------------------------------------
@@ -1072,6 +1085,8 @@ async def _serve(args: argparse.Namespace) -> None:
         serve_backends=args.serve_backends,
         backend_port=args.backend_port,
         validate=not args.no_validate,
+        backend_capacity=args.backend_capacity,
+        backend_service_time=args.backend_service_time,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1109,6 +1124,12 @@ def main(argv: list[str] | None = None) -> None:
         help="run a demo backend on each active droplet's private address",
     )
     parser.add_argument("--backend-port", type=int, default=8080, help="the backends' port")
+    parser.add_argument(
+        "--backend-capacity", type=int, default=0, help="requests each backend serves at once"
+    )
+    parser.add_argument(
+        "--backend-service-time", type=float, default=0.0, help="seconds per backend request"
+    )
     parser.add_argument(
         "--no-validate", action="store_true", help="skip checking traffic against the spec"
     )
