@@ -109,10 +109,19 @@ class LocalProvisioner(Section):
     boot_timeout: PositiveDuration = 10.0  # the process must answer health-path within this
     stop_timeout: PositiveDuration = 5.0  # SIGTERM, then SIGKILL after this
     workdir: str = ""  # relative to the config file; default: the config file's folder
+    # Each process's stdout and stderr go to <log-dir>/<name>.log (relative to the config
+    # file); empty: discarded. Never the proxy's own streams: a backend outlives the proxy.
+    log_dir: str = ""
+    # Every process we start carries them (in its environment); list() finds processes by them.
     tags: tuple[str, ...] = ("doproxy",)
 
     @model_validator(mode="after")
     def _check(self) -> LocalProvisioner:
+        if not self.tags or any(not t or "," in t for t in self.tags):
+            raise ValueError(
+                "tags must name at least one tag, without commas: it is how doproxy finds its "
+                "processes"
+            )
         low, _, high = self.ports.partition("-")
         high = high or low
         if not (low.isdigit() and high.isdigit() and 1 <= int(low) <= int(high) <= 65535):

@@ -1,0 +1,549 @@
+"""Local processes as machines: the `[local-provisioner]` provider.
+
+It makes the autoscaler real on a laptop and in CI, and it serves users who scale local workers.
+
+Theory of operation
+-------------------
+A machine is a process started from the `command` template, with {host}, {port} and {name}
+filled in. The template is split like a shell would (shlex) but no shell runs it; a leading
+`python` (or `python3`) means the interpreter doproxy itself runs on (sys.executable), so the
+command works inside a virtualenv that is not on PATH.
+
+*Finding machines.* The provider keeps no state of its own. Every process it starts carries
+markers in its environment: DOPROXY_MACHINE=<name>, DOPROXY_TAGS=<comma-separated tags>,
+DOPROXY_PORT=<port> and DOPROXY_HOST=<host>. `list()` scans /proc/*/environ of the processes of
+our own user and groups the marked ones by name; a machine is ours when every tag of
+`[local-provisioner] tags` is among its tags. The kernel keeps a process's initial environment
+for its whole life, and children inherit it, so:
+
+- a crash of the proxy at any point leaves either a marked process or none: the next `list()`
+  finds it, after a restart too, whoever its parent is now;
+- a pid reused by an unrelated process carries no marker, so it is never mistaken for ours;
+- a machine whose command forks workers (or runs a non-exec wrapper) is the whole set of
+  processes carrying its name; its `pid` is the session leader (the process we started).
+
+*Starting.* A process starts in its own session (setsid), so a kill -9 of the proxy, or a
+Ctrl-C in its terminal, does not take it along, and with stdin, stdout and stderr not inherited
+from the proxy (/dev/null, or `<log-dir>/<name>.log`): a backend that outlives the proxy must
+not hold the proxy's pipes open. Its port is the first one of `ports` that no marked process
+uses (any tags: they share this machine's ports) and that can be bound on `host` now. Choosing
+the port and starting the process happen under an exclusive flock on a per-user lock file, so
+two doproxy processes (a server and the CLI) do not pick the same port while a new process has
+not bound it yet. `create()` returns at once with status "new".
+
+*Status.* A machine is "new" until an HTTP GET of `health-path` answers 2xx or 3xx, then
+"active"; no marked process means MachineNotFound. A process that exited is gone: its zombie
+(if we are its parent) carries no environment and is reaped on the next scan.
+
+*Stopping.* `destroy()` sends SIGTERM to every process of the machine, then SIGKILL to what is
+left after `stop-timeout`, and polls /proc until none is left: this works as well for processes
+started by an earlier life of the proxy, which are not our children. Each signal goes through a
+pidfd opened *before* the marker is checked, so it reaches the process that was checked and no
+other, even if its pid were reused in between. A machine already gone is not an error.
+`reboot()` stops the machine and starts it again with the same name, port and tags, and returns
+when it answers its health path again (within `boot-timeout`).
+
+Scanning /proc is synchronous: a few milliseconds for a few hundred processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import fcntl
+import functools
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+
+from doproxy.core.settings import LocalProvisioner
+from doproxy.errors import MachineNotFound, ProviderError
+from doproxy.provisioning import Machine, wait_active
+
+log = logging.getLogger(__name__)
+
+MARK_MACHINE = "DOPROXY_MACHINE"
+MARK_TAGS = "DOPROXY_TAGS"
+MARK_PORT = "DOPROXY_PORT"
+MARK_HOST = "DOPROXY_HOST"
+MARKS = (MARK_MACHINE, MARK_TAGS, MARK_PORT, MARK_HOST)
+_MARK_KEYS = {m.encode() for m in MARKS}
+_MARKED = MARK_MACHINE.encode() + b"="
+
+# Host-name-like machine names: they end up in argv, environments and log file names.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PLACEHOLDER = re.compile(r"\{(host|port|name)\}")
+
+# The health probe: (host, port, path) -> does it answer 2xx/3xx?
+Probe = Callable[[str, int, str], Awaitable[bool]]
+
+# How long SIGKILLed processes may take to disappear before destroy() gives up.
+KILL_GRACE = 10.0
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One live process carrying our marker, as /proc shows it."""
+
+    pid: int
+    machine: str
+    tags: tuple[str, ...]
+    host: str
+    port: int
+    session: int
+    started: float  # seconds since the epoch (to about a second: /proc/stat btime is whole)
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def command_argv(template: str, host: str, port: int, name: str) -> list[str]:
+    """The argv of a machine: the template split by shlex, placeholders filled in per word (so
+    a value can never add words), and a leading python/python3 replaced by sys.executable."""
+    values = {"host": host, "port": str(port), "name": name}
+    try:
+        words = shlex.split(template)
+    except ValueError as e:
+        raise ProviderError(f"local-provisioner command {template!r}: {e}") from None
+    if not words:
+        raise ProviderError("local-provisioner command is empty")
+    argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], w) for w in words]
+    if argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    return argv
+
+
+# --- /proc ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def read_proc(pid: int) -> Proc | None:
+    """The marked process `pid` of our user, or None (gone, a zombie, not ours, unmarked)."""
+    d = f"/proc/{pid}"
+    try:
+        if os.stat(d).st_uid != os.geteuid():
+            return None
+        with open(f"{d}/environ", "rb") as f:
+            env = f.read()
+        if _MARKED not in env:  # the cheap test first: most processes are not ours
+            return None
+        with open(f"{d}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    marks: dict[bytes, str] = {}
+    for item in env.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key in _MARK_KEYS:
+            marks[key] = value.decode("utf-8", "replace")
+    # The command name in parentheses may contain anything; the fields after it are numbers.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    state = fields[0]
+    if state in (b"Z", b"X", b"x"):  # exited: a zombie waits for its parent, it is gone
+        return None
+    try:
+        port = int(marks.get(MARK_PORT.encode(), ""))
+        session = int(fields[3])
+        started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (ValueError, IndexError):
+        return None
+    name = marks.get(MARK_MACHINE.encode(), "")
+    if not name:
+        return None
+    tags = tuple(t for t in marks.get(MARK_TAGS.encode(), "").split(",") if t)
+    return Proc(pid, name, tags, marks.get(MARK_HOST.encode(), ""), port, session, started)
+
+
+def scan() -> list[Proc]:
+    """Every marked process of our user, any tags (our own process excepted)."""
+    _reap()
+    me = os.getpid()
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            p = read_proc(int(entry))
+            if p is not None:
+                out.append(p)
+    return out
+
+
+def signal_if_ours(pid: int, name: str, tags: tuple[str, ...], sig: int) -> bool:
+    """Send `sig` to `pid` only when it is a live process of machine `name` with all of `tags`.
+
+    The pidfd is opened before the check, so the signal reaches the process that was checked
+    even if it exited and its pid was reused in between (then the signal is simply not sent).
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # a kernel without pidfds (before 5.3): check, then kill
+        fd = -1
+    try:
+        p = read_proc(pid)
+        if p is None or p.machine != name or not set(tags) <= set(p.tags):
+            return False
+        if fd >= 0:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+# --- our children -----------------------------------------------------------------------------
+
+# Processes this Python process started, by pid, until they are reaped. Module-wide, not per
+# provider: a child belongs to the process, and one provider may destroy what another (an
+# earlier instance, e.g. before a reload) started; its zombie must still be reaped.
+_children: dict[int, tuple[subprocess.Popen[bytes], str]] = {}
+_stopping: set[str] = set()  # machines being destroyed: their exits are expected
+
+
+def _reap() -> None:
+    for pid, (popen, name) in list(_children.items()):
+        status = popen.poll()
+        if status is None:
+            continue
+        del _children[pid]
+        if name in _stopping:
+            log.debug("local machine %s (pid %d) exited with status %d", name, pid, status)
+        else:
+            log.warning("local machine %s (pid %d) exited with status %d", name, pid, status)
+
+
+# A machine's processes. (Inside LocalProvider, `list` is the method.)
+Procs = list[Proc]
+
+
+# --- choosing a port ----------------------------------------------------------------------
+
+
+def _bindable(host: str, port: int) -> bool:
+    """Can a server bind host:port now? (With SO_REUSEADDR, as servers do: TIME_WAIT is free.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _lock_path() -> Path:
+    return Path(tempfile.gettempdir()) / f"doproxy-local-ports-{os.geteuid()}.lock"
+
+
+@contextlib.asynccontextmanager
+async def _ports_locked(patience: float) -> AsyncIterator[None]:
+    """Hold the per-user port lock (an exclusive flock) while a port is chosen and taken.
+
+    Polled with LOCK_NB rather than blocking the event loop; a holder keeps it for
+    milliseconds. Without a usable lock file (say, a read-only temp dir) it goes on unlocked:
+    the bind check still catches every port a running process has bound.
+    """
+    try:
+        fd = os.open(_lock_path(), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        log.debug("local provider: no port lock (%s); going on without", e)
+        fd = -1
+    try:
+        if fd >= 0:
+            deadline = time.monotonic() + patience
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ProviderError(
+                            f"another doproxy held the local port lock {_lock_path()} for "
+                            f"{patience:.0f}s"
+                        ) from None
+                    await asyncio.sleep(0.005)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the flock
+
+
+# --- the provider -------------------------------------------------------------------------
+
+
+class LocalProvider:
+    """Backends as local processes; see the module docstring."""
+
+    kind = "local"
+
+    def __init__(
+        self,
+        settings: LocalProvisioner,
+        base: Path,
+        *,
+        environ: Mapping[str, str] | None = None,
+        probe: Probe | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        poll_interval: float = 0.05,
+        probe_timeout: float = 1.0,
+    ) -> None:
+        """`base` is the config file's folder (workdir and log-dir are relative to it);
+        `environ` is the environment the processes start from (default: ours), without any
+        marker it may carry; `probe` replaces the HTTP health probe."""
+        self.settings = settings
+        self.base = base
+        self.environ = dict(os.environ if environ is None else environ)
+        self.probe: Probe = probe or self._http_probe
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.probe_timeout = probe_timeout
+        self.tags = tuple(settings.tags)
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- Provider ---------------------------------------------------------------------------
+
+    async def list(self) -> list[Machine]:
+        groups = self._groups(scan())
+        names = sorted(groups)
+        statuses = await asyncio.gather(*(self._status(groups[n]) for n in names))
+        return [self._machine(groups[n], s) for n, s in zip(names, statuses, strict=True)]
+
+    async def get(self, machine_id: str) -> Machine:
+        procs = self._groups(scan()).get(machine_id)
+        if not procs:
+            raise MachineNotFound(f"no local process {machine_id!r} with tags {self.tags}")
+        return self._machine(procs, await self._status(procs))
+
+    async def create(self, name: str) -> Machine:
+        if not _NAME.fullmatch(name):
+            raise ProviderError(f"{name!r} is not a valid machine name (letters, digits, .-_)")
+        host = self.settings.host
+        async with _ports_locked(self.settings.boot_timeout):
+            procs = scan()
+            existing = self._groups(procs).get(name)
+            if not existing:
+                taken = {p.port for p in procs}
+                port = next(
+                    (
+                        p
+                        for p in self.settings.port_range()
+                        if p not in taken and _bindable(host, p)
+                    ),
+                    None,
+                )
+                if port is None:
+                    raise ProviderError(
+                        f"no free port in {self.settings.ports} on {host} for {name}"
+                    )
+                pid = self._spawn(name, host, port, self.tags)
+        if existing:  # idempotent by name: an earlier attempt did start it
+            log.info("local machine %s exists already (pid %d)", name, existing[0].pid)
+            return self._machine(existing, await self._status(existing))
+        log.info("started local machine %s on %s:%d (pid %d)", name, host, port, pid)
+        started = dt.datetime.now(dt.UTC)
+        return Machine(
+            id=name,
+            name=name,
+            status="new",
+            private_ip=host,
+            tags=self.tags,
+            created=started,
+            port=port,
+            pid=pid,
+            extra=self._extra(name),
+        )
+
+    async def destroy(self, machine_id: str) -> None:
+        await self._stop(machine_id)
+
+    async def reboot(self, machine_id: str) -> None:
+        procs = self._groups(scan()).get(machine_id)
+        if not procs:
+            raise MachineNotFound(f"no local process {machine_id!r} with tags {self.tags}")
+        main = _leader(procs)
+        await self._stop(machine_id)
+        async with _ports_locked(self.settings.boot_timeout):
+            # Our process held the port until now; someone else may have taken it since.
+            if not _bindable(main.host, main.port):
+                raise ProviderError(
+                    f"cannot restart local machine {machine_id}: {main.host}:{main.port} "
+                    "was taken while it stopped"
+                )
+            pid = self._spawn(machine_id, main.host, main.port, main.tags)
+        log.info("restarted local machine %s (pid %d)", machine_id, pid)
+        await wait_active(
+            self,
+            machine_id,
+            self.settings.boot_timeout,
+            interval=self.poll_interval,
+            clock=self.clock,
+        )
+
+    async def close(self) -> None:
+        """Close the probe's HTTP session. The processes keep running."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _groups(self, procs: Procs) -> dict[str, Procs]:
+        """Our machines' processes (every one of our tags present), by machine name."""
+        want = set(self.tags)
+        groups: dict[str, Procs] = {}
+        for p in procs:
+            if want <= set(p.tags):
+                groups.setdefault(p.machine, []).append(p)
+        return groups
+
+    def _machine(self, procs: Procs, status: str) -> Machine:
+        main = _leader(procs)
+        return Machine(
+            id=main.machine,
+            name=main.machine,
+            status=status,
+            private_ip=main.host,
+            tags=main.tags,
+            created=dt.datetime.fromtimestamp(main.started, dt.UTC),
+            port=main.port,
+            pid=main.pid,
+            extra=self._extra(main.machine),
+        )
+
+    def _extra(self, name: str) -> dict[str, str]:
+        log_file = self._log_file(name)
+        return {"log": str(log_file)} if log_file is not None else {}
+
+    def _log_file(self, name: str) -> Path | None:
+        if not self.settings.log_dir:
+            return None
+        return self.base / self.settings.log_dir / f"{name}.log"
+
+    async def _status(self, procs: Procs) -> str:
+        main = _leader(procs)
+        path = self.settings.health_path
+        ok = await self.probe(main.host, main.port, path if path.startswith("/") else "/" + path)
+        return "active" if ok else "new"
+
+    async def _http_probe(self, host: str, port: int, path: str) -> bool:
+        if self._session is None:
+            # No keep-alive: a probe connection must not linger in a backend being stopped.
+            # trust_env stays off: an HTTP(S)_PROXY variable must not reroute local probes.
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.probe_timeout),
+                connector=aiohttp.TCPConnector(force_close=True),
+            )
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            async with self._session.get(f"http://{netloc}{path}", allow_redirects=False) as r:
+                return 200 <= r.status < 400
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    def _spawn(self, name: str, host: str, port: int, tags: tuple[str, ...]) -> int:
+        argv = command_argv(self.settings.command, host, port, name)
+        env = {k: v for k, v in self.environ.items() if k not in MARKS}
+        env[MARK_MACHINE] = name
+        env[MARK_TAGS] = ",".join(tags)
+        env[MARK_PORT] = str(port)
+        env[MARK_HOST] = host
+        workdir = self.base / self.settings.workdir if self.settings.workdir else self.base
+        out: int | IO[bytes] = subprocess.DEVNULL
+        log_file = self._log_file(name)
+        try:
+            if log_file is not None:
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                out = open(log_file, "ab")  # noqa: SIM115 - the child gets it; we close ours
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT if log_file is not None else subprocess.DEVNULL,
+                cwd=workdir,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as e:
+            raise ProviderError(
+                f"cannot start local machine {name} ({argv[0]!r} in {workdir}): {e.strerror or e}"
+            ) from None
+        finally:
+            if not isinstance(out, int):
+                out.close()
+        _children[popen.pid] = (popen, name)
+        return popen.pid
+
+    async def _stop(self, name: str) -> None:
+        """SIGTERM every process of the machine, SIGKILL after stop-timeout, until none is left.
+
+        The machine's processes are looked up afresh on every round, so a worker it forks while
+        stopping is signalled too, and a process that is gone is never signalled.
+        """
+        start = self.clock()
+        termed: set[int] = set()
+        killed: set[int] = set()
+        _stopping.add(name)
+        try:
+            while True:
+                procs = self._groups(scan()).get(name)
+                if not procs:
+                    if termed:
+                        log.info("stopped local machine %s", name)
+                    return
+                elapsed = self.clock() - start
+                if elapsed < self.settings.stop_timeout:
+                    for p in procs:
+                        if p.pid not in termed and signal_if_ours(
+                            p.pid, name, self.tags, signal.SIGTERM
+                        ):
+                            termed.add(p.pid)
+                elif elapsed < self.settings.stop_timeout + KILL_GRACE:
+                    for p in procs:
+                        sent = signal_if_ours(p.pid, name, self.tags, signal.SIGKILL)
+                        if sent and p.pid not in killed:
+                            killed.add(p.pid)
+                            log.warning(
+                                "local machine %s (pid %d) ignored SIGTERM for %.1fs: SIGKILL",
+                                name,
+                                p.pid,
+                                elapsed,
+                            )
+                else:
+                    pids = ", ".join(str(p.pid) for p in procs)
+                    raise ProviderError(f"local machine {name} (pid {pids}) survived SIGKILL")
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            _reap()
+            _stopping.discard(name)
+
+
+def _leader(procs: Procs) -> Proc:
+    """The process we started: the session leader (setsid), else the oldest one left."""
+    leaders = [p for p in procs if p.pid == p.session]
+    return min(leaders or procs, key=lambda p: (p.started, p.pid))
