@@ -36,7 +36,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from doproxy.core.autoscale import (
     Candidate,
@@ -47,7 +48,7 @@ from doproxy.core.autoscale import (
     pick_victims,
 )
 from doproxy.core.inventory_model import InventoryEntry
-from doproxy.core.settings import Provisioning
+from doproxy.core.settings import Provisioning, Settings
 from doproxy.errors import DoproxyError, MachineNotFound
 from doproxy.inventory import load_inventory
 from doproxy.machines import (
@@ -61,9 +62,23 @@ from doproxy.machines import (
     survey,
 )
 from doproxy.provisioning import Machine, Provider, new_name
+from doproxy.proxy.backend import Backend
 
-if TYPE_CHECKING:
-    from doproxy.runtime import Runtime
+
+class Proxy(Protocol):
+    """What the scaler needs from the running proxy (doproxy.runtime.Runtime provides it)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def backends(self) -> list[Backend]: ...
+
+    @property
+    def inventory_path(self) -> Path: ...
+
+    async def reload(self) -> bool: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +98,7 @@ class Record:
 class Autoscaler:
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: Proxy,
         provider: Provider,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
@@ -178,9 +193,7 @@ class Autoscaler:
     # --- one decision ----------------------------------------------------------------------------
 
     def observe(self, now: float) -> Observation:
-        server = self.runtime.server
-        assert server is not None
-        backends = server.pool.backends
+        backends = self.runtime.backends
         requests = sum(b.requests for b in backends)
         latency_sum = sum(b.latency_sum for b in backends)
         latency: float | None = None
@@ -253,10 +266,8 @@ class Autoscaler:
                 self._spawn_create(functools.partial(self._replace, key))
 
     def _candidates(self) -> list[Candidate]:
-        server = self.runtime.server
-        assert server is not None
         out = []
-        for b in server.pool.backends:
+        for b in self.runtime.backends:
             e = b.entry
             if e.state != "active" or not managed_by(e, self.provider.kind):
                 continue

@@ -189,6 +189,11 @@ class Runtime:
         )
 
     @property
+    def backends(self) -> list[Backend]:
+        """The backends of the pool in service now."""
+        return self.server.pool.backends if self.server is not None else []
+
+    @property
     def inventory_path(self) -> Path:
         return resolve_in(self.base, self.settings.inventory_file)
 

@@ -13,7 +13,7 @@ import pytest
 
 from doproxy import __version__
 from tests.procs import start_proxy_process, write_config
-from tests.support import Client, RequestReader, get, respond
+from tests.support import Client, RequestReader, get, request, respond
 
 
 def run_cli(
@@ -195,20 +195,37 @@ def test_bad_config_fails_to_start_with_clear_error(tmp_path: Path) -> None:
     assert "doproxy.toml:5" in r.stderr
 
 
-async def test_demo_serves_two_backends_in_turn() -> None:
-    """`make run` runs `doproxy demo`: the proxy in front of two demo backends it starts."""
-    proxy = await start_proxy_process(None, args=("demo", "--bind", "127.0.0.1:0"))
+@pytest.mark.timeout(60)
+async def test_demo_autoscales_local_backends_and_cleans_up() -> None:
+    """`make run` runs `doproxy demo`: the proxy with autoscaling local demo backends (min 1)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        base = min(int(s.getsockname()[1]), 65000)
+    ports = f"{base}-{base + 20}"
+    proxy = await start_proxy_process(
+        None, args=("demo", "--bind", "127.0.0.1:0", "--ports", ports)
+    )
     try:
-        c = await Client.connect(proxy.port)
-        bodies = []
-        for _ in range(4):
-            await c.send(get("/hello"))
-            r = await c.response()
-            assert r.status == 200
-            bodies.append(r.body.split(b":")[0])
-        await c.close()
-        assert bodies == [b"demo-backend-1", b"demo-backend-2"] * 2
+        # min-backends = 1: the autoscaler starts one backend process at once.
+        async with asyncio.timeout(20):
+            while True:
+                r = await request(proxy.port, get("/hello"))
+                if r.status == 200:
+                    break
+                assert r.status == 503  # until the first backend passes its health check
+                await asyncio.sleep(0.1)
+        name = r.body.split(b":")[0]
+        assert name.startswith(b"local-")
+        log = proxy.log.decode()
+        assert "autoscaler on (local, 1-4 backends" in log
         assert await proxy.stop() == 0
+        # The demo destroys its backends when it stops: nothing answers on their ports.
+        for port in range(base, base + 21):
+            with pytest.raises(OSError):
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
     finally:
         await proxy.stop()
 
