@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from doproxy.testing.fake_digitalocean import FakeDigitalOcean
 
 from doproxy.inventory import load_inventory
+from doproxy.testing.fake_digitalocean import FakeDigitalOcean
 from tests.conftest import wait_for
 from tests.procs import start_proxy_process
 
@@ -420,3 +420,18 @@ async def test_concurrent_cli_and_server_writes_lose_nothing(setup: Setup) -> No
         assert len(entries) == 10
     finally:
         await proxy.stop()
+
+
+async def test_check_never_shows_the_token(tmp_path: Path) -> None:
+    secret = "dop_v1_do-not-print-me-42"
+    cfg = write_config(tmp_path, "http://127.0.0.1:9", 8080)
+    text = cfg.read_text().replace("[do-provisioner]\n", f'[do-provisioner]\ntoken = "{secret}"\n')
+    cfg.write_text(text)
+    setup = Setup(None, cfg, tmp_path / "inventory.toml", 8080)  # type: ignore[arg-type]
+    ok = await doproxy(setup, "check")
+    assert ok.code == 0, ok.err
+    cfg.write_text(text.replace('region = "nyc3"', "region = 3\nbogus = true"))
+    bad = await doproxy(setup, "check")
+    assert bad.code == 1 and "do-provisioner.region" in bad.err and "bogus" in bad.err
+    for run in (ok, bad):
+        assert secret not in run.out + run.err

@@ -1,0 +1,150 @@
+"""The autoscaler task's own duties, on real local processes: dry-run, replacement of a dead
+backend, and reconciling at start (orphans and entries whose machine is gone)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from doproxy.config import load_settings
+from doproxy.core.settings import Settings
+from doproxy.inventory import load_inventory
+from doproxy.machines import open_provider
+from doproxy.provisioning import wait_active
+from doproxy.runtime import Runtime
+from tests.conftest import wait_for
+from tests.test_autoscaler_e2e import local_config, serving
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def tag() -> str:
+    return f"doproxy-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def cleanup(tmp_path: Path) -> AsyncIterator[list[Settings]]:
+    """Destroy every machine carrying the test's tags when the test ends, whatever happened."""
+    used: list[Settings] = []
+    yield used
+    for settings in used:
+        provider = open_provider(settings, tmp_path)
+        for m in await provider.list():
+            await provider.destroy(m.id)
+        await provider.close()
+
+
+def configure(tmp_path: Path, tag: str, cleanup: list[Settings], **changes: str) -> Path:
+    cfg = local_config(tmp_path, tag)
+    text = cfg.read_text()
+    for key, value in changes.items():
+        line = next((ln for ln in text.splitlines() if ln.startswith(f"{key} =")), None)
+        if line is None:
+            text = text.replace("[provisioning]\n", f"[provisioning]\n{key} = {value}\n")
+        else:
+            text = text.replace(line, f"{key} = {value}")
+    cfg.write_text(text)
+    cleanup.append(load_settings(cfg))
+    return cfg
+
+
+async def test_dry_run_decides_and_logs_but_never_acts(
+    tmp_path: Path, tag: str, cleanup: list[Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="doproxy.autoscaler")
+    cfg = configure(tmp_path, tag, cleanup, **{"min-backends": "2"})
+    cfg.write_text(
+        cfg.read_text().replace("enable = true\nmin", "enable = true\ndry-run = true\nmin")
+    )
+    rt = Runtime(load_settings(cfg), [], cfg)
+    await rt.start()
+    try:
+        scaler = rt.autoscaler
+        assert scaler is not None
+        await wait_for(lambda: any(r.action == "up" for r in scaler.history), timeout=10)
+        record = next(r for r in scaler.history if r.action == "up")
+        assert not record.acted
+        assert "min-backends" in record.reason and "0→2" in record.reason
+        assert "(dry-run: not acted on)" in caplog.text
+        provider = open_provider(rt.settings, tmp_path)
+        assert await provider.list() == []
+        await provider.close()
+        assert load_inventory(tmp_path / "inventory.toml") == []
+    finally:
+        await rt.stop()
+
+
+async def test_a_backend_that_keeps_failing_is_replaced_new_one_first(
+    tmp_path: Path, tag: str, cleanup: list[Settings]
+) -> None:
+    cfg = configure(tmp_path, tag, cleanup, **{"min-backends": "2", "max-health-failures": "3"})
+    rt = Runtime(load_settings(cfg), [], cfg)
+    await rt.start()
+    try:
+        await wait_for(lambda: serving(rt) == 2, timeout=20)
+        entries = load_inventory(tmp_path / "inventory.toml")
+        victim = entries[0]
+        os.kill(victim.pid, signal.SIGKILL)  # the backend dies; its health checks fail
+        scaler = rt.autoscaler
+        assert scaler is not None
+
+        def replaced() -> bool:
+            now = load_inventory(tmp_path / "inventory.toml")
+            ids = {str(e.id) for e in now}
+            return str(victim.id) not in ids and len(now) == 2 and serving(rt) == 2
+
+        await wait_for(replaced, timeout=25)
+        assert any(r.action == "replace" and str(victim.id) in r.reason for r in scaler.history)
+        provider = open_provider(rt.settings, tmp_path)
+        live = {m.id for m in await provider.list()}
+        await provider.close()
+        assert live == {str(e.id) for e in load_inventory(tmp_path / "inventory.toml")}
+    finally:
+        await rt.stop()
+
+
+async def test_start_reconciles_orphans_and_forgets_dead_machines(
+    tmp_path: Path, tag: str, cleanup: list[Settings]
+) -> None:
+    cfg = configure(tmp_path, tag, cleanup, orphans='"destroy"')
+    settings = load_settings(cfg)
+    provider = open_provider(settings, tmp_path)
+    # An orphan: carries our tags, the inventory does not know it.
+    orphan = await provider.create("local-orphan")
+    await wait_active(provider, orphan.id, 10, 0.05)
+    # A dead machine the inventory still lists.
+    dead = await provider.create("local-dead")
+    dead = await wait_active(provider, dead.id, 10, 0.05)
+    from doproxy.provisioning import entry_for
+
+    (tmp_path / "inventory.toml").write_text("")
+    from doproxy.inventory import update_inventory
+
+    update_inventory(
+        tmp_path / "inventory.toml", lambda es: [*es, entry_for(dead, settings, "local")]
+    )
+    await provider.destroy(dead.id)
+    rt = Runtime(settings, load_inventory(tmp_path / "inventory.toml"), cfg)
+    await rt.start()
+    try:
+        scaler = rt.autoscaler
+        assert scaler is not None
+        await wait_for(scaler.reconciled.is_set, timeout=10)
+        # The orphan was destroyed (orphans = "destroy"), the dead entry dropped, and
+        # min-backends brings one fresh backend.
+        await wait_for(lambda: serving(rt) == 1, timeout=20)
+        names = {m.name for m in await provider.list()}
+        assert "local-orphan" not in names and "local-dead" not in names
+        entries = load_inventory(tmp_path / "inventory.toml")
+        assert [e.name for e in entries if e.name in ("local-dead", "local-orphan")] == []
+        assert len(entries) == 1
+    finally:
+        await rt.stop()
+        await provider.close()
