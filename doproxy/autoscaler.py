@@ -157,16 +157,16 @@ class Autoscaler:
     async def reconcile(self) -> None:
         rt = self.runtime
         path = rt.inventory_path
-        found = await survey(self.provider, load_inventory(path))
+        found = await survey(self.provider, await asyncio.to_thread(load_inventory, path))
         dry = self.settings.dry_run
         for e in found.gone:
             log.warning("reconcile: %s (%s) no longer exists%s", e.name, e.id, _dry(dry))
             if not dry:
-                remove_entry(path, str(e.id))
+                await asyncio.to_thread(remove_entry, path, str(e.id))
         for e in found.intents_lost:
             log.warning("reconcile: %s was never created; dropping the intent%s", e.name, _dry(dry))
             if not dry:
-                drop_intent(path, e.name)
+                await asyncio.to_thread(drop_intent, path, e.name)
         for _e, m in found.intents_found:
             log.warning("reconcile: adopting %s (%s), whose creation was interrupted", m.name, m.id)
             if not dry:
@@ -343,22 +343,22 @@ class Autoscaler:
         """Drain, destroy, forget: the victim takes no new requests, in-flight ones finish."""
         rt = self.runtime
         path = rt.inventory_path
-        entry = find_entry(load_inventory(path), key)
+        entry = find_entry(await asyncio.to_thread(load_inventory, path), key)
         if entry is None:
             return
-        set_state(path, key, "draining")
+        await asyncio.to_thread(set_state, path, key, "draining")
         await rt.reload()  # stops new requests to it now; the runtime finishes the drain
         deadline = self.clock() + self.settings.drain_timeout + 5.0
         while self.clock() < deadline:
-            current = find_entry(load_inventory(path), key)
+            current = find_entry(await asyncio.to_thread(load_inventory, path), key)
             if current is None or current.state != "draining":
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
         # Destroy before forgetting: a crash in between leaves an entry whose machine is gone,
         # which the next reconcile drops; the other order could leave an orphan to re-adopt.
         with contextlib.suppress(MachineNotFound):
             await self.provider.destroy(key)
-        remove_entry(path, key)
+        await asyncio.to_thread(remove_entry, path, key)
         log.warning("autoscaler: %s (%s) destroyed", entry.name, key)
         await rt.reload()
 

@@ -224,7 +224,7 @@ async def adopt(
     """Wait until the machine is active, then give it its entry (completing any intent)."""
     m = await wait_active(provider, machine.id, within, _poll_interval(settings), progress)
     entry = entry_for(m, settings, provider.kind)
-    complete_intent(path, m.name, entry)
+    await asyncio.to_thread(complete_intent, path, m.name, entry)
     return entry
 
 
@@ -249,7 +249,8 @@ async def create_machine(
     A machine that does not become active in time stays recorded as "provisioning" with its id.
     """
     tags = _tags(settings)
-    record_intent(path, name, provider.kind, tags)
+    # The inventory's lock and fsync run in a thread: the server's event loop keeps serving.
+    await asyncio.to_thread(record_intent, path, name, provider.kind, tags)
     try:
         machine = await provider.create(name)
     except ProviderError:
@@ -261,10 +262,10 @@ async def create_machine(
             )
             raise
         if not found:
-            drop_intent(path, name)
+            await asyncio.to_thread(drop_intent, path, name)
             raise
         machine = found[0]
-    note_machine_id(path, name, machine.id)
+    await asyncio.to_thread(note_machine_id, path, name, machine.id)
     return await adopt(provider, machine, settings, path, within, progress)
 
 
