@@ -477,8 +477,9 @@ class DigitalOceanProvider:
             )
 
     async def _respect_rate_limit(self, doing: str) -> None:
+        # Not cleared here: every concurrent caller waits; the next answer with requests left
+        # clears it (see _note_rate_limit).
         wait = min(self._blocked_until - self._wall_clock(), MAX_WAIT)
-        self._blocked_until = 0.0
         if wait > 0:
             log.warning(
                 "%s: no API requests left until the rate limit resets; waiting %.0fs", doing, wait
@@ -490,6 +491,8 @@ class DigitalOceanProvider:
         reset = _number(headers.get("ratelimit-reset"))
         if remaining is not None and remaining <= 0 and reset is not None:
             self._blocked_until = reset
+        elif remaining is not None:
+            self._blocked_until = 0.0
 
     def _retry_after(self, headers: Mapping[str, str], count: int) -> float:
         """How long a 429 asks us to wait: Retry-After (seconds or a date), else until
