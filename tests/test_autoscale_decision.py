@@ -16,9 +16,9 @@ from doproxy.core.autoscale import (
     Decision,
     Observation,
     ScalerState,
-    span,
     decide,
     pick_victims,
+    span,
 )
 from doproxy.core.settings import Provisioning
 
