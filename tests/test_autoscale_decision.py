@@ -468,6 +468,10 @@ def test_target_mode_leaves_failing_backends_out_of_the_estimate() -> None:
     o = obs(0, 0.6, serving=4, provisioning=1, replacing=1)  # the same, as the task reports it
     d, _ = decide(o, p, ScalerState())
     assert (d.action, d.desired, d.kind) == ("none", 6, "slow")
+    # ...and when the task reports both, "z" is not counted out twice.
+    o = obs(0, 0.6, serving=4, provisioning=1, replacing=1, failing=("z",))
+    d, _ = decide(o, p, ScalerState(replaced=("z",)))
+    assert (d.action, d.desired, d.kind) == ("none", 6, "slow")
 
 
 # --- idle -----------------------------------------------------------------------------------

@@ -138,7 +138,10 @@ def decide(
     in_flight = min(max(obs.replacing, len(replaced)), obs.provisioning)
     booting = obs.provisioning - in_flight  # new machines (scale-ups), not replacements
 
-    signal, desired, what = _signal(obs, policy, size)
+    # Backends that serve nothing: failing ones, and those whose replacement boots (reported
+    # in `failing` or not, they are counted once).
+    broken = len(set(obs.failing) - set(replaced)) + in_flight
+    signal, desired, what = _signal(obs, policy, size, broken)
     high_since = (
         (state.high_since if state.high_since is not None else now) if signal == "slow" else None
     )
@@ -265,7 +268,9 @@ def decide(
     return out("steady", f"{what}; {size} backend(s)")
 
 
-def _signal(obs: Observation, policy: Provisioning, size: int) -> tuple[str, int | None, str]:
+def _signal(
+    obs: Observation, policy: Provisioning, size: int, broken: int
+) -> tuple[str, int | None, str]:
     """This interval's verdict: "slow", "fast", "idle" or "ok"; target mode's desired size; and
     the words (with the numbers) that explain it."""
     lat = obs.latency
@@ -291,7 +296,7 @@ def _signal(obs: Observation, policy: Provisioning, size: int) -> tuple[str, int
         )
     # Target tracking: the working backends (not the failing ones, not the booting ones)
     # produced this latency; the pool needs `desired` of them to bring it to the target.
-    working = max(obs.serving - len(obs.failing) - min(obs.replacing, obs.provisioning), 1)
+    working = max(obs.serving - broken, 1)
     target = policy.target_latency
     # A hair above an integer is that integer: no extra machine for rounding noise. Not
     # clamped to min/max here, so "wants 6, but at max-backends 4" can be said.
