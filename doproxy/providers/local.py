@@ -105,7 +105,12 @@ class Proc:
     host: str
     port: int
     session: int
-    started: float  # seconds since the epoch (to about a second: /proc/stat btime is whole)
+    ticks: int  # start time in clock ticks since boot: with the pid, it names the process
+
+    @property
+    def started(self) -> float:
+        """Seconds since the epoch (to about a second: the boot time in /proc is whole)."""
+        return _boot_time() + self.ticks / os.sysconf("SC_CLK_TCK")
 
 
 # --- the command --------------------------------------------------------------------------
@@ -138,6 +143,29 @@ def _boot_time() -> float:
     return 0.0
 
 
+def _stat(pid: int) -> tuple[bytes, int, int] | None:
+    """(state, session id, start time in clock ticks since boot) of `pid`, or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # The command name in parentheses may contain anything; the fields after it are numbers.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return fields[0], int(fields[3]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _exited(pid: int, ticks: int) -> bool:
+    """Has the process (pid, start ticks) exited? A zombie has: it holds no files or ports any
+    more. (A process that is exiting has no environment, hence no marker, a little earlier,
+    while it may still hold its sockets: destroy() waits for this too.)"""
+    st = _stat(pid)
+    return st is None or st[0] in _DEAD or st[2] != ticks
+
+
+_DEAD = (b"Z", b"X", b"x")  # zombie or dead: waiting for its parent to reap it at most
+
+
 def read_proc(pid: int) -> Proc | None:
     """The marked process `pid` of our user, or None (gone, a zombie, not ours, unmarked)."""
     d = f"/proc/{pid}"
@@ -146,38 +174,31 @@ def read_proc(pid: int) -> Proc | None:
             return None
         with open(f"{d}/environ", "rb") as f:
             env = f.read()
-        if _MARKED not in env:  # the cheap test first: most processes are not ours
-            return None
-        with open(f"{d}/stat", "rb") as f:
-            stat = f.read()
     except OSError:
+        return None
+    if _MARKED not in env:  # the cheap test first: most processes are not ours
+        return None
+    st = _stat(pid)
+    if st is None or st[0] in _DEAD:
         return None
     marks: dict[bytes, str] = {}
     for item in env.split(b"\0"):
         key, sep, value = item.partition(b"=")
         if sep and key in _MARK_KEYS:
             marks[key] = value.decode("utf-8", "replace")
-    # The command name in parentheses may contain anything; the fields after it are numbers.
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    state = fields[0]
-    if state in (b"Z", b"X", b"x"):  # exited: a zombie waits for its parent, it is gone
-        return None
+    name = marks.get(MARK_MACHINE.encode(), "")
     try:
         port = int(marks.get(MARK_PORT.encode(), ""))
-        session = int(fields[3])
-        started = _boot_time() + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (ValueError, IndexError):
+    except ValueError:
         return None
-    name = marks.get(MARK_MACHINE.encode(), "")
     if not name:
         return None
     tags = tuple(t for t in marks.get(MARK_TAGS.encode(), "").split(",") if t)
-    return Proc(pid, name, tags, marks.get(MARK_HOST.encode(), ""), port, session, started)
+    return Proc(pid, name, tags, marks.get(MARK_HOST.encode(), ""), port, st[1], st[2])
 
 
 def scan() -> list[Proc]:
     """Every marked process of our user, any tags (our own process excepted)."""
-    _reap()
     me = os.getpid()
     out = []
     for entry in os.listdir("/proc"):
@@ -185,6 +206,9 @@ def scan() -> list[Proc]:
             p = read_proc(int(entry))
             if p is not None:
                 out.append(p)
+    # Reap after looking: a child of ours that the scan saw as a zombie (so not listed) is
+    # certainly reaped now, and never lingers.
+    _reap()
     return out
 
 
@@ -360,7 +384,7 @@ class LocalProvider:
                     raise ProviderError(
                         f"no free port in {self.settings.ports} on {host} for {name}"
                     )
-                pid = self._spawn(name, host, port, self.tags)
+                pid = await self._spawn(name, host, port, self.tags)
         if existing:  # idempotent by name: an earlier attempt did start it
             log.info("local machine %s exists already (pid %d)", name, existing[0].pid)
             return self._machine(existing, await self._status(existing))
@@ -394,7 +418,7 @@ class LocalProvider:
                     f"cannot restart local machine {machine_id}: {main.host}:{main.port} "
                     "was taken while it stopped"
                 )
-            pid = self._spawn(machine_id, main.host, main.port, main.tags)
+            pid = await self._spawn(machine_id, main.host, main.port, main.tags)
         log.info("restarted local machine %s (pid %d)", machine_id, pid)
         await wait_active(
             self,
@@ -465,7 +489,24 @@ class LocalProvider:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
-    def _spawn(self, name: str, host: str, port: int, tags: tuple[str, ...]) -> int:
+    async def _spawn(self, name: str, host: str, port: int, tags: tuple[str, ...]) -> int:
+        """Start the machine's process; return its pid once a scan can find it."""
+        popen = self._popen(name, host, port, tags)
+        _children[popen.pid] = (popen, name)
+        # Popen returns once exec() has begun, but the kernel shows the new environment in
+        # /proc only a moment later (it sets it up after closing the close-on-exec pipe that
+        # Popen waits on). Until then a scan would not find the machine: wait for the marker.
+        deadline = time.monotonic() + 5.0
+        while read_proc(popen.pid) is None and popen.poll() is None:
+            if time.monotonic() > deadline:
+                log.warning("local machine %s (pid %d) shows no marker yet", name, popen.pid)
+                break
+            await asyncio.sleep(0.001)
+        return popen.pid
+
+    def _popen(
+        self, name: str, host: str, port: int, tags: tuple[str, ...]
+    ) -> subprocess.Popen[bytes]:
         argv = command_argv(self.settings.command, host, port, name)
         env = {k: v for k, v in self.environ.items() if k not in MARKS}
         env[MARK_MACHINE] = name
@@ -496,8 +537,7 @@ class LocalProvider:
         finally:
             if not isinstance(out, int):
                 out.close()
-        _children[popen.pid] = (popen, name)
-        return popen.pid
+        return popen
 
     async def _stop(self, name: str) -> None:
         """SIGTERM every process of the machine, SIGKILL after stop-timeout, until none is left.
@@ -506,13 +546,13 @@ class LocalProvider:
         stopping is signalled too, and a process that is gone is never signalled.
         """
         start = self.clock()
-        termed: set[int] = set()
+        termed: dict[int, int] = {}  # pid -> start ticks of every process sent SIGTERM
         killed: set[int] = set()
         _stopping.add(name)
         try:
             while True:
-                procs = self._groups(scan()).get(name)
-                if not procs:
+                procs = self._groups(scan()).get(name, [])
+                if not procs and all(_exited(pid, ticks) for pid, ticks in termed.items()):
                     if termed:
                         log.info("stopped local machine %s", name)
                     return
@@ -522,7 +562,7 @@ class LocalProvider:
                         if p.pid not in termed and signal_if_ours(
                             p.pid, name, self.tags, signal.SIGTERM
                         ):
-                            termed.add(p.pid)
+                            termed[p.pid] = p.ticks
                 elif elapsed < self.settings.stop_timeout + KILL_GRACE:
                     for p in procs:
                         sent = signal_if_ours(p.pid, name, self.tags, signal.SIGKILL)
@@ -535,7 +575,10 @@ class LocalProvider:
                                 elapsed,
                             )
                 else:
-                    pids = ", ".join(str(p.pid) for p in procs)
+                    left = {p.pid for p in procs} | {
+                        pid for pid, ticks in termed.items() if not _exited(pid, ticks)
+                    }
+                    pids = ", ".join(str(pid) for pid in sorted(left))
                     raise ProviderError(f"local machine {name} (pid {pids}) survived SIGKILL")
                 await asyncio.sleep(self.poll_interval)
         finally:
@@ -546,4 +589,4 @@ class LocalProvider:
 def _leader(procs: Procs) -> Proc:
     """The process we started: the session leader (setsid), else the oldest one left."""
     leaders = [p for p in procs if p.pid == p.session]
-    return min(leaders or procs, key=lambda p: (p.started, p.pid))
+    return min(leaders or procs, key=lambda p: (p.ticks, p.pid))
