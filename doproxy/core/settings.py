@@ -102,6 +102,7 @@ class LocalProvisioner(Section):
 
     enable: bool = False
     # Run through the shell-less argv split (shlex); {host}, {port} and {name} are filled in.
+    # A leading `python` (or `python3`) is the interpreter doproxy runs on, so a virtualenv works.
     command: str = ""
     host: str = "127.0.0.1"
     ports: str = "9100-9199"  # the range new processes get a port from

@@ -22,6 +22,10 @@ for its whole life, and children inherit it, so:
 - a machine whose command forks workers (or runs a non-exec wrapper) is the whole set of
   processes carrying its name; its `pid` is the session leader (the process we started).
 
+One limit: a program that overwrites its own environment area to change its process title
+(setproctitle, which gunicorn uses when that package is installed) erases its marker, and
+doproxy no longer sees it. Run such programs without the title change.
+
 *Starting.* A process starts in its own session (setsid), so a kill -9 of the proxy, or a
 Ctrl-C in its terminal, does not take it along, and with stdin, stdout and stderr not inherited
 from the proxy (/dev/null, or `<log-dir>/<name>.log`): a backend that outlives the proxy must
@@ -29,17 +33,19 @@ not hold the proxy's pipes open. Its port is the first one of `ports` that no ma
 uses (any tags: they share this machine's ports) and that can be bound on `host` now. Choosing
 the port and starting the process happen under an exclusive flock on a per-user lock file, so
 two doproxy processes (a server and the CLI) do not pick the same port while a new process has
-not bound it yet. `create()` returns at once with status "new".
+not bound it yet. `create()` returns at once with status "new" (once /proc shows the new
+process's marker: the kernel fills in its environment a moment after exec begins).
 
 *Status.* A machine is "new" until an HTTP GET of `health-path` answers 2xx or 3xx, then
 "active"; no marked process means MachineNotFound. A process that exited is gone: its zombie
 (if we are its parent) carries no environment and is reaped on the next scan.
 
 *Stopping.* `destroy()` sends SIGTERM to every process of the machine, then SIGKILL to what is
-left after `stop-timeout`, and polls /proc until none is left: this works as well for processes
-started by an earlier life of the proxy, which are not our children. Each signal goes through a
-pidfd opened *before* the marker is checked, so it reaches the process that was checked and no
-other, even if its pid were reused in between. A machine already gone is not an error.
+left after `stop-timeout`, and polls /proc until none is left and each one signalled has
+exited (so its port is free): this works as well for processes started by an earlier life of
+the proxy, which are not our children. Each signal goes through a pidfd opened *before* the
+marker is checked, so it reaches the process that was checked and no other, even if its pid
+were reused in between. A machine already gone is not an error.
 `reboot()` stops the machine and starts it again with the same name, port and tags, and returns
 when it answers its health path again (within `boot-timeout`).
 
@@ -370,33 +376,22 @@ class LocalProvider:
         async with _ports_locked(self.settings.boot_timeout):
             procs = scan()
             existing = self._groups(procs).get(name)
-            if not existing:
-                taken = {p.port for p in procs}
-                port = next(
-                    (
-                        p
-                        for p in self.settings.port_range()
-                        if p not in taken and _bindable(host, p)
-                    ),
-                    None,
-                )
-                if port is None:
-                    raise ProviderError(
-                        f"no free port in {self.settings.ports} on {host} for {name}"
-                    )
+            if existing:  # idempotent by name: an earlier attempt did start it
+                port = pid = 0
+            else:
+                port = self._free_port(host, {p.port for p in procs}, name)
                 pid = await self._spawn(name, host, port, self.tags)
-        if existing:  # idempotent by name: an earlier attempt did start it
-            log.info("local machine %s exists already (pid %d)", name, existing[0].pid)
+        if existing:
+            log.info("local machine %s exists already (pid %d)", name, _leader(existing).pid)
             return self._machine(existing, await self._status(existing))
         log.info("started local machine %s on %s:%d (pid %d)", name, host, port, pid)
-        started = dt.datetime.now(dt.UTC)
         return Machine(
             id=name,
             name=name,
             status="new",
             private_ip=host,
             tags=self.tags,
-            created=started,
+            created=dt.datetime.now(dt.UTC),
             port=port,
             pid=pid,
             extra=self._extra(name),
@@ -435,6 +430,14 @@ class LocalProvider:
             self._session = None
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _free_port(self, host: str, taken: set[int], name: str) -> int:
+        """The first port of the range that no machine of ours (any tags) has and that can be
+        bound now. Both tests matter: a process just started has not bound its port yet."""
+        for port in self.settings.port_range():
+            if port not in taken and _bindable(host, port):
+                return port
+        raise ProviderError(f"no free port in {self.settings.ports} on {host} for {name}")
 
     def _groups(self, procs: Procs) -> dict[str, Procs]:
         """Our machines' processes (every one of our tags present), by machine name."""
