@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -74,12 +75,12 @@ interval = "1s"
 enable = true
 min-backends = 1
 max-backends = 4
-upscale-latency = "150ms"
+upscale-latency = "90ms"
 upscale-time = "3s"
 upscale-every = "5s"
-downscale-latency = "90ms"
-downscale-time = "10s"
-downscale-every = "10s"
+downscale-latency = "60ms"
+downscale-time = "8s"
+downscale-every = "8s"
 interval = "1s"
 drain-timeout = "5s"
 orphans = "destroy"
@@ -92,11 +93,11 @@ command = '''python -m doproxy.demo_backend --host {{host}} --port {{port}} --na
 ports = "{ports}"
 boot-timeout = "10s"
 stop-timeout = "2s"
-tags = ["doproxy-demo"]
+tags = ["doproxy-demo", "{run}"]  # this run's own tag: it destroys only its own backends
 """
 
 # `doproxy demo --load`: heavy load until the pool has grown, then light load so it shrinks.
-LOAD_PHASES = ((16, 40.0), (2, 40.0))
+LOAD_PHASES = ((24, 40.0), (2, 50.0))
 
 
 async def _demo(bind: str, load: bool, ports: str = "9100-9199") -> None:
@@ -107,7 +108,8 @@ async def _demo(bind: str, load: bool, ports: str = "9100-9199") -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="doproxy-demo-"))
     config = folder / "doproxy.toml"
-    config.write_text(DEMO_CONFIG.format(bind=bind, ports=ports), encoding="utf-8")
+    run = f"demo-{os.getpid()}"
+    config.write_text(DEMO_CONFIG.format(bind=bind, ports=ports, run=run), encoding="utf-8")
     settings = load_settings(config)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
@@ -124,6 +126,8 @@ async def _demo(bind: str, load: bool, ports: str = "9100-9199") -> None:
         print("stop with Ctrl-C")
 
     async def _drive(host: str, port: int, server: ProxyServer) -> None:
+        while not server.pool.eligible:  # noqa: ASYNC110 - the first backend is booting
+            await asyncio.sleep(0.1)
         for clients, seconds in LOAD_PHASES:
             print(f"load: {clients} clients for {seconds:.0f}s")
             result = LoadResult()

@@ -53,6 +53,7 @@ async def _one_client(
                     await reader.readexactly(length)
                 if status >= 500:
                     result.fail(f"HTTP {status}")
+                    await asyncio.sleep(0.05)  # as a browser would not retry at once
                 else:
                     result.ok += 1
                     result.latencies.append(time.monotonic() - start)

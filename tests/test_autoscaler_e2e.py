@@ -57,9 +57,11 @@ def free_port() -> int:
 
 
 def port_range(width: int = 20) -> str:
-    """A range of ports that were free a moment ago (the provider re-checks each one)."""
-    base = free_port()
-    base = min(base, 65535 - width)
+    """A random range below the kernel's ephemeral ports (32768-60999), so no outgoing
+    connection takes a port between the provider's check and the backend's bind."""
+    import random
+
+    base = random.randrange(20000, 32768 - width)
     return f"{base}-{base + width - 1}"
 
 

@@ -198,11 +198,9 @@ def test_bad_config_fails_to_start_with_clear_error(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 async def test_demo_autoscales_local_backends_and_cleans_up() -> None:
     """`make run` runs `doproxy demo`: the proxy with autoscaling local demo backends (min 1)."""
-    import socket
+    import random
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        base = min(int(s.getsockname()[1]), 65000)
+    base = random.randrange(20000, 32700)  # below the ephemeral ports, see test_autoscaler_e2e
     ports = f"{base}-{base + 20}"
     proxy = await start_proxy_process(
         None, args=("demo", "--bind", "127.0.0.1:0", "--ports", ports)
