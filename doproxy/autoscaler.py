@@ -139,18 +139,32 @@ class Autoscaler:
         return self.runtime.settings.provisioning
 
     async def _run(self) -> None:
-        try:
-            await self.reconcile()
-        except DoproxyError as e:
-            log.error("autoscaler: reconciling with %s failed: %s", self.provider.kind, e)
-        finally:
-            self.reconciled.set()
+        ok = await self._try_reconcile()
+        self.reconciled.set()
         while True:
             await asyncio.sleep(self.settings.interval)
+            # Until the provider answered once, acting would be acting blind (it is most
+            # likely unreachable anyway): keep trying to reconcile instead.
+            if not ok:
+                ok = await self._try_reconcile()
+                if not ok:
+                    continue
             try:
                 await self.tick()
             except DoproxyError as e:
                 log.error("autoscaler: %s", e)
+
+    async def _try_reconcile(self) -> bool:
+        try:
+            await self.reconcile()
+        except DoproxyError as e:
+            log.error(
+                "autoscaler: reconciling with %s failed (will retry; no scaling until then): %s",
+                self.provider.kind,
+                e,
+            )
+            return False
+        return True
 
     # --- reconcile ----------------------------------------------------------------------------
 
@@ -356,8 +370,15 @@ class Autoscaler:
             await asyncio.sleep(0.1)
         # Destroy before forgetting: a crash in between leaves an entry whose machine is gone,
         # which the next reconcile drops; the other order could leave an orphan to re-adopt.
-        with contextlib.suppress(MachineNotFound):
+        try:
             await self.provider.destroy(key)
+        except MachineNotFound:
+            pass
+        except DoproxyError as e:
+            raise DoproxyError(
+                f"destroying {entry.name} ({key}) failed: {e}; it stays in the inventory, "
+                f"disabled: run `doproxy destroy {key}` once {self.provider.kind} answers"
+            ) from e
         await asyncio.to_thread(remove_entry, path, key)
         log.warning("autoscaler: %s (%s) destroyed", entry.name, key)
         await rt.reload()

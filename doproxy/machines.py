@@ -54,6 +54,11 @@ log = logging.getLogger(__name__)
 # --- the provider ---------------------------------------------------------------------------
 
 
+def provider_kind(settings: Settings) -> str:
+    """Which provider `open_provider` opens for these settings."""
+    return "local" if settings.local_provisioner.enable else "digitalocean"
+
+
 def open_provider(
     settings: Settings, base: Path, environ: Mapping[str, str] | None = None
 ) -> Provider:

@@ -40,16 +40,17 @@ from doproxy.core.balancers import make_balancer
 from doproxy.core.http_rules import ErrorPage
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
-from doproxy.errors import ConfigError, Problem
+from doproxy.errors import ConfigError, Problem, ProviderError
 from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
-from doproxy.machines import hold_server_lock, open_provider, set_state
+from doproxy.machines import hold_server_lock, open_provider, provider_kind, set_state
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
 from doproxy.statistics import StatsCollector
 
 if TYPE_CHECKING:
     from doproxy.autoscaler import Autoscaler
+    from doproxy.provisioning import Provider
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +173,10 @@ class Runtime:
         log.info("%d backend(s), balancing %s", len(self.entries), settings.loadbalancing.type)
         return server
 
-    def start_autoscaler(self) -> None:
+    def start_autoscaler(self, provider: Provider | None = None) -> None:
         from doproxy.autoscaler import Autoscaler
 
-        provider = open_provider(self.settings, self.base)
+        provider = provider or open_provider(self.settings, self.base)
         self.autoscaler = Autoscaler(self, provider)
         self.autoscaler.start()
         p = self.settings.provisioning
@@ -280,7 +281,7 @@ class Runtime:
             except ConfigError as e:
                 for problem in e.problems:
                     log.error("reload failed, keeping the running configuration: %s", problem)
-            except (OSError, ssl.SSLError) as e:
+            except (OSError, ssl.SSLError, ProviderError) as e:
                 log.error("reload failed, keeping the running configuration: %s", e)
             return False
 
@@ -298,6 +299,14 @@ class Runtime:
         new_ctx = tls_context(settings, self.base)  # validates the TLS files in every case
         pool = build_pool(settings, entries, reuse=server.pool.backends)
         error_pages = load_error_pages(settings, self.base)
+        # A provider for a scaler that starts now (or whose provider changes): opened before
+        # anything is applied, so a missing token fails the reload, not half of it.
+        new_provider: Provider | None = None
+        scaler = self.autoscaler
+        if settings.provisioning.enable and (
+            scaler is None or provider_kind(settings) != scaler.provider.kind
+        ):
+            new_provider = open_provider(settings, self.base)
         # Everything is valid: apply.
         if listen_changed or tls_files_changed:
             await server.rebind(settings.bind, new_ctx)
@@ -322,12 +331,12 @@ class Runtime:
         self.checker.watch(pool.backends)
         self.settings, self.entries = settings, entries
         self.reloads += 1
-        if settings.provisioning.enable and self.autoscaler is None:
-            self.start_autoscaler()
-        elif not settings.provisioning.enable and self.autoscaler is not None:
-            scaler, self.autoscaler = self.autoscaler, None
+        if scaler is not None and (not settings.provisioning.enable or new_provider is not None):
+            self.autoscaler = None
             self._tasks.append(asyncio.get_running_loop().create_task(scaler.stop()))
             log.info("autoscaler off")
+        if new_provider is not None:
+            self.start_autoscaler(new_provider)
         log.info(
             "reloaded: %d backend(s) (%d new, %d removed), balancing %s",
             len(pool.backends),

@@ -148,3 +148,27 @@ async def test_start_reconciles_orphans_and_forgets_dead_machines(
     finally:
         await rt.stop()
         await provider.close()
+
+
+async def test_a_reload_that_turns_scaling_on_without_a_token_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tmp_path / "doproxy.toml"
+    base = (
+        'bind = "127.0.0.1:0"\nwatch-config = false\ninventory-file = "inventory.toml"\n'
+        '[do-provisioner]\ntoken-file = "no-such-token-file"\n'
+    )
+    cfg.write_text(base)
+    rt = Runtime(load_settings(cfg), [], cfg)
+    await rt.start()
+    try:
+        cfg.write_text(
+            base + '[provisioning]\nenable = true\n[loadbalancing]\ntype = "leastconn"\n'
+        )
+        assert await rt.reload() is False
+        assert rt.autoscaler is None
+        assert rt.settings.provisioning.enable is False
+        assert rt.settings.loadbalancing.type == "roundrobin"  # all or nothing
+        assert "no-such-token-file" in caplog.text
+    finally:
+        await rt.stop()
