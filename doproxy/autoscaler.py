@@ -15,7 +15,8 @@ as `[provisioning] orphans` says. Then, every `interval`:
 2. decide: doproxy.core.autoscale.decide, a pure function of (observation, policy, state);
 3. record every notable decision, acted on or not, in the log and in a bounded history;
 4. act (unless `dry-run`): a scale-up starts one create task per machine
-   (doproxy.machines.create_machine: intent first, then the provider, then the entry); a
+   (doproxy.machines.create_machine: intent first, then the provider, then the entry; a
+   machine not up within create-timeout/boot-timeout is destroyed and forgotten); a
    scale-down picks victims (unhealthy first, then fewest in flight, then newest) and runs a
    retire task for each: drain through the inventory (no new requests; in-flight ones finish
    up to `drain-timeout`), destroy, then remove the entry; a replacement creates the new
@@ -49,7 +50,7 @@ from doproxy.core.autoscale import (
 )
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Provisioning, Settings
-from doproxy.errors import DoproxyError, MachineNotFound
+from doproxy.errors import DoproxyError, MachineNotFound, ProvisionTimeout
 from doproxy.inventory import load_inventory
 from doproxy.machines import (
     adopt,
@@ -333,12 +334,35 @@ class Autoscaler:
 
     async def _create(self) -> InventoryEntry:
         rt = self.runtime
-        entry = await create_machine(
-            self.provider, new_name(self._prefix()), rt.settings, rt.inventory_path, self._timeout()
-        )
+        name = new_name(self._prefix())
+        try:
+            entry = await create_machine(
+                self.provider, name, rt.settings, rt.inventory_path, self._timeout()
+            )
+        except ProvisionTimeout:
+            await self._give_up(name)
+            raise
         log.warning("autoscaler: %s (%s) is up at %s", entry.name, entry.id, entry.server_host)
         await rt.reload()
         return entry
+
+    async def _give_up(self, name: str) -> None:
+        """A machine that did not come up in time is destroyed and its intent dropped, so it
+        neither costs money nor blocks the pool; the next decision may try again."""
+        path = self.runtime.inventory_path
+        intent = next(
+            (
+                e
+                for e in await asyncio.to_thread(load_inventory, path)
+                if e.state == "provisioning" and e.name == name
+            ),
+            None,
+        )
+        if intent is not None and intent.id not in (0, ""):
+            with contextlib.suppress(MachineNotFound):
+                await self.provider.destroy(str(intent.id))
+        await asyncio.to_thread(drop_intent, path, name)
+        log.error("autoscaler: %s did not come up in time; destroyed it", name)
 
     async def _adopt(self, machine: Machine) -> None:
         rt = self.runtime

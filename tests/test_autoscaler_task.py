@@ -172,3 +172,31 @@ async def test_a_reload_that_turns_scaling_on_without_a_token_changes_nothing(
         assert "no-such-token-file" in caplog.text
     finally:
         await rt.stop()
+
+
+async def test_a_machine_that_does_not_boot_in_time_is_destroyed_not_leaked(
+    tmp_path: Path,
+    tag: str,
+    cleanup: list[Settings],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="doproxy.autoscaler")
+    cfg = configure(tmp_path, tag, cleanup, **{"boot-timeout": '"500ms"'})
+    cfg.write_text(
+        cfg.read_text().replace(
+            'command = "python -m doproxy.demo_backend',
+            'command = "python -m doproxy.demo_backend --boot-delay 30',
+        )
+    )
+    rt = Runtime(load_settings(cfg), [], cfg)
+    await rt.start()
+    try:
+        await wait_for(lambda: "did not come up in time" in caplog.text, timeout=15)
+        record = next(r for r in caplog.records if "did not come up in time" in r.getMessage())
+        name = record.getMessage().split("autoscaler: ")[1].split()[0]
+        provider = open_provider(rt.settings, tmp_path)
+        assert name not in {m.name for m in await provider.list()}
+        await provider.close()
+        assert name not in {e.name for e in load_inventory(tmp_path / "inventory.toml")}
+    finally:
+        await rt.stop()
