@@ -135,6 +135,13 @@ RESPONSES = [
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\nX-A: 1\r\n\r\nok",
     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\r\nok",
+    # Every other hop-by-hop header, each as the last line and in mixed case, with decoys
+    # that only start like one (they stay).
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTE-X: 1\r\nProxy-Connection: keep-alive\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nTrailers-Note: 1\r\nContent-Length: 2\r\nTrailer: X-T\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nte: trailers\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nHTTP2-Settings: AAMA\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nUpgrade-Note: 1\r\nContent-Length: 2\r\nUPGRADE: h2c\r\n\r\nok",
 ]
 
 
@@ -174,7 +181,12 @@ async def test_response_lanes_agree(
     assert lanes == [1 if response in RESPONSES[:3] else 0, 0]
     _, _, names, closing = got[0]
     assert closing == client_close
-    assert not any(n.startswith((b"keep-alive:", b"x-hop:")) for n in names)
+    hop = (b"keep-alive:", b"x-hop:", b"proxy-connection:", b"trailer:", b"te:", b"upgrade:")
+    assert not any(n.startswith((*hop, b"http2-settings:")) for n in names)
+    decoys = {b"te-x:", b"trailers-note:", b"upgrade-note:"}
+    assert {n.split(b":")[0] + b":" for n in names} & decoys == {
+        d for d in decoys if d[:-1] in response.lower()
+    }
 
 
 async def test_express_head_then_body_then_pipelined_request(

@@ -140,16 +140,36 @@ class Exchange:
 def _response_needs_general_path(low: str) -> bool:
     """True when a lower-cased response head has a hop-by-hop header other than Connection.
 
-    Each test is a first letter after a line break ("\nt": te, trailer, transfer-encoding),
-    confirmed exactly only when it matches: most heads fail all five quick tests.
+    One split into lines, then each header's first letter as an integer, and names compared
+    only where that letter fits (t, k, u, p, h). This replaces a search of the whole head per
+    header name: a response head is ~250 characters, a substring search costs about four
+    instructions per character, and five of them cost more than the rest of the response
+    path. (Splitting on a single character is a memchr; comparing code points is native
+    integer work once compiled.)
     """
-    return (
-        ("\nt" in low and ("\ntransfer-encoding:" in low or "\nte:" in low or "\ntrailer:" in low))
-        or ("\nk" in low and "\nkeep-alive:" in low)
-        or ("\nu" in low and "\nupgrade:" in low)
-        or ("\np" in low and "\nproxy-connection:" in low)
-        or ("\nh" in low and "\nhttp2-settings:" in low)
-    )
+    for line in low.split("\n"):
+        if not line:
+            continue
+        c = ord(line[0])
+        if c == 116:  # t
+            if (
+                line.startswith("transfer-encoding:")
+                or line.startswith("te:")
+                or line.startswith("trailer:")
+            ):
+                return True
+        elif c == 107:  # k
+            if line.startswith("keep-alive:"):
+                return True
+        elif c == 117:  # u
+            if line.startswith("upgrade:"):
+                return True
+        elif c == 112:  # p
+            if line.startswith("proxy-connection:"):
+                return True
+        elif c == 104 and line.startswith("http2-settings:"):  # h
+            return True
+    return False
 
 
 _STATUS_ERRORS: dict[int, type[ClientError]] = {
