@@ -12,8 +12,9 @@ LINT    = doproxy tests $(wildcard bench)
 
 .PHONY: run test check fmt bench deps clean
 
-# client.py is compiled by the install (setup.py): reinstall when it changes.
-$(STAMP): pyproject.toml setup.py doproxy/proxy/client.py
+# The hot data-plane modules are compiled by the install (setup.py): reinstall when they change.
+COMPILED_SOURCES = doproxy/proxy/scan.py doproxy/proxy/upstream.py doproxy/proxy/client.py
+$(STAMP): pyproject.toml setup.py $(COMPILED_SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'

@@ -1,7 +1,9 @@
-"""Build hook: compile the data plane's hottest module with mypyc, when possible.
+"""Build hook: compile the data plane's hottest modules with mypyc, when possible.
 
-doproxy/proxy/client.py (the client side of every request) is plain, fully typed Python; mypyc
-turns it into a C extension that runs the same code with about a third less CPU per request.
+doproxy/proxy/client.py (the client side of every request), upstream.py (the backend side) and
+scan.py (head scanning) are plain, fully typed Python; mypyc turns them into one C extension
+that runs the same code with far fewer instructions per request (calls between them become
+native C calls).
 The build falls back to pure Python, with a warning, when mypyc, a C compiler or the Python
 headers are missing, or when DOPROXY_PURE_PYTHON is set. Everything else is in pyproject.toml.
 """
@@ -13,7 +15,12 @@ import sys
 
 from setuptools import setup
 
-COMPILED = ["doproxy/proxy/client.py"]
+# In import order: the pure-Python loader in doproxy/proxy/__init__.py uses the same list.
+COMPILED = [
+    "doproxy/proxy/scan.py",
+    "doproxy/proxy/upstream.py",
+    "doproxy/proxy/client.py",
+]
 
 
 def compiled_extensions() -> list:  # type: ignore[type-arg]
@@ -22,7 +29,9 @@ def compiled_extensions() -> list:  # type: ignore[type-arg]
     try:
         from mypyc.build import mypycify
 
-        extensions = mypycify(COMPILED, opt_level="3")
+        # One group: calls between the modules are native C calls. The group name puts its
+        # shared library inside the package instead of at the top level.
+        extensions = mypycify(COMPILED, opt_level="3", group_name="doproxy.proxy.dataplane")
     except Exception as e:  # mypyc missing or refusing the code: ship pure Python
         print(f"doproxy: not compiling the data plane ({e}); using pure Python", file=sys.stderr)
         return []

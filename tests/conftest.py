@@ -89,13 +89,14 @@ def pytest_configure(config: pytest.Config) -> None:
     from pathlib import Path
 
     import doproxy.proxy as dp
-    from doproxy.proxy import client
 
     if dp.compiled():
-        source = Path(dp.__file__).with_name("client.py")
-        if Path(str(client.__file__)).stat().st_mtime < source.stat().st_mtime:
-            pytest.exit(
-                "doproxy/proxy/client.py changed after it was compiled: run `make test` (or "
-                "`.venv/bin/pip install -e .`) to rebuild, or set DOPROXY_PURE_PYTHON=1",
-                returncode=2,
-            )
+        folder = Path(dp.__file__).parent
+        built = min(p.stat().st_mtime for p in folder.glob("*.so"))
+        for name in dp.COMPILED:
+            if (folder / f"{name}.py").stat().st_mtime > built:
+                pytest.exit(
+                    f"doproxy/proxy/{name}.py changed after it was compiled: run `make test` "
+                    "(or `.venv/bin/pip install -e .`) to rebuild, or set DOPROXY_PURE_PYTHON=1",
+                    returncode=2,
+                )

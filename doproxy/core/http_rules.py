@@ -66,44 +66,6 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return out
 
 
-HEAD_SCAN = 8192  # a response head is looked for in this many bytes first
-
-
-def head_text(buf: bytes) -> tuple[str, int]:
-    """The start of `buf` as latin-1 text, and where its head ends (the blank line), or -1.
-
-    Heads are searched as text: latin-1 maps bytes to characters one to one, so positions
-    match, and CPython 3.11's bytes.find and `in` first try the needle as an integer, raising
-    and swallowing a TypeError on every call, which costs more than the search itself.
-    Only the first HEAD_SCAN bytes are decoded; a longer head is found with bytes.find.
-    """
-    text = buf[:HEAD_SCAN].decode("latin-1") if len(buf) > HEAD_SCAN else buf.decode("latin-1")
-    end = text.find("\r\n\r\n")
-    if end < 0 and len(buf) > HEAD_SCAN:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            text = buf[: end + 4].decode("latin-1")
-    return text, end
-
-
-def lone_connection(low: str) -> tuple[int, int, str]:
-    """The Connection line of a lower-cased head: (start, end, value).
-
-    `start` is the index of the line break before the line and `end` that of its CRLF, or
-    (-1, -1, "") when there is none. `value` is "keep-alive" or "close" for a single line with
-    just that token, and "" for anything else (other tokens, several Connection lines): those
-    heads need the general path, which removes every header Connection names.
-    """
-    i = low.find("\nconnection:")
-    if i < 0:
-        return -1, -1, ""
-    j = low.find("\r\n", i)
-    value = low[i + 12 : j].strip()
-    if (value != "keep-alive" and value != "close") or "\nconnection:" in low[j:]:
-        value = ""
-    return i, j, value
-
-
 def split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """Split a head already validated by llhttp into its first line and (name, value) pairs.
 

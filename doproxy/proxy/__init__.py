@@ -1,8 +1,9 @@
 """The data plane: listener, client-side HTTP/1.1, upstream pool, tunnels.
 
-client.py is usually compiled with mypyc (see setup.py). With DOPROXY_PURE_PYTHON set, the
-Python source is used even when the compiled module is there: the test suite measures coverage
-that way, and it is a quick way to rule the compiler out when debugging.
+scan.py, upstream.py and client.py are usually compiled with mypyc (see setup.py). With
+DOPROXY_PURE_PYTHON set, the Python source is used even when the compiled modules are there:
+the test suite measures coverage that way, and it is a quick way to rule the compiler out when
+debugging.
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ import os
 import sys
 from pathlib import Path
 
-if os.environ.get("DOPROXY_PURE_PYTHON") and f"{__name__}.client" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location(
-        f"{__name__}.client", Path(__file__).with_name("client.py")
-    )
-    assert _spec is not None and _spec.loader is not None
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = _module
-    _spec.loader.exec_module(_module)
+COMPILED = ("scan", "upstream", "client")  # in import order, as setup.py compiles them
+
+if os.environ.get("DOPROXY_PURE_PYTHON"):
+    for _name in COMPILED:
+        if f"{__name__}.{_name}" in sys.modules:
+            continue
+        _spec = importlib.util.spec_from_file_location(
+            f"{__name__}.{_name}", Path(__file__).with_name(f"{_name}.py")
+        )
+        assert _spec is not None and _spec.loader is not None
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[_spec.name] = _module
+        _spec.loader.exec_module(_module)
 
 
 def compiled() -> bool:

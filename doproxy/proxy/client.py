@@ -51,8 +51,6 @@ from doproxy.core.http_rules import (
     connection_tokens,
     cookie_value,
     error_response,
-    head_text,
-    lone_connection,
     split_head,
 )
 from doproxy.errors import (
@@ -69,6 +67,7 @@ from doproxy.errors import (
     URITooLong,
 )
 from doproxy.proxy.backend import Backend
+from doproxy.proxy.scan import head_text, lone_connection, response_needs_general_path
 
 if TYPE_CHECKING:
     from doproxy.proxy.server import ProxyServer
@@ -135,41 +134,6 @@ class Exchange:
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
-
-
-def _response_needs_general_path(low: str) -> bool:
-    """True when a lower-cased response head has a hop-by-hop header other than Connection.
-
-    One split into lines, then each header's first letter as an integer, and names compared
-    only where that letter fits (t, k, u, p, h). This replaces a search of the whole head per
-    header name: a response head is ~250 characters, a substring search costs about four
-    instructions per character, and five of them cost more than the rest of the response
-    path. (Splitting on a single character is a memchr; comparing code points is native
-    integer work once compiled.)
-    """
-    for line in low.split("\n"):
-        if not line:
-            continue
-        c = ord(line[0])
-        if c == 116:  # t
-            if (
-                line.startswith("transfer-encoding:")
-                or line.startswith("te:")
-                or line.startswith("trailer:")
-            ):
-                return True
-        elif c == 107:  # k
-            if line.startswith("keep-alive:"):
-                return True
-        elif c == 117:  # u
-            if line.startswith("upgrade:"):
-                return True
-        elif c == 112:  # p
-            if line.startswith("proxy-connection:"):
-                return True
-        elif c == 104 and line.startswith("http2-settings:"):  # h
-            return True
-    return False
 
 
 _STATUS_ERRORS: dict[int, type[ClientError]] = {
@@ -807,7 +771,7 @@ class ClientConnection(asyncio.Protocol):
         if end < 0 or not text.startswith("HTTP/1.1 ") or text[9:12] < "200" or text[9:12] == "204":
             return False  # 1xx and 204 take the general path
         low = text[: end + 2].lower()
-        if _response_needs_general_path(low):
+        if response_needs_general_path(low):
             return False
         i = low.find("\ncontent-length:")
         if i < 0:
@@ -893,7 +857,7 @@ class ClientConnection(asyncio.Protocol):
         # whose only hop-by-hop header is "Connection: keep-alive/close".
         if ex.version == b"1.1" and text.startswith("HTTP/1.1 "):
             low = text.lower()
-            if not _response_needs_general_path(low):
+            if not response_needs_general_path(low):
                 no_body = ex.is_head or status == 304
                 if no_body or (status != 204 and "\ncontent-length:" in low):
                     i, j, value = lone_connection(low)

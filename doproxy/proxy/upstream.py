@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from doproxy.core.http_rules import head_text
+from doproxy.proxy.scan import head_text
 
 if TYPE_CHECKING:
     from doproxy.proxy.backend import Backend
