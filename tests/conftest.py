@@ -86,17 +86,17 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Refuse to test a compiled data plane older than its source (edit, then forget make)."""
-    from pathlib import Path
 
     import doproxy.proxy as dp
+    from doproxy._compiled import COMPILED, source_path
 
     if dp.compiled():
-        folder = Path(dp.__file__).parent
-        built = min(p.stat().st_mtime for p in folder.glob("*.so"))
-        for name in dp.COMPILED:
-            if (folder / f"{name}.py").stat().st_mtime > built:
+        root = source_path("doproxy.__init__").parent  # the package folder
+        built = min(p.stat().st_mtime for p in root.rglob("*.so"))
+        for name in COMPILED:
+            if source_path(name).stat().st_mtime > built:
                 pytest.exit(
-                    f"doproxy/proxy/{name}.py changed after it was compiled: run `make test` "
-                    "(or `.venv/bin/pip install -e .`) to rebuild, or set DOPROXY_PURE_PYTHON=1",
+                    f"{name} changed after it was compiled: run `make test` (or "
+                    "`.venv/bin/pip install -e .`) to rebuild, or set DOPROXY_PURE_PYTHON=1",
                     returncode=2,
                 )

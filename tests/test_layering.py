@@ -33,7 +33,7 @@ def layer_of(module: str) -> int:
     if parts[0] != "doproxy":
         raise ValueError(module)
     sub = parts[1] if len(parts) > 1 else ""
-    if sub in ("core", "errors", ""):
+    if sub in ("core", "errors", "", "_compiled"):  # _compiled: which modules mypyc builds
         return 0
     if sub == "proxy":
         return 1

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import ssl
 import time
+from typing import Any
 
 from doproxy.core.health import ejection_duration, may_eject
 from doproxy.core.http_rules import ErrorPage
@@ -92,7 +93,10 @@ class ProxyServer:
     def addresses(self) -> list[tuple[str, int]]:
         out = []
         for server in self._servers:
-            for s in server.sockets:
+            # uvloop's servers give a list where typeshed says tuple, and the compiled module
+            # checks declared types: read it untyped.
+            sockets: Any = getattr(server, "sockets")  # noqa: B009
+            for s in sockets:
                 name = s.getsockname()
                 out.append((name[0], name[1]))
         return out
