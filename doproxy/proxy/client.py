@@ -67,7 +67,15 @@ from doproxy.errors import (
     URITooLong,
 )
 from doproxy.proxy.backend import Backend
-from doproxy.proxy.scan import head_text, lone_connection, response_needs_general_path
+from doproxy.proxy.scan import (
+    GENERAL,
+    REWRITE,
+    head_text,
+    lone_connection,
+    request_head_kind,
+    response_needs_general_path,
+    scan_response,
+)
 
 if TYPE_CHECKING:
     from doproxy.proxy.server import ProxyServer
@@ -241,8 +249,9 @@ class ClientConnection(asyncio.Protocol):
                 text = data.decode("latin-1")
                 if text.find("\r\n\r\n") + 4 == len(text):
                     low = text.lower()
-                    if "\ntransfer-encoding:" not in low and "\nupgrade:" not in low:
-                        self._express(data, low)
+                    kind = request_head_kind(low)
+                    if kind != GENERAL:
+                        self._express(data, low, kind)
                         return
             if self._full_parser is None:
                 self._full_parser = httptools.HttpRequestParser(self)
@@ -408,7 +417,7 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         self._body_left = -1
 
-    def _express(self, data: bytes, low: str) -> None:
+    def _express(self, data: bytes, low: str, kind: int) -> None:
         """A whole request head in one chunk: validate it with the lean parser (llhttp with no
         per-header callbacks), rewrite it as raw bytes and start it.
 
@@ -432,7 +441,7 @@ class ClientConnection(asyncio.Protocol):
         self.server.express_requests += 1
         ex = Exchange()
         try:
-            self._rewrite_head(ex, data, low, parser.get_method())
+            self._rewrite_head(ex, data, low, parser.get_method(), kind)
         except ClientError as e:
             self._reject(e)
             return
@@ -459,7 +468,7 @@ class ClientConnection(asyncio.Protocol):
             ex.request_done = True
             self.parsing = None
 
-    def _rewrite_head(self, ex: Exchange, data: bytes, low: str, method: bytes) -> None:
+    def _rewrite_head(self, ex: Exchange, data: bytes, low: str, method: bytes, kind: int) -> None:
         line_end = low.find("\r\n")
         if line_end > self._max_url_bytes:
             raise URITooLong()
@@ -480,18 +489,9 @@ class ClientConnection(asyncio.Protocol):
             ex.is_head = True
         head = data[:-2]  # without the blank line
         i, j, value = lone_connection(low)
-        if (
-            # Hop-by-hop or forwarding headers to rewrite, other than a lone Connection:
-            # keep-alive or close, send the head down the general path.
-            (i >= 0 and not value)
-            or "\nx-forwarded-" in low
-            or "\nkeep-alive:" in low
-            or "\nproxy-connection:" in low
-            or "\nte:" in low
-            or "\ntrailer:" in low
-            or "\nhttp2-settings:" in low
-            or "\nexpect:" in low
-        ):
+        # Hop-by-hop or forwarding headers to rewrite, other than a lone Connection:
+        # keep-alive or close, send the head down the general path.
+        if kind == REWRITE or (i >= 0 and not value):
             ex.keep_alive = self._lean_keep_alive(low, keep_alive)
             first, fields = split_head(head)
             self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
@@ -771,23 +771,14 @@ class ClientConnection(asyncio.Protocol):
         if end < 0 or not text.startswith("HTTP/1.1 ") or text[9:12] < "200" or text[9:12] == "204":
             return False  # 1xx and 204 take the general path
         low = text[: end + 2].lower()
-        if response_needs_general_path(low):
-            return False
-        i = low.find("\ncontent-length:")
-        if i < 0:
-            return False
-        try:
-            length = int(low[i + 16 : low.find("\r\n", i)])
-        except ValueError:
-            return False  # llhttp will say what is wrong with it
-        if len(data) != end + 4 + length:
-            return False
+        general, length, i, j, value = scan_response(low)
+        if general or length < 0 or len(data) != end + 4 + length:
+            return False  # (a bad Content-Length: llhttp will say what is wrong with it)
         keep = ex.keep_alive and not self.server.draining
         backend_keep_alive = True
         # The client gets the backend's bytes as they are when their Connection line already
         # states what the proxy does with the client connection (the common case: no copy),
         # else with that line dropped or replaced.
-        i, j, value = lone_connection(low)
         if i >= 0:
             if not value:
                 return False

@@ -48,35 +48,112 @@ def lone_connection(low: str) -> tuple[int, int, str]:
 
 
 def response_needs_general_path(low: str) -> bool:
-    """True when a lower-cased response head has a hop-by-hop header other than Connection.
+    """True when a lower-cased response head has a hop-by-hop header other than Connection."""
+    return scan_response(low)[0]
 
-    One split into lines, then each header's first letter as an integer, and names compared
-    only where that letter fits (t, k, u, p, h). This replaces a search of the whole head per
-    header name: a response head is ~250 characters, a substring search costs about four
-    instructions per character, and five of them cost more than the rest of the response
-    path. (Splitting on a single character is a memchr; comparing code points is native
-    integer work once compiled.)
-    """
+
+# What the header names of a request head ask of the express lane (request_head_kind).
+PLAIN = 0  # nothing to rewrite but Host, a lone Connection and the forwarding headers
+REWRITE = 1  # hop-by-hop or forwarding headers to drop: build the head header by header
+GENERAL = 2  # Transfer-Encoding or Upgrade: the general path, with llhttp's callbacks
+
+
+def request_head_kind(low: str) -> int:
+    """Classify a lower-cased request head by its header names, in one walk over its lines
+    (see scan_response for why not one search per name)."""
+    kind = PLAIN
+    first = True
     for line in low.split("\n"):
+        if first:  # the request line
+            first = False
+            continue
         if not line:
             continue
         c = ord(line[0])
         if c == 116:  # t
-            if (
-                line.startswith("transfer-encoding:")
-                or line.startswith("te:")
-                or line.startswith("trailer:")
-            ):
-                return True
-        elif c == 107:  # k
-            if line.startswith("keep-alive:"):
-                return True
+            if line.startswith("transfer-encoding:"):
+                return GENERAL
+            if line.startswith("te:") or line.startswith("trailer:"):
+                kind = REWRITE
         elif c == 117:  # u
             if line.startswith("upgrade:"):
-                return True
+                return GENERAL
+        elif c == 120:  # x
+            if line.startswith("x-forwarded-"):
+                kind = REWRITE
+        elif c == 107:  # k
+            if line.startswith("keep-alive:"):
+                kind = REWRITE
         elif c == 112:  # p
             if line.startswith("proxy-connection:"):
-                return True
-        elif c == 104 and line.startswith("http2-settings:"):  # h
-            return True
-    return False
+                kind = REWRITE
+        elif c == 104:  # h
+            if line.startswith("http2-settings:"):
+                kind = REWRITE
+        elif c == 101 and line.startswith("expect:"):  # e
+            kind = REWRITE
+    return kind
+
+
+def scan_response(low: str) -> tuple[bool, int, int, int, str]:
+    """Everything the express response lane needs from a lower-cased response head, in one
+    walk over its lines: (needs the general path, Content-Length, Connection line).
+
+    One split into lines, then each header's first letter as an integer, and names compared
+    only where that letter fits. This replaces a search of the whole head per header name: a
+    response head is ~250 characters, a substring search costs about four instructions per
+    character, and the six of them cost more than the rest of the response path did.
+    Splitting on one character is a memchr; comparing code points is native integer work once
+    compiled. "Needs the general path": a hop-by-hop header other than Connection.
+
+    Content-Length is the first such header's value, -1 when there is none and -2 when it is
+    not a number (llhttp, which validates the response next, says what is wrong). The
+    Connection line comes as lone_connection gives it: the index of the line break before the
+    first one, that of its CRLF, and "keep-alive" or "close" when it is the only Connection
+    line and holds just that token, else "".
+    """
+    general = False
+    length = -1
+    start = -1
+    end = -1
+    value = ""
+    connections = 0
+    pos = 0  # index in `low` of the current line's first character
+    for line in low.split("\n"):
+        n = len(line)
+        if n and pos:  # pos 0: the status line
+            c = ord(line[0])
+            if c == 99:  # c
+                if line.startswith("content-length:"):
+                    if length == -1:
+                        try:
+                            length = int(line[15:])
+                        except ValueError:
+                            length = -2
+                elif line.startswith("connection:"):
+                    connections += 1
+                    if connections == 1:
+                        start, end = pos - 1, pos + n - 1
+                        value = line[11:].strip()
+            elif c == 116:  # t
+                if (
+                    line.startswith("transfer-encoding:")
+                    or line.startswith("te:")
+                    or line.startswith("trailer:")
+                ):
+                    general = True
+            elif c == 107:  # k
+                if line.startswith("keep-alive:"):
+                    general = True
+            elif c == 117:  # u
+                if line.startswith("upgrade:"):
+                    general = True
+            elif c == 112:  # p
+                if line.startswith("proxy-connection:"):
+                    general = True
+            elif c == 104 and line.startswith("http2-settings:"):  # h
+                general = True
+        pos += n + 1
+    if connections != 1 or (value != "keep-alive" and value != "close"):
+        value = ""
+    return general, length, start, end, value

@@ -1,0 +1,118 @@
+"""The one-walk head scanners agree with the plain searches they replaced, on any head."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from doproxy.proxy.scan import (
+    GENERAL,
+    PLAIN,
+    REWRITE,
+    lone_connection,
+    request_head_kind,
+    scan_response,
+)
+
+NAMES = [
+    "content-length",
+    "connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "keep-alive",
+    "upgrade",
+    "proxy-connection",
+    "http2-settings",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "expect",
+    "host",
+    "server",
+    "te-x",
+    "trailers-note",
+    "upgrade-insecure-requests",
+    "content-type",
+    "connectionx",
+    "keep-alive-ish",
+]
+VALUES = ["2", " 10 ", "close", "keep-alive", "keep-alive, x", "abc", "", "chunked", "1x"]
+
+lines = st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES)).map(
+    lambda nv: f"{nv[0]}:{nv[1]}"
+)
+
+
+def _head(first: str, fields: list[str]) -> str:
+    return "".join(f"{line}\r\n" for line in [first, *fields])  # up to the last CRLF
+
+
+def reference_response(low: str) -> tuple[bool, int, int, int, str]:
+    """The searches express_response used before the one-walk scanner."""
+    general = any(
+        f"\n{name}:" in low
+        for name in (
+            "transfer-encoding",
+            "te",
+            "trailer",
+            "keep-alive",
+            "upgrade",
+            "proxy-connection",
+            "http2-settings",
+        )
+    )
+    i = low.find("\ncontent-length:")
+    if i < 0:
+        length = -1
+    else:
+        try:
+            length = int(low[i + 16 : low.find("\r\n", i)])
+        except ValueError:
+            length = -2
+    start, end, value = lone_connection(low)
+    return general, length, start, end, value
+
+
+def reference_request(low: str) -> int:
+    if "\ntransfer-encoding:" in low or "\nupgrade:" in low:
+        return GENERAL
+    rewrite = (
+        "\nx-forwarded-",
+        "\nkeep-alive:",
+        "\nproxy-connection:",
+        "\nte:",
+        "\ntrailer:",
+        "\nhttp2-settings:",
+        "\nexpect:",
+    )
+    return REWRITE if any(n in low for n in rewrite) else PLAIN
+
+
+@given(st.lists(lines, max_size=8))
+def test_scan_response_agrees_with_the_searches(fields: list[str]) -> None:
+    low = _head("http/1.1 200 ok", fields)
+    assert scan_response(low) == reference_response(low)
+
+
+@given(st.lists(lines, max_size=8))
+def test_request_head_kind_agrees_with_the_searches(fields: list[str]) -> None:
+    low = _head("get /te: http/1.1", fields) + "\r\n"
+    assert request_head_kind(low) == reference_request(low)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (["content-length: 2"], (False, 2, -1, -1, "")),
+        (["content-length: 2", "content-length: 3"], (False, 2, -1, -1, "")),
+        (["content-length: x"], (False, -2, -1, -1, "")),
+        (["connection: close"], (False, -1, 16, 34, "close")),
+        (["connection: close", "connection: close"], (False, -1, 16, 34, "")),
+        (["connection: keep-alive, x-hop"], (False, -1, 16, 46, "")),
+        (["te-x: 1", "trailer: x"], (True, -1, -1, -1, "")),
+    ],
+)
+def test_scan_response_cases(fields: list[str], expected: tuple[object, ...]) -> None:
+    low = _head("http/1.1 200 ok", fields)
+    assert scan_response(low) == expected
