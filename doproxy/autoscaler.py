@@ -58,6 +58,7 @@ from doproxy.machines import (
     drop_intent,
     find_entry,
     managed_by,
+    provisioner,
     remove_entry,
     set_state,
     survey,
@@ -323,18 +324,11 @@ class Autoscaler:
         return done
 
     def _timeout(self) -> float:
-        s = self.runtime.settings
-        if s.local_provisioner.enable:
-            return float(s.local_provisioner.boot_timeout)
-        return float(s.do_provisioner.create_timeout)
-
-    def _prefix(self) -> str:
-        s = self.runtime.settings
-        return "local-" if s.local_provisioner.enable else s.do_provisioner.hostname_prefix
+        return provisioner(self.runtime.settings).boot_timeout
 
     async def _create(self) -> InventoryEntry:
         rt = self.runtime
-        name = new_name(self._prefix())
+        name = new_name(provisioner(rt.settings).name_prefix)
         try:
             entry = await create_machine(
                 self.provider, name, rt.settings, rt.inventory_path, self._timeout()

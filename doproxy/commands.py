@@ -35,6 +35,7 @@ from doproxy.machines import (
     find_entry,
     nudge_server,
     open_provider,
+    provisioner,
     remove_entry,
     set_state,
     survey,
@@ -75,9 +76,7 @@ class Context:
 
     @property
     def create_timeout(self) -> float:
-        if self.settings.local_provisioner.enable:
-            return self.settings.local_provisioner.boot_timeout
-        return self.settings.do_provisioner.create_timeout
+        return provisioner(self.settings).boot_timeout
 
     def say(self, text: str) -> None:
         self.err.print(text)
@@ -98,11 +97,13 @@ def _ask(question: str) -> str:
 
 def _progress(ctx: Context, what: str) -> Callable[[Machine, float], None]:
     """One line per change of status (and every 10 s), so logs and terminals both read well."""
-    last: list[object] = [None, -10.0]
+    last_status = ""
+    last_at = -10.0
 
     def show(m: Machine, elapsed: float) -> None:
-        if m.status != last[0] or elapsed - float(str(last[1])) >= 10.0:
-            last[0], last[1] = m.status, elapsed
+        nonlocal last_status, last_at
+        if m.status != last_status or elapsed - last_at >= 10.0:
+            last_status, last_at = m.status, elapsed
             ctx.say(f"  {what} {m.name}: {m.status} ({elapsed:.0f}s)")
 
     return show
@@ -113,10 +114,7 @@ def _progress(ctx: Context, what: str) -> Callable[[Machine, float], None]:
 
 async def create(ctx: Context, name: str | None) -> int:
     settings = ctx.settings
-    prefix = (
-        "local-" if settings.local_provisioner.enable else settings.do_provisioner.hostname_prefix
-    )
-    name = name or new_name(prefix)
+    name = name or new_name(provisioner(settings).name_prefix)
     ctx.say(f"creating {ctx.provider.kind} machine {name} ...")
     entry = await create_machine(
         ctx.provider,
@@ -267,7 +265,8 @@ async def list_machines(ctx: Context, output: str) -> int:
         entries = [entry_for(m, ctx.settings, ctx.provider.kind) for m in machines if m.private_ip]
         ctx.out.file.write(dump_inventory(entries))
         return 0
-    table = Table(title=f"{ctx.provider.kind} machines tagged {', '.join(_tags(ctx))}")
+    tags = provisioner(ctx.settings).tags
+    table = Table(title=f"{ctx.provider.kind} machines tagged {', '.join(tags)}")
     for col in ("id", "name", "status", "private ip", "public ip", "created", "inventory"):
         table.add_column(col)
     for m in machines:
@@ -285,11 +284,6 @@ async def list_machines(ctx: Context, output: str) -> int:
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def _tags(ctx: Context) -> tuple[str, ...]:
-    s = ctx.settings
-    return s.local_provisioner.tags if s.local_provisioner.enable else s.do_provisioner.tags
 
 
 def _describe(found: Survey) -> list[str]:

@@ -54,9 +54,30 @@ log = logging.getLogger(__name__)
 # --- the provider ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Provisioner:
+    """What the configured provisioner's section says, whichever one it is."""
+
+    kind: str  # "local" or "digitalocean": the provider open_provider opens
+    tags: tuple[str, ...]
+    name_prefix: str  # new machines are called this + 8 random hex digits
+    boot_timeout: float  # a new (or rebooted) machine must be up within this
+    poll_interval: float  # between status polls while waiting
+
+
+def provisioner(settings: Settings) -> Provisioner:
+    if settings.local_provisioner.enable:
+        lp = settings.local_provisioner
+        return Provisioner("local", lp.tags, "local-", lp.boot_timeout, 0.1)
+    do = settings.do_provisioner
+    return Provisioner(
+        "digitalocean", do.tags, do.hostname_prefix, do.create_timeout, do.poll_interval
+    )
+
+
 def provider_kind(settings: Settings) -> str:
     """Which provider `open_provider` opens for these settings."""
-    return "local" if settings.local_provisioner.enable else "digitalocean"
+    return provisioner(settings).kind
 
 
 def open_provider(
@@ -227,16 +248,12 @@ async def adopt(
     progress: Callable[[Machine, float], None] | None = None,
 ) -> InventoryEntry:
     """Wait until the machine is active, then give it its entry (completing any intent)."""
-    m = await wait_active(provider, machine.id, within, _poll_interval(settings), progress)
+    m = await wait_active(
+        provider, machine.id, within, provisioner(settings).poll_interval, progress
+    )
     entry = entry_for(m, settings, provider.kind)
     await asyncio.to_thread(complete_intent, path, m.name, entry)
     return entry
-
-
-def _poll_interval(settings: Settings) -> float:
-    if settings.local_provisioner.enable:
-        return 0.1
-    return settings.do_provisioner.poll_interval
 
 
 async def create_machine(
@@ -253,7 +270,7 @@ async def create_machine(
     provider cannot tell whether the machine exists), the intent stays for the next survey.
     A machine that does not become active in time stays recorded as "provisioning" with its id.
     """
-    tags = _tags(settings)
+    tags = provisioner(settings).tags
     # The inventory's lock and fsync run in a thread: the server's event loop keeps serving.
     await asyncio.to_thread(record_intent, path, name, provider.kind, tags)
     try:
@@ -272,12 +289,6 @@ async def create_machine(
         machine = found[0]
     await asyncio.to_thread(note_machine_id, path, name, machine.id)
     return await adopt(provider, machine, settings, path, within, progress)
-
-
-def _tags(settings: Settings) -> tuple[str, ...]:
-    if settings.local_provisioner.enable:
-        return settings.local_provisioner.tags
-    return settings.do_provisioner.tags
 
 
 # --- the server lock and drains ---------------------------------------------------------------
