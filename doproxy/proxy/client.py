@@ -37,7 +37,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -85,23 +85,25 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("doproxy.access")  # one line per request, when enabled
 
 # Reasons reading from the client is paused (bit flags).
-_PAUSE_BACKEND = 1  # the backend's write buffer is full
-_PAUSE_QUEUE = 2  # a pipelined request waits behind the active one
-_PAUSE_BUFFER = 4  # request body bytes are buffered while no backend connection is ready
-_PAUSE_TUNNEL = 8  # the tunnel peer's write buffer is full
+_PAUSE_BACKEND: Final = 1  # the backend's write buffer is full
+_PAUSE_QUEUE: Final = 2  # a pipelined request waits behind the active one
+_PAUSE_BUFFER: Final = 4  # request body bytes are buffered while no backend connection is ready
+_PAUSE_TUNNEL: Final = 8  # the tunnel peer's write buffer is full
 
 # Deadline kinds checked by the server's sweep.
-DEADLINE_NONE = 0
-DEADLINE_HEADER = 1
-DEADLINE_IDLE = 2
-DEADLINE_RESPONSE = 3
+DEADLINE_NONE: Final = 0
+DEADLINE_HEADER: Final = 1
+DEADLINE_IDLE: Final = 2
+DEADLINE_RESPONSE: Final = 3
 
 # Output framing of a response body towards the client.
-_OUT_RAW = 0  # pass bytes as they are (Content-Length, or close-delimited for HTTP/1.0)
-_OUT_CHUNKED = 1  # re-encode as chunked
-_OUT_NONE = 2  # no body (HEAD, 204, 304)
+_OUT_RAW: Final = 0  # pass bytes as they are (Content-Length, or close-delimited for HTTP/1.0)
+_OUT_CHUNKED: Final = 1  # re-encode as chunked
+_OUT_NONE: Final = 2  # no body (HEAD, 204, 304)
 
-_BUFFER_LIMIT = 256 * 1024  # bytes of request body held while a backend connection is dialled
+_BUFFER_LIMIT: Final = (
+    256 * 1024
+)  # bytes of request body held while a backend connection is dialled
 
 
 class Exchange:
@@ -160,8 +162,8 @@ class _LeanCallbacks:
         self.on_body = on_body
 
 
-_CLOSE_LINE = b"Connection: close\r\n"
-_LEAN_MAX = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
+_CLOSE_LINE: Final = b"Connection: close\r\n"
+_LEAN_MAX: Final = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
 
 
 class ClientConnection(asyncio.Protocol):

@@ -9,7 +9,9 @@ swallowing a TypeError on every call, which costs more than the search itself.
 
 from __future__ import annotations
 
-HEAD_SCAN = 8192  # a response head is looked for in this many bytes first
+from typing import Final
+
+HEAD_SCAN: Final = 8192  # a response head is looked for in this many bytes first
 
 
 def head_text(buf: bytes) -> tuple[str, int]:
@@ -53,9 +55,39 @@ def response_needs_general_path(low: str) -> bool:
 
 
 # What the header names of a request head ask of the express lane (request_head_kind).
-PLAIN = 0  # nothing to rewrite but Host, a lone Connection and the forwarding headers
-REWRITE = 1  # hop-by-hop or forwarding headers to drop: build the head header by header
-GENERAL = 2  # Transfer-Encoding or Upgrade: the general path, with llhttp's callbacks
+PLAIN: Final = 0  # nothing to rewrite but Host, a lone Connection and the forwarding headers
+REWRITE: Final = 1  # hop-by-hop or forwarding headers to drop: build the head header by header
+GENERAL: Final = 2  # Transfer-Encoding or Upgrade: the general path, with llhttp's callbacks
+
+
+# What a header line is, for the express lanes (hop_by_hop). Final: the compiled code uses
+# the values inline instead of looking the names up in the module on every request.
+NOT_HOP: Final = 0
+FRAMING: Final = 1  # Transfer-Encoding or Upgrade: the message is framed or tunnelled differently
+HOP: Final = 2  # TE, Trailer, Keep-Alive, Proxy-Connection, HTTP2-Settings: dropped when forwarded
+
+
+def hop_by_hop(line: str) -> int:
+    """Is this lower-cased header line a hop-by-hop header other than Connection? Its first
+    letter as an integer picks the names worth comparing (see scan_response)."""
+    c = ord(line[0])
+    if c == 116:  # t
+        if line.startswith("transfer-encoding:"):
+            return FRAMING
+        if line.startswith("te:") or line.startswith("trailer:"):
+            return HOP
+    elif c == 117:  # u
+        if line.startswith("upgrade:"):
+            return FRAMING
+    elif c == 107:  # k
+        if line.startswith("keep-alive:"):
+            return HOP
+    elif c == 112:  # p
+        if line.startswith("proxy-connection:"):
+            return HOP
+    elif c == 104 and line.startswith("http2-settings:"):  # h
+        return HOP
+    return NOT_HOP
 
 
 def request_head_kind(low: str) -> int:
@@ -69,28 +101,10 @@ def request_head_kind(low: str) -> int:
             continue
         if not line:
             continue
-        c = ord(line[0])
-        if c == 116:  # t
-            if line.startswith("transfer-encoding:"):
-                return GENERAL
-            if line.startswith("te:") or line.startswith("trailer:"):
-                kind = REWRITE
-        elif c == 117:  # u
-            if line.startswith("upgrade:"):
-                return GENERAL
-        elif c == 120:  # x
-            if line.startswith("x-forwarded-"):
-                kind = REWRITE
-        elif c == 107:  # k
-            if line.startswith("keep-alive:"):
-                kind = REWRITE
-        elif c == 112:  # p
-            if line.startswith("proxy-connection:"):
-                kind = REWRITE
-        elif c == 104:  # h
-            if line.startswith("http2-settings:"):
-                kind = REWRITE
-        elif c == 101 and line.startswith("expect:"):  # e
+        hop = hop_by_hop(line)
+        if hop == FRAMING:
+            return GENERAL
+        if hop == HOP or line.startswith("x-forwarded-") or line.startswith("expect:"):
             kind = REWRITE
     return kind
 
@@ -135,23 +149,7 @@ def scan_response(low: str) -> tuple[bool, int, int, int, str]:
                     if connections == 1:
                         start, end = pos - 1, pos + n - 1
                         value = line[11:].strip()
-            elif c == 116:  # t
-                if (
-                    line.startswith("transfer-encoding:")
-                    or line.startswith("te:")
-                    or line.startswith("trailer:")
-                ):
-                    general = True
-            elif c == 107:  # k
-                if line.startswith("keep-alive:"):
-                    general = True
-            elif c == 117:  # u
-                if line.startswith("upgrade:"):
-                    general = True
-            elif c == 112:  # p
-                if line.startswith("proxy-connection:"):
-                    general = True
-            elif c == 104 and line.startswith("http2-settings:"):  # h
+            elif hop_by_hop(line) != NOT_HOP:
                 general = True
         pos += n + 1
     if connections != 1 or (value != "keep-alive" and value != "close"):

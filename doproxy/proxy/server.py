@@ -20,7 +20,7 @@ import asyncio
 import logging
 import ssl
 import time
-from typing import Any
+from typing import Any, Final
 
 from doproxy.core.health import ejection_duration, may_eject
 from doproxy.core.http_rules import ErrorPage
@@ -33,8 +33,8 @@ from doproxy.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger(__name__)
 
-SWEEP_INTERVAL = 0.1
-_MAX_SAMPLES = 200_000  # latency samples kept between two statistics ticks
+SWEEP_INTERVAL: Final = 0.1
+_MAX_SAMPLES: Final = 200_000  # latency samples kept between two statistics ticks
 
 
 class ProxyServer:
