@@ -28,7 +28,7 @@ from doproxy.core.retry import RetryBudget
 from doproxy.core.settings import Settings, parse_bind
 from doproxy.errors import BadGateway, ClientError, GatewayTimeout
 from doproxy.proxy.backend import Backend, Pool
-from doproxy.proxy.client import ClientConnection, Exchange
+from doproxy.proxy.client import ClientConnection, Exchange, flush_writes
 from doproxy.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,7 @@ class ProxyServer:
             )
         for conn in list(self.connections):
             if conn.transport is not None:
+                flush_writes()
                 conn.transport.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from doproxy.proxy.client import flush_writes
 from doproxy.proxy.scan import head_text
 
 if TYPE_CHECKING:
@@ -179,9 +180,11 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
+            flush_writes()  # a request head queued for this connection goes out first
             self.transport.close()
 
     def abort(self) -> None:
         self.closed = True
         if self.transport is not None:
+            flush_writes()
             self.transport.abort()
