@@ -24,7 +24,7 @@ from rich.table import Table
 from doproxy.config import load_settings, resolve_relative
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.errors import DoproxyError, MachineNotFound, ProviderError
-from doproxy.health import Target, probe
+from doproxy.health import probe, probe_target
 from doproxy.inventory import dump_inventory, load_inventory, update_inventory
 from doproxy.machines import (
     Survey,
@@ -204,7 +204,7 @@ async def reboot(ctx: Context, machine_id: str, within: float | None = None) -> 
     ctx.say(f"rebooting {label} ...")
     try:
         await ctx.provider.reboot(machine_id)
-        await _wait_healthy(ctx, entry.health_url, entry.server_host, within or ctx.create_timeout)
+        await _wait_healthy(ctx, entry, within or ctx.create_timeout)
     except (ProviderError, TimeoutError) as e:
         ctx.say(f"  {label} stays disabled in the inventory: {e or 'not healthy in time'}")
         raise
@@ -214,19 +214,11 @@ async def reboot(ctx: Context, machine_id: str, within: float | None = None) -> 
     return 0
 
 
-async def _wait_healthy(ctx: Context, health_url: str, server_host: str, within: float) -> None:
-    from urllib.parse import urlsplit
-
-    url = health_url if "://" in health_url else f"http://{health_url or server_host}/"
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    target = Target(
-        parts.hostname or "127.0.0.1",
-        parts.port or (443 if https else 80),
-        parts.path or "/",
-        https,
-        parts.netloc,
-    )
+async def _wait_healthy(ctx: Context, entry: InventoryEntry, within: float) -> None:
+    target = probe_target(entry, ctx.settings)
+    if target is None:
+        raise ProviderError(f"health-url {entry.health_url!r} of {entry.name} names no host")
+    url = f"{'https' if target.https else 'http'}://{target.host_header}{target.path}"
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     each = max(ctx.settings.health.timeout or ctx.settings.backend.health_check_timeout, 1.0)

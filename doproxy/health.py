@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from doproxy.core.health import State
+from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
 from doproxy.proxy.backend import Backend
 
@@ -51,7 +52,12 @@ def health_target(backend: Backend, settings: Settings) -> Target | None:
     """Where to probe a backend, or None when it is not checked."""
     if settings.backend.disable_health_check:
         return None
-    url = backend.entry.health_url.strip()
+    return probe_target(backend.entry, settings)
+
+
+def probe_target(entry: InventoryEntry, settings: Settings) -> Target | None:
+    """Where a backend answers its health check (None: a health-url without a host)."""
+    url = entry.health_url.strip()
     if url:
         if "://" not in url:
             url = "http://" + url
@@ -65,13 +71,8 @@ def health_target(backend: Backend, settings: Settings) -> Target | None:
             path += "?" + parts.query
         return Target(parts.hostname, port, path, https, parts.netloc)
     path = settings.health.path or settings.backend.new_host_health_path or "/"
-    return Target(
-        backend.host,
-        backend.port,
-        path,
-        settings.backend.new_host_health_https,
-        backend.entry.server_host,
-    )
+    host, port = entry.address()
+    return Target(host, port, path, settings.backend.new_host_health_https, entry.server_host)
 
 
 class _ResponseReader:

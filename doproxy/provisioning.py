@@ -19,7 +19,7 @@ from typing import Protocol
 
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
-from doproxy.errors import MachineNotFound, ProvisionTimeout
+from doproxy.errors import ProvisionTimeout
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,7 @@ async def wait_active(
     now = clock or loop.time
     start = now()
     while True:
-        try:
-            machine = await provider.get(machine_id)
-        except MachineNotFound:
-            raise
+        machine = await provider.get(machine_id)  # MachineNotFound passes through
         elapsed = now() - start
         if progress is not None:
             progress(machine, elapsed)
