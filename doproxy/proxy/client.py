@@ -182,6 +182,12 @@ def write_soon(t: asyncio.Transport, data: bytes) -> None:
     _PENDING.append((t, data))
 
 
+def write_now(t: asyncio.Transport, data: bytes) -> None:
+    """Write at once, after anything queued (so nothing is overtaken)."""
+    flush_writes()
+    t.write(data)
+
+
 def flush_writes() -> None:
     """Hand every queued write to its transport, in the order they were queued."""
     if not _PENDING:
@@ -268,8 +274,7 @@ class ClientConnection(asyncio.Protocol):
         if self._tunnel is not None:
             t = self._tunnel.transport
             if t is not None:
-                flush_writes()  # nothing queued may be overtaken or lost
-                t.write(data)
+                write_now(t, data)
             return
         if self.closed:
             return
@@ -709,8 +714,7 @@ class ClientConnection(asyncio.Protocol):
             t = up.transport
             assert t is not None
             if len(ex.body) == 1:
-                flush_writes()  # nothing queued may be overtaken or lost
-                t.write(ex.body[0])
+                write_now(t, ex.body[0])
             else:
                 flush_writes()  # nothing queued may be overtaken or lost
                 t.writelines(ex.body)
@@ -789,8 +793,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             write_soon(t, head)
         if ex.expect_continue and not ex.request_done and self.transport is not None:
-            flush_writes()  # nothing queued may be overtaken or lost
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            write_now(self.transport, b"HTTP/1.1 100 Continue\r\n\r\n")
         if self._writing_paused and up.transport is not None:
             up.transport.pause_reading()
 
@@ -1047,8 +1050,7 @@ class ClientConnection(asyncio.Protocol):
         t = up.transport
         assert t is not None
         if ex.tunnel_data:
-            flush_writes()  # nothing queued may be overtaken or lost
-            t.write(ex.tunnel_data)
+            write_now(t, ex.tunnel_data)
         self._paused = 0
         if self.transport is not None:
             self.transport.resume_reading()
@@ -1262,9 +1264,9 @@ class ClientConnection(asyncio.Protocol):
             return
         log.debug("rejecting request from %s: %s", self.peer_ip.decode(), err.detail)
         if not self.queue or not self.queue[0].response_started:
-            flush_writes()  # nothing queued may be overtaken or lost
-            self.transport.write(
-                error_response(err.status, self.server.error_body(err.status), close=True)
+            write_now(
+                self.transport,
+                error_response(err.status, self.server.error_body(err.status), close=True),
             )
         for ex in self.queue:
             if ex.upstream is not None:
@@ -1319,8 +1321,7 @@ class ClientConnection(asyncio.Protocol):
             data = held + data
         t = self.transport
         if t is not None and not t.is_closing():
-            flush_writes()  # nothing queued may be overtaken or lost
-            t.write(data)
+            write_now(t, data)
 
     def _pause(self, reason: int) -> None:
         if not self._paused and self.transport is not None and not self.closed:
