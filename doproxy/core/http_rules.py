@@ -66,6 +66,33 @@ def connection_tokens(values: list[bytes]) -> set[bytes]:
     return out
 
 
+# Names a Connection header can never remove: they frame the message (Content-Length,
+# Transfer-Encoding) or the proxy decides them itself (Host, the Connection/Upgrade pair).
+FRAMING_NAMES = frozenset(
+    {b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade"}
+)
+
+
+def connection_named(fields: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The lower-cased header names that the Connection headers among `fields` declare
+    hop-by-hop, less the connection options (close, keep-alive) and FRAMING_NAMES."""
+    values = [v for n, v in fields if n.lower() == CONNECTION]
+    if not values:
+        return frozenset()
+    return frozenset(connection_tokens(values) - FRAMING_NAMES - {b"close", b"keep-alive"})
+
+
+def forwarded_fields(fields: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The header lines of a response head that pass to the client: all but hop-by-hop ones,
+    those its Connection headers name, and Content-Length (the caller frames the body)."""
+    named = connection_named(fields)
+    return [
+        n + b": " + v + b"\r\n"
+        for n, v in fields
+        if (low := n.lower()) not in RESPONSE_SPECIAL and low not in named
+    ]
+
+
 def split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """Split a head already validated by llhttp into its first line and (name, value) pairs.
 

@@ -42,15 +42,14 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from doproxy.core.http_rules import (
-    CONNECTION,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     REQUEST_SPECIAL,
-    RESPONSE_SPECIAL,
     chunk,
-    connection_tokens,
+    connection_named,
     cookie_value,
     error_response,
+    forwarded_fields,
     split_head,
 )
 from doproxy.errors import (
@@ -588,12 +587,19 @@ class ClientConnection(asyncio.Protocol):
         lines: list[bytes] = []
         host: bytes | None = None
         xff: bytes | None = None
-        conn_values: list[bytes] | None = None
         te: bytes | None = None
         upgrade: bytes | None = None
+        # Headers named by Connection are hop-by-hop too (RFC 9110 7.6.1), but the request is
+        # framed once, from what was received: a name that carries framing (Content-Length,
+        # Transfer-Encoding) or that the proxy decides itself (Host, Upgrade, Connection) is
+        # never dropped because a client named it. Known before the walk, so a dropped line is
+        # never written in the first place.
+        named = connection_named(fields)
         for name, value in fields:
             lname = name.lower()
             if lname not in REQUEST_SPECIAL:
+                if named and lname in named:
+                    continue
                 lines.append(name + b": " + value + b"\r\n")
                 continue
             if lname == b"host":
@@ -602,10 +608,6 @@ class ClientConnection(asyncio.Protocol):
                 host = value
             elif lname == b"x-forwarded-for":
                 xff = value if xff is None else xff + b", " + value
-            elif lname == CONNECTION:
-                if conn_values is None:
-                    conn_values = []
-                conn_values.append(value)
             elif lname == b"transfer-encoding":
                 te = value if te is None else te + b", " + value
             elif lname == b"upgrade":
@@ -630,10 +632,6 @@ class ClientConnection(asyncio.Protocol):
                 raise NotImplementedByProxy(f"Transfer-Encoding {te.decode('latin-1')!r}")
             ex.chunked_in = True
             lines.append(b"Transfer-Encoding: chunked\r\n")
-        if conn_values is not None:
-            tokens = connection_tokens(conn_values) - {b"close", b"keep-alive", b"upgrade"}
-            if tokens:  # headers named by Connection are hop-by-hop too
-                lines = [ln for ln in lines if ln.split(b":", 1)[0].lower() not in tokens]
         if upgrade is not None:
             # llhttp treats an upgrade request as ending with its head; a body after it
             # is handled by _upgrade_requested, for Content-Length only.
@@ -865,13 +863,10 @@ class ClientConnection(asyncio.Protocol):
         ex = self.queue[0]
         if status < 200:
             if status != 100 and status != 101 and ex.version == b"1.1":
-                # Interim responses such as 103 Early Hints pass to HTTP/1.1 clients.
+                # Interim responses such as 103 Early Hints pass to HTTP/1.1 clients, under
+                # the same hop-by-hop rules as final ones.
                 _, fields = split_head(head)
-                out = [head[: text.find("\r\n") + 2]]
-                out += [
-                    n + b": " + v + b"\r\n" for n, v in fields if n.lower() not in RESPONSE_SPECIAL
-                ]
-                out.append(b"\r\n")
+                out = [head[: text.find("\r\n") + 2], *forwarded_fields(fields), b"\r\n"]
                 self._write(b"".join(out))
             return  # 100 is answered by the proxy itself; 101 is handled as an upgrade
         if status >= 500:
@@ -914,28 +909,26 @@ class ClientConnection(asyncio.Protocol):
         first, fields = split_head(head)
         parts = first.split(b" ", 2)
         reason = parts[2] if len(parts) > 2 else b""
-        lines = [b"HTTP/", ex.version, b" ", str(status).encode(), b" ", reason, b"\r\n"]
+        # HTTP/1.1 in the status line whatever the client's version (RFC 9110 2.5), as nginx
+        # and HAProxy do; the framing below is what an HTTP/1.0 client understands.
+        lines = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
+        lines += forwarded_fields(fields)
         length: bytes | None = None
-        chunked = False
-        conn_values: list[bytes] | None = None
+        te: bytes | None = None
         for name, value in fields:
             lname = name.lower()
-            if lname not in RESPONSE_SPECIAL:
-                lines.append(name + b": " + value + b"\r\n")
-            elif lname == b"content-length":
+            if lname == b"content-length":
                 length = value
             elif lname == b"transfer-encoding":
-                chunked = True
-            elif lname == CONNECTION:
-                if conn_values is None:
-                    conn_values = []
-                conn_values.append(value)
-        if conn_values is not None:
-            tokens = connection_tokens(conn_values) - {b"close", b"keep-alive"}
-            if tokens:
-                lines = lines[:7] + [
-                    ln for ln in lines[7:] if ln.split(b":", 1)[0].lower() not in tokens
-                ]
+                te = value if te is None else te + b", " + value
+        chunked = te is not None
+        if te is not None and te.replace(b" ", b"").lower() != b"chunked":
+            # A coding other than chunked cannot be relabelled (the client would decode the
+            # wrong thing) and llhttp reads such a body until close: refuse it, as nginx does.
+            # Nothing of the response has reached the client yet, so it can still get a 502.
+            ex.response_started = False
+            self.backend_protocol_error(up, f"Transfer-Encoding {te.decode('latin-1')!r}")
+            return
         ex.until_close = False
         if ex.is_head or status == 204 or status == 304:
             ex.out_mode = _OUT_NONE
@@ -1036,10 +1029,7 @@ class ClientConnection(asyncio.Protocol):
             self.backend_protocol_error(up, "101 without a WebSocket upgrade request")
             return
         out = [b"HTTP/1.1 101 Switching Protocols\r\n"]
-        for name, value in split_head(up.last_head)[1]:
-            lname = name.lower()
-            if lname not in RESPONSE_SPECIAL:
-                out.append(name + b": " + value + b"\r\n")
+        out += forwarded_fields(split_head(up.last_head)[1])
         out.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n")
         self.deadline_kind = DEADLINE_NONE
         self._write(b"".join(out))
