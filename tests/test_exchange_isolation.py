@@ -191,3 +191,84 @@ async def test_pipelined_behind_stray_bytes(
         assert (r1.body, r2.body) == (b"first", b"clean")
     finally:
         await c.close()
+
+
+BIG = 8 * 1024 * 1024
+
+
+async def big_or_small(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+) -> None:
+    rr = RequestReader(reader)
+    while (req := await rr.next()) is not None:
+        body = b"x" * BIG if req.url == b"/big" else b"small"
+        writer.write(respond(200, body))
+        await writer.drain()
+
+
+async def slow_read(c: Client) -> int:
+    """Read one response in small pieces with pauses, as a slow client (curl --limit-rate);
+    return its body's size."""
+    import httptools
+
+    class Sink:
+        size = 0
+        done = False
+
+        def on_body(self, b: bytes) -> None:
+            self.size += len(b)
+
+        def on_message_complete(self) -> None:
+            self.done = True
+
+    sink = Sink()
+    parser = httptools.HttpResponseParser(sink)
+    while not sink.done:
+        data = await c.reader.read(64 * 1024)
+        if not data:
+            break
+        parser.feed_data(data)
+        await asyncio.sleep(0.002)  # the rate limit itself, not a wait for readiness
+    return sink.size
+
+
+@pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
+async def test_connection_paused_by_a_slow_reader_is_pooled_reading(
+    start_proxy: StartProxy, backend_factory: object, use_tls: bool, tmp_path: object
+) -> None:
+    """A slow reader of a large response pauses the backend connection for backpressure; when
+    the response ends, the connection goes back to the pool reading again, so the next
+    request on it is answered (it used to hang until the response-header timeout)."""
+    import ssl
+    from pathlib import Path
+
+    import trustme
+
+    from doproxy.proxy.server import make_tls_context
+
+    backend = await backend_factory(big_or_small)  # type: ignore[operator]
+    server_ctx = client_ctx = None
+    if use_tls:
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        d = Path(str(tmp_path))
+        cert.private_key_and_cert_chain_pem.write_to_path(d / "both.pem")
+        server_ctx = make_tls_context(str(d / "both.pem"), str(d / "both.pem"))
+        client_ctx = ssl.create_default_context()
+        ca.configure_trust(client_ctx)
+    proxy = await start_proxy(
+        [backend.port], {"timeouts": {"response-header": "2s"}}, ssl_context=server_ctx
+    )
+    port = port_of(proxy)
+    kw = {"ssl": client_ctx, "server_hostname": "127.0.0.1"} if use_tls else {}
+    for _ in range(3):
+        slow = await Client.connect(port, **kw)
+        await slow.send(get("/big"))
+        assert await slow_read(slow) == BIG
+        await slow.close()
+        fresh = await Client.connect(port, **kw)
+        await fresh.send(get("/small"))
+        r = await asyncio.wait_for(fresh.response(), 10)
+        await fresh.close()
+        assert (r.status, r.body) == (200, b"small")
+    assert all(not up.paused for up in proxy.pool.backends[0].idle)

@@ -235,6 +235,9 @@ class Timeouts(Section):
 class Limits(Section):
     max_header_bytes: int = Field(32 * 1024, ge=1024)  # request line + headers -> 431
     max_url_bytes: int = Field(8 * 1024, ge=64)  # request target -> 414
+    # A backend's response status line and headers; a longer head is a 502 (a backend that
+    # never ends its head must not make the proxy buffer without bound).
+    max_response_header_bytes: int = Field(64 * 1024, ge=1024)
     # Pooled keep-alive connections per backend. Generous, like HAProxy's unlimited default:
     # a pool smaller than the concurrency makes connections open and close under load.
     max_idle_per_backend: int = Field(1024, ge=0)

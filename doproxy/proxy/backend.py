@@ -43,6 +43,7 @@ class Backend:
         "name",
         "passive_failures",
         "port",
+        "protocol_errors",
         "requests",
     )
 
@@ -56,6 +57,7 @@ class Backend:
         self.in_flight = 0
         self.requests = 0
         self.failures = 0
+        self.protocol_errors = 0  # responses that broke HTTP (or bytes that belong to none)
         self.latency_sum = 0.0
         self.connections = 0  # connections ever opened (tests count keep-alive reuse with it)
         # Per-request peak-EWMA latency, kept only when the balancer uses it (leastlatency).

@@ -232,6 +232,7 @@ class ClientConnection(asyncio.Protocol):
         self._tunnel: UpstreamConnection | None = None
         self._max_url_bytes = server.settings.limits.max_url_bytes
         self._max_header_bytes = server.settings.limits.max_header_bytes
+        self._max_response_head = server.settings.limits.max_response_header_bytes
         self._xff = server.settings.add_x_forwarded_for
         self._access_log = server.settings.access_log
         # hash-key = "header:NAME" / "cookie:NAME": which header to read per request.
@@ -332,15 +333,20 @@ class ClientConnection(asyncio.Protocol):
             self._flush()
 
     def eof_received(self) -> bool | None:
+        # TLS has no half-close in asyncio: after the client's close_notify the transport shuts
+        # down whatever we return, and returning True only logs a warning. So over TLS the
+        # client has closed the connection (as nginx sees it too); its response is not sent.
+        t = self.transport
+        half_close = t is None or t.get_extra_info("sslcontext") is None
         tunnel = self._tunnel
         if tunnel is not None:
             if tunnel.transport is not None and tunnel.transport.can_write_eof():
                 flush_writes()  # nothing queued may be overtaken or lost
                 tunnel.transport.write_eof()
-            return True
+            return half_close
         # A client that half-closes after its request still gets its response (as nginx does);
         # with nothing in flight there is nothing to wait for.
-        return bool(self.queue)
+        return half_close and bool(self.queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -364,14 +370,14 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._writing_paused = True
         up = self._tunnel or (self.queue[0].upstream if self.queue else None)
-        if up is not None and up.transport is not None:
-            up.transport.pause_reading()
+        if up is not None:
+            up.pause_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
         up = self._tunnel or (self.queue[0].upstream if self.queue else None)
-        if up is not None and up.transport is not None and not up.closed:
-            up.transport.resume_reading()
+        if up is not None:
+            up.resume_reading()
 
     # --- request parsing (llhttp callbacks) -------------------------------------------------
 
@@ -769,6 +775,7 @@ class ClientConnection(asyncio.Protocol):
         ex.upstream = up
         up.client = self
         up.got_bytes = False
+        up.max_head = self._max_response_head
         t = up.transport
         assert t is not None
         backend = ex.backend
@@ -792,8 +799,8 @@ class ClientConnection(asyncio.Protocol):
             write_soon(t, head)
         if ex.expect_continue and not ex.request_done and self.transport is not None:
             write_now(self.transport, b"HTTP/1.1 100 Continue\r\n\r\n")
-        if self._writing_paused and up.transport is not None:
-            up.transport.pause_reading()
+        if self._writing_paused:
+            up.pause_reading()
 
     # --- response (called by UpstreamConnection) --------------------------------------------
 
@@ -1011,6 +1018,7 @@ class ClientConnection(asyncio.Protocol):
 
     def backend_protocol_error(self, up: UpstreamConnection, detail: str) -> None:
         log.warning("invalid response from backend %s: %s", up.backend, detail)
+        up.backend.protocol_errors += 1
         ex = self.queue[0] if self.queue else None
         up.client = None
         up.abort()

@@ -12,9 +12,16 @@ client connection, which writes it out: nothing is buffered here.
                |  +--(101 Switching Protocols)--> tunnel    +--(backend closed, timeout)--> closed
                +--(error, close, not reusable)--> closed
 
-A connection goes back to the pool only when both the request and the response were complete and
-neither side asked to close. An idle connection that the backend closes is removed from the pool
-at once (connection_lost/eof), so the next request dials afresh instead of failing.
+A connection goes back to the pool only when both the request and the response were complete,
+neither side asked to close, and it is *clean*: its parser stands exactly at a message boundary
+with no byte left over, and it is reading (no pause left over from a slow client's backpressure).
+Pooling happens after llhttp returns from the bytes that completed the response, never inside
+its callbacks, so bytes that follow the response in the same read are seen before anyone can
+take the connection. Any byte after a complete response (a second response, a body after
+204/304 or after a HEAD response's head, a partial head, junk), in the same read or later while
+idle, closes the connection and counts once as a protocol error of the backend. An idle
+connection that the backend closes is removed from the pool at once (connection_lost/eof), so the
+next request dials afresh instead of failing.
 
 Backpressure: when this connection's write buffer fills (a backend reading an upload slowly),
 pause_writing pauses reading from the client, and resume_writing resumes it.
@@ -24,7 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, cast
+import logging
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -34,6 +42,12 @@ from doproxy.proxy.scan import head_text
 if TYPE_CHECKING:
     from doproxy.proxy.backend import Backend
     from doproxy.proxy.client import ClientConnection
+    from doproxy.proxy.server import ProxyServer
+
+log = logging.getLogger(__name__)
+
+
+DEFAULT_MAX_HEAD: Final = 64 * 1024
 
 
 class _NoCallbacks:
@@ -50,18 +64,28 @@ class _HeadResponseDone(Exception):
     """
 
 
+class _StrayBytes(Exception):
+    """Raised inside the parser when a new message begins after the response was complete."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_after_head",
         "_awaiting_head",
         "_headbuf",
         "backend",
         "client",
         "closed",
+        "done",
+        "feeding",
         "got_bytes",
         "idle_since",
         "last_head",
         "lean_parser",
+        "max_head",
         "parser",
+        "paused",
+        "release_to",
         "reused",
         "transport",
         "tunnel",
@@ -84,6 +108,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._awaiting_head = True
         self._headbuf = b""
         self.last_head = b""
+        self.max_head = DEFAULT_MAX_HEAD  # bytes a response head may take (the client sets it)
+        self._after_head = 0  # bytes received after the head of a response to HEAD
+        # Clean-state bookkeeping (see the module docstring).
+        self.done = False  # the response of the current exchange is complete
+        self.feeding = False  # inside parser.feed_data: pooling waits until it returns
+        self.release_to: ProxyServer | None = None  # pool it there once feed_data returns
+        self.paused = False  # reading paused for the client's backpressure
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -94,9 +125,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         client = self.client
-        if client is None:
-            # Bytes from an idle backend connection are a protocol error; never reuse it.
-            self.close()
+        if client is None or self.done:
+            # Bytes from an idle connection, or after the response was complete: they belong
+            # to no request. Never reuse this connection.
+            self.stray("bytes after a complete response")
             return
         if self.tunnel:
             client.tunnel_from_backend(data)
@@ -106,22 +138,41 @@ class UpstreamConnection(asyncio.Protocol):
             if not self._headbuf and client.express_response(self, data):
                 return
             self._headbuf = self._headbuf + data if self._headbuf else data
+            if len(self._headbuf) > self.max_head and self._headbuf.find(b"\r\n\r\n") < 0:
+                client.backend_protocol_error(self, "response head too large")
+                return
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             client.backend_switched_protocols(self, data[e.args[0] :])
         except httptools.HttpParserCallbackError as e:
-            if isinstance(e.__context__, _HeadResponseDone):
+            err = e.__context__
+            if isinstance(err, _HeadResponseDone):
                 # Fresh parser for the next response on this keep-alive connection.
                 self.parser = httptools.HttpResponseParser(self)
                 self._awaiting_head = True
                 self._headbuf = b""
+                self.done = True
                 if self.client is not None:
                     self.client.response_complete(self)
+                if self._after_head:
+                    self.stray("a body after the head of a response to HEAD")
+            elif isinstance(err, _StrayBytes):
+                self.stray("bytes after a complete response")
             else:
                 raise
         except httptools.HttpParserError as e:
-            client.backend_protocol_error(self, str(e))
+            if self.done:
+                self.stray("bytes after a complete response")
+            elif self.client is not None:
+                self.client.backend_protocol_error(self, str(e))
+        finally:
+            self.feeding = False
+        server = self.release_to
+        if server is not None:
+            self.release_to = None
+            server.release(self)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too; connection_lost follows
@@ -136,6 +187,17 @@ class UpstreamConnection(asyncio.Protocol):
             with contextlib.suppress(ValueError):
                 self.backend.idle.remove(self)
 
+    def pause_reading(self) -> None:
+        """Stop reading for the client's backpressure (resume_reading undoes it)."""
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
     def pause_writing(self) -> None:
         if self.client is not None:
             self.client.pause_reading_for_backend()
@@ -145,6 +207,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.client.resume_reading_for_backend()
 
     # --- llhttp callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            raise _StrayBytes()  # a second message after a complete response
 
     def on_headers_complete(self) -> None:
         buf = self._headbuf
@@ -158,6 +224,9 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._headbuf = b""
             self._awaiting_head = False
+            # Only a response to HEAD stops the parser here; what followed its head is a body
+            # that must not be.
+            self._after_head = len(buf) - end - 4
         self.last_head = head
         client = self.client
         if client is not None:
@@ -169,6 +238,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._awaiting_head = True
+        if self.parser.get_status_code() >= 200:
+            self.done = True  # from now on, any byte is a stray one
         if self.client is not None:
             self.client.response_complete(self)
 
@@ -176,6 +247,26 @@ class UpstreamConnection(asyncio.Protocol):
         raise _HeadResponseDone()
 
     # --- helpers ----------------------------------------------------------------------------
+
+    def stray(self, detail: str) -> None:
+        """Bytes that belong to no request: close, and count one protocol error."""
+        if self.closed:
+            return
+        self.release_to = None
+        client = self.client
+        if client is not None:
+            client.backend_protocol_error(self, detail)
+            return
+        self.backend.protocol_errors += 1
+        log.warning("backend %s: %s; closing that connection", self.backend.name, detail)
+        self.abort()
+
+    def reset_for_reuse(self) -> None:
+        """Called as the connection goes back to the pool: clean, and reading again."""
+        self.done = False
+        self._after_head = 0
+        if self.paused:
+            self.resume_reading()
 
     def close(self) -> None:
         self.closed = True
