@@ -48,6 +48,11 @@ class ExpectationFailed(ClientError):
     reason = "Expectation Failed"
 
 
+class ContentTooLarge(ClientError):
+    status = 413
+    reason = "Content Too Large"
+
+
 class URITooLong(ClientError):
     status = 414
     reason = "URI Too Long"

@@ -34,9 +34,12 @@ async def test_h2c_upgrade_is_stripped_and_served_as_http11(
         assert r.status == 200
         assert r.body == b"GET /h2c len=0"
         assert r.header("Upgrade") is None
-        assert r.header("Connection") == b"close"
-        # The parser is spent after an upgrade request: the proxy closes after this response.
-        assert await c.closed(timeout=2)
+        assert r.header("Connection") is None
+        # The parser that stopped at the upgrade is replaced: the connection carries on.
+        await c.send(b"GET /next HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        async with asyncio.timeout(5):
+            r2 = await c.response()
+        assert r2.body == b"GET /next len=0"
     finally:
         await c.close()
     assert c.interim == []  # no 101 (nor any other interim response)
@@ -59,16 +62,18 @@ async def test_h2c_upgrade_on_a_request_with_a_body(
         head = H2C_REQUEST.replace(b"GET ", b"POST ").replace(
             b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\n"
         )
-        await c.send(head + b"hello")
+        # A request pipelined behind the upgrade request and its body is answered too.
+        await c.send(head + b"hello" + b"GET /after HTTP/1.1\r\nHost: example.test\r\n\r\n")
         async with asyncio.timeout(2):
             r = await c.response()
+            r2 = await c.response()
         assert r.status == 200
         assert r.body == b"POST /h2c len=5"
-        assert await c.closed(timeout=2)
+        assert r2.body == b"GET /after len=0"
     finally:
         await c.close()
     sent = echo_backend.all_received
-    assert sent.endswith(b"\r\n\r\nhello")
+    assert b"\r\n\r\nhelloGET /after HTTP/1.1\r\n" in sent
     assert b"upgrade" not in sent.lower()
     assert b"http2-settings" not in sent.lower()
 
@@ -136,9 +141,15 @@ async def test_backend_101_to_h2c_never_reaches_the_client(
             r = await c.response()
         assert r.status == 502
         assert r.header("Upgrade") is None
-        assert await c.closed(timeout=2)
+        # The client's connection is sound (only the backend's broke): it carries on.
+        await c.send(H2C_REQUEST)
+        async with asyncio.timeout(5):
+            assert (await c.response()).status == 502
     finally:
         await c.close()
     assert c.interim == []
-    assert backend.connections == 1  # the request did reach the backend, without the upgrade
+    # Each request reached the backend, without the upgrade (the broken connection is not
+    # reused: the second request dialled afresh).
+    assert backend.connections == 2
+    assert b"h2c" not in backend.all_received.lower().replace(b"/h2c", b"")
     assert b"upgrade" not in backend.all_received.lower()

@@ -226,8 +226,19 @@ class Timeouts(Section):
     """Data-plane timeouts. New in doproxy (Python); the Go version had only dial-timeout."""
 
     client_header: PositiveDuration = 10.0  # whole request head must arrive within this -> 408
+    # A request body that stalls (no byte) for this long -> 408 (nginx's client_body_timeout).
+    client_body: PositiveDuration = 60.0
     keep_alive: PositiveDuration = 75.0  # idle client keep-alive connection
-    response_header: PositiveDuration = 60.0  # backend must start answering within this -> 504
+    # The backend must start answering within this once the request was sent in full -> 504.
+    response_header: PositiveDuration = 60.0
+    # A response body that stalls for this long is cut (nginx's proxy_read_timeout).
+    backend_read: PositiveDuration = 60.0
+    # A client that reads nothing of its response for this long is closed (nginx's
+    # send_timeout).
+    client_write: PositiveDuration = 60.0
+    # A WebSocket tunnel with no byte either way for this long is closed (HAProxy's
+    # timeout tunnel).
+    tunnel_idle: PositiveDuration = 3600.0
     upstream_idle: PositiveDuration = 60.0  # pooled idle backend connection is closed after this
     shutdown_grace: Duration = 30.0  # in-flight requests may finish within this on SIGTERM
 
@@ -235,6 +246,8 @@ class Timeouts(Section):
 class Limits(Section):
     max_header_bytes: int = Field(32 * 1024, ge=1024)  # request line + headers -> 431
     max_url_bytes: int = Field(8 * 1024, ge=64)  # request target -> 414
+    # A request body larger than this -> 413; 0 = unlimited (nginx's client_max_body_size 0).
+    max_body_bytes: int = Field(0, ge=0)
     # A backend's response status line and headers; a longer head is a 502 (a backend that
     # never ends its head must not make the proxy buffer without bound).
     max_response_header_bytes: int = Field(64 * 1024, ge=1024)

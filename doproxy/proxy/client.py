@@ -42,11 +42,13 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from doproxy.core.http_rules import (
+    CONNECTION,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     REQUEST_SPECIAL,
     chunk,
     connection_named,
+    connection_tokens,
     cookie_value,
     error_response,
     forwarded_fields,
@@ -56,6 +58,7 @@ from doproxy.errors import (
     BadGateway,
     BadRequest,
     ClientError,
+    ContentTooLarge,
     ExpectationFailed,
     GatewayTimeout,
     HeaderFieldsTooLarge,
@@ -94,6 +97,14 @@ DEADLINE_NONE: Final = 0
 DEADLINE_HEADER: Final = 1
 DEADLINE_IDLE: Final = 2
 DEADLINE_RESPONSE: Final = 3
+DEADLINE_BACKEND_READ: Final = 4
+DEADLINE_CLIENT_WRITE: Final = 5
+DEADLINE_TUNNEL: Final = 6
+DEADLINE_LINGER: Final = 7
+
+# A lingering close reads and drops what the client still sends for at most this long (nginx's
+# lingering_timeout), so the response it was sent is not destroyed by a reset.
+LINGER_TIME: Final = 5.0
 
 # Output framing of a response body towards the client.
 _OUT_RAW: Final = 0  # pass bytes as they are (Content-Length, or close-delimited for HTTP/1.0)
@@ -129,7 +140,10 @@ class Exchange:
     response_started = False
     sent_body = False
     out_mode = 0  # _OUT_RAW (a literal: compilers such as mypyc want literal defaults)
+    # Bytes after an upgrade request's head: the tunnel's first bytes if the backend agrees,
+    # else parsed as the next requests once this one is answered.
     tunnel_data = b""
+    body_size = 0  # request body bytes received (for [limits] max-body-bytes)
     backend_keep_alive = True
     until_close = False
     upgrade_body = 0  # Content-Length of a request with a (refused) Upgrade
@@ -202,6 +216,21 @@ _CLOSE_LINE: Final = b"Connection: close\r\n"
 _LEAN_MAX: Final = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
 
 
+def _switches(low: str) -> bool:
+    """Does a lower-cased 101 head carry Upgrade and Connection: upgrade (so llhttp switches)?"""
+    if "\nupgrade:" not in low:
+        return False
+    start = 0
+    while (i := low.find("\nconnection:", start)) >= 0:
+        j = low.find("\r\n", i)
+        if j < 0:
+            j = len(low)
+        if "upgrade" in [t.strip() for t in low[i + 12 : j].split(",")]:
+            return True
+        start = j
+    return False
+
+
 class ClientConnection(asyncio.Protocol):
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
@@ -245,6 +274,17 @@ class ClientConnection(asyncio.Protocol):
         self._t_header = timeouts.client_header
         self._t_idle = timeouts.keep_alive
         self._t_response = timeouts.response_header
+        self._t_body = timeouts.client_body
+        self._t_backend_read = timeouts.backend_read
+        self._t_client_write = timeouts.client_write
+        self._t_tunnel = timeouts.tunnel_idle
+        # The request body's own deadline (client-body), beside the phase deadline above: a
+        # body can still be arriving while the backend already answers. 0 = none.
+        self.body_deadline = 0.0
+        self._max_body = server.settings.limits.max_body_bytes
+        # A bad request behind good pipelined ones: answered once they are (see _reject).
+        self._rejected: ClientError | None = None
+        self._client_eof = False  # the client half-closed: close once nothing is in flight
         self._now = server.clock
         # A response head waits here for the first body bytes, so both go out in one write.
         self._held: bytes | None = None
@@ -275,9 +315,11 @@ class ClientConnection(asyncio.Protocol):
             t = self._tunnel.transport
             if t is not None:
                 write_now(t, data)
+                if self.deadline_kind == DEADLINE_TUNNEL:
+                    self.deadline = self._now() + self._t_tunnel
             return
-        if self.closed:
-            return
+        if self.closed or self._rejected is not None:
+            return  # closing (a lingering close drops what still arrives), or see _reject
         if self._plain_upgrade is not None:
             self._upgrade_body(data)
             return
@@ -326,6 +368,10 @@ class ClientConnection(asyncio.Protocol):
             if self._head_bytes > self._max_header_bytes:
                 self._reject(HeaderFieldsTooLarge())
                 return
+        if self.parsing is not None and not self._in_head:
+            self.body_deadline = self._now() + self._t_body  # a body is arriving: it may stall
+        elif self.body_deadline:
+            self.body_deadline = 0.0
         queue = self.queue
         if queue and queue[0].backend is None:
             self._start(queue[0])
@@ -333,6 +379,8 @@ class ClientConnection(asyncio.Protocol):
             self._flush()
 
     def eof_received(self) -> bool | None:
+        if self.closed:
+            return False  # a lingering close ends when the client closes
         # TLS has no half-close in asyncio: after the client's close_notify the transport shuts
         # down whatever we return, and returning True only logs a warning. So over TLS the
         # client has closed the connection (as nginx sees it too); its response is not sent.
@@ -344,9 +392,13 @@ class ClientConnection(asyncio.Protocol):
                 flush_writes()  # nothing queued may be overtaken or lost
                 tunnel.transport.write_eof()
             return half_close
+        self._client_eof = True
+        if self.parsing is not None and not self._in_head:
+            # The client ended its request body early: its fault, never the backend's.
+            self._reject(BadRequest("request body cut short by the client"))
         # A client that half-closes after its request still gets its response (as nginx does);
         # with nothing in flight there is nothing to wait for.
-        return half_close and bool(self.queue)
+        return half_close and bool(self.queue) and not self.closed
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -357,14 +409,7 @@ class ClientConnection(asyncio.Protocol):
             tunnel.client = None
             tunnel.close()
         for ex in self.queue:
-            up = ex.upstream
-            if up is not None:
-                ex.upstream = None
-                up.client = None
-                up.abort()  # the response has no reader: never reuse this connection
-            if ex.backend is not None:
-                ex.backend.in_flight -= 1
-                ex.backend = None
+            self._drop(ex)  # the response has no reader: never reuse its connection
         self.queue.clear()
 
     def pause_writing(self) -> None:
@@ -372,12 +417,18 @@ class ClientConnection(asyncio.Protocol):
         up = self._tunnel or (self.queue[0].upstream if self.queue else None)
         if up is not None:
             up.pause_reading()
+        if not self.closed:
+            # From now on a stall is the client's: it must read within client-write.
+            self.deadline_kind = DEADLINE_CLIENT_WRITE
+            self.deadline = self._now() + self._t_client_write
 
     def resume_writing(self) -> None:
         self._writing_paused = False
         up = self._tunnel or (self.queue[0].upstream if self.queue else None)
         if up is not None:
             up.resume_reading()
+        if self.deadline_kind == DEADLINE_CLIENT_WRITE and not self.closed:
+            self._phase_deadline()
 
     # --- request parsing (llhttp callbacks) -------------------------------------------------
 
@@ -421,6 +472,8 @@ class ClientConnection(asyncio.Protocol):
         self._build_request_head(ex, self._url, self._headers)
         if self._hash_header:
             self._set_hash_key(ex, self._headers)
+        if self._max_body:
+            self._check_declared_length(self._headers)
         self._queue_parsed(ex)
 
     def _set_hash_key(self, ex: Exchange, fields: list[tuple[bytes, bytes]]) -> None:
@@ -437,6 +490,12 @@ class ClientConnection(asyncio.Protocol):
                     ex.hash_key = value
                     return
 
+    def _check_declared_length(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """A Content-Length above [limits] max-body-bytes is refused before anything is sent."""
+        for name, value in fields:
+            if name.lower() == b"content-length" and int(value) > self._max_body:
+                raise ContentTooLarge()
+
     def _queue_parsed(self, ex: Exchange) -> None:
         queue = self.queue
         queue.append(ex)
@@ -448,6 +507,10 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         assert ex is not None
+        if self._max_body:
+            ex.body_size += len(body)
+            if ex.body_size > self._max_body:
+                raise ContentTooLarge()
         ex.body.append(chunk(body) if ex.chunked_in else body)
         ex.buffered += len(body)
         if self._body_left >= 0:
@@ -492,8 +555,12 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._hash_header:
             self._set_hash_key(ex, split_head(data[:-2])[1])
+        if self._max_body and self._body_left > self._max_body:
+            self._reject(ContentTooLarge())
+            return
         if self._body_left > 0:
             self.parsing = ex  # the body follows in later chunks (see _lean_body)
+            self.body_deadline = self._now() + self._t_body
         else:
             self._body_left = -1
             ex.request_done = True
@@ -644,7 +711,14 @@ class ClientConnection(asyncio.Protocol):
             for name, value in fields:
                 if name.lower() == b"content-length":
                     ex.upgrade_body = int(value)
-            websocket = upgrade.strip().lower() == b"websocket"
+            # Offered to the backend only as RFC 9110 7.8 and RFC 6455 have it: websocket,
+            # named in Connection, in HTTP/1.1. Any other Upgrade is dropped (hop-by-hop).
+            websocket = (
+                upgrade.strip().lower() == b"websocket"
+                and ex.version == b"1.1"
+                and b"upgrade"
+                in connection_tokens([v for n, v in fields if n.lower() == CONNECTION])
+            )
             if ex.chunked_in or (websocket and ex.upgrade_body > 0):
                 raise BadRequest("a request body with Upgrade is not supported")
             if websocket:
@@ -663,40 +737,50 @@ class ClientConnection(asyncio.Protocol):
         ex.head = ex.method + b" " + url + b" HTTP/1.1\r\n" + b"".join(lines)
 
     def _upgrade_requested(self, rest: bytes) -> None:
-        """llhttp stopped after a request that asked to switch protocols."""
+        """llhttp stopped after a request that asked to switch protocols.
+
+        That parser is spent: what followed the head waits in `ex.tunnel_data` and is either
+        the tunnel's first bytes (the backend agreed to a WebSocket upgrade) or parsed by a
+        fresh parser as the next requests once this one is answered, so nothing pipelined
+        behind an upgrade is dropped.
+        """
         ex = self.queue[-1] if self.queue else None
         if ex is None or ex.request_done is False:
             self._reject(BadRequest("bad upgrade request"))
             return
         self._in_head = False
-        if ex.upgrade:
-            # WebSocket: bytes after the head belong to the tunnel, once the backend agrees.
-            ex.tunnel_data = rest
-        else:
-            # h2c or anything else: forwarded as a plain request without Upgrade. llhttp is
-            # spent (it stopped for the upgrade), so the body, if any, is counted here and
-            # the connection closes after the response.
-            ex.keep_alive = False
+        self._full_parser = None
+        self.parser = self._lean_parser
+        if not ex.upgrade and ex.upgrade_body:
+            # A refused upgrade (h2c or anything but WebSocket) with a Content-Length body,
+            # which llhttp did not read: counted here.
+            ex.request_done = False
             self._plain_upgrade = ex
-            if ex.upgrade_body:
-                ex.request_done = False
-                self._upgrade_body(rest)
-                return
+            self._upgrade_body(rest)
+            return
+        ex.tunnel_data = rest
         self._pause(_PAUSE_QUEUE)
         self._flush()
 
     def _upgrade_body(self, data: bytes) -> None:
         """Body bytes of a request whose Upgrade was refused (see _upgrade_requested)."""
         ex = self._plain_upgrade
-        if ex is None or ex.request_done:
-            return  # whatever follows is ignored: the connection closes after the response
+        if ex is None:
+            return
+        if ex.request_done:
+            ex.tunnel_data += data  # pipelined behind it: parsed once it is answered
+            self._pause(_PAUSE_QUEUE)
+            return
         take = data[: ex.upgrade_body]
         ex.upgrade_body -= len(take)
         if take:
             ex.body.append(take)
             ex.buffered += len(take)
+            self.body_deadline = self._now() + self._t_body
         if ex.upgrade_body == 0:
             ex.request_done = True
+            self.body_deadline = 0.0
+            ex.tunnel_data = data[len(take) :]
             self._pause(_PAUSE_QUEUE)
         self._flush()
 
@@ -726,6 +810,8 @@ class ClientConnection(asyncio.Protocol):
             ex.body = []
             ex.buffered = 0
             ex.sent_body = True
+            if ex.request_done and not ex.response_started:
+                self._await_response()
 
     def _start(self, ex: Exchange) -> None:
         server = self.server
@@ -784,9 +870,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.host is None:
             # An HTTP/1.0 request may lack Host; HTTP/1.1 to the backend needs one.
             head = head[:-2] + b"Host: " + backend.host_header + b"\r\n\r\n"
-        ex.started = now = self._now()
-        self.deadline = now + self._t_response
-        self.deadline_kind = DEADLINE_RESPONSE
+        ex.started = self._now()
         if ex.body:
             self._keep_for_retry(ex, ex.body)
             ex.body.insert(0, head)
@@ -797,6 +881,12 @@ class ClientConnection(asyncio.Protocol):
             ex.sent_body = True
         else:
             write_soon(t, head)
+        if ex.request_done:
+            self._await_response()
+        else:
+            # The backend's response timer starts once the body has been sent; until then the
+            # body's own deadline (client-body) runs.
+            self.deadline_kind = DEADLINE_NONE
         if ex.expect_continue and not ex.request_done and self.transport is not None:
             write_now(self.transport, b"HTTP/1.1 100 Continue\r\n\r\n")
         if self._writing_paused:
@@ -875,7 +965,15 @@ class ClientConnection(asyncio.Protocol):
                 _, fields = split_head(head)
                 out = [head[: text.find("\r\n") + 2], *forwarded_fields(fields), b"\r\n"]
                 self._write(b"".join(out))
+            elif status == 101 and not _switches(text.lower()):
+                # llhttp switches only with Upgrade and Connection: upgrade; a bare 101 would
+                # leave the exchange waiting for a final response that never comes.
+                self.backend_protocol_error(up, "101 without Upgrade")
             return  # 100 is answered by the proxy itself; 101 is handled as an upgrade
+        if not ex.request_done:
+            # An early final response (e.g. 413 before the upload ended): the connection to
+            # that backend cannot be reused, and the client's closes after it.
+            ex.backend_keep_alive = False
         if status >= 500:
             if ex.backend is not None:
                 self.server.backend_failed(ex.backend)
@@ -883,11 +981,13 @@ class ClientConnection(asyncio.Protocol):
                 return
         elif ex.backend is not None:
             ex.backend.passive_failures = 0
-        self.deadline_kind = DEADLINE_NONE
+        if self.deadline_kind != DEADLINE_CLIENT_WRITE:
+            self.deadline_kind = DEADLINE_BACKEND_READ
+            self.deadline = self._now() + self._t_backend_read
         ex.response_started = True
         ex.status = status
-        ex.backend_keep_alive = backend_keep_alive
-        keep = ex.keep_alive and not self.server.draining and not ex.upgrade
+        ex.backend_keep_alive = backend_keep_alive and ex.backend_keep_alive
+        keep = ex.keep_alive and ex.request_done and not self.server.draining
         # Fast path, the common case: an HTTP/1.1 exchange with Content-Length (or no body)
         # whose only hop-by-hop header is "Connection: keep-alive/close".
         if ex.version == b"1.1" and text.startswith("HTTP/1.1 "):
@@ -964,6 +1064,8 @@ class ClientConnection(asyncio.Protocol):
             up.stop_after_head()
 
     def response_body(self, body: bytes) -> None:
+        if self.deadline_kind == DEADLINE_BACKEND_READ:
+            self.deadline = self._now() + self._t_backend_read
         mode = self.queue[0].out_mode
         if mode == _OUT_RAW:
             self._write(body)
@@ -978,6 +1080,7 @@ class ClientConnection(asyncio.Protocol):
             return  # a 1xx interim response ended; the final one follows
         if ex.out_mode == _OUT_CHUNKED:
             self._write(LAST_CHUNK)
+        # A connection offered an upgrade that the backend declined is not reused either.
         reusable = ex.request_done and ex.backend_keep_alive and not ex.upgrade
         self._finish(ex, up, reusable)
 
@@ -1036,10 +1139,17 @@ class ClientConnection(asyncio.Protocol):
         if not ex.upgrade:
             self.backend_protocol_error(up, "101 without a WebSocket upgrade request")
             return
+        low = up.last_head.lower()
+        i = low.find(b"\nupgrade:")
+        if i < 0 or low[i + 9 : low.find(b"\r\n", i)].strip() != b"websocket":
+            # The tunnel opens only to the protocol the client asked for.
+            self.backend_protocol_error(up, "101 to a protocol other than websocket")
+            return
         out = [b"HTTP/1.1 101 Switching Protocols\r\n"]
         out += forwarded_fields(split_head(up.last_head)[1])
         out.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n")
-        self.deadline_kind = DEADLINE_NONE
+        self.deadline_kind = DEADLINE_TUNNEL
+        self.deadline = self._now() + self._t_tunnel
         self._write(b"".join(out))
         if rest:
             self._write(rest)
@@ -1054,6 +1164,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def tunnel_from_backend(self, data: bytes) -> None:
+        if self.deadline_kind == DEADLINE_TUNNEL:
+            self.deadline = self._now() + self._t_tunnel
         self._write(data)
 
     # --- retries ----------------------------------------------------------------------------
@@ -1185,9 +1297,15 @@ class ClientConnection(asyncio.Protocol):
             self._write(b"")
         self.queue.popleft()
         if not ex.keep_alive or not ex.request_done:
-            self._close()
-        else:
-            self._continue(now)
+            self._close(linger=not ex.request_done)
+            return
+        self._continue(now)
+        if ex.tunnel_data and not self.closed:
+            # Requests pipelined behind an upgrade that did not happen (see _upgrade_requested).
+            self._plain_upgrade = None
+            self.data_received(ex.tunnel_data)
+        elif self._plain_upgrade is ex:
+            self._plain_upgrade = None
 
     def _log_access(self, ex: Exchange, now: float, aborted: bool) -> None:
         """One line per request on the "doproxy.access" logger (only when access-log is on)."""
@@ -1210,23 +1328,32 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if queue:
             nxt = queue[0]
-            if len(queue) == 1:
+            if len(queue) == 1 and self._rejected is None:
                 self._resume(_PAUSE_QUEUE)
             if nxt.tunnel_data or not nxt.keep_alive:
                 self._pause(_PAUSE_QUEUE)
             self._flush()
             return
+        err = self._rejected
+        if err is not None:
+            # The bad request that followed the good ones: its answer comes last.
+            self._rejected = None
+            self._write(error_response(err.status, self.server.error_body(err.status)))
+            self._close(linger=True)
+            return
         # The common case: nothing pipelined; wait for the next request.
         if self._paused & _PAUSE_QUEUE:
             self._resume(_PAUSE_QUEUE)
-        if self.server.draining:
+        if self.server.draining or (self._client_eof and self.parsing is None):
             self._close()
         elif self.parsing is None:
             self.deadline_kind = DEADLINE_IDLE
             self.deadline = now + self._t_idle
-        else:
+        elif self._in_head:
             self.deadline_kind = DEADLINE_HEADER
             self.deadline = now + self._t_header
+        else:
+            self.deadline_kind = DEADLINE_NONE  # a body is arriving: client-body watches it
 
     def _fail(self, ex: Exchange, err: ClientError) -> None:
         """Answer `ex` with an error instead of a backend's response."""
@@ -1251,39 +1378,64 @@ class ClientConnection(asyncio.Protocol):
         self._write(error_response(err.status, self.server.error_body(err.status), close=not keep))
         self.queue.popleft()
         if not keep:
-            self._close()
+            self._close(linger=not ex.request_done)
         else:
             self._continue(self._now())
 
     def _reject(self, err: ClientError) -> None:
-        """A malformed request: answer it and close. Nothing of it was forwarded."""
-        self.closed = True
-        if self.transport is None:
+        """The client's fault: a malformed request, a stalled or cut body, a body too large.
+
+        Nothing of a malformed request was forwarded; a request whose body went wrong while
+        being forwarded is aborted at its backend (which is not blamed). Requests accepted
+        before it on this connection are answered first, in order; then the error, and the
+        connection closes.
+        """
+        if self.closed or self.transport is None:
+            self.closed = True
             return
         log.debug("rejecting request from %s: %s", self.peer_ip.decode(), err.detail)
-        if not self.queue or not self.queue[0].response_started:
-            write_now(
-                self.transport,
-                error_response(err.status, self.server.error_body(err.status), close=True),
-            )
-        for ex in self.queue:
-            if ex.upstream is not None:
-                up = ex.upstream
-                ex.upstream = None
-                up.client = None
-                up.abort()
-            if ex.backend is not None:
-                ex.backend.in_flight -= 1
-                ex.backend = None
-        self.queue.clear()
-        flush_writes()  # nothing queued may be overtaken or lost
-        self.transport.close()
+        bad = self.parsing
+        self.parsing = None
+        self._in_head = False
+        self.body_deadline = 0.0
+        queue = self.queue
+        if bad is not None and queue and queue[-1] is bad:
+            queue.pop()
+            self._drop(bad)
+            if bad.response_started:
+                # Its answer had begun: it cannot be completed, and must not look complete.
+                self._held = None
+                self._abort()
+                return
+        if queue:
+            self._rejected = err
+            self._pause(_PAUSE_QUEUE)
+            return
+        self._held = None
+        self._write(error_response(err.status, self.server.error_body(err.status)))
+        self._close(linger=True)
 
     def on_deadline(self, kind: int) -> None:
         """The server's sweep found this connection's deadline passed."""
         self.deadline_kind = DEADLINE_NONE
         if kind == DEADLINE_IDLE:
             self._close()
+        elif kind == DEADLINE_BACKEND_READ:
+            if self.queue:
+                ex = self.queue[0]
+                log.warning("backend %s: response stalled for backend-read; cut", ex.backend)
+                if ex.backend is not None:
+                    self.server.backend_failed(ex.backend)
+                self._finish(ex, ex.upstream, reusable=False, abort=True)
+        elif kind == DEADLINE_CLIENT_WRITE:
+            # The client stopped reading: its fault; the backend is not blamed.
+            log.info("client %s read nothing for client-write; closed", self.peer_ip.decode())
+            self._abort()
+        elif kind == DEADLINE_TUNNEL:
+            log.info("tunnel idle for tunnel-idle; closed")
+            self._close()  # the backend side closes with it (connection_lost)
+        elif kind == DEADLINE_LINGER:
+            self._abort()
         elif kind == DEADLINE_HEADER:
             if self._in_head or self.parsing is not None or not self.queue:
                 self._reject(RequestTimeout("client too slow to send the request head"))
@@ -1304,6 +1456,53 @@ class ClientConnection(asyncio.Protocol):
                     if self._redispatch(ex, err):
                         return
                 self._fail(ex, err)
+
+    def on_body_deadline(self, now: float) -> None:
+        """The sweep found the request body stalled for client-body: 408, the client's fault."""
+        if self._paused:
+            # The proxy itself stopped reading (backpressure, a queue, a dial): not a stall.
+            self.body_deadline = now + self._t_body
+            return
+        self.body_deadline = 0.0
+        self._reject(RequestTimeout("client too slow to send the request body"))
+
+    def _await_response(self) -> None:
+        """The request has been sent in full: the backend must start answering in time."""
+        self.deadline_kind = DEADLINE_RESPONSE
+        self.deadline = self._now() + self._t_response
+
+    def _phase_deadline(self) -> None:
+        """Set the deadline of the phase the connection is in (after a client-write pause)."""
+        now = self._now()
+        if self._tunnel is not None:
+            self.deadline_kind, self.deadline = DEADLINE_TUNNEL, now + self._t_tunnel
+        elif self.queue:
+            ex = self.queue[0]
+            if ex.response_started:
+                self.deadline_kind = DEADLINE_BACKEND_READ
+                self.deadline = now + self._t_backend_read
+            elif ex.upstream is not None and ex.request_done:
+                self._await_response()
+            else:
+                self.deadline_kind = DEADLINE_NONE
+        elif self._in_head:
+            self.deadline_kind, self.deadline = DEADLINE_HEADER, now + self._t_header
+        elif self.parsing is None:
+            self.deadline_kind, self.deadline = DEADLINE_IDLE, now + self._t_idle
+        else:
+            self.deadline_kind = DEADLINE_NONE
+
+    def _drop(self, ex: Exchange) -> None:
+        """Let go of an unfinished exchange's backend: its connection is aborted (never reused
+        mid-message) and its in-flight count released. Blames nobody."""
+        up = ex.upstream
+        if up is not None:
+            ex.upstream = None
+            up.client = None
+            up.abort()
+        if ex.backend is not None:
+            ex.backend.in_flight -= 1
+            ex.backend = None
 
     def shutdown(self) -> None:
         """Graceful shutdown: idle connections close now, busy ones after their response."""
@@ -1339,13 +1538,28 @@ class ClientConnection(asyncio.Protocol):
     def resume_reading_for_backend(self) -> None:
         self._resume(_PAUSE_BACKEND if self._tunnel is None else _PAUSE_TUNNEL)
 
-    def _close(self) -> None:
+    def _close(self, linger: bool = False) -> None:
         self.closed = True
         if self._held is not None:
             self._write(b"")
-        if self.transport is not None:
-            flush_writes()  # nothing queued may be overtaken or lost
-            self.transport.close()
+        t = self.transport
+        if t is None:
+            return
+        flush_writes()  # nothing queued may be overtaken or lost
+        if linger and not t.is_closing():
+            # Lingering close (nginx's lingering_close): the client may still be sending a body
+            # that was not read, and closing with unread bytes resets the connection, which
+            # can destroy the response in the client's receive buffer. So: end our side,
+            # then read and drop what arrives until the client closes or LINGER_TIME passes.
+            self.body_deadline = 0.0
+            self._paused = 0
+            t.resume_reading()
+            if t.can_write_eof():
+                t.write_eof()
+            self.deadline_kind = DEADLINE_LINGER
+            self.deadline = self._now() + LINGER_TIME
+            return
+        t.close()
 
     def _abort(self) -> None:
         self.closed = True

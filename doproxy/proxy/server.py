@@ -226,6 +226,9 @@ class ProxyServer:
                 kind = conn.deadline_kind
                 if kind and conn.deadline <= now:
                     conn.on_deadline(kind)
+                body = conn.body_deadline
+                if body and body <= now and not conn.closed:
+                    conn.on_body_deadline(now)
             self._end_ejections(now)
             samples = self.pool.samples
             if len(samples) > _MAX_SAMPLES:  # nobody collects them (no statistics running)
