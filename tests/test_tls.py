@@ -7,6 +7,8 @@ so a refused handshake shows the proxy's policy at work, not a client that could
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import pytest
 import trustme
 
 from doproxy.proxy.server import make_tls_context
-from tests.conftest import StartProxy, port_of
+from tests.conftest import StartProxy, port_of, wait_for
 from tests.support import Client, RawBackend, get
 
 # Building a TLS 1.1 context is the point of two tests; Python warns that the version is old.
@@ -205,3 +207,157 @@ async def test_plain_http_to_the_tls_port_is_not_forwarded(
     finally:
         await c.close()
     assert echo_backend.connections == 0
+
+
+async def test_alpn_settles_on_http11(
+    start_proxy: StartProxy, echo_backend: RawBackend, tls: Tls
+) -> None:
+    proxy = await start_proxy([echo_backend.port], {}, ssl_context=tls.server_context())
+    ctx = tls.client_context()
+    ctx.set_alpn_protocols(["h2", "http/1.1"])  # what browsers and curl offer
+    c = await Client.connect(port_of(proxy), ssl=ctx, server_hostname="localhost")
+    try:
+        assert c.writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+        await c.send(get("/alpn"))
+        async with asyncio.timeout(5):
+            assert (await c.response()).status == 200
+    finally:
+        await c.close()
+
+
+class BioTlsClient:
+    """A TLS client driven by hand over a plain TCP stream (ssl.MemoryBIO), so that it can do
+    what asyncio's TLS transports cannot: send close_notify and keep the TCP connection open."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: ssl.SSLContext
+    ) -> None:
+        self.reader, self.writer = reader, writer
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    @classmethod
+    async def connect(cls, port: int, ctx: ssl.SSLContext) -> BioTlsClient:
+        c = cls(*await asyncio.open_connection("127.0.0.1", port), ctx)
+        while True:
+            try:
+                c.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await c._exchange()
+        await c._flush()
+        return c
+
+    async def _flush(self) -> None:
+        if data := self.outgoing.read():
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def _exchange(self) -> None:
+        await self._flush()
+        data = await self.reader.read(65536)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+
+    async def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        await self._flush()
+
+    async def close_notify(self) -> None:
+        """Half-close at the TLS level: "I will send nothing more" (TLS 1.3 allows reading on)."""
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.unwrap()
+        await self._flush()
+
+    async def read_until_closed(self) -> bytes:
+        got = bytearray()
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                if self.incoming.eof:
+                    return bytes(got)
+                await self._exchange()
+                continue
+            except ssl.SSLZeroReturnError:  # close_notify from the proxy
+                return bytes(got)
+            if not chunk:
+                return bytes(got)
+            got += chunk
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_no_asyncio_warnings_in_normal_tls_traffic(
+    start_proxy: StartProxy,
+    echo_backend: RawBackend,
+    tls: Tls,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio's TLS transports cannot half-close; the proxy must not ask them to (a warning per
+    connection otherwise), whether the client closes while idle, mid-request or in a tunnel."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    proxy = await start_proxy([echo_backend.port], {}, ssl_context=tls.server_context())
+    port = port_of(proxy)
+    # Keep-alive requests, then an ordinary close.
+    assert (await https_get(port, tls.client_context(), "/a"))[0] == 200
+    # A request with Connection: close: the proxy closes.
+    c = await Client.connect(port, ssl=tls.client_context(), server_hostname="localhost")
+    await c.send(get("/close", extra="Connection: close\r\n"))
+    async with asyncio.timeout(5):
+        assert (await c.response()).status == 200
+    assert await c.closed(timeout=2)
+    await c.close()
+    # Half-closes after the request: TLS close_notify (with and without a TCP FIN after it),
+    # and a bare TCP FIN. Over TLS that ends the connection; the response is not sent.
+    for how in ("close_notify", "close_notify+fin", "fin"):
+        b = await BioTlsClient.connect(port, tls.client_context())
+        await b.send(get(f"/half/{how}"))
+        if how.startswith("close_notify"):
+            await b.close_notify()
+        if how.endswith("fin"):
+            b.writer.write_eof()
+        async with asyncio.timeout(5):
+            await b.read_until_closed()
+        b.close()
+    # A close_notify while idle between requests.
+    b = await BioTlsClient.connect(port, tls.client_context())
+    await b.close_notify()
+    async with asyncio.timeout(5):
+        assert await b.read_until_closed() == b""
+    b.close()
+    # Nothing is left hanging, and the proxy serves on.
+    await wait_for(lambda: not proxy.pool.backends[0].in_flight)
+    assert (await https_get(port, tls.client_context(), "/after"))[0] == 200
+    problems = [r for r in caplog.records if r.name.startswith("asyncio")]
+    assert problems == [], [r.getMessage() for r in problems]
+
+
+async def test_no_asyncio_warnings_from_a_websocket_over_tls(
+    start_proxy: StartProxy, tls: Tls, caplog: pytest.LogCaptureFixture
+) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.asyncio.server import ServerConnection, serve
+
+    caplog.set_level(logging.WARNING, logger="asyncio")
+
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async with serve(echo, "127.0.0.1", 0) as backend:
+        proxy = await start_proxy(
+            [backend.sockets[0].getsockname()[1]], {}, ssl_context=tls.server_context()
+        )
+        uri = f"wss://localhost:{port_of(proxy)}/chat"
+        async with asyncio.timeout(10):
+            async with connect(uri, ssl=tls.client_context(), proxy=None, close_timeout=2) as ws:
+                await ws.send("hello")
+                assert await ws.recv() == "hello"
+            # The client's close_notify ends the tunnel; wait until the proxy has let go too.
+            await wait_for(lambda: not proxy.connections)
+    problems = [r for r in caplog.records if r.name.startswith("asyncio")]
+    assert problems == [], [r.getMessage() for r in problems]

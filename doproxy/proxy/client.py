@@ -333,15 +333,20 @@ class ClientConnection(asyncio.Protocol):
             self._flush()
 
     def eof_received(self) -> bool | None:
+        # TLS has no half-close in asyncio: after the client's close_notify the transport shuts
+        # down whatever we return, and returning True only logs a warning. So over TLS the
+        # client has closed the connection (as nginx sees it too); its response is not sent.
+        t = self.transport
+        half_close = t is None or t.get_extra_info("sslcontext") is None
         tunnel = self._tunnel
         if tunnel is not None:
             if tunnel.transport is not None and tunnel.transport.can_write_eof():
                 flush_writes()  # nothing queued may be overtaken or lost
                 tunnel.transport.write_eof()
-            return True
+            return half_close
         # A client that half-closes after its request still gets its response (as nginx does);
         # with nothing in flight there is nothing to wait for.
-        return bool(self.queue)
+        return half_close and bool(self.queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

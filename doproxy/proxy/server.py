@@ -281,5 +281,8 @@ def make_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
         "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
     )
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # ALPN: we speak HTTP/1.1 only, so a client that offers h2 as well settles on http/1.1
+    # in the handshake instead of guessing.
+    ctx.set_alpn_protocols(["http/1.1"])
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
