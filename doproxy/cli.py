@@ -186,7 +186,7 @@ def _check(config_file: str) -> int:
 
     from doproxy.config import load_settings, resolve_relative
     from doproxy.inventory import load_inventory
-    from doproxy.runtime import load_error_pages, tls_context
+    from doproxy.runtime import load_certificates, load_error_pages
 
     problems: list[Problem] = []
     settings = None
@@ -216,9 +216,9 @@ def _check(config_file: str) -> int:
         except ConfigError as e:
             problems += e.problems
         try:
-            tls_context(settings, base)
-        except (OSError, ValueError) as e:
-            problems.append(Problem(config_file, "tls-cert-file", f"cannot load TLS files: {e}"))
+            load_certificates(settings, base)
+        except ConfigError as e:
+            problems += e.problems
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if problems:

@@ -80,6 +80,15 @@ def find_line(text: str, dotted: tuple[str | int, ...]) -> int | None:
     return None
 
 
+def dotted_key(loc: tuple[str | int, ...]) -> str:
+    """("tls-certificate", 1, "cert-file") -> "tls-certificate[1].cert-file", as the inventory
+    names its [[droplet]] tables."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else part
+    return out
+
+
 def parse_settings(text: str, file: str, environ: Mapping[str, str] | None = None) -> Settings:
     """Validate config text into Settings, or raise ConfigError listing every problem."""
     rendered = render_env(text, file, os.environ if environ is None else environ)
@@ -96,7 +105,7 @@ def parse_settings(text: str, file: str, environ: Mapping[str, str] | None = Non
         problems = []
         for err in e.errors():
             loc = tuple(err["loc"])
-            key = ".".join(str(p) for p in loc)
+            key = dotted_key(loc)
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"

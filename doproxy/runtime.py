@@ -3,7 +3,8 @@
 Theory of operation (reload)
 ----------------------------
 A reload is all-or-nothing: parse and validate the config and the inventory, build the new
-pool, open a new listener if `bind` or TLS changed, and only when every step succeeded swap them
+pool, load every TLS certificate, open a new listener if `bind` or `https` changed, and only
+when every step succeeded swap them
 in. On any error every problem is logged and the last valid configuration keeps running.
 
 Backends are matched by identity (inventory id, else address) and address: an unchanged backend
@@ -13,10 +14,12 @@ flight, and its idle connections are closed. Each request reads the pool current
 (one snapshot per request).
 
 A changed `bind` opens the new listener first and then closes the old one, so no connection is
-refused in between; connections accepted on the old one finish normally. A changed certificate
-for the same address is loaded into the live TLS context, so new handshakes use it. Reloads come
-from SIGHUP and, with `watch-config`, from changes to the config file, the inventory and the TLS
-files (watched through their folders, so editors that save by rename work).
+refused in between; connections accepted on the old one finish normally. Certificates are
+picked per handshake by the listener's SNI callback (CertificateSelector); a reload hands it
+the newly loaded ones, so a renewed, added or removed certificate reaches new handshakes without
+reopening the listener, and open connections keep theirs. Reloads come from SIGHUP and, with
+`watch-config`, from changes to the config file, the inventory and every certificate and key
+file (watched through their folders, so editors that save by rename work).
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ import signal
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import watchfiles
+from cryptography import x509
 
 from doproxy.config import load_settings, resolve_in
 from doproxy.core.balancers import make_balancer
@@ -99,16 +104,152 @@ def load_error_pages(settings: Settings, base: Path) -> dict[int, ErrorPage]:
     return pages
 
 
-def tls_files(settings: Settings, base: Path) -> tuple[Path, Path]:
-    """The certificate chain and key files the config names."""
-    return resolve_in(base, settings.tls_cert_file), resolve_in(base, settings.tls_key_file)
+@dataclass(frozen=True)
+class CertificateFiles:
+    """One certificate of the config: its PEM files and the config key that names them."""
+
+    where: str  # "tls-cert-file" (the 2015 keys) or "tls-certificate[i]"
+    cert: Path
+    key: Path
+
+    @property
+    def cert_key(self) -> str:
+        return "tls-cert-file" if self.where == "tls-cert-file" else f"{self.where}.cert-file"
+
+    @property
+    def key_key(self) -> str:
+        return "tls-key-file" if self.where == "tls-cert-file" else f"{self.where}.key-file"
 
 
-def tls_context(settings: Settings, base: Path) -> ssl.SSLContext | None:
+def certificate_files(settings: Settings, base: Path) -> list[CertificateFiles]:
+    """Every certificate the config names, the default (served without a matching SNI) first."""
+    out = []
+    if settings.tls_cert_file:
+        out.append(
+            CertificateFiles(
+                "tls-cert-file",
+                resolve_in(base, settings.tls_cert_file),
+                resolve_in(base, settings.tls_key_file),
+            )
+        )
+    for i, c in enumerate(settings.tls_certificate):
+        out.append(
+            CertificateFiles(
+                f"tls-certificate[{i}]", resolve_in(base, c.cert_file), resolve_in(base, c.key_file)
+            )
+        )
+    return out
+
+
+def tls_files(settings: Settings, base: Path) -> set[Path]:
+    """Every certificate and key file the config names (watched for changes)."""
+    return {f for c in certificate_files(settings, base) for f in (c.cert, c.key)}
+
+
+def certificate_names(pem: bytes) -> list[str]:
+    """The DNS names a PEM certificate (the first of a chain) is for: its subjectAltName DNS
+    entries, else its subject's common name (what clients stopped checking, but a certificate
+    without SANs names nothing else)."""
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return [str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    return list(san.value.get_values_for_type(x509.DNSName))
+
+
+class Certificates:
+    """The loaded certificates, and which one a handshake gets for the name it asked for (SNI).
+
+    An exact name wins over a wildcard; `*.example.com` covers exactly one label in front of
+    example.com (not example.com itself, not a.b.example.com), as clients check it. When two
+    certificates name the same host the first listed wins. Anything else gets the default.
+    """
+
+    def __init__(self, loaded: list[tuple[ssl.SSLContext, list[str]]]) -> None:
+        self.default = loaded[0][0]
+        self.exact: dict[str, ssl.SSLContext] = {}
+        self.wildcard: dict[str, ssl.SSLContext] = {}  # "example.com" for *.example.com
+        for ctx, names in loaded:
+            for name in names:
+                name = name.lower().rstrip(".")
+                if name.startswith("*."):
+                    self.wildcard.setdefault(name[2:], ctx)
+                elif "*" not in name:
+                    self.exact.setdefault(name, ctx)
+
+    def pick(self, server_name: str | None) -> ssl.SSLContext:
+        if not server_name:
+            return self.default
+        name = server_name.lower().rstrip(".")
+        ctx = self.exact.get(name)
+        if ctx is None:
+            _, dot, parent = name.partition(".")
+            ctx = self.wildcard.get(parent) if dot else None
+        return self.default if ctx is None else ctx
+
+
+class CertificateSelector:
+    """The listener's SNI callback: hands each handshake the context of its certificate.
+
+    The listener keeps one SSLContext for its life; a reload swaps `certificates`, so renewed or
+    added certificates reach new handshakes without reopening the listener. Every handshake is
+    switched, even without SNI, because after a reload the default certificate lives in a new
+    context too. All contexts come from make_tls_context, so the policy (versions, ciphers,
+    ALPN) is the same whichever is picked.
+    """
+
+    def __init__(self, certificates: Certificates) -> None:
+        self.certificates = certificates
+        self.context = certificates.default  # the listener's
+        self.context.sni_callback = self
+
+    def __call__(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, current: ssl.SSLContext
+    ) -> None:
+        chosen = self.certificates.pick(server_name)
+        if chosen is not current:
+            ssl_object.context = chosen
+
+
+def load_certificates(settings: Settings, base: Path) -> Certificates | None:
+    """Load every certificate of the config (None without https), or raise ConfigError naming
+    each file that cannot be read or used, so a reload with a bad one changes nothing."""
     if not settings.https:
         return None
-    cert, key = tls_files(settings, base)
-    return make_tls_context(str(cert), str(key))
+    problems = []
+    loaded = []
+    for c in certificate_files(settings, base):
+        pem: bytes | None = None
+        try:
+            pem = c.cert.read_bytes()
+        except OSError as e:
+            problems.append(Problem(str(c.cert), c.cert_key, f"cannot read: {e.strerror or e}"))
+        try:
+            c.key.read_bytes()
+        except OSError as e:
+            problems.append(Problem(str(c.key), c.key_key, f"cannot read: {e.strerror or e}"))
+            continue
+        if pem is None:
+            continue
+        try:
+            ctx = make_tls_context(str(c.cert), str(c.key))
+            names = certificate_names(pem)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            problems.append(
+                Problem(str(c.cert), c.where, f"cannot use this certificate and key: {e}")
+            )
+            continue
+        loaded.append((ctx, names))
+    if problems:
+        raise ConfigError(problems)
+    return Certificates(loaded)
+
+
+def tls_selector(settings: Settings, base: Path) -> CertificateSelector | None:
+    """The listener's certificate selector for the config (None without https)."""
+    certificates = load_certificates(settings, base)
+    return None if certificates is None else CertificateSelector(certificates)
 
 
 def _signatures(files: set[Path]) -> dict[Path, tuple[int, int] | None]:
@@ -133,6 +274,7 @@ class Runtime:
         self.settings = settings
         self.entries = entries
         self.server: ProxyServer | None = None
+        self.tls: CertificateSelector | None = None  # the listener's, when https
         self.checker: HealthChecker | None = None
         self.stats: StatsCollector | None = None
         self.reloads = 0  # successful reloads (tests and the status page read it)
@@ -144,7 +286,8 @@ class Runtime:
 
     async def start(self) -> ProxyServer:
         settings = self.settings
-        ctx = tls_context(settings, self.base)
+        self.tls = tls_selector(settings, self.base)
+        ctx = None if self.tls is None else self.tls.context
         server = ProxyServer(settings, build_pool(settings, self.entries), ctx)
         server.error_pages = load_error_pages(settings, self.base)
         await server.listen()
@@ -250,7 +393,7 @@ class Runtime:
             files.add(self.config_file.resolve())
         files.add(resolve_in(self.base, self.settings.inventory_file))
         if self.settings.https:
-            files.update(tls_files(self.settings, self.base))
+            files |= tls_files(self.settings, self.base)
         return files
 
     async def _watch(self, ready: asyncio.Event) -> None:
@@ -291,12 +434,10 @@ class Runtime:
         settings = load_settings(self.config_file)
         entries = load_inventory(resolve_in(self.base, settings.inventory_file))
         old = self.settings
-        live = server.ssl_context
         listen_changed = settings.bind != old.bind or settings.https != old.https
-        tls_files_changed = settings.https and (
-            settings.tls_cert_file != old.tls_cert_file or settings.tls_key_file != old.tls_key_file
-        )
-        new_ctx = tls_context(settings, self.base)  # validates the TLS files in every case
+        # Every certificate is loaded (and so validated) anew on every reload: a renewed file
+        # keeps its name, and one bad file fails the whole reload.
+        certificates = load_certificates(settings, self.base)
         pool = build_pool(settings, entries, reuse=server.pool.backends)
         error_pages = load_error_pages(settings, self.base)
         # A provider for a scaler that starts now (or whose provider changes): opened before
@@ -308,15 +449,16 @@ class Runtime:
         ):
             new_provider = open_provider(settings, self.base)
         # Everything is valid: apply.
-        if listen_changed or tls_files_changed:
-            await server.rebind(settings.bind, new_ctx)
+        if listen_changed:
+            tls = None if certificates is None else CertificateSelector(certificates)
+            await server.rebind(settings.bind, None if tls is None else tls.context)
+            self.tls = tls
             for host, port in server.addresses:
-                log.info("now listening on %s:%d (%s)", host, port, "https" if new_ctx else "http")
-        elif settings.https and live is not None:
-            # Same files, maybe new contents (a renewed certificate): load them into the live
-            # context, so new handshakes use them. They loaded into new_ctx above, so a bad or
-            # mismatched pair was refused before anything changed.
-            live.load_cert_chain(*(str(f) for f in tls_files(settings, self.base)))
+                log.info("now listening on %s:%d (%s)", host, port, "https" if tls else "http")
+        elif certificates is not None and self.tls is not None:
+            # Same listener: its SNI callback picks from the new certificates from now on
+            # (connections already open keep the certificate they shook hands with).
+            self.tls.certificates = certificates
         old_backends = server.pool.backends
         removed = [b for b in old_backends if b not in pool.backends]
         added = [b for b in pool.backends if b not in old_backends]

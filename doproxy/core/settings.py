@@ -256,11 +256,23 @@ class Limits(Section):
     max_idle_per_backend: int = Field(1024, ge=0)
 
 
+class TlsCertificate(Section):
+    """One [[tls-certificate]] table: a certificate served to clients that ask for one of its
+    names (SNI). New in doproxy (Python); paths are relative to the config file."""
+
+    cert_file: str = Field(min_length=1)  # PEM: the certificate first, then its chain
+    key_file: str = Field(min_length=1)  # PEM private key
+
+
 class Settings(Section):
     bind: str = ":8000"
     https: bool = False
+    # The 2015 single certificate; with https it is the default one (served without SNI).
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # More certificates, picked by the name the client asks for; the first one is the default
+    # when tls-cert-file is unset.
+    tls_certificate: tuple[TlsCertificate, ...] = ()
     add_x_forwarded_for: bool = True
     # One line per request on the "doproxy.access" logger. New in doproxy (Python).
     access_log: bool = False
@@ -297,9 +309,16 @@ class Settings(Section):
 
     @model_validator(mode="after")
     def _tls(self) -> Settings:
-        if self.https and not (self.tls_cert_file and self.tls_key_file):
-            missing = "tls-cert-file" if not self.tls_cert_file else "tls-key-file"
-            raise ValueError(f"https = true needs {missing}")
+        if not self.https:
+            return self
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            given, missing = ("tls-cert-file", "tls-key-file")[:: 1 if self.tls_cert_file else -1]
+            raise ValueError(f"https = true with {given} needs {missing} too")
+        if not self.tls_cert_file and not self.tls_certificate:
+            raise ValueError(
+                "https = true needs a certificate: tls-cert-file and tls-key-file,"
+                " or a [[tls-certificate]] table"
+            )
         return self
 
 
