@@ -272,3 +272,69 @@ async def test_connection_paused_by_a_slow_reader_is_pooled_reading(
         await fresh.close()
         assert (r.status, r.body) == (200, b"small")
     assert all(not up.paused for up in proxy.pool.backends[0].idle)
+
+
+# --- 3. pipelined requests: in order, a bad one answered last ------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"GET /bad HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"POST /bad HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"NOT HTTP\r\n\r\n",
+    ],
+    ids=["two-hosts", "bad-chunk", "garbage"],
+)
+async def test_bad_request_after_good_ones_is_answered_after_them(
+    start_proxy: StartProxy, echo_backend: RawBackend, bad: bytes
+) -> None:
+    proxy = await start_proxy([echo_backend.port])
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(get("/1") + get("/2") + bad)
+        async with asyncio.timeout(5):
+            data = await c.reader.read(1 << 20)
+            while not data.endswith(b"400 Bad Request\n"):
+                more = await c.reader.read(1 << 20)
+                assert more, data
+                data += more
+        one, two, last = data.find(b"GET /1 "), data.find(b"GET /2 "), data.find(b"HTTP/1.1 400")
+        assert 0 < one < two < last
+        assert await c.closed()
+    finally:
+        await c.close()
+    assert b"/bad" not in echo_backend.all_received
+
+
+# --- 4. cuts are visible -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nonly-part\r\n",
+    ],
+    ids=["short-content-length", "chunked-without-end"],
+)
+async def test_backend_closing_mid_response_is_a_visible_cut(
+    start_proxy: StartProxy, backend_factory: object, answer: bytes
+) -> None:
+    async def cut(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+    ) -> None:
+        await RequestReader(reader).next()
+        writer.write(answer)
+        await writer.drain()
+        writer.transport.abort()  # a reset mid-message
+
+    backend = await backend_factory(cut)  # type: ignore[operator]
+    proxy = await start_proxy([backend.port])
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(get())
+        with pytest.raises((EOFError, ConnectionResetError)):
+            await asyncio.wait_for(c.response(), 5)  # never a complete message
+    finally:
+        await c.close()

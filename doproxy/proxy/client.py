@@ -1410,6 +1410,8 @@ class ClientConnection(asyncio.Protocol):
         if queue:
             self._rejected = err
             self._pause(_PAUSE_QUEUE)
+            if queue[0].backend is None:
+                self._start(queue[0])  # the good ones parsed in the same read
             return
         self._held = None
         self._write(error_response(err.status, self.server.error_body(err.status)))

@@ -1,0 +1,200 @@
+"""Every phase of an exchange has a deadline, and each one blames the right side.
+
+| phase                               | deadline        | outcome                      | blamed  |
+|-------------------------------------|-----------------|------------------------------|---------|
+| request body stalls                 | client-body     | 408                          | client  |
+| body cut short by the client's FIN  | -               | 400                          | client  |
+| request sent, no response head      | response-header | 504                          | backend |
+| response body stalls                | backend-read    | cut (no clean end)           | backend |
+| client reads nothing                | client-write    | closed                       | client  |
+| WebSocket tunnel silent             | tunnel-idle     | closed                       | nobody  |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from doproxy.proxy.server import ProxyServer
+from tests.conftest import StartProxy, port_of, wait_for
+from tests.support import Client, RawBackend, RequestReader, get, respond
+
+pytestmark = pytest.mark.timeout(30)
+
+UPLOAD_HEAD = b"POST /up HTTP/1.1\r\nHost: example.test\r\nContent-Length: 10\r\n\r\n"
+
+
+def not_blamed(proxy: ProxyServer) -> None:
+    for b in proxy.pool.backends:
+        assert b.passive_failures == 0
+        assert b.failures == 0
+        assert not b.ejected_until
+
+
+async def recording(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+) -> None:
+    """Reads requests and answers each (with its body size) once it is whole."""
+    rr = RequestReader(reader)
+    while (req := await rr.next()) is not None:
+        writer.write(respond(200, b"got %d" % len(req.body)))
+        await writer.drain()
+
+
+async def test_stalled_request_body_is_408_and_blames_no_backend(
+    start_proxy: StartProxy, backend_factory: object
+) -> None:
+    backend = await backend_factory(recording)  # type: ignore[operator]
+    proxy = await start_proxy(
+        [backend.port],
+        {
+            "timeouts": {"client-body": "0.4s", "response-header": "0.2s"},
+            "passive-health": {"consecutive-failures": 1},
+        },
+    )
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(UPLOAD_HEAD + b"12345")  # half the body, then nothing
+        r = await asyncio.wait_for(c.response(), 5)
+        assert r.status == 408
+        assert await c.closed()
+    finally:
+        await c.close()
+    not_blamed(proxy)
+    assert proxy.pool.eligible  # still in rotation
+
+
+async def test_slow_but_steady_body_is_not_a_stall(
+    start_proxy: StartProxy, backend_factory: object
+) -> None:
+    """client-body is the longest silence, not the whole upload; and the backend's response
+    timer starts only once the body has been sent, so a long upload is no 504."""
+    backend = await backend_factory(recording)  # type: ignore[operator]
+    proxy = await start_proxy(
+        [backend.port], {"timeouts": {"client-body": "0.5s", "response-header": "0.3s"}}
+    )
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(UPLOAD_HEAD)
+        for i in range(10):  # 10 bytes over ~1.5 s: longer than both timeouts in total
+            await asyncio.sleep(0.15)  # the upload's pace, not a readiness wait
+            await c.send(b"%d" % i)
+        r = await asyncio.wait_for(c.response(), 5)
+        assert (r.status, r.body) == (200, b"got 10")
+    finally:
+        await c.close()
+    not_blamed(proxy)
+
+
+@pytest.mark.parametrize("lane", ["express", "general"])
+async def test_body_cut_by_client_fin_is_400_and_blames_no_backend(
+    start_proxy: StartProxy, backend_factory: object, lane: str
+) -> None:
+    backend = await backend_factory(recording)  # type: ignore[operator]
+    proxy = await start_proxy([backend.port], {"passive-health": {"consecutive-failures": 1}})
+    c = await Client.connect(port_of(proxy))
+    try:
+        if lane == "express":
+            await c.send(UPLOAD_HEAD)  # the head alone: the express lane takes it
+            await c.send(b"123")
+        else:
+            await c.send(UPLOAD_HEAD + b"123")
+        c.writer.write_eof()
+        r = await asyncio.wait_for(c.response(), 5)
+        assert r.status == 400
+        assert await c.closed()
+    finally:
+        await c.close()
+    not_blamed(proxy)
+    assert b"123" not in backend.all_received or backend.connections == 1
+    # Nothing was answered for the partial request by the backend.
+    assert b"got" not in backend.all_received
+
+
+async def test_response_body_stall_is_cut_and_blames_the_backend(
+    start_proxy: StartProxy, backend_factory: object
+) -> None:
+    async def stall(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+    ) -> None:
+        await RequestReader(reader).next()
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await reader.read()  # then nothing, until the proxy hangs up
+
+    backend = await backend_factory(stall)  # type: ignore[operator]
+    proxy = await start_proxy([backend.port], {"timeouts": {"backend-read": "0.3s"}})
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(get())
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(5):
+                while chunk := await c.reader.read(65536):
+                    data += chunk
+        # The client sees the start of the body and then a cut: no terminating chunk.
+        assert b"hello" in data
+        assert not data.endswith(b"0\r\n\r\n")
+    finally:
+        await c.close()
+    assert proxy.pool.backends[0].passive_failures == 1
+
+
+async def test_client_that_reads_nothing_is_closed_and_blames_no_backend(
+    start_proxy: StartProxy, backend_factory: object
+) -> None:
+    big = b"x" * (32 * 1024 * 1024)
+
+    async def huge(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+    ) -> None:
+        await RequestReader(reader).next()
+        writer.write(respond(200, big))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+
+    backend = await backend_factory(huge)  # type: ignore[operator]
+    proxy = await start_proxy(
+        [backend.port], {"timeouts": {"client-write": "0.4s", "backend-read": "30s"}}
+    )
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(get())
+        await wait_for(lambda: not proxy.connections, timeout=10)
+    finally:
+        await c.close()
+    not_blamed(proxy)
+
+
+async def test_idle_tunnel_is_closed(start_proxy: StartProxy, backend_factory: object) -> None:
+    async def ws(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+        )
+        await writer.drain()
+        while await reader.read(65536):
+            pass
+
+    backend = await backend_factory(ws)  # type: ignore[operator]
+    proxy = await start_proxy([backend.port], {"timeouts": {"tunnel-idle": "0.5s"}})
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(
+            b"GET /ws HTTP/1.1\r\nHost: example.test\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        # Traffic keeps it open past tunnel-idle...
+        for _ in range(4):
+            await asyncio.sleep(0.2)  # the traffic's pace, not a readiness wait
+            await c.send(b"\x81\x00")
+        assert proxy.connections
+        # ...silence closes it.
+        assert await c.closed(timeout=5)
+    finally:
+        await c.close()
