@@ -981,7 +981,12 @@ class ClientConnection(asyncio.Protocol):
                 return
         elif ex.backend is not None:
             ex.backend.passive_failures = 0
-        if self.deadline_kind != DEADLINE_CLIENT_WRITE:
+        if self._writing_paused:
+            # The client is not reading: a stall from here on is its own, not the backend's.
+            if self.deadline_kind != DEADLINE_CLIENT_WRITE:
+                self.deadline_kind = DEADLINE_CLIENT_WRITE
+                self.deadline = self._now() + self._t_client_write
+        else:
             self.deadline_kind = DEADLINE_BACKEND_READ
             self.deadline = self._now() + self._t_backend_read
         ex.response_started = True

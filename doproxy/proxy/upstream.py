@@ -138,7 +138,10 @@ class UpstreamConnection(asyncio.Protocol):
             if not self._headbuf and client.express_response(self, data):
                 return
             self._headbuf = self._headbuf + data if self._headbuf else data
-            if len(self._headbuf) > self.max_head and self._headbuf.find(b"\r\n\r\n") < 0:
+            if (
+                len(self._headbuf) > self.max_head
+                and self._headbuf.find(b"\r\n\r\n", 0, self.max_head) < 0
+            ):
                 client.backend_protocol_error(self, "response head too large")
                 return
         self.feeding = True
