@@ -42,6 +42,8 @@ def fields(raw: bytes) -> tuple[bytes, set[bytes], bytes]:
             continue  # may be kept as a truthful statement about the backend connection
         if name.lower() == b"host" and value.startswith(b"127.0.0.1:"):
             value = b"<the backend's server-host>"  # HTTP/1.0 without Host
+        if name.lower() == b"x-forwarded-port":
+            value = b"<the proxy's port>"  # each lane has its own proxy
         norm.add(name.lower() + b":" + value)
     return first, norm, body
 
