@@ -58,7 +58,7 @@ def valid_host(value: bytes) -> bool:
         return False
     if value[0] == 91:  # "[": IP-literal
         end = value.find(b"]")
-        if end < 0:
+        if end < 0 or 37 in value[:end]:  # "%": a zone identifier (ipaddress takes them)
             return False
         try:
             ipaddress.IPv6Address(value[1:end].decode("ascii"))
@@ -274,14 +274,15 @@ PROXY_MORE: Final = 0  # the header is not complete yet
 PROXY_BAD: Final = -1  # not a valid PROXY header
 
 
-def parse_proxy_header(buf: bytes) -> tuple[int, str]:
+def parse_proxy_header(buf: bytes) -> tuple[int, str | None]:
     """Parse a PROXY protocol header (v1 or v2) at the start of `buf`.
 
     Returns (n, client): n > 0 is the header's length in bytes and `client` the source
-    address it carries ("" for PROXY UNKNOWN, the LOCAL command, or an address family other
-    than TCP over IPv4/IPv6: the connection's own peer then stands); PROXY_MORE when `buf` is
-    a valid beginning but too short; PROXY_BAD when it cannot be one. A v1 header is at most
-    107 bytes, a v2 header at most PROXY_V2_MAX, so a caller buffers at most that much.
+    address it carries; "" when the balancer relays a client it cannot name (v1 UNKNOWN, v2
+    PROXY with an address family other than TCP over IPv4/IPv6), None for v2 LOCAL (the
+    balancer's own connection, e.g. a health check). PROXY_MORE when `buf` is a valid
+    beginning but too short; PROXY_BAD when it cannot be one. A v1 header is at most 107
+    bytes, a v2 header at most PROXY_V2_MAX, so a caller buffers at most that much.
     """
     if buf[:1] == b"P":
         if not _V1_PREFIX.startswith(buf[:6]):
@@ -301,8 +302,10 @@ def parse_proxy_header(buf: bytes) -> tuple[int, str]:
             return PROXY_BAD, ""
         if len(buf) < 16 + length:
             return PROXY_MORE, ""
-        client = _proxy_v2(buf[12], buf[13], buf[16 : 16 + length])
-        return (16 + length, client) if client is not None else (PROXY_BAD, "")
+        found = _proxy_v2(buf[12], buf[13], buf[16 : 16 + length])
+        if isinstance(found, bool):
+            return PROXY_BAD, ""
+        return 16 + length, found
     return PROXY_BAD, ""
 
 
@@ -328,21 +331,22 @@ def _proxy_v1(line: bytes) -> str | None:
     return str(src)
 
 
-def _proxy_v2(ver_cmd: int, family: int, block: bytes) -> str | None:
-    """The source address of a v2 header's address block; TLVs after it are skipped."""
+def _proxy_v2(ver_cmd: int, family: int, block: bytes) -> str | bool | None:
+    """The source address of a v2 header's address block (TLVs after it are skipped), None
+    for LOCAL, False when invalid."""
     if ver_cmd >> 4 != 2:
-        return None
+        return False
     command = ver_cmd & 0x0F
     if command == 0:  # LOCAL: the balancer's own connection (a health check)
-        return ""
-    if command != 1:  # PROXY
         return None
+    if command != 1:  # PROXY
+        return False
     if family == 0x11:  # TCP over IPv4
         if len(block) < 12:
-            return None
+            return False
         return str(ipaddress.IPv4Address(block[:4]))
     if family == 0x21:  # TCP over IPv6
         if len(block) < 36:
-            return None
+            return False
         return str(ipaddress.IPv6Address(block[:16]))
     return ""  # UNSPEC, UDP or UNIX: no TCP client address to use (the spec: ignore it)

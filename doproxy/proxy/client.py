@@ -274,7 +274,7 @@ class ClientConnection(asyncio.Protocol):
         port = str(sock[1]).encode() if isinstance(sock, tuple) and len(sock) > 1 else b""
         self._max_header_count = settings.limits.max_header_count
         self._underscores = settings.allow_underscores_in_headers
-        self._host_ok = b""  # the last Host value found valid on this connection
+        self._host_ok: bytes | None = None  # the last Host value found valid here
         # Forwarding headers from this peer are believed (and appended to) only when it is a
         # trusted proxy; from anyone else they are removed.
         self._trusted_nets: tuple[IPNetwork, ...] = settings.trusted_proxies
@@ -328,6 +328,10 @@ class ClientConnection(asyncio.Protocol):
             self.peer_ip = client.encode()
             self._trusted = is_trusted(client, self._trusted_nets)
             self._set_hop(self._hop.with_client(self.peer_ip))
+        elif client is not None:
+            # A client the balancer cannot name (PROXY UNKNOWN): its headers are its own,
+            # not the balancer's, so they are not believed. The balancer's address stands.
+            self._trusted = False
         return buf[n:]
 
     def data_received(self, data: bytes) -> None:
