@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,26 @@ REQUESTS = [
     b"GET /f HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
     b"GET /g HTTP/1.0\r\nHost: h10\r\n\r\n",
     b"HEAD /h HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    # Targets and Host: absolute-form becomes origin-form with its authority as Host.
+    b"GET http://abs.test:8080/i?q HTTP/1.1\r\nHost: other\r\nX-A: 1\r\n\r\n",
+    b"GET http://abs10.test HTTP/1.0\r\nX-A: 1\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n",
+    b"GET /j HTTP/1.1\r\nHost: [::1]:8080\r\nX-A: 1\r\n\r\n",
+    # An empty line before the request line is ignored.
+    b"\r\nGET /k HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n",
+    # Forwarding headers, underscores and Via.
+    b"GET /l HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n"
+    b"X-Forwarded-Port: 1\r\nX-Forwarded-Host: e\r\nX_Forwarded_For: 6\r\nVia: 1.0 corp\r\n\r\n",
+    b"GET /m HTTP/1.1\r\nHost: h\r\nX_Custom: 1\r\nX-B: a_b\r\n\r\n",
+    b"GET /n HTTP/1.0\r\nX-Forwarded-For: 6.6.6.6\r\nVia: 1.0 corp\r\n\r\n",
+]
+# The forwarding settings, each with every request above.
+CONFIGS = [
+    {},
+    {"forwarded-header": "both", "via": True},
+    {"forwarded-header": "rfc7239", "add-x-forwarded-for": False},
+    {"trusted-proxies": ["127.0.0.0/8"], "forwarded-header": "both"},
+    {"allow-underscores-in-headers": True, "trusted-proxies": ["127.0.0.1"], "via": True},
 ]
 
 
@@ -42,6 +63,8 @@ def fields(raw: bytes) -> tuple[bytes, set[bytes], bytes]:
             continue  # may be kept as a truthful statement about the backend connection
         if name.lower() == b"host" and value.startswith(b"127.0.0.1:"):
             value = b"<the backend's server-host>"  # HTTP/1.0 without Host
+        if name.lower() == b"x-forwarded-port":
+            value = b"<the proxy's port>"  # each lane has its own proxy
         norm.add(name.lower() + b":" + value)
     return first, norm, body
 
@@ -74,16 +97,18 @@ async def _send(proxy: ProxyServer, parts: list[bytes]) -> None:
     await c.close()
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(c) or "defaults")
 @pytest.mark.parametrize("raw", REQUESTS, ids=lambda r: r.split(b" ")[1].decode())
 async def test_request_lanes_agree(
     raw: bytes,
+    config: dict[str, Any],
     start_proxy: StartProxy,
     backend_factory: Callable[..., Awaitable[RawBackend]],
 ) -> None:
     express = await backend_factory(_one_response)
     general = await backend_factory(_one_response)
-    p1 = await start_proxy([express.port])
-    p2 = await start_proxy([general.port])
+    p1 = await start_proxy([express.port], config)
+    p2 = await start_proxy([general.port], config)
     await _send(p1, [raw])
     cut = raw.index(b"\r\n") + 5  # inside the head: the general path must put it together
     await _send(p2, [raw[:cut], raw[cut:]])
@@ -93,10 +118,17 @@ async def test_request_lanes_agree(
     lone_head = raw.index(b"\r\n\r\n") + 4 == len(raw)
     assert (p1.express_requests, p2.express_requests) == (int(lone_head), 0)
     assert a == b
-    # And both are right: HTTP/1.1 upstream, forwarding headers set by the proxy.
+    # And both are right: HTTP/1.1 upstream, origin-form, forwarding headers set by the proxy.
     assert a[0].endswith(b" HTTP/1.1")
-    assert b"x-forwarded-proto:http" in a[1]
+    assert a[0].split(b" ")[1].startswith(b"/") or a[0] == b"OPTIONS * HTTP/1.1"
+    if not config:
+        assert b"x-forwarded-proto:http" in a[1]
+        assert b"x-forwarded-for:127.0.0.1" in a[1]
+        assert not any(b"6.6.6.6" in f for f in a[1])
     assert not any(f.startswith((b"keep-alive:", b"te:", b"x-drop:")) for f in a[1])
+    assert any(f.startswith(b"x_") for f in a[1]) == (
+        b"\nX_" in raw and bool(config.get("allow-underscores-in-headers"))
+    )
 
 
 def _upstream_mid_head(proxy: ProxyServer) -> bool:

@@ -212,20 +212,25 @@ async def test_hop_by_hop_headers_are_dropped(
     for name in (b"x-secret", b"keep-alive:", b"proxy-connection", b"te:", b"connection:"):
         assert name not in sent, name
     assert b"x-kept: yes" in sent
-    # The client's X-Forwarded-For is kept and the client address appended.
-    assert b"x-forwarded-for: 10.1.1.1, 127.0.0.1\r\n" in sent
+    # An untrusted client's X-Forwarded-For is replaced by its address (test_forwarding.py).
+    assert b"x-forwarded-for: 127.0.0.1\r\n" in sent
+    assert b"10.1.1.1" not in sent
     # X-Forwarded-Proto states what the proxy saw, whatever the client claimed.
     assert b"x-forwarded-proto: http\r\n" in sent
 
 
-async def test_add_x_forwarded_for_false_passes_client_value(
+async def test_add_x_forwarded_for_false_sends_none(
     start_proxy: StartProxy, echo_backend: RawBackend
 ) -> None:
+    # false: doproxy adds no X-Forwarded-For, and an untrusted client's is still removed.
     proxy = await start_proxy([echo_backend.port], {"add-x-forwarded-for": False})
     await request(port_of(proxy), get("/", extra="X-Forwarded-For: 10.1.1.1\r\n"))
+    await request(port_of(proxy), get("/"))
     sent = echo_backend.all_received
-    assert b"X-Forwarded-For: 10.1.1.1\r\n" in sent
-    assert b"127.0.0.1\r\n" not in sent.split(b"X-Forwarded-For")[1].split(b"\r\n\r\n")[0]
+    assert sent.count(b"\r\nHost: example.test\r\n") == 2
+    assert b"X-Forwarded-For" not in sent
+    assert b"10.1.1.1" not in sent
+    assert sent.count(b"X-Real-IP: 127.0.0.1\r\n") == 2
 
 
 async def test_round_robin_alternates(start_proxy: StartProxy, backend_factory: object) -> None:

@@ -9,6 +9,8 @@ as nginx does by default, so no field can slip past the header rules at the end 
 
 from __future__ import annotations
 
+from doproxy.core.forwarding import FORWARDING_HEADERS
+
 # Request headers handled specially on the way to a backend (lower-case).
 CONNECTION = b"connection"
 HOP_BY_HOP = frozenset(
@@ -23,14 +25,17 @@ HOP_BY_HOP = frozenset(
         b"http2-settings",  # only meaningful with Upgrade: h2c, which is never tunnelled
     }
 )
-# Hop-by-hop plus the ones the proxy rewrites or consumes.
-REQUEST_SPECIAL = HOP_BY_HOP | {
-    b"host",
-    b"expect",
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-}
+# Hop-by-hop plus the ones the proxy rewrites or consumes: Host, Expect, Via (appended to when
+# `via` is on) and the forwarding headers (doproxy/core/forwarding.py).
+REQUEST_SPECIAL = (
+    HOP_BY_HOP
+    | {
+        b"host",
+        b"expect",
+        b"via",
+    }
+    | FORWARDING_HEADERS
+)
 RESPONSE_SPECIAL = HOP_BY_HOP | {b"content-length"}
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from doproxy.core.durations import parse_duration
+from doproxy.core.forwarding import IPNetwork, parse_networks
 
 
 def _duration(value: Any) -> Any:
@@ -25,6 +26,18 @@ def _duration(value: Any) -> Any:
 
 
 Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+
+
+def _networks(value: Any) -> Any:
+    if isinstance(value, str):
+        value = [value]  # one address or CIDR
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return parse_networks(value)  # ValueError names the bad entry
+    return value
+
+
+# CIDRs or plain addresses; host bits are ignored ("10.1.2.3/8" is 10.0.0.0/8).
+Networks = Annotated[tuple[IPNetwork, ...], BeforeValidator(_networks)]
 PositiveDuration = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
 
 
@@ -251,6 +264,7 @@ class Limits(Section):
     # A backend's response status line and headers; a longer head is a 502 (a backend that
     # never ends its head must not make the proxy buffer without bound).
     max_response_header_bytes: int = Field(64 * 1024, ge=1024)
+    max_header_count: int = Field(100, ge=1)  # request header fields -> 431
     # Pooled keep-alive connections per backend. Generous, like HAProxy's unlimited default:
     # a pool smaller than the concurrency makes connections open and close under load.
     max_idle_per_backend: int = Field(1024, ge=0)
@@ -274,6 +288,14 @@ class Settings(Section):
     # when tls-cert-file is unset.
     tls_certificate: tuple[TlsCertificate, ...] = ()
     add_x_forwarded_for: bool = True
+    # Who the client is (see docs/http.md). New in doproxy (Python).
+    # Peers whose forwarding headers (X-Forwarded-*, X-Real-IP, Forwarded) are believed and
+    # appended to, and who must send a PROXY header when proxy-protocol is on.
+    trusted_proxies: Networks = ()
+    forwarded_header: Literal["x-forwarded", "rfc7239", "both"] = "x-forwarded"
+    allow_underscores_in_headers: bool = False  # X_Forwarded_For is X-Forwarded-For to CGI
+    via: bool = False  # add "Via: 1.1 doproxy" to requests
+    proxy_protocol: bool = False  # connections from trusted-proxies start with a PROXY header
     # One line per request on the "doproxy.access" logger. New in doproxy (Python).
     access_log: bool = False
     watch_config: bool = True
@@ -318,6 +340,21 @@ class Settings(Section):
             raise ValueError(
                 "https = true needs a certificate: tls-cert-file and tls-key-file,"
                 " or a [[tls-certificate]] table"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _proxy_protocol(self) -> Settings:
+        if not self.proxy_protocol:
+            return self
+        # asyncio's TLS transport starts the handshake on the first byte: a PROXY header in
+        # front of it cannot be read off first.
+        if self.https:
+            raise ValueError("proxy-protocol = true works only without https (see docs/http.md)")
+        if not self.trusted_proxies:
+            raise ValueError(
+                "proxy-protocol = true needs trusted-proxies: the load balancers that send "
+                "the PROXY header"
             )
         return self
 

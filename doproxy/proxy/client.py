@@ -41,6 +41,18 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from doproxy.core.forwarding import (
+    FORWARDING_HEADERS,
+    PROXY_BAD,
+    PROXY_MORE,
+    Hop,
+    IPNetwork,
+    hop_for,
+    is_trusted,
+    origin_form,
+    parse_proxy_header,
+    valid_host,
+)
 from doproxy.core.http_rules import (
     CONNECTION,
     IDEMPOTENT_METHODS,
@@ -298,19 +310,74 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer_ip = str(peer[0]).encode()
-        # What the proxy adds to every request on this connection (express lane), with the
-        # blank line that ends the head.
-        self._forwarded = (
-            (b"X-Forwarded-For: " + self.peer_ip + b"\r\n" if self._xff else b"")
-            + b"X-Forwarded-Proto: "
-            + self.scheme
-            + b"\r\n\r\n"
+        settings = self.server.settings
+        sock = transport.get_extra_info("sockname")
+        port = str(sock[1]).encode() if isinstance(sock, tuple) and len(sock) > 1 else b""
+        self._max_header_count = settings.limits.max_header_count
+        self._underscores = settings.allow_underscores_in_headers
+        self._host_ok: bytes | None = None  # the last Host value found valid here
+        # Forwarding headers from this peer are believed (and appended to) only when it is a
+        # trusted proxy; from anyone else they are removed.
+        self._trusted_nets: tuple[IPNetwork, ...] = settings.trusted_proxies
+        self._trusted = bool(self._trusted_nets) and is_trusted(
+            self.peer_ip.decode("latin-1"), self._trusted_nets
+        )
+        # A trusted proxy must send a PROXY header first (HAProxy's accept-proxy, limited to
+        # the trusted sources); anyone else speaks HTTP at once.
+        self._proxy_wait = self._trusted and settings.proxy_protocol
+        self._proxy_buf = b""
+        # What the proxy adds to every request on this connection: shared between connections
+        # (hop_for), and cut where the Host value goes for the express lane.
+        self._set_hop(
+            hop_for(
+                settings.forwarded_header,
+                settings.add_x_forwarded_for,
+                settings.via,
+                self.peer_ip,
+                self.scheme,
+                port,
+            )
         )
         self.server.connections.add(self)
         self.deadline_kind = DEADLINE_HEADER
         self.deadline = self._now() + self._t_header
 
+    def _set_hop(self, hop: Hop) -> None:
+        self._hop = hop
+        self._tail_parts: tuple[bytes, ...] = hop.parts
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """Consume the PROXY protocol header a trusted proxy sends before any HTTP; return
+        the bytes after it (b"" while it is incomplete, or when the connection was closed)."""
+        buf = self._proxy_buf + data if self._proxy_buf else data
+        n, client = parse_proxy_header(buf)
+        if n == PROXY_MORE:
+            self._proxy_buf = buf  # bounded: parse_proxy_header refuses a longer header
+            return b""
+        self._proxy_wait = False
+        self._proxy_buf = b""
+        if n == PROXY_BAD:
+            log.warning(
+                "closing connection from %s: no valid PROXY protocol header",
+                self.peer_ip.decode("latin-1"),
+            )
+            self._close()
+            return b""
+        if client:
+            # The client the proxy in front saw: from now on it is the peer for forwarding
+            # headers, trust, hash balancing and the access log.
+            self.peer_ip = client.encode()
+            self._trusted = is_trusted(client, self._trusted_nets)
+            self._set_hop(self._hop.with_client(self.peer_ip))
+        elif client is not None:
+            # A client the balancer cannot name (PROXY UNKNOWN): its headers are its own,
+            # not the balancer's, so they are not believed. The balancer's address stands.
+            self._trusted = False
+        return buf[n:]
+
     def data_received(self, data: bytes) -> None:
+        if self._proxy_wait and not (data := self._proxy_header(data)):
+            return
         if self._tunnel is not None:
             t = self._tunnel.transport
             if t is not None:
@@ -446,7 +513,10 @@ class ClientConnection(asyncio.Protocol):
             raise URITooLong()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > self._max_header_count:
+            raise HeaderFieldsTooLarge("too many header fields")
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self._max_header_bytes:
             raise HeaderFieldsTooLarge()
@@ -536,6 +606,13 @@ class ClientConnection(asyncio.Protocol):
         needle as an integer and raise and swallow a TypeError each time, which costs more
         than the search itself.
         """
+        if data[0] == 13 or data[0] == 10:
+            # Empty lines before the request line are ignored (RFC 9112 2.2), as llhttp
+            # ignores them on the general path.
+            data = data.lstrip(b"\r\n")
+            if not data:
+                return
+            low = low.lstrip("\r\n")
         parser = self._lean_parser
         self.parser = parser
         try:
@@ -586,6 +663,8 @@ class ClientConnection(asyncio.Protocol):
             raise URITooLong()
         if len(data) > self._max_header_bytes:
             raise HeaderFieldsTooLarge()
+        if low.count("\n") - 2 > self._max_header_count:  # the request line and the blank line
+            raise HeaderFieldsTooLarge("too many header fields")
         # The version from the request line llhttp accepted (httptools' get_http_version
         # formats a new string on every call).
         version = low[line_end - 9 : line_end]
@@ -624,12 +703,16 @@ class ClientConnection(asyncio.Protocol):
             if "\nhost:" in low[j:]:
                 raise BadRequest("more than one Host header")
             host = head[i + 6 : j].strip(b" \t")
+            if host != self._host_ok:  # a keep-alive client repeats its Host: check it once
+                if not valid_host(host):
+                    raise BadRequest("invalid Host")
+                self._host_ok = host
             ex.host = host
-            tail = b"X-Forwarded-Host: " + host + b"\r\n" + self._forwarded
+            tail = host.join(self._tail_parts if ex.version == b"1.1" else self._hop.parts_10)
         elif ex.version == b"1.1":
             raise BadRequest("HTTP/1.1 request without Host")
         else:
-            tail = self._forwarded
+            tail = self._hop.no_host
         if ex.version == b"1.1":
             ex.head = head + tail
         else:
@@ -659,9 +742,12 @@ class ClientConnection(asyncio.Protocol):
         """The general path: apply every header rule to a parsed list of fields."""
         lines: list[bytes] = []
         host: bytes | None = None
-        xff: bytes | None = None
         te: bytes | None = None
         upgrade: bytes | None = None
+        via: bytes | None = None
+        # Forwarding headers a trusted proxy sent (lower-case name -> values joined); from
+        # anyone else they are dropped, so a client cannot forge who it is.
+        sent: dict[bytes, bytes] | None = None
         # Headers named by Connection are hop-by-hop too (RFC 9110 7.6.1), but the request is
         # framed once, from what was received: a name that carries framing (Content-Length,
         # Transfer-Encoding) or that the proxy decides itself (Host, Upgrade, Connection) is
@@ -673,14 +759,24 @@ class ClientConnection(asyncio.Protocol):
             if lname not in REQUEST_SPECIAL:
                 if named and lname in named:
                     continue
+                if 95 in name and not self._underscores:
+                    # "_": X_Forwarded_For is X-Forwarded-For to a CGI or WSGI backend, so
+                    # such names could forge what the rules above remove (nginx drops them).
+                    continue
                 lines.append(name + b": " + value + b"\r\n")
                 continue
             if lname == b"host":
                 if host is not None:
                     raise BadRequest("more than one Host header")
                 host = value
-            elif lname == b"x-forwarded-for":
-                xff = value if xff is None else xff + b", " + value
+            elif lname in FORWARDING_HEADERS:
+                if self._trusted:
+                    if sent is None:
+                        sent = {}
+                    seen = sent.get(lname)
+                    sent[lname] = value if seen is None else seen + b", " + value
+            elif lname == b"via":
+                via = value if via is None else via + b", " + value
             elif lname == b"transfer-encoding":
                 te = value if te is None else te + b", " + value
             elif lname == b"upgrade":
@@ -690,10 +786,21 @@ class ClientConnection(asyncio.Protocol):
                     ex.expect_continue = ex.version == b"1.1"
                 else:
                     raise ExpectationFailed("only Expect: 100-continue is supported")
-            # Keep-Alive, Proxy-Connection, TE, Trailer, HTTP2-Settings and the client's own
-            # X-Forwarded-Proto/-Host are dropped: the proxy states those facts itself.
-        if host is None and ex.version == b"1.1":
-            raise BadRequest("HTTP/1.1 request without Host")
+            # Keep-Alive, Proxy-Connection, TE, Trailer and HTTP2-Settings are dropped.
+        if host is None:
+            if ex.version == b"1.1":
+                raise BadRequest("HTTP/1.1 request without Host")
+        elif host != self._host_ok:
+            if not valid_host(host):
+                raise BadRequest("invalid Host")
+            self._host_ok = host
+        if url[:1] != b"/" and not (url == b"*" and ex.method == b"OPTIONS"):
+            # Absolute-form (RFC 9112 3.2.2): the target's authority replaces Host, and the
+            # backend gets origin-form, which every server understands.
+            try:
+                url, host = origin_form(url)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
         if te is not None:
             if ex.version != b"1.1":
                 raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
@@ -726,14 +833,17 @@ class ClientConnection(asyncio.Protocol):
                 lines.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
         if host is not None:
             lines.append(b"Host: " + host + b"\r\n")
-            lines.append(b"X-Forwarded-Host: " + host + b"\r\n")
         ex.host = host
-        if self._xff:
-            xff = self.peer_ip if xff is None else xff + b", " + self.peer_ip
-        if xff is not None:
-            lines.append(b"X-Forwarded-For: " + xff + b"\r\n")
-        lines.append(b"X-Forwarded-Proto: " + self.scheme + b"\r\n")
-        lines.append(b"\r\n")
+        hop = self._hop
+        if sent is None and via is None:
+            # What the express lane adds, from the same pieces.
+            if host is not None:
+                lines.append(host.join(self._tail_parts if ex.version == b"1.1" else hop.parts_10))
+            else:
+                lines.append(hop.no_host)
+        else:
+            lines.append(hop.headers(host, ex.version, sent, via))
+            lines.append(b"\r\n")
         ex.head = ex.method + b" " + url + b" HTTP/1.1\r\n" + b"".join(lines)
 
     def _upgrade_requested(self, rest: bytes) -> None:

@@ -91,21 +91,47 @@ def hop_by_hop(line: str) -> int:
 
 
 def request_head_kind(low: str) -> int:
-    """Classify a lower-cased request head by its header names, in one walk over its lines
-    (see scan_response for why not one search per name)."""
+    """Classify a lower-cased request head by its target and header names, in one walk over
+    its lines (see scan_response for why not one search per name).
+
+    REWRITE: a target that is not origin-form (absolute-form, `*`), a hop-by-hop header, a
+    header that says who the client is (X-Forwarded-*, X-Real-IP, Forwarded) or that the proxy
+    appends to (Via), Expect, or a header name with an underscore. Empty lines before the
+    request line (RFC 9112 2.2) are skipped, as llhttp skips them.
+    """
     kind = PLAIN
     first = True
-    for line in low.split("\n"):
-        if first:  # the request line
+    for line in low.lstrip("\r\n").split("\n"):
+        if first:  # the request line: origin-form targets start with "/" after the method
             first = False
+            sp = line.find(" ")
+            if sp < 0 or line[sp + 1 : sp + 2] != "/":
+                kind = REWRITE
             continue
         if not line:
             continue
-        hop = hop_by_hop(line)
-        if hop == FRAMING:
-            return GENERAL
-        if hop == HOP or line.startswith("x-forwarded-") or line.startswith("expect:"):
-            kind = REWRITE
+        c = ord(line[0])
+        if c == 120:  # x
+            if line.startswith("x-forwarded-") or line.startswith("x-real-ip:"):
+                kind = REWRITE
+        elif c == 102:  # f
+            if line.startswith("forwarded:"):
+                kind = REWRITE
+        elif c == 101:  # e
+            if line.startswith("expect:"):
+                kind = REWRITE
+        elif c == 118:  # v
+            if line.startswith("via:"):
+                kind = REWRITE
+        else:
+            hop = hop_by_hop(line)
+            if hop == FRAMING:
+                return GENERAL
+            if hop == HOP:
+                kind = REWRITE
+        u = line.find("_")
+        if u >= 0 and u < line.find(":"):
+            kind = REWRITE  # an underscore in the name: dropped unless allowed
     return kind
 
 
