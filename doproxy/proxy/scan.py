@@ -129,9 +129,8 @@ def request_head_kind(low: str) -> int:
                 return GENERAL
             if hop == HOP:
                 kind = REWRITE
-        u = line.find("_")
-        if u >= 0 and u < line.find(":"):
-            kind = REWRITE  # an underscore in the name: dropped unless allowed
+        if line.find("_", 0, line.find(":")) >= 0:
+            kind = REWRITE  # an underscore in the name (only the name is searched)
     return kind
 
 
