@@ -224,3 +224,34 @@ async def test_http10_client_gets_an_http11_status_line(
         assert b"GET /old len=0" in data
     finally:
         await c.close()
+
+
+async def test_error_answer_to_head_has_no_body(
+    start_proxy: StartProxy, backend_factory: object
+) -> None:
+    """Found by the differential test: a 502 to a pipelined HEAD carried a body, which the
+    client reads as the start of the next response."""
+
+    async def bad(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+    ) -> None:
+        rr = RequestReader(reader)
+        while (req := await rr.next()) is not None:
+            if req.url == b"/bad":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+            else:
+                writer.write(respond(200, b"fine"))
+            await writer.drain()
+
+    backend = await backend_factory(bad)  # type: ignore[operator]
+    proxy = await start_proxy([backend.port], {"retries": {"attempts": 0}})
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(b"HEAD /bad HTTP/1.1\r\nHost: a\r\n\r\n" + get("/next"))
+        r = await asyncio.wait_for(c.response(head_request=True), 5)
+        assert r.status == 502
+        assert r.body == b""
+        r2 = await asyncio.wait_for(c.response(), 5)
+        assert (r2.status, r2.body) == (200, b"fine")
+    finally:
+        await c.close()

@@ -115,21 +115,25 @@ def split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
 ErrorPage = tuple[bytes, bytes]  # (content type, body)
 
 
-def error_response(status: int, page: ErrorPage | None = None, close: bool = True) -> bytes:
-    """A small complete response the proxy itself answers with (a configured page, or text)."""
+def error_response(
+    status: int, page: ErrorPage | None = None, close: bool = True, head: bool = False
+) -> bytes:
+    """A small complete response the proxy itself answers with (a configured page, or text).
+    To a HEAD request (`head`) it has the same headers and no body: a body there would be read
+    as the start of the next response."""
     reason = REASONS.get(status, b"Error")
     if page is None:
         page = (b"text/plain; charset=utf-8", str(status).encode() + b" " + reason + b"\n")
     content_type, body = page
-    head = (
+    out = (
         b"HTTP/1.1 " + str(status).encode() + b" " + reason + b"\r\n"
         b"Content-Type: " + content_type + b"\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n"
         b"Cache-Control: no-store\r\n"
     )
     if close:
-        head += b"Connection: close\r\n"
-    return head + b"\r\n" + body
+        out += b"Connection: close\r\n"
+    return out + b"\r\n" if head else out + b"\r\n" + body
 
 
 def chunk(data: bytes) -> bytes:

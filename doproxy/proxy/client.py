@@ -1490,7 +1490,8 @@ class ClientConnection(asyncio.Protocol):
             self._log_access(ex, self._now(), False)
         # Keep the connection only when the request is fully read and nothing else is odd.
         keep = ex.keep_alive and ex.request_done and not ex.upgrade and not self.server.draining
-        self._write(error_response(err.status, self.server.error_body(err.status), close=not keep))
+        page = self.server.error_body(err.status)
+        self._write(error_response(err.status, page, close=not keep, head=ex.is_head))
         self.queue.popleft()
         if not keep:
             self._close(linger=not ex.request_done)
