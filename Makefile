@@ -10,7 +10,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 LINT    = doproxy tests $(wildcard bench)
 
-.PHONY: run test check fmt bench deps clean
+.PHONY: run test check fmt fuzz bench deps clean
 
 # The hot data-plane modules are compiled by the install (setup.py): reinstall when they change.
 COMPILED_SOURCES = doproxy/core/retry.py doproxy/core/balancers.py doproxy/proxy/scan.py \
@@ -41,6 +41,12 @@ test: $(STAMP) deps check
 	DOPROXY_PURE_PYTHON=1 $(BIN)/coverage run -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	$(BIN)/coverage combine -q
 	$(BIN)/coverage report --fail-under=80 | grep -E "^TOTAL"
+
+# The differential test (tests/test_differential.py) with many more examples than `make test`
+# runs: the proxy against h11 on generated, byte-mutated requests and responses.
+fuzz: $(STAMP)
+	DOPROXY_FUZZ_EXAMPLES=$${DOPROXY_FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/test_differential.py -k test_proxy_agrees_with_h11 $(PYTEST_ARGS)
 
 fmt: $(STAMP)
 	$(BIN)/ruff format $(LINT)
