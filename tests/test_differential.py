@@ -59,7 +59,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import h11
 import pytest
@@ -187,9 +187,10 @@ def _chunked(body: bytes, sizes: list[int], ext: bool = False, bad: bool = False
 
 
 @st.composite
-def request_bytes(draw: st.DrawFn, target: str) -> tuple[bytes, list[str], bool]:
+def request_bytes(draw: st.DrawFn, target: str) -> tuple[bytes, list[str], bool, bool]:
     """One request (maybe mutated) for `target`, the targets of any smuggling payload in its
-    body, and whether it is pristine (what a well-behaved client sends)."""
+    body, whether it is pristine (what a well-behaved client sends), and whether it leaves
+    stray bytes (an unframed body) in front of the next request."""
     method = draw(st.sampled_from(["GET", "GET", "HEAD", "POST", "POST", "PUT", "DELETE"]))
     version = draw(st.sampled_from(["1.1", "1.1", "1.1", "1.0"]))
     framing = draw(st.sampled_from(["none", "cl", "cl", "chunked"]))
@@ -255,8 +256,9 @@ def request_bytes(draw: st.DrawFn, target: str) -> tuple[bytes, list[str], bool]
     head = f"{method} {target} HTTP/{version}\r\n"
     head += "".join(f"{n}: {v}\r\n" for n, v in headers)
     # (Unframed body bytes are not part of this request: they are the next one, malformed.)
-    pristine = not mutations and not (version == "1.0" and framing == "chunked")
-    return head.encode() + b"\r\n" + wire, smuggled, pristine
+    stray = framing == "none" and bool(body)
+    pristine = not mutations and not (version == "1.0" and framing == "chunked") and not stray
+    return head.encode() + b"\r\n" + wire, smuggled, pristine, stray
 
 
 response_specs = st.builds(
@@ -267,6 +269,9 @@ response_specs = st.builds(
     mutations=st.lists(st.sampled_from(RESPONSE_MUTATIONS), max_size=2, unique=True).map(tuple),
     stray=st.sampled_from([None, None, None, "garbage", "second", "declared-body"]),
     cuts=st.lists(st.integers(1, 999), max_size=2).map(lambda c: tuple(sorted(c))),
+).map(
+    # A close-delimited body is everything until the close: bytes "after" it are its body.
+    lambda r: replace(r, stray=None) if r.framing == "close" and r.status not in (204, 304) else r
 )
 
 
@@ -277,11 +282,16 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     for t in range(draw(st.integers(1, 4))):
         conn = draw(st.integers(0, 1))
         data = b""
+        # A request behind an unframed body or a mutated one may begin with bytes its
+        # predecessor did not consume (h11 then takes e.g. "T /x" as method "T", which llhttp
+        # rightly refuses): it is no longer what a well-behaved client sends.
+        after_stray = False
         for k in range(draw(st.integers(1, 3))):
             target = f"/c{conn}t{t}r{k}"
-            raw, smuggled, pristine = draw(request_bytes(target))
-            if pristine:
+            raw, smuggled, pristine, stray = draw(request_bytes(target))
+            if pristine and not after_stray:
                 scenario.pristine.add(target)
+            after_stray = after_stray or stray or not pristine
             data += raw
             for tgt in [target, *smuggled]:
                 if draw(st.integers(0, 2)) == 0:
@@ -635,7 +645,9 @@ async def run_scenario(start_proxy: StartProxy, scenario: Scenario) -> None:
 async def play_turn(
     cc: ClientConn, turn: Turn, scenario: Scenario, answers: list[Answer], problems: list[str]
 ) -> None:
-    with contextlib.suppress(ConnectionError):
+    # The proxy may close while a client still writes (after a response that closes): uvloop
+    # says so with a RuntimeError on the closed transport, the kernel with a reset.
+    with contextlib.suppress(ConnectionError, RuntimeError):
         await write_cut(cc.client.writer, turn.data, list(turn.cuts))
     cc.sent += turn.data
     before = len(cc.parsed.requests)
@@ -662,8 +674,17 @@ async def play_turn(
         ending = cc.parsed.ending
         if ended or ending.startswith("rejected") or ending == "closed":
             rest = await cc.until_eof()
+            refused_head = (
+                answers
+                and answers[-1].req.method == b"HEAD"
+                and answers[-1].got.status in CLIENT_ERRORS
+                and answers[-1].req.target not in scenario.pristine
+            )
             if ended and rest:
-                problems.append(f"{cc.label}: bytes after a response that closes: {rest!r}")
+                # A HEAD that doproxy refuses as malformed, where h11 is laxer, may get the
+                # 400 page: a request that cannot be parsed has no method to honour.
+                if not (refused_head and rest == b"400 Bad Request\n"):
+                    problems.append(f"{cc.label}: bytes after a response that closes: {rest!r}")
             else:
                 problems += check_tail(cc.label, ending, rest)
             cc.done = True
@@ -708,11 +729,18 @@ def check_response(label: str, req: Req, got: Got, scenario: Scenario) -> list[s
 
 
 def check_tail(label: str, ending: str, rest: bytes) -> list[str]:
-    """After the last accepted request's answer: at most one proxy error, then the close."""
+    """After the last accepted request's answer: at most one proxy error, then the close.
+    The refused request may have been a HEAD (whose error then has no body): either reading
+    passes."""
     if not rest:
         return []
+    as_get = _check_tail(label, ending, rest, "GET")
+    return as_get if as_get and _check_tail(label, ending, rest, "HEAD") else []
+
+
+def _check_tail(label: str, ending: str, rest: bytes, method: str) -> list[str]:
     conn = h11.Connection(h11.CLIENT)
-    conn.send(h11.Request(method="GET", target="/", headers=[("Host", HOST)]))
+    conn.send(h11.Request(method=method, target="/", headers=[("Host", HOST)]))
     conn.send(h11.EndOfMessage())
     conn.receive_data(rest)
     conn.receive_data(b"")

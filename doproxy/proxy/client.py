@@ -296,6 +296,7 @@ class ClientConnection(asyncio.Protocol):
         self._max_body = server.settings.limits.max_body_bytes
         # A bad request behind good pipelined ones: answered once they are (see _reject).
         self._rejected: ClientError | None = None
+        self._rejected_head = False  # it was a HEAD: its answer has no body
         self._client_eof = False  # the client half-closed: close once nothing is in flight
         self._now = server.clock
         # A response head waits here for the first body bytes, so both go out in one write.
@@ -395,7 +396,8 @@ class ClientConnection(asyncio.Protocol):
             # head, with no queue ahead of it, chunked body or upgrade (the common case).
             if not self.queue and len(data) <= _LEAN_MAX:
                 text = data.decode("latin-1")
-                if text.find("\r\n\r\n") + 4 == len(text):
+                # (A 3-byte chunk has no "\r\n\r\n" at all: find's -1 must not pass.)
+                if len(text) > 3 and text.find("\r\n\r\n") + 4 == len(text):
                     low = text.lower()
                     kind = request_head_kind(low)
                     if kind != GENERAL:
@@ -1015,8 +1017,11 @@ class ClientConnection(asyncio.Protocol):
         if ex.version != b"1.1" or ex.is_head or ex.upgrade or not ex.request_done:
             return False
         text, end = head_text(data)
-        if end < 0 or not text.startswith("HTTP/1.1 ") or text[9:12] < "200" or text[9:12] == "204":
-            return False  # 1xx and 204 take the general path
+        code = text[9:12]
+        if end < 0 or not text.startswith("HTTP/1.1 ") or code < "200" or code in ("204", "304"):
+            # 1xx, 204 and 304 take the general path: they have no body, whatever their
+            # Content-Length says, so bytes after their head are stray.
+            return False
         low = text[: end + 2].lower()
         general, length, i, j, value = scan_response(low)
         if general or length < 0 or len(data) != end + 4 + length:
@@ -1412,7 +1417,7 @@ class ClientConnection(asyncio.Protocol):
             self._write(b"")
         self.queue.popleft()
         if not ex.keep_alive or not ex.request_done:
-            self._close(linger=not ex.request_done)
+            self._close(linger=True)
             return
         self._continue(now)
         if ex.tunnel_data and not self.closed:
@@ -1445,7 +1450,8 @@ class ClientConnection(asyncio.Protocol):
             nxt = queue[0]
             if len(queue) == 1 and self._rejected is None:
                 self._resume(_PAUSE_QUEUE)
-            if nxt.tunnel_data or not nxt.keep_alive:
+            if nxt.tunnel_data or (not nxt.keep_alive and nxt.request_done):
+                # Nothing after it will be served; but a body still arriving must be read.
                 self._pause(_PAUSE_QUEUE)
             self._flush()
             return
@@ -1453,14 +1459,17 @@ class ClientConnection(asyncio.Protocol):
         if err is not None:
             # The bad request that followed the good ones: its answer comes last.
             self._rejected = None
-            self._write(error_response(err.status, self.server.error_body(err.status)))
+            page = self.server.error_body(err.status)
+            self._write(error_response(err.status, page, head=self._rejected_head))
             self._close(linger=True)
             return
         # The common case: nothing pipelined; wait for the next request.
         if self._paused & _PAUSE_QUEUE:
             self._resume(_PAUSE_QUEUE)
-        if self.server.draining or (self._client_eof and self.parsing is None):
-            self._close()
+        if self._client_eof and self.parsing is None:
+            self._close()  # the client is done sending: nothing to linger for
+        elif self.server.draining:
+            self._close(linger=True)
         elif self.parsing is None:
             self.deadline_kind = DEADLINE_IDLE
             self.deadline = now + self._t_idle
@@ -1494,7 +1503,7 @@ class ClientConnection(asyncio.Protocol):
         self._write(error_response(err.status, page, close=not keep, head=ex.is_head))
         self.queue.popleft()
         if not keep:
-            self._close(linger=not ex.request_done)
+            self._close(linger=True)
         else:
             self._continue(self._now())
 
@@ -1511,6 +1520,9 @@ class ClientConnection(asyncio.Protocol):
             return
         log.debug("rejecting request from %s: %s", self.peer_ip.decode(), err.detail)
         bad = self.parsing
+        # Was the refused request a HEAD? Known once its head was parsed (llhttp's method of
+        # a head it refused midway may be the previous request's: not asked).
+        head = bad is not None and bad.is_head
         self.parsing = None
         self._in_head = False
         self.body_deadline = 0.0
@@ -1525,12 +1537,17 @@ class ClientConnection(asyncio.Protocol):
                 return
         if queue:
             self._rejected = err
+            self._rejected_head = head
             self._pause(_PAUSE_QUEUE)
+            # The good ones may have been parsed in the same read: start the first, or pass
+            # on the body bytes it got.
             if queue[0].backend is None:
-                self._start(queue[0])  # the good ones parsed in the same read
+                self._start(queue[0])
+            else:
+                self._flush()
             return
         self._held = None
-        self._write(error_response(err.status, self.server.error_body(err.status)))
+        self._write(error_response(err.status, self.server.error_body(err.status), head=head))
         self._close(linger=True)
 
     def on_deadline(self, kind: int) -> None:
@@ -1665,10 +1682,11 @@ class ClientConnection(asyncio.Protocol):
             return
         flush_writes()  # nothing queued may be overtaken or lost
         if linger and not t.is_closing():
-            # Lingering close (nginx's lingering_close): the client may still be sending a body
-            # that was not read, and closing with unread bytes resets the connection, which
-            # can destroy the response in the client's receive buffer. So: end our side,
-            # then read and drop what arrives until the client closes or LINGER_TIME passes.
+            # Lingering close (RFC 9112 9.6, nginx's lingering_close): the client may still be
+            # sending (a body that was not read, requests pipelined behind a close), and
+            # closing with unread bytes resets the connection, which can destroy the response
+            # in the client's receive buffer. So: end our side, then read and drop what
+            # arrives until the client closes or LINGER_TIME passes.
             self.body_deadline = 0.0
             self._paused = 0
             t.resume_reading()
