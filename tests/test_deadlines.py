@@ -198,3 +198,29 @@ async def test_idle_tunnel_is_closed(start_proxy: StartProxy, backend_factory: o
         assert await c.closed(timeout=5)
     finally:
         await c.close()
+
+
+async def test_backend_that_reads_no_body_is_504_and_blamed(
+    start_proxy: StartProxy, backend_factory: object
+) -> None:
+    """The proxy stops reading the client while the backend's socket is full; if the backend
+    reads nothing for client-body, the stall is the backend's (nginx's proxy_send_timeout)."""
+
+    async def deaf(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(30)  # reads nothing more, answers nothing: the stall itself
+
+    backend = await backend_factory(deaf)  # type: ignore[operator]
+    proxy = await start_proxy([backend.port], {"timeouts": {"client-body": "0.5s"}})
+    c = await Client.connect(port_of(proxy))
+    size = 64 * 1024 * 1024
+    try:
+        await c.send(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+        c.writer.write(b"x" * (16 * 1024 * 1024))  # more than the sockets between can hold
+        r = await asyncio.wait_for(c.response(), 10)
+        assert r.status == 504
+    finally:
+        c.writer.transport.abort()
+    assert proxy.pool.backends[0].passive_failures == 1

@@ -1593,9 +1593,21 @@ class ClientConnection(asyncio.Protocol):
                 self._fail(ex, err)
 
     def on_body_deadline(self, now: float) -> None:
-        """The sweep found the request body stalled for client-body: 408, the client's fault."""
-        if self._paused:
-            # The proxy itself stopped reading (backpressure, a queue, a dial): not a stall.
+        """The sweep found the request body stalled for client-body: whose fault is it?"""
+        paused = self._paused
+        if paused & _PAUSE_BACKEND and self.queue:
+            # The backend has read nothing of the body for that long (its socket stays full,
+            # so the proxy stopped reading the client): the backend's fault, as nginx's
+            # proxy_send_timeout has it.
+            self.body_deadline = 0.0
+            ex = self.queue[0]
+            log.warning("backend %s read nothing of a request body; giving up", ex.backend)
+            if ex.backend is not None:
+                self.server.backend_failed(ex.backend)
+            self._fail(ex, GatewayTimeout("backend stopped reading the request body"))
+            return
+        if paused:
+            # The proxy itself stopped reading (a queue, a dial): not a stall.
             self.body_deadline = now + self._t_body
             return
         self.body_deadline = 0.0
@@ -1681,7 +1693,10 @@ class ClientConnection(asyncio.Protocol):
         if t is None:
             return
         flush_writes()  # nothing queued may be overtaken or lost
-        if linger and not t.is_closing():
+        # Over TLS, close() is already a staged close: the transport sends close_notify and
+        # reads (and drops) until the client's, so it needs no lingering of ours; and without
+        # a half-close, lingering would only hold back the end of the response.
+        if linger and not t.is_closing() and t.can_write_eof():
             # Lingering close (RFC 9112 9.6, nginx's lingering_close): the client may still be
             # sending (a body that was not read, requests pipelined behind a close), and
             # closing with unread bytes resets the connection, which can destroy the response
@@ -1690,8 +1705,7 @@ class ClientConnection(asyncio.Protocol):
             self.body_deadline = 0.0
             self._paused = 0
             t.resume_reading()
-            if t.can_write_eof():
-                t.write_eof()
+            t.write_eof()
             self.deadline_kind = DEADLINE_LINGER
             self.deadline = self._now() + LINGER_TIME
             return
