@@ -224,3 +224,19 @@ async def test_backend_that_reads_no_body_is_504_and_blamed(
     finally:
         c.writer.transport.abort()
     assert proxy.pool.backends[0].passive_failures == 1
+
+
+async def test_fin_after_a_partial_head_closes_once_the_good_ones_are_answered(
+    start_proxy: StartProxy, echo_backend: RawBackend
+) -> None:
+    proxy = await start_proxy([echo_backend.port])  # client-header: the default 10 s
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(get("/good") + b"GET /never-ends HTTP/1.1\r\nHo")
+        c.writer.write_eof()
+        r = await asyncio.wait_for(c.response(), 5)
+        assert r.body == b"GET /good len=0"
+        assert await c.closed(timeout=2)  # not after client-header
+    finally:
+        await c.close()
+    assert b"never-ends" not in echo_backend.all_received

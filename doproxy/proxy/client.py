@@ -1466,8 +1466,10 @@ class ClientConnection(asyncio.Protocol):
         # The common case: nothing pipelined; wait for the next request.
         if self._paused & _PAUSE_QUEUE:
             self._resume(_PAUSE_QUEUE)
-        if self._client_eof and self.parsing is None:
-            self._close()  # the client is done sending: nothing to linger for
+        if self._client_eof:
+            # The client is done sending (a partial head it left will never complete): close,
+            # with nothing to linger for.
+            self._close()
         elif self.server.draining:
             self._close(linger=True)
         elif self.parsing is None:
