@@ -665,7 +665,12 @@ class ClientConnection(asyncio.Protocol):
             raise URITooLong()
         if len(data) > self._max_header_bytes:
             raise HeaderFieldsTooLarge()
-        if low.count("\n") - 2 > self._max_header_count:  # the request line and the blank line
+        # More fields than max-header-count? Each line takes at least 3 bytes ("a:" and a line
+        # break), so only a head that long can have that many, and only then are lines counted.
+        if (
+            len(data) > 3 * self._max_header_count
+            and low.count("\n") - 2 > self._max_header_count  # the request and blank lines
+        ):
             raise HeaderFieldsTooLarge("too many header fields")
         # The version from the request line llhttp accepted (httptools' get_http_version
         # formats a new string on every call).
@@ -982,7 +987,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.host is None:
             # An HTTP/1.0 request may lack Host; HTTP/1.1 to the backend needs one.
             head = head[:-2] + b"Host: " + backend.host_header + b"\r\n\r\n"
-        ex.started = self._now()
+        ex.started = started = self._now()
         if ex.body:
             self._keep_for_retry(ex, ex.body)
             ex.body.insert(0, head)
@@ -994,7 +999,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             write_soon(t, head)
         if ex.request_done:
-            self._await_response()
+            self._await_response(started)
         else:
             # The backend's response timer starts once the body has been sent; until then the
             # body's own deadline (client-body) runs.
@@ -1615,10 +1620,11 @@ class ClientConnection(asyncio.Protocol):
         self.body_deadline = 0.0
         self._reject(RequestTimeout("client too slow to send the request body"))
 
-    def _await_response(self) -> None:
-        """The request has been sent in full: the backend must start answering in time."""
+    def _await_response(self, now: float = 0.0) -> None:
+        """The request has been sent in full (at `now`, if the caller has the time): the
+        backend must start answering in time."""
         self.deadline_kind = DEADLINE_RESPONSE
-        self.deadline = self._now() + self._t_response
+        self.deadline = (now or self._now()) + self._t_response
 
     def _phase_deadline(self) -> None:
         """Set the deadline of the phase the connection is in (after a client-write pause)."""
