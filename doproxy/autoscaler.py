@@ -79,6 +79,11 @@ class Proxy(Protocol):
     @property
     def inventory_path(self) -> Path: ...
 
+    def traffic(self) -> tuple[int, float]:
+        """Exchanges so far (finished, or failed by a backend) and the seconds users waited
+        for their response heads in all: totals that never go back."""
+        ...
+
     async def reload(self) -> bool: ...
 
 
@@ -210,8 +215,9 @@ class Autoscaler:
 
     def observe(self, now: float) -> Observation:
         backends = self.runtime.backends
-        requests = sum(b.requests for b in backends)
-        latency_sum = sum(b.latency_sum for b in backends)
+        # The listener's totals, not a sum over the backends of the moment: a backend leaving
+        # the pool must not make the interval read as idle, and failed exchanges count too.
+        requests, latency_sum = self.runtime.traffic()
         latency: float | None = None
         rps = 0.0
         if self._last_counts is not None and self._last_tick is not None:

@@ -341,6 +341,11 @@ class Runtime:
     def inventory_path(self) -> Path:
         return resolve_in(self.base, self.settings.inventory_file)
 
+    def traffic(self) -> tuple[int, float]:
+        """The listener's exchange totals (see ProxyServer.exchanges), for the autoscaler."""
+        server = self.server
+        return (server.exchanges, server.exchange_time) if server is not None else (0, 0.0)
+
     async def _finish_drains(self, every: float = 0.1) -> None:
         """Turn "draining" backends "disabled" once nothing is in flight (or time is up).
 

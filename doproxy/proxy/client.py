@@ -148,7 +148,11 @@ class Exchange:
     upgrade = False  # a WebSocket upgrade was requested
     backend: Backend | None = None
     upstream: UpstreamConnection | None = None
-    started = 0.0
+    started = 0.0  # when the request went out to its (latest) backend
+    # For the autoscaler's signal (time to the response head, as users wait for it): when the
+    # exchange first asked for a backend, and when the response head arrived.
+    begun = 0.0
+    head_at = 0.0
     response_started = False
     sent_body = False
     out_mode = 0  # _OUT_RAW (a literal: compilers such as mypyc want literal defaults)
@@ -933,6 +937,9 @@ class ClientConnection(asyncio.Protocol):
     def _start(self, ex: Exchange) -> None:
         server = self.server
         pool = server.pool  # the snapshot current as this request starts
+        now = self._now()
+        if not ex.begun:
+            ex.begun = now
         if ex.tried:
             eligible = [b for b in pool.eligible if b not in ex.tried]
         else:
@@ -950,7 +957,7 @@ class ClientConnection(asyncio.Protocol):
             up = idle.pop()
             if not up.closed:
                 up.reused = True
-                self._attach(ex, up)
+                self._attach(ex, up, now)
                 return
         self._pause(_PAUSE_BUFFER)
         self.server.dial(backend, self, ex)
@@ -972,9 +979,9 @@ class ClientConnection(asyncio.Protocol):
             if not self._redispatch(ex, err):
                 self._fail(ex, err)
             return
-        self._attach(ex, up)
+        self._attach(ex, up, self._now())
 
-    def _attach(self, ex: Exchange, up: UpstreamConnection) -> None:
+    def _attach(self, ex: Exchange, up: UpstreamConnection, now: float) -> None:
         ex.upstream = up
         up.client = self
         up.got_bytes = False
@@ -987,7 +994,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.host is None:
             # An HTTP/1.0 request may lack Host; HTTP/1.1 to the backend needs one.
             head = head[:-2] + b"Host: " + backend.host_header + b"\r\n\r\n"
-        ex.started = started = self._now()
+        ex.started = now
         if ex.body:
             self._keep_for_retry(ex, ex.body)
             ex.body.insert(0, head)
@@ -999,7 +1006,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             write_soon(t, head)
         if ex.request_done:
-            self._await_response(started)
+            self._await_response(now)
         else:
             # The backend's response timer starts once the body has been sent; until then the
             # body's own deadline (client-body) runs.
@@ -1101,14 +1108,15 @@ class ClientConnection(asyncio.Protocol):
                 return
         elif ex.backend is not None:
             ex.backend.passive_failures = 0
+        ex.head_at = now = self._now()
         if self._writing_paused:
             # The client is not reading: a stall from here on is its own, not the backend's.
             if self.deadline_kind != DEADLINE_CLIENT_WRITE:
                 self.deadline_kind = DEADLINE_CLIENT_WRITE
-                self.deadline = self._now() + self._t_client_write
+                self.deadline = now + self._t_client_write
         else:
             self.deadline_kind = DEADLINE_BACKEND_READ
-            self.deadline = self._now() + self._t_backend_read
+            self.deadline = now + self._t_backend_read
         ex.response_started = True
         ex.status = status
         ex.backend_keep_alive = backend_keep_alive and ex.backend_keep_alive
@@ -1393,11 +1401,18 @@ class ClientConnection(asyncio.Protocol):
         backend = ex.backend
         if self._access_log:
             self._log_access(ex, now, abort)
+        # Latency is the time to the response head: a streamed body or a tunnel says nothing
+        # about how long the backend made the user wait.
+        head_at = ex.head_at or now
+        if ex.begun:
+            server = self.server
+            server.exchanges += 1
+            server.exchange_time += head_at - ex.begun
         if backend is not None:
             backend.in_flight -= 1
             backend.requests += 1
             if ex.started:
-                latency = now - ex.started
+                latency = head_at - ex.started
                 backend.latency_sum += latency
                 pool = self.server.pool
                 pool.samples.append(latency)
@@ -1495,6 +1510,12 @@ class ClientConnection(asyncio.Protocol):
             ex.backend.in_flight -= 1
             ex.backend.failures += 1
             ex.backend = None
+        if ex.begun and err.status != 503:
+            # A backend failed it (refused, reset, timed out, broke HTTP): the user waited all
+            # that time, so the autoscaler's signal counts it. (503: no backend to ask.)
+            server = self.server
+            server.exchanges += 1
+            server.exchange_time += self._now() - ex.begun
         up = ex.upstream
         if up is not None:
             ex.upstream = None

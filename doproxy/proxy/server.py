@@ -66,6 +66,11 @@ class ProxyServer:
             ratio=retries.budget_percent / 100.0, min_per_second=retries.budget_min_per_second
         )
         self.retried = 0  # requests redispatched to another backend
+        # What the autoscaler reads: exchanges finished or failed by a backend, and the time
+        # users waited for their response heads. Totals of the listener, so a backend leaving
+        # the pool (or a reload) never makes them go back.
+        self.exchanges = 0
+        self.exchange_time = 0.0
         # How many requests and responses took the express lanes (see client.py).
         self.express_requests = 0
         self.express_responses = 0
