@@ -18,8 +18,12 @@ refused in between; connections accepted on the old one finish normally. Certifi
 picked per handshake by the listener's SNI callback (CertificateSelector); a reload hands it
 the newly loaded ones, so a renewed, added or removed certificate reaches new handshakes without
 reopening the listener, and open connections keep theirs. Reloads come from SIGHUP and, with
-`watch-config`, from changes to the config file, the inventory and every certificate and key
-file (watched through their folders, so editors that save by rename work).
+`watch-config`, from changes to the files doproxy reads: the config file, the inventory, every
+certificate and key file, the error pages and, with a scaler on DigitalOcean, its token-file and
+user-data file (watched through their folders, so editors that save by rename work). Changes to
+any other file in those folders are filtered out before they reach us (a log file written into
+the config folder must not wake the watcher on every line), and watchfiles' own "N changes
+detected" INFO lines are silenced: logged into such a folder, each would be a change itself.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +62,10 @@ if TYPE_CHECKING:
     from doproxy.provisioning import Provider
 
 log = logging.getLogger(__name__)
+
+# watchfiles logs "N changes detected" at INFO for every batch: with doproxy's log file in a
+# watched folder, that line is itself a change, forever. Its warnings still show.
+logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def build_pool(
@@ -265,6 +273,11 @@ def _signatures(files: set[Path]) -> dict[Path, tuple[int, int] | None]:
     return out
 
 
+def _only(names: set[str]) -> Callable[[watchfiles.Change, str], bool]:
+    """A watchfiles filter that lets through changes to `names` and nothing else."""
+    return lambda _, path: path in names
+
+
 class Runtime:
     def __init__(
         self, settings: Settings, entries: list[InventoryEntry], config_file: Path | None = None
@@ -278,7 +291,10 @@ class Runtime:
         self.checker: HealthChecker | None = None
         self.stats: StatsCollector | None = None
         self.reloads = 0  # successful reloads (tests and the status page read it)
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: list[asyncio.Task[Any]] = []  # those that run as long as the server
+        # Those started by an event (a SIGHUP's reload, a scaler's stop): each forgets itself
+        # when done, so a thousand SIGHUPs leave nothing behind.
+        self._pending: set[asyncio.Task[Any]] = set()
         self._exit = contextlib.ExitStack()
         self._draining_since: dict[Backend, float] = {}
         self.autoscaler: Autoscaler | None = None
@@ -383,17 +399,29 @@ class Runtime:
         if self.server is not None:
             self.server.pool.refresh()
 
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` in a task that stop() cancels and that is forgotten once done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     def _reload_soon(self) -> None:
         log.info("SIGHUP: reloading")
-        self._tasks.append(asyncio.get_running_loop().create_task(self.reload()))
+        self._spawn(self.reload())
 
     def _watched(self) -> set[Path]:
+        """Every file doproxy reads, so a change to any of them reloads (and nothing else)."""
+        s = self.settings
         files = set()
         if self.config_file is not None:
             files.add(self.config_file.resolve())
-        files.add(resolve_in(self.base, self.settings.inventory_file))
-        if self.settings.https:
-            files |= tls_files(self.settings, self.base)
+        files.add(resolve_in(self.base, s.inventory_file))
+        if s.https:
+            files |= tls_files(s, self.base)
+        files |= {resolve_in(self.base, name) for name in s.error_pages.values()}
+        if s.provisioning.enable and provider_kind(s) == "digitalocean":
+            do = s.do_provisioner
+            files |= {resolve_in(self.base, f) for f in (do.token_file, do.user_data) if f}
         return files
 
     async def _watch(self, ready: asyncio.Event) -> None:
@@ -405,13 +433,18 @@ class Runtime:
             # yield_on_timeout: an empty batch tells us the watcher runs, so start() can wait
             # for it, and a change made while it was starting is still seen (by signature).
             async for changes in watchfiles.awatch(
-                *folders, debounce=50, step=20, yield_on_timeout=True, rust_timeout=200
+                *folders,
+                watch_filter=_only(names),
+                debounce=50,
+                step=20,
+                yield_on_timeout=True,
+                rust_timeout=200,
             ):
                 if not ready.is_set():
                     ready.set()
                     if _signatures(files) != before:
                         await self.reload()
-                if any(p in names for _, p in changes):
+                if changes:  # only the files we read (watch_filter)
                     await self.reload()
                 if self._watched() != files:
                     break  # the config now names other files: watch those
@@ -475,7 +508,7 @@ class Runtime:
         self.reloads += 1
         if scaler is not None and (not settings.provisioning.enable or new_provider is not None):
             self.autoscaler = None
-            self._tasks.append(asyncio.get_running_loop().create_task(scaler.stop()))
+            self._spawn(scaler.stop())
             log.info("autoscaler off")
         if new_provider is not None:
             self.start_autoscaler(new_provider)
@@ -489,9 +522,10 @@ class Runtime:
         return True
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._pending]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.config_file is not None:
