@@ -185,11 +185,11 @@ class Autoscaler:
             if not dry:
                 await asyncio.to_thread(remove_entry, path, str(e.id))
         for e in found.intents_lost:
-            log.warning("reconcile: %s was never created; dropping the intent%s", e.name, _dry(dry))
+            log.info("reconcile: %s was never created; dropping the intent%s", e.name, _dry(dry))
             if not dry:
                 await asyncio.to_thread(drop_intent, path, e.name)
         for _e, m in found.intents_found:
-            log.warning("reconcile: adopting %s (%s), whose creation was interrupted", m.name, m.id)
+            log.info("reconcile: adopting %s (%s), whose creation was interrupted", m.name, m.id)
             if not dry:
                 self._spawn_create(functools.partial(self._adopt, m))
         for m in found.orphans:
@@ -267,7 +267,7 @@ class Autoscaler:
                     acted=acting,
                 )
             )
-            level = logging.INFO if decision.action == "none" else logging.WARNING
+            level = logging.INFO
             log.log(
                 level, "autoscaler: %s%s", decision.reason, _dry(dry and decision.action != "none")
             )
@@ -342,7 +342,7 @@ class Autoscaler:
         except ProvisionTimeout:
             await self._give_up(name)
             raise
-        log.warning("autoscaler: %s (%s) is up at %s", entry.name, entry.id, entry.server_host)
+        log.info("autoscaler: %s (%s) is up at %s", entry.name, entry.id, entry.server_host)
         await rt.reload()
         return entry
 
@@ -367,7 +367,7 @@ class Autoscaler:
     async def _adopt(self, machine: Machine) -> None:
         rt = self.runtime
         entry = await adopt(self.provider, machine, rt.settings, rt.inventory_path, self._timeout())
-        log.warning("autoscaler: adopted %s (%s) at %s", entry.name, entry.id, entry.server_host)
+        log.info("autoscaler: adopted %s (%s) at %s", entry.name, entry.id, entry.server_host)
         await rt.reload()
 
     async def _replace(self, key: str) -> None:
@@ -404,7 +404,7 @@ class Autoscaler:
                 f"disabled: run `doproxy destroy {key}` once {self.provider.kind} answers"
             ) from e
         await asyncio.to_thread(remove_entry, path, key)
-        log.warning("autoscaler: %s (%s) destroyed", entry.name, key)
+        log.info("autoscaler: %s (%s) destroyed", entry.name, key)
         await rt.reload()
 
 

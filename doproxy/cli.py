@@ -10,20 +10,39 @@ from doproxy import __version__, simulate
 from doproxy.errors import ConfigError, DoproxyError, Problem
 
 
+def _global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes, before or after its name.
+
+    The top-level parser gets them with their defaults; each command's parser gets them again
+    with `SUPPRESS` defaults, so `doproxy --config X check` and `doproxy check --config X` both
+    work, and a command's unset option does not overwrite the value given before the command.
+    """
+
+    def default(value: str) -> str:
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("--version", action="version", version=f"doproxy {__version__}")
+    p.add_argument(
+        "--config",
+        default=default("doproxy.toml"),
+        metavar="FILE",
+        help="config file (default: doproxy.toml in the current directory)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=default("info"),
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe log messages shown (default: info)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="doproxy",
         description="A load-balancing HTTP reverse proxy. Without a command it serves, "
-        "as the 2015 doproxy did.",
+        "as the 2015 doproxy did. The options below work before or after the command.",
     )
-    p.add_argument("--version", action="version", version=f"doproxy {__version__}")
-    p.add_argument(
-        "--config",
-        default="doproxy.toml",
-        metavar="FILE",
-        help="config file (default: doproxy.toml in the current directory)",
-    )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _global_options(p, defaults=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("serve", help="run the proxy (the default)")
     d = sub.add_parser(
@@ -39,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="validate the config and the inventory; contacts nothing")
     _machine_commands(sub)
     simulate.add_parser(sub)
+    # Every command, including those other modules define (simulate), takes them after its name.
+    for command in sub.choices.values():
+        _global_options(command, defaults=False)
     return p
 
 

@@ -13,26 +13,40 @@ backend is health-checked at once; a removed one gets no new requests, finishes 
 flight, and its idle connections are closed. Each request reads the pool current when it starts
 (one snapshot per request).
 
+The scaler's provider is rebuilt when what it is made of changed: its `[do-provisioner]` or
+`[local-provisioner]` settings, or the token or user-data read from their files (a rotated
+token-file is a change even when the config is not). The token and user-data files are read,
+and the new provider opened, before anything is applied, so a bad one fails the whole reload
+and the running provider carries on. The scaler itself keeps running (its timers and cooldowns
+stand); from the swap on, every provider call goes to the new provider, and the old one is
+closed once the last call that started on it has returned. A change of provider kind (local
+<-> DigitalOcean) restarts the scaler instead.
+
 A changed `bind` opens the new listener first and then closes the old one, so no connection is
 refused in between; connections accepted on the old one finish normally. Certificates are
 picked per handshake by the listener's SNI callback (CertificateSelector); a reload hands it
 the newly loaded ones, so a renewed, added or removed certificate reaches new handshakes without
 reopening the listener, and open connections keep theirs. Reloads come from SIGHUP and, with
-`watch-config`, from changes to the config file, the inventory and every certificate and key
-file (watched through their folders, so editors that save by rename work).
+`watch-config`, from changes to the files doproxy reads: the config file, the inventory, every
+certificate and key file, the error pages and, with a scaler on DigitalOcean, its token-file and
+user-data file (watched through their folders, so editors that save by rename work). Changes to
+any other file in those folders are filtered out before they reach us (a log file written into
+the config folder must not wake the watcher on every line), and watchfiles' own "N changes
+detected" INFO lines are silenced: logged into such a folder, each would be a change itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import mimetypes
 import os
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,10 +68,16 @@ from doproxy.proxy.server import ProxyServer, make_tls_context
 from doproxy.statistics import StatsCollector
 
 if TYPE_CHECKING:
+    import builtins
+
     from doproxy.autoscaler import Autoscaler
-    from doproxy.provisioning import Provider
+    from doproxy.provisioning import Machine, Provider
 
 log = logging.getLogger(__name__)
+
+# watchfiles logs "N changes detected" at INFO for every batch: with doproxy's log file in a
+# watched folder, that line is itself a change, forever. Its warnings still show.
+logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def build_pool(
@@ -265,6 +285,83 @@ def _signatures(files: set[Path]) -> dict[Path, tuple[int, int] | None]:
     return out
 
 
+def provider_config(settings: Settings, base: Path) -> tuple[object, ...]:
+    """What the scaler's provider is made of, to tell whether a reload changed it.
+
+    For DigitalOcean this reads the token (its file, or the environment) and the user-data
+    file, so it raises ProviderError when either cannot be read. The token is kept only as a
+    digest.
+    """
+    kind = provider_kind(settings)
+    if kind == "local":
+        return (kind, settings.local_provisioner)
+    from doproxy.providers.digitalocean import load_token, read_user_data
+
+    do = settings.do_provisioner
+    token = hashlib.sha256(load_token(do, base, os.environ).encode()).hexdigest()
+    return (kind, do.model_copy(update={"token": ""}), token, read_user_data(do, base))
+
+
+class SwappableProvider:
+    """The scaler's provider, which a reload can replace without stopping the scaler.
+
+    Each call goes to the provider current when the call starts. `swap` makes a new one
+    current and closes the old one as soon as no call that started on it is still running
+    (a create waiting for its machine, say), so nothing in flight loses its connection.
+    """
+
+    def __init__(self, provider: Provider) -> None:
+        self.current = provider
+        self.kind = provider.kind
+        self._busy: dict[int, int] = {}  # id(provider) -> calls in progress on it
+
+    @contextlib.asynccontextmanager
+    async def _using(self) -> AsyncIterator[Provider]:
+        p = self.current
+        self._busy[id(p)] = self._busy.get(id(p), 0) + 1
+        try:
+            yield p
+        finally:
+            self._busy[id(p)] -= 1
+            if not self._busy[id(p)]:
+                del self._busy[id(p)]
+                if p is not self.current:
+                    await p.close()
+
+    async def swap(self, provider: Provider) -> None:
+        old, self.current, self.kind = self.current, provider, provider.kind
+        if id(old) not in self._busy:
+            await old.close()
+
+    async def list(self) -> builtins.list[Machine]:
+        async with self._using() as p:
+            return await p.list()
+
+    async def get(self, machine_id: str) -> Machine:
+        async with self._using() as p:
+            return await p.get(machine_id)
+
+    async def create(self, name: str) -> Machine:
+        async with self._using() as p:
+            return await p.create(name)
+
+    async def destroy(self, machine_id: str) -> None:
+        async with self._using() as p:
+            await p.destroy(machine_id)
+
+    async def reboot(self, machine_id: str) -> None:
+        async with self._using() as p:
+            await p.reboot(machine_id)
+
+    async def close(self) -> None:
+        await self.current.close()
+
+
+def _only(names: set[str]) -> Callable[[watchfiles.Change, str], bool]:
+    """A watchfiles filter that lets through changes to `names` and nothing else."""
+    return lambda _, path: path in names
+
+
 class Runtime:
     def __init__(
         self, settings: Settings, entries: list[InventoryEntry], config_file: Path | None = None
@@ -278,10 +375,15 @@ class Runtime:
         self.checker: HealthChecker | None = None
         self.stats: StatsCollector | None = None
         self.reloads = 0  # successful reloads (tests and the status page read it)
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: list[asyncio.Task[Any]] = []  # those that run as long as the server
+        # Those started by an event (a SIGHUP's reload, a scaler's stop): each forgets itself
+        # when done, so a thousand SIGHUPs leave nothing behind.
+        self._pending: set[asyncio.Task[Any]] = set()
         self._exit = contextlib.ExitStack()
         self._draining_since: dict[Backend, float] = {}
         self.autoscaler: Autoscaler | None = None
+        self.provider: SwappableProvider | None = None  # the scaler's
+        self._provider_config: tuple[object, ...] | None = None  # what it was made of
         self._reload_lock = asyncio.Lock()
 
     async def start(self) -> ProxyServer:
@@ -316,11 +418,18 @@ class Runtime:
         log.info("%d backend(s), balancing %s", len(self.entries), settings.loadbalancing.type)
         return server
 
-    def start_autoscaler(self, provider: Provider | None = None) -> None:
+    def start_autoscaler(
+        self, provider: Provider | None = None, made_of: tuple[object, ...] | None = None
+    ) -> None:
         from doproxy.autoscaler import Autoscaler
 
+        if made_of is None:
+            with contextlib.suppress(ProviderError):
+                made_of = provider_config(self.settings, self.base)
         provider = provider or open_provider(self.settings, self.base)
-        self.autoscaler = Autoscaler(self, provider)
+        self.provider = SwappableProvider(provider)
+        self._provider_config = made_of
+        self.autoscaler = Autoscaler(self, self.provider)
         self.autoscaler.start()
         p = self.settings.provisioning
         log.info(
@@ -388,17 +497,29 @@ class Runtime:
         if self.server is not None:
             self.server.pool.refresh()
 
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` in a task that stop() cancels and that is forgotten once done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
     def _reload_soon(self) -> None:
         log.info("SIGHUP: reloading")
-        self._tasks.append(asyncio.get_running_loop().create_task(self.reload()))
+        self._spawn(self.reload())
 
     def _watched(self) -> set[Path]:
+        """Every file doproxy reads, so a change to any of them reloads (and nothing else)."""
+        s = self.settings
         files = set()
         if self.config_file is not None:
             files.add(self.config_file.resolve())
-        files.add(resolve_in(self.base, self.settings.inventory_file))
-        if self.settings.https:
-            files |= tls_files(self.settings, self.base)
+        files.add(resolve_in(self.base, s.inventory_file))
+        if s.https:
+            files |= tls_files(s, self.base)
+        files |= {resolve_in(self.base, name) for name in s.error_pages.values()}
+        if s.provisioning.enable and provider_kind(s) == "digitalocean":
+            do = s.do_provisioner
+            files |= {resolve_in(self.base, f) for f in (do.token_file, do.user_data) if f}
         return files
 
     async def _watch(self, ready: asyncio.Event) -> None:
@@ -410,13 +531,18 @@ class Runtime:
             # yield_on_timeout: an empty batch tells us the watcher runs, so start() can wait
             # for it, and a change made while it was starting is still seen (by signature).
             async for changes in watchfiles.awatch(
-                *folders, debounce=50, step=20, yield_on_timeout=True, rust_timeout=200
+                *folders,
+                watch_filter=_only(names),
+                debounce=50,
+                step=20,
+                yield_on_timeout=True,
+                rust_timeout=200,
             ):
                 if not ready.is_set():
                     ready.set()
                     if _signatures(files) != before:
                         await self.reload()
-                if any(p in names for _, p in changes):
+                if changes:  # only the files we read (watch_filter)
                     await self.reload()
                 if self._watched() != files:
                     break  # the config now names other files: watch those
@@ -447,16 +573,28 @@ class Runtime:
         error_pages = load_error_pages(settings, self.base)
         # A provider for a scaler that starts now (or whose provider changes): opened before
         # anything is applied, so a missing token fails the reload, not half of it.
+        # Same for a provider whose settings, token or user-data changed: it replaces the
+        # running one, and a token file that cannot be read fails the reload.
         new_provider: Provider | None = None
+        changed_provider: Provider | None = None
+        made_of: tuple[object, ...] | None = None
         scaler = self.autoscaler
-        if settings.provisioning.enable and (
-            scaler is None or provider_kind(settings) != scaler.provider.kind
-        ):
-            new_provider = open_provider(settings, self.base)
+        if settings.provisioning.enable:
+            made_of = provider_config(settings, self.base)
+            if scaler is None or provider_kind(settings) != scaler.provider.kind:
+                new_provider = open_provider(settings, self.base)
+            elif made_of != self._provider_config:
+                changed_provider = open_provider(settings, self.base)
         # Everything is valid: apply.
         if listen_changed:
             tls = None if certificates is None else CertificateSelector(certificates)
-            await server.rebind(settings.bind, None if tls is None else tls.context)
+            try:
+                await server.rebind(settings.bind, None if tls is None else tls.context)
+            except BaseException:
+                for unused in (new_provider, changed_provider):
+                    if unused is not None:
+                        await unused.close()
+                raise
             self.tls = tls
             for host, port in server.addresses:
                 log.info("now listening on %s:%d (%s)", host, port, "https" if tls else "http")
@@ -480,10 +618,16 @@ class Runtime:
         self.reloads += 1
         if scaler is not None and (not settings.provisioning.enable or new_provider is not None):
             self.autoscaler = None
-            self._tasks.append(asyncio.get_running_loop().create_task(scaler.stop()))
+            self._spawn(scaler.stop())
             log.info("autoscaler off")
+        if scaler is None or new_provider is not None or not settings.provisioning.enable:
+            self.provider = None
         if new_provider is not None:
-            self.start_autoscaler(new_provider)
+            self.start_autoscaler(new_provider, made_of)
+        if changed_provider is not None and self.provider is not None:
+            await self.provider.swap(changed_provider)
+            self._provider_config = made_of
+            log.info("autoscaler: %s provider reconfigured", changed_provider.kind)
         log.info(
             "reloaded: %d backend(s) (%d new, %d removed), balancing %s",
             len(pool.backends),
@@ -494,9 +638,10 @@ class Runtime:
         return True
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._pending]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.config_file is not None:

@@ -6,7 +6,9 @@ them into what the balancers, the autoscaler and the status page read:
 
 - per backend: a latency EWMA whose decay is `[backend] latency-average-seconds` (the 2015
   doproxy's "round-trip timing"), a failure-rate EWMA, in flight and totals;
-- for the pool: a request-weighted latency EWMA, and p95 over a sliding window.
+- for the pool: a request-weighted latency EWMA, and p95 over a sliding window (one quantile
+  sketch per second, see doproxy.core.stats.WindowedQuantile: no sample list is kept or sorted,
+  so a tick costs the same few milliseconds whatever the window holds).
 
 A second without requests leaves every average where it was (the Go version pulled it toward
 zero). The statistics belong to the Backend objects, so they survive a reload of the config.
@@ -16,11 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from doproxy.core.stats import Ewma, percentile
+from doproxy.core.stats import Ewma, WindowedQuantile
 from doproxy.proxy.backend import Backend, Pool
 
 TICK = 1.0  # seconds between aggregations
@@ -43,9 +44,9 @@ class PoolSignal:
     """What the autoscaler reads: the pool's latency as users see it."""
 
     latency: Ewma  # request-weighted over all backends
+    window: WindowedQuantile  # latency samples of the last window-seconds
     p95: float = 0.0  # over the sliding window
     requests_per_second: float = 0.0
-    window: deque[list[float]] = field(default_factory=deque)
 
 
 class StatsCollector:
@@ -59,8 +60,10 @@ class StatsCollector:
         self._pool = pool
         self.tau = average_seconds
         self.stats: dict[Backend, BackendStats] = {}
-        self.signal = PoolSignal(latency=Ewma(tau=average_seconds))
-        self.signal.window = deque(maxlen=max(int(window_seconds / TICK), 1))
+        self.signal = PoolSignal(
+            latency=Ewma(tau=average_seconds),
+            window=WindowedQuantile(max(int(window_seconds / TICK), 1)),
+        )
         self._rng = rng or random.Random()
 
     def tick(self, now: float) -> None:
@@ -101,8 +104,8 @@ class StatsCollector:
         pool.samples = []
         if len(samples) > SAMPLES_PER_TICK:
             samples = self._rng.sample(samples, SAMPLES_PER_TICK)
-        sig.window.append(samples)
-        sig.p95 = percentile([s for second in sig.window for s in second], 0.95)
+        sig.window.add_tick(samples)
+        sig.p95 = sig.window.quantile(0.95)
 
     async def run(self, clock: Callable[[], float]) -> None:
         while True:

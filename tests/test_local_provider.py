@@ -431,3 +431,30 @@ async def test_unmarked_and_foreign_processes_are_never_signalled(
         for p in (unmarked, foreign):
             p.kill()
             p.wait()
+
+
+@pytest.mark.timeout(30)
+async def test_proc_scans_run_in_a_thread_not_on_the_event_loop(
+    make_provider: MakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scanning /proc blocks (milliseconds per few hundred processes): never on the loop."""
+    import threading
+
+    real_scan = local.scan
+    threads: list[threading.Thread] = []
+
+    def recording_scan() -> list[local.Proc]:
+        threads.append(threading.current_thread())
+        return real_scan()
+
+    monkeypatch.setattr(local, "scan", recording_scan)
+    provider = make_provider()
+    await provider.create("scanned-1")
+    await active(provider, "scanned-1")
+    assert [m.name for m in await provider.list()] == ["scanned-1"]
+    await provider.reboot("scanned-1")
+    await provider.destroy("scanned-1")
+    with pytest.raises(MachineNotFound):
+        await provider.get("scanned-1")
+    assert len(threads) >= 6
+    assert threading.main_thread() not in threads

@@ -218,3 +218,73 @@ async def test_renewed_certificate_is_served_without_restart(
     after = await served_cert()
     assert before != after
     assert after == ssl.PEM_cert_to_DER_cert(second.cert_chain_pems[0].bytes().decode())
+
+
+@pytest.mark.timeout(30)
+async def test_a_log_file_in_the_config_folder_causes_no_reload_and_no_log_flood(
+    make_runtime: MakeRuntime, two_backends: tuple[RawBackend, RawBackend], tmp_path: Path
+) -> None:
+    """doproxy's log file beside its config: each line written is a change in a watched folder.
+    It must neither reload nor make the watcher log (which would be a change again, forever)."""
+    import asyncio
+
+    b1, _ = two_backends
+    log_file = tmp_path / "doproxy.log"
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        rt = await make_runtime(config(), inventory(b1.port))
+        other = tmp_path / "access.log"
+        with other.open("a") as f:
+            for i in range(40):  # another writer in the folder too, for a second
+                f.write(f"line {i}\n")
+                f.flush()
+                logging.getLogger("app").info("working %d", i)
+                await asyncio.sleep(0.025)
+        # A real change still reloads, exactly once: the watcher is alive and saw no other.
+        (tmp_path / "inventory.toml").write_text(inventory(b1.port))
+        await wait_for(lambda: rt.reloads == 1)
+        await asyncio.sleep(0.5)  # time for a feedback loop to show itself, were there one
+        assert rt.reloads == 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+    lines = log_file.read_text().splitlines()
+    assert not [line for line in lines if line.startswith("watchfiles")], lines[:5]
+    assert len(lines) < 60, lines[-5:]
+
+
+@pytest.mark.timeout(30)
+async def test_sighups_leave_no_task_behind(
+    make_runtime: MakeRuntime, two_backends: tuple[RawBackend, RawBackend]
+) -> None:
+    b1, _ = two_backends
+    rt = await make_runtime(config(watch=False), inventory(b1.port))
+    long_lived = len(rt._tasks)
+    for i in range(50):
+        os.kill(os.getpid(), signal.SIGHUP)
+        await wait_for(lambda n=i + 1: rt.reloads == n)  # type: ignore[misc]
+    await wait_for(lambda: not rt._pending)
+    assert len(rt._tasks) == long_lived
+
+
+@pytest.mark.timeout(30)
+async def test_an_edited_error_page_reloads(
+    make_runtime: MakeRuntime, two_backends: tuple[RawBackend, RawBackend], tmp_path: Path
+) -> None:
+    b1, _ = two_backends
+    (tmp_path / "pages").mkdir()
+    page = tmp_path / "pages" / "502.html"
+    page.write_text("<p>old</p>")
+    rt = await make_runtime(
+        config(extra='[error-pages]\n502 = "pages/502.html"'), inventory(b1.port)
+    )
+    assert rt.server is not None
+    save_by_rename(page, "<p>new</p>")
+    await wait_for(lambda: rt.reloads == 1)
+    assert rt.server.error_pages[502][1] == b"<p>new</p>"

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
 from doproxy.app import build_pool
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
+from doproxy.core.stats import percentile
 from doproxy.proxy.backend import Pool
-from doproxy.statistics import StatsCollector
+from doproxy.statistics import SAMPLES_PER_TICK, StatsCollector
 from tests.conftest import StartProxy, port_of
 from tests.support import Client, RawBackend, get
 
@@ -69,15 +71,55 @@ def test_p95_over_a_sliding_window() -> None:
     st = StatsCollector(lambda: pool, 30, window_seconds=3, rng=random.Random(1))
     pool.samples = [0.01] * 95 + [1.0] * 5
     st.tick(1.0)
-    assert st.signal.p95 == pytest.approx(0.01)
+    assert st.signal.p95 == pytest.approx(0.01, rel=0.01)
     pool.samples = [1.0] * 100
     st.tick(2.0)
-    assert st.signal.p95 == 1.0
+    assert st.signal.p95 == pytest.approx(1.0, rel=0.01)
     for t in (3.0, 4.0, 5.0):
         pool.samples = [0.02] * 100
         st.tick(t)
     # The slow second has left the 3 s window.
-    assert st.signal.p95 == pytest.approx(0.02)
+    assert st.signal.p95 == pytest.approx(0.02, rel=0.01)
+
+
+def test_p95_is_within_one_percent_of_the_exact_one() -> None:
+    rng = random.Random(7)
+    pool = make_pool(1)
+    st = StatsCollector(lambda: pool, 30, window_seconds=60, rng=random.Random(1))
+    seen: list[float] = []
+    for t in range(60):
+        pool.samples = [rng.lognormvariate(-3, 1) * (1 + t / 30) for _ in range(500)]
+        seen += pool.samples
+        st.tick(float(t))
+    assert st.signal.p95 == pytest.approx(percentile(seen, 0.95), rel=0.01)
+    assert st.signal.window.count == 60 * 500
+
+
+def _tick_cpu(st: StatsCollector, pool: Pool, samples: list[float]) -> float:
+    best = float("inf")
+    for _ in range(5):
+        pool.samples = list(samples)
+        start = time.process_time()
+        st.tick(0.0)
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def test_a_full_window_costs_a_tick_no_more_than_an_empty_one_does_much() -> None:
+    """The p95 is no sort of the whole window (120k samples at 2,000 req/s took 36 ms of the
+    event loop every second): a tick's cost barely depends on what the window holds."""
+    rng = random.Random(3)
+    samples = [rng.lognormvariate(-3, 1) for _ in range(SAMPLES_PER_TICK)]
+    pool = make_pool(1)
+    empty = StatsCollector(lambda: pool, 30, window_seconds=1)
+    first = _tick_cpu(empty, pool, samples)
+    full = StatsCollector(lambda: pool, 30, window_seconds=60)
+    for t in range(60):
+        pool.samples = [rng.lognormvariate(-3, 1) for _ in range(SAMPLES_PER_TICK)]
+        full.tick(float(t))
+    busy = _tick_cpu(full, pool, samples)
+    # Sorting made it ~60x; merging 60 sketches is ~2-3x.
+    assert busy < 10 * first, (busy, first)
 
 
 def test_removed_backends_are_forgotten() -> None:

@@ -9,9 +9,19 @@ This module is part of the pure core: it parses values, it never reads files or 
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from doproxy.core.durations import parse_duration
 from doproxy.core.forwarding import IPNetwork, parse_networks
@@ -81,6 +91,16 @@ class BackendSettings(Section):
     disable_health_check: bool = False
 
 
+def _loopback(host: str) -> bool:
+    """Is `host` this machine (localhost, 127.0.0.0/8, ::1)? No name is looked up."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class DOProvisioner(Section):
     enable: bool = False
     token: str = Field("", repr=False)
@@ -97,9 +117,31 @@ class DOProvisioner(Section):
     monitoring: bool = False
     ipv6: bool = False
     token_file: str = ""  # read when `token` is empty; then the DIGITALOCEAN_TOKEN variable
+    # http:// sends the token in clear text: only to this machine (a test double, a local
+    # mock), unless this says the network in between is trusted. Before api-url: its validator
+    # reads it.
+    allow_insecure_api_url: bool = False
     api_url: str = "https://api.digitalocean.com"
     create_timeout: PositiveDuration = 300.0  # a droplet must be active within this
     poll_interval: PositiveDuration = 2.0  # between status polls while waiting
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str, info: ValidationInfo) -> str:
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"{value!r} must be an http:// or https:// URL")
+        if (
+            url.scheme == "http"
+            and not _loopback(url.hostname)
+            and not info.data.get("allow_insecure_api_url", False)
+        ):
+            raise ValueError(
+                f"{value!r} would send the API token in clear text to {url.hostname}: use "
+                "https://, or set allow-insecure-api-url = true if the network is trusted "
+                "(http:// to 127.0.0.1, ::1 or localhost is always allowed)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _tags(self) -> DOProvisioner:

@@ -49,7 +49,8 @@ were reused in between. A machine already gone is not an error.
 `reboot()` stops the machine and starts it again with the same name, port and tags, and returns
 when it answers its health path again (within `boot-timeout`).
 
-Scanning /proc is synchronous: a few milliseconds for a few hundred processes.
+Scanning /proc is synchronous (a few milliseconds for a few hundred processes, more on a busy
+host): every scan runs in a worker thread (asyncio.to_thread), never on the event loop.
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ def _reap() -> None:
         status = popen.poll()
         if status is None:
             continue
-        del _children[pid]
+        if _children.pop(pid, None) is None:
+            continue  # reaped by a scan in another thread meanwhile
         if name in _stopping:
             log.debug("local machine %s (pid %d) exited with status %d", name, pid, status)
         else:
@@ -358,13 +360,13 @@ class LocalProvider:
     # -- Provider ---------------------------------------------------------------------------
 
     async def list(self) -> list[Machine]:
-        groups = self._groups(scan())
+        groups = self._groups(await asyncio.to_thread(scan))
         names = sorted(groups)
         statuses = await asyncio.gather(*(self._status(groups[n]) for n in names))
         return [self._machine(groups[n], s) for n, s in zip(names, statuses, strict=True)]
 
     async def get(self, machine_id: str) -> Machine:
-        procs = self._groups(scan()).get(machine_id)
+        procs = self._groups(await asyncio.to_thread(scan)).get(machine_id)
         if not procs:
             raise MachineNotFound(f"no local process {machine_id!r} with tags {self.tags}")
         return self._machine(procs, await self._status(procs))
@@ -374,7 +376,7 @@ class LocalProvider:
             raise ProviderError(f"{name!r} is not a valid machine name (letters, digits, .-_)")
         host = self.settings.host
         async with _ports_locked(self.settings.boot_timeout):
-            procs = scan()
+            procs = await asyncio.to_thread(scan)
             existing = self._groups(procs).get(name)
             if existing:  # idempotent by name: an earlier attempt did start it
                 port = pid = 0
@@ -401,7 +403,7 @@ class LocalProvider:
         await self._stop(machine_id)
 
     async def reboot(self, machine_id: str) -> None:
-        procs = self._groups(scan()).get(machine_id)
+        procs = self._groups(await asyncio.to_thread(scan)).get(machine_id)
         if not procs:
             raise MachineNotFound(f"no local process {machine_id!r} with tags {self.tags}")
         main = _leader(procs)
@@ -554,7 +556,7 @@ class LocalProvider:
         _stopping.add(name)
         try:
             while True:
-                procs = self._groups(scan()).get(name, [])
+                procs = self._groups(await asyncio.to_thread(scan)).get(name, [])
                 if not procs and all(_exited(pid, ticks) for pid, ticks in termed.items()):
                     if termed:
                         log.info("stopped local machine %s", name)
