@@ -630,3 +630,16 @@ def test_scale_down_waits_for_the_highest_size_wanted_in_the_stabilisation_windo
 def test_min_backends_below_1_is_refused() -> None:
     with pytest.raises(ValueError, match=r"min-backends \(0\) must be at least 1"):
         Provisioning.model_validate({"min-backends": 0, "max-backends": 2})
+
+
+def test_max_health_failures_is_seconds_of_failure_whatever_the_check_interval() -> None:
+    """180 means 3 minutes (Go checked every second), with checks every 2 s while down."""
+    from doproxy.core.health import Health
+
+    h = Health(rise=2, fall=5)
+    for t in range(0, 182, 2):
+        h.record(False, 1000.0 + t)
+    assert h.failures == 91  # far from 180 checks...
+    assert h.failing_for(1000.0 + 178) < 180 <= h.failing_for(1000.0 + 180)  # ...but 3 minutes
+    h.record(True, 1182.0)  # one pass ends the run
+    assert h.failing_for(1200.0) == 0.0
