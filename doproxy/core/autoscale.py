@@ -5,10 +5,11 @@ Theory of operation
 Every `interval` the autoscaler task (doproxy/autoscaler.py) measures the pool and calls
 `decide(observation, policy, state)`. The answer is one `Decision` (do nothing, scale up, scale
 down, or replace failing backends) and the next `ScalerState`, which remembers only what the
-policy needs between calls: when the current "slow" or "fast" streak began, when the pool was
-last scaled up and down, and the last reason (so a change of reason is recorded once, not
-every five seconds). No clock, no I/O: `now` arrives inside the observation, so the same inputs
-always give the same decision, and the tests run without an event loop.
+policy needs between calls: the latency observed since the last scale action (for the
+windows), the sizes wanted lately (for the stabilisation window), when the pool was last scaled
+up and down, and the last reason (so a change of reason is recorded once, not every five
+seconds). No clock, no I/O: `now` arrives inside the observation, so the same inputs always give
+the same decision, and the tests run without an event loop.
 
 The pool size is `serving + provisioning - replacing`: every machine that takes part in the
 pool (up or down) plus every machine being created, a replacement and the machine it replaces
@@ -16,26 +17,42 @@ counted once. Draining victims no longer count. Because booting machines count, 
 never repeated while the first one boots, and no decision ever takes the size above
 `max-backends` or (by a scale-down) below `min-backends`.
 
+The windows (the 2015 config's meaning of upscale-time and downscale-time): each observation
+covers the time since the previous one, and the signal is the time-weighted mean latency over
+the last `upscale-time` (for scaling up) and the last `downscale-time` (for scaling down). A
+window acts only once it holds that much observed time; a scale action and an idle interval
+under `idle = "hold"` empty both, so the next action needs a whole window of the new pool. An
+unbroken run of slow intervals is not needed: 80 % slow intervals with a mean of 690 ms scale up
+after upscale-time, where the old "streak" rule waited hours.
+
 The decision, in order of precedence:
 
 1. size < min-backends: scale up to min-backends at once (no waiting, no cooldown).
 2. size > max-backends (the limit was lowered): scale down to max-backends at once.
-3. failing backends (failed `max-health-failures` health checks in a row): replace them, at most
-   `max-step` replacements in flight. The task creates the new machine first and destroys the
-   old one once the new one serves.
+3. failing backends (failing every health check for `max-health-failures` seconds; the task
+   decides which): replace them, at most `max-step` replacements in flight. The task creates
+   the new machine first and destroys the old one once the new one serves.
 4. idle pool (no request completed, or fewer than `min-requests` per second): `idle = "hold"`
-   keeps the size and restarts both streaks; `idle = "scale-down"` counts as fast.
-5. the mode's signal, each interval either "slow", "fast" or neither:
-   - threshold: slow when latency > upscale-latency, fast when latency < downscale-latency;
-   - target: desired = ceil(n * latency / target-latency) with n the working backends
-     (serving minus failing); slow when desired > size, fast when desired < size.
-   A streak starts at the first slow (fast) observation and ends at the first one that is not.
-   Scale up when the slow streak has lasted upscale-time, upscale-every has passed since the
-   last scale-up, and (threshold mode) no new machine is still booting. Scale down when the
-   fast streak has lasted downscale-time, downscale-every has passed since the last scale-down
-   *and since the last scale-up*, and nothing is booting. A scale action restarts both streaks.
+   keeps the size and empties the windows; `idle = "scale-down"` counts the interval as one
+   where nobody waited (latency 0).
+5. the mode's signal:
+   - threshold: slow when the upscale window's mean > upscale-latency, fast when the downscale
+     window's mean < downscale-latency;
+   - target: desired = ceil(n * mean / target-latency) with n the working backends (serving
+     minus failing), or the current size while mean / target-latency is within `tolerance`
+     of 1 (Kubernetes' HPA band, 0.1); slow when desired > size, fast when desired < size.
+   Scale up when the upscale window is full, upscale-every has passed since the last
+   scale-up, and (threshold mode) no new machine is still booting. Scale down when the
+   downscale window is full, the stabilisation window allows it, downscale-every has passed
+   since the last scale-down *and since the last scale-up*, and nothing is booting.
    Step: threshold mode adds or removes `max-step` machines; target mode moves toward desired
    by at most `max-step`. Both stop at min-backends and max-backends.
+
+The stabilisation window (`downscale-stabilization`, default downscale-time), from Kubernetes'
+HPA: every decision whose windows are full records the size it wants (the higher of what the
+upscale window and the downscale window ask for), and a scale-down goes only to the highest
+size wanted within the window. A pool that wanted more a few minutes ago, or whose recent
+latency disagrees with the long average, keeps its size.
 
 Why downscale-every also counts from the last scale-up: latency is a poor measure of spare
 capacity (it stays flat until a backend nears saturation), so a pool that was just scaled up
@@ -78,8 +95,8 @@ class Observation:
     provisioning: int = 0
     # Victims being drained: they no longer count.
     draining: int = 0
-    # Keys of our backends that failed >= max-health-failures consecutive checks and are not
-    # being replaced already.
+    # Keys of our backends that have failed every health check for max-health-failures seconds
+    # and are not being replaced already.
     failing: tuple[str, ...] = ()
     # Of the `provisioning` machines, those that replace a failing one still in `serving`: the
     # pair counts once.
