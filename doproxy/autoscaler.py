@@ -235,7 +235,9 @@ class Autoscaler:
             b.key
             for b in backends
             if b.entry.state == "active"
-            and b.health.failures >= limit
+            # Failing for max-health-failures seconds (Go checked once a second), whatever
+            # the check interval.
+            and b.health.failing_for(now) >= limit
             and managed_by(b.entry, self.provider.kind)
             and b.key not in self.retiring
         )

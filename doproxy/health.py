@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -144,10 +145,13 @@ class HealthChecker:
         settings: Settings,
         sink: Sink,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.sink = sink
         self.rng = rng or random.Random()
+        # The time of each check, kept on the health state (the autoscaler's clock too).
+        self.clock = clock
         self._tasks: dict[Backend, asyncio.Task[None]] = {}
 
     def watch(self, backends: list[Backend]) -> None:
@@ -175,12 +179,13 @@ class HealthChecker:
         first = True
         while True:
             problem = await probe(target, timeout, h.expect_status, h.body_match)
+            now = self.clock()
             if first and problem and health.up:
-                health.record(False)
+                health.record(False, now)
                 health.state = State.DOWN  # a new backend that fails its first check is out
                 changed: State | None = State.DOWN
             else:
-                changed = health.record(not problem)
+                changed = health.record(not problem, now)
             first = False
             if changed is not None:
                 if changed is State.DOWN:

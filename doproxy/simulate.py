@@ -34,6 +34,7 @@ so a run is reproducible.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import random
@@ -165,6 +166,30 @@ def workload(name: str, duration: float, rng: random.Random) -> Workload:
 
         return Workload(name, noisy, 1.2)
     raise ValueError(f"unknown workload {name!r}; one of {', '.join(WORKLOADS)}")
+
+
+def steady_phases(name: str, duration: float) -> list[tuple[float, float]]:
+    """The spans of a workload over which its load does not change course: (start, end)."""
+    d = duration
+    if name == "step":
+        return [(0.0, d / 9), (d / 9, d / 2), (d / 2, d)]
+    if name == "ramp":
+        return [(0.0, d / 12), (d / 12, d / 2), (d / 2, 11 * d / 12), (11 * d / 12, d)]
+    if name == "spike":
+        return [(0.0, 0.6 * d), (0.6 * d, 0.6 * d + d / 6), (0.6 * d + d / 6, d)]
+    return [(0.0, d)]
+
+
+def direction_changes(res: Result, phases: Sequence[tuple[float, float]]) -> list[int]:
+    """Per phase, how often a scale action went the other way from the one before it in that
+    phase: 0 or 1 is a policy that settles, more is flapping."""
+    out = []
+    for start, end in phases:
+        dirs = [
+            d.action for d in res.actions if start <= d.now < end and d.action in ("up", "down")
+        ]
+        out.append(sum(a != b for a, b in itertools.pairwise(dirs)))
+    return out
 
 
 @dataclass
@@ -361,6 +386,8 @@ def summary(res: Result) -> str:
     ups = sum(d.action == "up" for d in res.decisions)
     downs = sum(d.action == "down" for d in res.decisions)
     lost = 100.0 * res.dropped / res.offered_total if res.offered_total else 0.0
+    changes = direction_changes(res, steady_phases(res.workload, res.duration))
+    lines.append(f"  direction changes per phase of the workload: {', '.join(map(str, changes))}")
     lines.append(
         f"  result: {ups} scale-up(s), {downs} scale-down(s); max latency "
         f"{res.max_latency * 1000:.0f} ms; above {_limit(res.policy) * 1000:g} ms for "

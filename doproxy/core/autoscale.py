@@ -5,10 +5,11 @@ Theory of operation
 Every `interval` the autoscaler task (doproxy/autoscaler.py) measures the pool and calls
 `decide(observation, policy, state)`. The answer is one `Decision` (do nothing, scale up, scale
 down, or replace failing backends) and the next `ScalerState`, which remembers only what the
-policy needs between calls: when the current "slow" or "fast" streak began, when the pool was
-last scaled up and down, and the last reason (so a change of reason is recorded once, not
-every five seconds). No clock, no I/O: `now` arrives inside the observation, so the same inputs
-always give the same decision, and the tests run without an event loop.
+policy needs between calls: the latency observed since the last scale action (for the
+windows), the sizes wanted lately (for the stabilisation window), when the pool was last scaled
+up and down, and the last reason (so a change of reason is recorded once, not every five
+seconds). No clock, no I/O: `now` arrives inside the observation, so the same inputs always give
+the same decision, and the tests run without an event loop.
 
 The pool size is `serving + provisioning - replacing`: every machine that takes part in the
 pool (up or down) plus every machine being created, a replacement and the machine it replaces
@@ -16,26 +17,42 @@ counted once. Draining victims no longer count. Because booting machines count, 
 never repeated while the first one boots, and no decision ever takes the size above
 `max-backends` or (by a scale-down) below `min-backends`.
 
+The windows (the 2015 config's meaning of upscale-time and downscale-time): each observation
+covers the time since the previous one, and the signal is the time-weighted mean latency over
+the last `upscale-time` (for scaling up) and the last `downscale-time` (for scaling down). A
+window acts only once it holds that much observed time; a scale action and an idle interval
+under `idle = "hold"` empty both, so the next action needs a whole window of the new pool. An
+unbroken run of slow intervals is not needed: 80 % slow intervals with a mean of 690 ms scale up
+after upscale-time, where the old "streak" rule waited hours.
+
 The decision, in order of precedence:
 
 1. size < min-backends: scale up to min-backends at once (no waiting, no cooldown).
 2. size > max-backends (the limit was lowered): scale down to max-backends at once.
-3. failing backends (failed `max-health-failures` health checks in a row): replace them, at most
-   `max-step` replacements in flight. The task creates the new machine first and destroys the
-   old one once the new one serves.
+3. failing backends (failing every health check for `max-health-failures` seconds; the task
+   decides which): replace them, at most `max-step` replacements in flight. The task creates
+   the new machine first and destroys the old one once the new one serves.
 4. idle pool (no request completed, or fewer than `min-requests` per second): `idle = "hold"`
-   keeps the size and restarts both streaks; `idle = "scale-down"` counts as fast.
-5. the mode's signal, each interval either "slow", "fast" or neither:
-   - threshold: slow when latency > upscale-latency, fast when latency < downscale-latency;
-   - target: desired = ceil(n * latency / target-latency) with n the working backends
-     (serving minus failing); slow when desired > size, fast when desired < size.
-   A streak starts at the first slow (fast) observation and ends at the first one that is not.
-   Scale up when the slow streak has lasted upscale-time, upscale-every has passed since the
-   last scale-up, and (threshold mode) no new machine is still booting. Scale down when the
-   fast streak has lasted downscale-time, downscale-every has passed since the last scale-down
-   *and since the last scale-up*, and nothing is booting. A scale action restarts both streaks.
+   keeps the size and empties the windows; `idle = "scale-down"` counts the interval as one
+   where nobody waited (latency 0).
+5. the mode's signal:
+   - threshold: slow when the upscale window's mean > upscale-latency, fast when the downscale
+     window's mean < downscale-latency;
+   - target: desired = ceil(n * mean / target-latency) with n the working backends (serving
+     minus failing), or the current size while mean / target-latency is within `tolerance`
+     of 1 (Kubernetes' HPA band, 0.1); slow when desired > size, fast when desired < size.
+   Scale up when the upscale window is full, upscale-every has passed since the last
+   scale-up, and (threshold mode) no new machine is still booting. Scale down when the
+   downscale window is full, the stabilisation window allows it, downscale-every has passed
+   since the last scale-down *and since the last scale-up*, and nothing is booting.
    Step: threshold mode adds or removes `max-step` machines; target mode moves toward desired
    by at most `max-step`. Both stop at min-backends and max-backends.
+
+The stabilisation window (`downscale-stabilization`, default downscale-time), from Kubernetes'
+HPA: every decision whose windows are full records the size it wants (the higher of what the
+upscale window and the downscale window ask for), and a scale-down goes only to the highest
+size wanted within the window. A pool that wanted more a few minutes ago, or whose recent
+latency disagrees with the long average, keeps its size.
 
 Why downscale-every also counts from the last scale-up: latency is a poor measure of spare
 capacity (it stays flat until a backend nears saturation), so a pool that was just scaled up
@@ -50,7 +67,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from doproxy.core.settings import Provisioning
@@ -78,8 +95,8 @@ class Observation:
     provisioning: int = 0
     # Victims being drained: they no longer count.
     draining: int = 0
-    # Keys of our backends that failed >= max-health-failures consecutive checks and are not
-    # being replaced already.
+    # Keys of our backends that have failed every health check for max-health-failures seconds
+    # and are not being replaced already.
     failing: tuple[str, ...] = ()
     # Of the `provisioning` machines, those that replace a failing one still in `serving`: the
     # pair counts once.
@@ -95,14 +112,21 @@ class Observation:
 class ScalerState:
     """What the decision remembers between calls. Start with `ScalerState()`."""
 
-    high_since: float | None = None  # start of the current "slow" streak
-    low_since: float | None = None  # start of the current "fast" streak
     last_up: float | None = None  # time of the last latency scale-up
     last_down: float | None = None  # time of the last latency scale-down
     last_kind: str = ""  # kind of the previous decision: a change is notable
     # Keys this scaler ordered replaced that are still reported failing: a safety net, so a key
     # is not replaced twice even if the task keeps reporting it while its replacement boots.
     replaced: tuple[str, ...] = ()
+    # The latency observed since the last scale action or idle interval, oldest first, as
+    # (end, latency, seconds covered): the windows' averages are taken over these. Only what
+    # the longer of upscale-time and downscale-time still needs is kept.
+    samples: tuple[tuple[float, float, float], ...] = ()
+    # The sizes the signal asked for over the downscale-stabilization window, as (time, size):
+    # a sliding-window maximum, so only entries that can still be the maximum are kept (sizes
+    # strictly decreasing from oldest to newest); a handful at most.
+    wanted: tuple[tuple[float, int], ...] = ()
+    seen: float | None = None  # time of the previous observation: what the next one covers
 
 
 @dataclass(frozen=True)
@@ -112,17 +136,52 @@ class Decision:
     replace: tuple[str, ...]  # keys of failing backends to replace (create new, destroy old)
     size_before: int
     size_after: int
-    # e.g. "scale up 2→3: latency 612 ms > 500 ms for 3m05s; last scale-up 41 min ago"
+    # e.g. "scale up 2→3: mean latency 612 ms > 500 ms over 3m; last scale-up 41 min ago"
     reason: str
     # Worth recording in the history: every action, and every change to a reason that stops
     # an action (at max-backends, a cooldown, idle).
     notable: bool
     # A stable name for the reason: scale-up, scale-down, below-min, above-max, replace,
-    # steady, slow, fast, booting, at-max, at-min, cooldown-up, cooldown-down, idle.
+    # steady, slow, fast, stabilizing, booting, at-max, at-min, cooldown-up, cooldown-down,
+    # idle.
     kind: str = ""
     now: float = 0.0
-    latency: float | None = None
+    latency: float | None = None  # this interval's latency, as observed
     desired: int | None = None  # target mode: the size the latency asks for
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The time-weighted mean latency over one window, and how much of it was observed."""
+
+    length: float
+    mean: float | None
+    covered: float
+
+    @property
+    def full(self) -> bool:
+        return self.mean is not None and self.covered >= self.length - 1e-6
+
+    def words(self) -> str:
+        """ "over 3m", or "over 1m05s of 3m" while the window fills."""
+        if self.full:
+            return f"over {span(self.length)}"
+        return f"over {span(self.covered)} of {span(self.length)}"
+
+
+def _window(samples: Sequence[tuple[float, float, float]], now: float, length: float) -> _Window:
+    """Time-weighted mean of the samples over (now - length, now]: each sample's latency
+    weighs the seconds of its interval that fall inside the window."""
+    start = now - length
+    total = covered = 0.0
+    for end, latency, seconds in reversed(samples):
+        if end <= start:
+            break
+        part = min(end, now) - max(end - seconds, start)
+        if part > 0:
+            total += latency * part
+            covered += part
+    return _Window(length, total / covered if covered > 0 else None, covered)
 
 
 def decide(
@@ -131,6 +190,7 @@ def decide(
     """One decision for one observation. Pure: same inputs, same outputs."""
     now = obs.now
     size = obs.size
+    lo, hi = policy.min_backends, policy.max_backends
     # The safety net for replacements: forget a key once it stops failing (it was retired or
     # it recovered) or once nothing is being created any more (its replacement failed, so it
     # may be ordered again).
@@ -138,19 +198,37 @@ def decide(
     in_flight = min(max(obs.replacing, len(replaced)), obs.provisioning)
     booting = obs.provisioning - in_flight  # new machines (scale-ups), not replacements
 
+    # This interval covers the time since the previous observation.
+    covers = max(now - state.seen, 0.0) if state.seen is not None else policy.interval
+    idle, idle_words = _idle(obs, policy)
+    if idle and policy.idle == "hold":
+        samples: tuple[tuple[float, float, float], ...] = ()  # the windows start over
+    else:
+        # idle = "scale-down": an idle interval counts as one where nobody waited.
+        value = 0.0 if idle or obs.latency is None else obs.latency
+        keep = now - max(policy.upscale_time, policy.downscale_time)
+        samples = (*tuple(s for s in state.samples if s[0] > keep), (now, value, covers))
+    up = _window(samples, now, policy.upscale_time)
+    down = _window(samples, now, policy.downscale_time)
+
     # Backends that serve nothing: failing ones, and those whose replacement boots (reported
     # in `failing` or not, they are counted once).
     broken = len(set(obs.failing) - set(replaced)) + in_flight
-    signal, desired, what = _signal(obs, policy, size, broken)
-    high_since = (
-        (state.high_since if state.high_since is not None else now) if signal == "slow" else None
-    )
-    low_since = (
-        (state.low_since if state.low_since is not None else now) if signal == "fast" else None
-    )
-    nxt = ScalerState(
-        high_since, low_since, state.last_up, state.last_down, state.last_kind, replaced
-    )
+    working = max(obs.serving - broken, 1)
+    signal, want, desired, what = _signal(obs, policy, size, working, up, down)
+    if idle and policy.idle == "hold":
+        signal, want, desired, what = "idle", None, None, ""
+    elif idle:
+        what = f'{what} ({idle_words}; idle = "scale-down")'
+
+    # The stabilisation window: a sliding maximum of the sizes wanted.
+    stab = policy.stabilization
+    wanted = tuple(w for w in state.wanted if w[0] > now - stab)
+    if want is not None:
+        wanted = (*tuple(w for w in wanted if w[1] > want), (now, want))
+    highest = max((w[1] for w in wanted), default=size)  # the oldest entry
+
+    nxt = replace(state, replaced=replaced, samples=samples, wanted=wanted, seen=now)
 
     def out(
         kind: str,
@@ -176,11 +254,9 @@ def decide(
             latency=obs.latency,
             desired=desired,
         )
-        return d, _with_kind(st, kind)
+        return d, replace(st, last_kind=kind)
 
-    lo, hi = policy.min_backends, policy.max_backends
-
-    # 1 and 2: the bounds are repairs, not scaling: no streak, no cooldown, no max-step.
+    # 1 and 2: the bounds are repairs, not scaling: no window, no cooldown, no max-step.
     if size < lo:
         n = lo - size
         return out("below-min", f"scale up {size}→{lo}: below min-backends {lo}", "up", n)
@@ -194,57 +270,49 @@ def decide(
     if fresh and slots > 0:
         keys = fresh[:slots]
         reason = (
-            f"replace {', '.join(keys)}: failed {policy.max_health_failures} health checks "
-            f"in a row; pool stays at {size}"
+            f"replace {', '.join(keys)}: failing health checks for "
+            f"{span(policy.max_health_failures)}; pool stays at {size}"
         )
-        after = ScalerState(
-            high_since, low_since, state.last_up, state.last_down, state.last_kind, replaced + keys
+        return out(
+            "replace", reason, "replace", len(keys), keys, replace(nxt, replaced=replaced + keys)
         )
-        return out("replace", reason, "replace", len(keys), keys, after)
 
     # 4: idle.
     if signal == "idle":
-        if obs.latency is None:
-            why = "idle: no request completed"
-        else:
-            why = (
-                f"idle: {obs.requests_per_second:.2g} req/s < min-requests "
-                f"{policy.min_requests:g}/s"
-            )
-        return out("idle", f'{why}; holding at {size} (idle = "hold")')
+        return out("idle", f'idle: {idle_words}; holding at {size} (idle = "hold")')
 
-    # 5: the mode's signal.
+    # 5: the mode's signal. After a scale action both windows start over (`samples` empty):
+    # the next action needs a whole window of observations of the new pool.
     if signal == "slow":
-        assert high_since is not None
-        streak = now - high_since
-        what_for = f"{what} for {span(streak)}"
-        if streak < policy.upscale_time:
-            return out("slow", f"{what_for}; scale up after {span(policy.upscale_time)}")
+        if not up.full:
+            return out("slow", f"{what}; scale up after {span(policy.upscale_time)}")
         if size >= hi:
-            return out("at-max", f"{what_for}, but at max-backends {hi}")
+            return out("at-max", f"{what}, but at max-backends {hi}")
         if state.last_up is not None and now - state.last_up < policy.upscale_every:
             wait = policy.upscale_every - (now - state.last_up)
             return out(
                 "cooldown-up",
-                f"{what_for}; cooldown: next scale-up in {span(wait)} "
+                f"{what}; cooldown: next scale-up in {span(wait)} "
                 f"(upscale-every {span(policy.upscale_every)})",
             )
         if policy.mode == "threshold" and booting > 0:
-            return out("booting", f"{what_for}; waiting for {booting} new backend(s) to boot")
-        step = policy.max_step if desired is None else desired - size
-        n = max(min(step, policy.max_step, hi - size), 1)
-        reason = f"scale up {size}→{size + n}: {what_for}; {_last('scale-up', state.last_up, now)}"
-        after = ScalerState(None, None, now, state.last_down, state.last_kind, replaced)
+            return out("booting", f"{what}; waiting for {booting} new backend(s) to boot")
+        n = max(min((want or size) - size, hi - size), 1)
+        reason = f"scale up {size}→{size + n}: {what}; {_last('scale-up', state.last_up, now)}"
+        after = replace(nxt, last_up=now, samples=())
         return out("scale-up", reason, "up", n, after=after)
 
     if signal == "fast":
-        assert low_since is not None
-        streak = now - low_since
-        what_for = f"{what} for {span(streak)}"
-        if streak < policy.downscale_time:
-            return out("fast", f"{what_for}; scale down after {span(policy.downscale_time)}")
+        if not down.full:
+            return out("fast", f"{what}; scale down after {span(policy.downscale_time)}")
         if size <= lo:
-            return out("at-min", f"{what_for}, at min-backends {lo}")
+            return out("at-min", f"{what}, at min-backends {lo}")
+        if highest >= size:
+            return out(
+                "stabilizing",
+                f"{what}; but {highest} wanted within the last {span(stab)} "
+                f"(downscale-stabilization)",
+            )
         # downscale-every counts from the last change of size in either direction.
         last = max((t for t in (state.last_down, state.last_up) if t is not None), default=None)
         if last is not None and now - last < policy.downscale_every:
@@ -252,67 +320,105 @@ def decide(
             since = "scale-down" if last == state.last_down else "scale-up"
             return out(
                 "cooldown-down",
-                f"{what_for}; cooldown: next scale-down in {span(wait)} "
+                f"{what}; cooldown: next scale-down in {span(wait)} "
                 f"(downscale-every {span(policy.downscale_every)} since the last {since})",
             )
         if booting > 0:
-            return out("booting", f"{what_for}; waiting for {booting} new backend(s) to boot")
-        step = policy.max_step if desired is None else size - desired
-        n = max(min(step, policy.max_step, size - lo), 1)
+            return out("booting", f"{what}; waiting for {booting} new backend(s) to boot")
+        n = max(min(size - highest, policy.max_step, size - lo), 1)
         reason = (
-            f"scale down {size}→{size - n}: {what_for}; {_last('scale-down', state.last_down, now)}"
+            f"scale down {size}→{size - n}: {what}; {_last('scale-down', state.last_down, now)}"
         )
-        after = ScalerState(None, None, state.last_up, now, state.last_kind, replaced)
+        after = replace(nxt, last_down=now, samples=())
         return out("scale-down", reason, "down", n, after=after)
 
     return out("steady", f"{what}; {size} backend(s)")
 
 
-def _signal(
-    obs: Observation, policy: Provisioning, size: int, broken: int
-) -> tuple[str, int | None, str]:
-    """This interval's verdict: "slow", "fast", "idle" or "ok"; target mode's desired size; and
-    the words (with the numbers) that explain it."""
-    lat = obs.latency
-    if lat is None or obs.requests_per_second < policy.min_requests:
-        if policy.idle == "hold":
-            return "idle", None, ""
-        if lat is None:
-            return "fast", None, 'idle (no request completed) and idle = "scale-down"'
+def _idle(obs: Observation, policy: Provisioning) -> tuple[bool, str]:
+    """Whether the interval is idle, and why in words."""
+    if obs.latency is None:
+        return True, "no request completed"
+    if obs.requests_per_second < policy.min_requests:
         rate = f"{obs.requests_per_second:.2g} req/s < min-requests {policy.min_requests:g}/s"
-        return "fast", None, f'idle ({rate}) and idle = "scale-down"'
+        return True, rate
+    return False, ""
+
+
+def _signal(
+    obs: Observation,
+    policy: Provisioning,
+    size: int,
+    working: int,
+    up: _Window,
+    down: _Window,
+) -> tuple[str, int | None, int | None, str]:
+    """The windows' verdict: "slow", "fast" or "ok"; the size they ask for (within max-step,
+    before the bounds and the stabilisation window); target mode's desired size; and the words
+    (with the numbers) that explain it. A window that is not full yet gives its verdict so far
+    but asks for nothing (None when neither is full).
+
+    The size asked for is the higher of the two windows' answers: the upscale window is the
+    recent one, and a scale-down is wanted only while the recent latency agrees with the
+    downscale window's."""
+    step = policy.max_step
+    lo_ask, hi_ask = size - step, size + step
     if policy.mode == "threshold":
-        if lat > policy.upscale_latency:
-            return "slow", None, f"latency {_ms(lat)} > {_ms(policy.upscale_latency)}"
-        if lat < policy.downscale_latency:
-            return "fast", None, f"latency {_ms(lat)} < {_ms(policy.downscale_latency)}"
+        u, dn = policy.upscale_latency, policy.downscale_latency
+        up_ask = down_ask = None
+        if up.full and up.mean is not None:
+            up_ask = hi_ask if up.mean > u else lo_ask if up.mean < dn else size
+        if down.full and down.mean is not None:
+            down_ask = lo_ask if down.mean < dn else size
+        want = _higher(up_ask, down_ask)
+        if up.mean is not None and up.mean > u:
+            return "slow", want, None, f"mean latency {_ms(up.mean)} > {_ms(u)} {up.words()}"
+        if down.mean is not None and down.mean < dn:
+            return "fast", want, None, f"mean latency {_ms(down.mean)} < {_ms(dn)} {down.words()}"
+        mean = up.mean if up.mean is not None else 0.0
         return (
             "ok",
+            want,
             None,
-            (
-                f"latency {_ms(lat)} between {_ms(policy.downscale_latency)}"
-                f" and {_ms(policy.upscale_latency)}"
-            ),
+            f"mean latency {_ms(mean)} {up.words()} between {_ms(dn)} and {_ms(u)}",
         )
     # Target tracking: the working backends (not the failing ones, not the booting ones)
     # produced this latency; the pool needs `desired` of them to bring it to the target.
-    working = max(obs.serving - broken, 1)
     target = policy.target_latency
-    # A hair above an integer is that integer: no extra machine for rounding noise. Not
-    # clamped to min/max here, so "wants 6, but at max-backends 4" can be said.
-    desired = max(math.ceil(working * lat / target - 1e-9), 0)
-    what = f"latency {_ms(lat)} on {working} vs target {_ms(target)}: wants {desired}"
-    if desired > size:
-        return "slow", desired, what
-    if desired < size:
-        return "fast", desired, what
-    return "ok", desired, what
+
+    def desire(w: _Window) -> tuple[int, str]:
+        assert w.mean is not None
+        ratio = w.mean / target
+        within = abs(ratio - 1.0) <= policy.tolerance + 1e-9
+        # Within the tolerance band the pool is right as it is (Kubernetes' HPA: 0.1).
+        # A hair above an integer is that integer: no extra machine for rounding noise. Not
+        # clamped to min/max here, so "wants 6, but at max-backends 4" can be said.
+        d = size if within else max(math.ceil(working * ratio - 1e-9), 0)
+        band = f", within {policy.tolerance:g} of it" if within else ""
+        words = (
+            f"mean latency {_ms(w.mean)} {w.words()} on {working} vs target {_ms(target)}"
+            f"{band}: wants {d}"
+        )
+        return d, words
+
+    if up.mean is None:
+        return "ok", None, None, "no latency observed yet"
+    d_up, up_what = desire(up)
+    up_ask = min(max(d_up, lo_ask), hi_ask) if up.full else None
+    d_down, down_what = desire(down) if down.mean is not None else (size, "")
+    down_ask = min(max(d_down, lo_ask), size) if down.full else None
+    want = _higher(up_ask, down_ask)
+    if d_up > size:
+        return "slow", want, d_up, up_what
+    if d_down < size:
+        return "fast", want, d_down, down_what
+    return "ok", want, d_up, up_what
 
 
-def _with_kind(state: ScalerState, kind: str) -> ScalerState:
-    return ScalerState(
-        state.high_since, state.low_since, state.last_up, state.last_down, kind, state.replaced
-    )
+def _higher(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    return a if b is None else max(a, b)
 
 
 def _ms(seconds: float) -> str:

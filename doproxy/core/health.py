@@ -12,8 +12,11 @@ state. A new backend starts in the state the caller chooses (a freshly added bac
 at once; a backend with checks disabled is simply never fed results and stays UP).
 
 `record()` returns the transition, if any, so the caller logs it once rather than on every probe.
-The number of consecutive failures is kept too: the autoscaler replaces a backend after
-`max-health-failures` of them. Pure: no clock, no I/O.
+The number of consecutive failures is kept too, and, when the caller passes the time of each
+check, when the current run of failures began (`down_since`): the autoscaler replaces a backend
+that has failed every check for `max-health-failures` seconds (the Go version checked once a
+second, so 180 meant 3 minutes; it still does, whatever the check interval). Pure: no clock, no
+I/O: the time comes in as an argument.
 """
 
 from __future__ import annotations
@@ -34,11 +37,14 @@ class Health:
     state: State = State.UP
     passes: int = 0  # consecutive passing checks
     failures: int = 0  # consecutive failing checks
+    down_since: float | None = None  # time of the first of the current run of failed checks
 
-    def record(self, ok: bool) -> State | None:
-        """Fold in one check result; return the new state if it changed, else None."""
+    def record(self, ok: bool, now: float | None = None) -> State | None:
+        """Fold in one check result (made at `now`, when known); return the new state if it
+        changed, else None."""
         if ok:
             self.failures = 0
+            self.down_since = None
             self.passes += 1
             if self.state is State.DOWN and self.passes >= self.rise:
                 self.state = State.UP
@@ -46,10 +52,16 @@ class Health:
         else:
             self.passes = 0
             self.failures += 1
+            if self.failures == 1 or self.down_since is None:
+                self.down_since = now
             if self.state is State.UP and self.failures >= self.fall:
                 self.state = State.DOWN
                 return State.DOWN
         return None
+
+    def failing_for(self, now: float) -> float:
+        """Seconds this backend has failed every health check, up to `now` (0 when passing)."""
+        return 0.0 if self.down_since is None else max(now - self.down_since, 0.0)
 
     @property
     def up(self) -> bool:

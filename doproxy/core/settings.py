@@ -193,7 +193,7 @@ class LocalProvisioner(Section):
 
 class Provisioning(Section):
     enable: bool = False
-    min_backends: int = Field(1, ge=0)
+    min_backends: int = 1  # at least 1, checked below with a message that says why
     max_backends: int = Field(2, ge=0)
     downscale_latency: Duration = 0.150
     downscale_time: Duration = 900.0
@@ -205,6 +205,11 @@ class Provisioning(Section):
     # New in doproxy (Python); see docs/autoscaling.md.
     mode: Literal["threshold", "target"] = "threshold"
     target_latency: PositiveDuration = 0.3  # mode = "target": the latency to track
+    # mode = "target": no change while the mean latency is within this fraction of the target
+    # (Kubernetes' HPA tolerance).
+    tolerance: float = Field(0.1, ge=0, lt=1)
+    # Scale down only to the highest size wanted within this window; default: downscale-time.
+    downscale_stabilization: Duration | None = None
     max_step: int = Field(1, ge=1)  # machines added or removed by one decision at most
     # An idle pool (below min-requests per second) has no meaningful latency. "hold" keeps its
     # size; "scale-down" treats it as fast, so it shrinks to min-backends.
@@ -217,8 +222,22 @@ class Provisioning(Section):
     orphans: Literal["adopt", "destroy"] = "adopt"
     history: int = Field(200, ge=1)  # decisions kept in memory for the admin API/status page
 
+    @property
+    def stabilization(self) -> float:
+        """The downscale-stabilization window in seconds (downscale-time unless set)."""
+        if self.downscale_stabilization is None:
+            return self.downscale_time
+        return self.downscale_stabilization
+
     @model_validator(mode="after")
     def _bounds(self) -> Provisioning:
+        # As in the Go version: a pool of no backend serves nothing, and an autoscaler that
+        # may reach zero has no latency left to tell it when to grow again.
+        if self.min_backends < 1:
+            raise ValueError(
+                f"provisioning.min-backends ({self.min_backends}) must be at least 1: a pool "
+                "without backends serves nothing and measures no latency to grow back from"
+            )
         if self.min_backends > self.max_backends:
             raise ValueError(
                 f"provisioning.min-backends ({self.min_backends}) must not exceed "
