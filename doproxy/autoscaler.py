@@ -222,7 +222,7 @@ class Autoscaler:
         if message != self.last_error:
             # Once per distinct error: the same failure every few seconds would flood the log.
             log.error(
-                "autoscaler: %s (retrying every %.0fs at most, no scaling until it works)",
+                "autoscaler: %s (retrying in %.1fs, then less often; no scaling until it works)",
                 message,
                 pause,
                 exc_info=not isinstance(e, DoproxyError),
