@@ -2,10 +2,13 @@
 
 Theory of operation
 -------------------
-At start the scaler reconciles the inventory with the provider (doproxy.machines.survey):
-entries whose machine is gone and intents whose machine never appeared are dropped, interrupted
-creates are adopted, and tagged machines the inventory does not know are adopted or destroyed
-as `[provisioning] orphans` says. Then, every `interval`:
+At start, every `reconcile-every` and after any error, the scaler reconciles the inventory with
+the provider (doproxy.machines.survey), touching only what this installation owns (its owner
+tag): entries whose machine is gone and intents whose machine never appeared are dropped,
+interrupted creates are adopted, interrupted destroys (entries marked `retiring`) finished, and
+machines with our owner tag that the inventory does not know are adopted or destroyed as
+`[provisioning] orphans` says. Entries and machines that are not ours are reported once and left
+alone. Until a due reconcile succeeded the scaler does not act. Then, every `interval`:
 
 1. observe: the pool's request-weighted mean latency since the last tick (from the backends'
    plain counters), requests per second, how many backends serve, how many machines are being
@@ -24,18 +27,26 @@ as `[provisioning] orphans` says. Then, every `interval`:
 
 Decisions are taken one at a time on the event loop and tasks are counted the moment they
 start, so `max-backends` holds under every interleaving of ticks, creates and reloads.
+
+The task never ends while the server runs: any exception (a provider answering HTML, a bug) is
+logged once per distinct error, kept as `last_error`, and the loop goes on after a growing
+pause (interval, 2x, ... up to 10 minutes). Failed creates back off the same way: after one,
+no create is started for interval, then 2x, ... up to 10 minutes; a create that succeeds resets
+it. Decisions, the scaler's state and reconcile reports go to a bounded journal file beside the
+inventory (doproxy.journal), loaded at start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,12 +63,14 @@ from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Provisioning, Settings
 from doproxy.errors import DoproxyError, MachineNotFound, ProvisionTimeout
 from doproxy.inventory import load_inventory
+from doproxy.journal import Journal, journal_path
 from doproxy.machines import (
     adopt,
     create_machine,
     drop_intent,
     find_entry,
     managed_by,
+    owner_tag,
     provisioner,
     remove_entry,
     set_state,
@@ -89,6 +102,8 @@ class Proxy(Protocol):
 
 log = logging.getLogger(__name__)
 
+BACKOFF_CAP = 600.0  # seconds: the longest pause after repeated errors or failed creates
+
 
 @dataclass(frozen=True)
 class Record:
@@ -102,6 +117,13 @@ class Record:
     acted: bool  # False in dry-run, or when nothing needed doing
 
 
+def backoff(interval: float, failures: int) -> float:
+    """The pause after `failures` failures in a row: interval, 2x, 4x, ... capped."""
+    if failures <= 0:
+        return 0.0
+    return float(min(interval * 2 ** min(failures - 1, 30), max(BACKOFF_CAP, interval)))
+
+
 class Autoscaler:
     def __init__(
         self,
@@ -109,13 +131,35 @@ class Autoscaler:
         provider: Provider,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.runtime = runtime
         self.provider = provider
         self.clock = clock
         self.wall = wall
+        self.sleep = sleep
         self.state = ScalerState()
         self.history: deque[Record] = deque(maxlen=runtime.settings.provisioning.history)
+        # Who we are: only machines and entries with this tag are ours to adopt/destroy/forget.
+        self.owner = owner_tag(runtime.inventory_path)
+        # The task's health: the last error (None once it works again) and how many in a row.
+        self.last_error: str | None = None
+        self.errors = 0
+        # Failed creates in a row, and no create is started before create_after (clock()).
+        self.create_failures = 0
+        self.create_after = 0.0
+        self.create_error: str | None = None
+        self._held_logged = False  # "creates held back" said once per backoff
+        self._reconcile_due = True
+        self._next_reconcile = 0.0  # clock() of the next periodic reconcile
+        self._reported: set[str] = set()  # reconcile reports already logged (once each)
+        self._creating_names: set[str] = set()  # intents our own create tasks work on
+        self.desired: int | None = None  # the last decision's size_after
+        self._last_state: dict[str, Any] | None = None
+        self.journal = Journal(
+            journal_path(runtime.inventory_path), 2 * runtime.settings.provisioning.history
+        )
+        self._restore()
         self.creating: set[asyncio.Task[Any]] = set()
         self.retiring: dict[str, asyncio.Task[Any]] = {}  # machine id -> its retire task
         self.replacing = 0  # of the creates, those that replace a failing backend
@@ -146,56 +190,202 @@ class Autoscaler:
         return self.runtime.settings.provisioning
 
     async def _run(self) -> None:
-        ok = await self._try_reconcile()
-        self.reconciled.set()
+        # Nothing may end this loop but cancellation (the server stopping): every error is
+        # logged once, kept as last_error, and followed by a growing pause and a reconcile.
+        first = True
         while True:
-            await asyncio.sleep(self.settings.interval)
-            # Until the provider answered once, acting would be acting blind (it is most
-            # likely unreachable anyway): keep trying to reconcile instead.
-            if not ok:
-                ok = await self._try_reconcile()
-                if not ok:
-                    continue
             try:
-                await self.tick()
-            except DoproxyError as e:
-                log.error("autoscaler: %s", e)
+                if self._reconcile_due or self.clock() >= self._next_reconcile:
+                    # Until the provider answered, acting would be acting blind: no tick.
+                    await self.reconcile()
+                if not first:
+                    await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._failed(e)
+            else:
+                self._recovered()
+            if first:
+                first = False
+                self.reconciled.set()
+            self._note_state()
+            await self.sleep(backoff(self.settings.interval, max(self.errors, 1)))
 
-    async def _try_reconcile(self) -> bool:
-        try:
-            await self.reconcile()
-        except DoproxyError as e:
-            log.error(
-                "autoscaler: reconciling with %s failed (will retry; no scaling until then): %s",
-                self.provider.kind,
-                e,
+    def _failed(self, e: Exception) -> None:
+        self.errors += 1
+        self._reconcile_due = True
+        if isinstance(e, DoproxyError):
+            message = str(e)
+        else:
+            message = (
+                f"unexpected {type(e).__name__} talking to {self.provider.kind}: {e}; check "
+                "the provider's settings (for DigitalOcean, do-provisioner api-url and token) "
+                "and its status page"
             )
-            return False
-        return True
+        pause = backoff(self.settings.interval, self.errors)
+        if message != self.last_error:
+            # Once per distinct error: the same failure every few seconds would flood the log.
+            log.error(
+                "autoscaler: %s (retrying in %.1fs, then less often; no scaling until it works)",
+                message,
+                pause,
+                exc_info=not isinstance(e, DoproxyError),
+            )
+        else:
+            log.debug("autoscaler: still failing: %s", message)
+        self.last_error = message
+
+    def _recovered(self) -> None:
+        if self.last_error is not None:
+            log.warning("autoscaler: working again after: %s", self.last_error)
+        self.last_error = None
+        self.errors = 0
+
+    def status(self) -> dict[str, Any]:
+        """The scaler's state, for the journal (and the admin API later)."""
+        now = self.clock()
+        return {
+            "mode": self.settings.mode,
+            "dry_run": self.settings.dry_run,
+            "last_error": self.last_error,
+            "create_failures": self.create_failures,
+            "create_backoff": round(max(0.0, self.create_after - now), 1),
+            "create_error": self.create_error,
+            "desired": self.desired,
+            "actual": sum(1 for b in self.runtime.backends if b.entry.state == "active")
+            + len(self.creating),
+        }
+
+    def _note_state(self) -> None:
+        state = self.status()
+        # create_backoff counts down every tick; journal a change of anything else.
+        key = {k: v for k, v in state.items() if k != "create_backoff"}
+        if key != self._last_state:
+            self._last_state = key
+            self._journal("state", state)
+
+    def _journal(self, kind: str, data: dict[str, Any]) -> None:
+        self.journal.add({"at": self.wall().isoformat(), "kind": kind, **data})
+
+    def _restore(self) -> None:
+        """Decisions from the journal of the last run, so the history survives a restart."""
+        for r in self.journal.load():
+            if r.get("kind") != "decision":
+                continue
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                self.history.append(
+                    Record(
+                        at=dt.datetime.fromisoformat(r["at"]),
+                        action=str(r["action"]),
+                        reason=str(r["reason"]),
+                        size_before=int(r["size_before"]),
+                        size_after=int(r["size_after"]),
+                        acted=bool(r["acted"]),
+                    )
+                )
+
+    def _report(self, key: str, level: int, message: str, *args: object) -> None:
+        """A reconcile report: logged and journaled once, not every reconcile."""
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        log.log(level, message, *args)
+        self._journal("reconcile", {"report": message % args})
 
     # --- reconcile ----------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
         rt = self.runtime
         path = rt.inventory_path
-        found = await survey(self.provider, await asyncio.to_thread(load_inventory, path))
+        entries = await asyncio.to_thread(load_inventory, path)
+        found = await survey(self.provider, entries, self.owner)
+        self._reconcile_due = False
+        self._next_reconcile = self.clock() + self.settings.reconcile_every
         dry = self.settings.dry_run
+        changed = False
         for e in found.gone:
-            log.warning("reconcile: %s (%s) no longer exists%s", e.name, e.id, _dry(dry))
+            if str(e.id) in self.retiring:
+                continue  # our own retire task forgets it
+            self._report(
+                f"gone:{e.key}",
+                logging.WARNING,
+                "reconcile: %s (%s) no longer exists%s",
+                e.name,
+                e.id,
+                _dry(dry),
+            )
             if not dry:
                 await asyncio.to_thread(remove_entry, path, str(e.id))
+                changed = True
+        for e in found.foreign_gone:
+            self._report(
+                f"foreign:{e.key}",
+                logging.WARNING,
+                "reconcile: the machine of %s (%s) no longer exists, but this installation did "
+                "not create it, so its entry stays; remove it with `doproxy delete %s`",
+                e.name or e.server_host,
+                e.id,
+                e.id,
+            )
+        for m in found.strangers:
+            self._report(
+                f"stranger:{m.id}",
+                logging.INFO,
+                "reconcile: %s (%s) carries our tags but not our owner tag %s: another "
+                "installation's, left alone (adopt it with `doproxy add %s`)",
+                m.name,
+                m.id,
+                self.owner,
+                m.id,
+            )
         for e in found.intents_lost:
-            log.info("reconcile: %s was never created; dropping the intent%s", e.name, _dry(dry))
+            if e.name in self._creating_names:
+                continue  # our create is asking the provider right now
+            self._report(
+                f"lost:{e.name}",
+                logging.INFO,
+                "reconcile: %s was never created; dropping the intent%s",
+                e.name,
+                _dry(dry),
+            )
             if not dry:
                 await asyncio.to_thread(drop_intent, path, e.name)
+                changed = True
         for _e, m in found.intents_found:
-            log.info("reconcile: adopting %s (%s), whose creation was interrupted", m.name, m.id)
+            if m.name in self._creating_names:
+                continue
+            self._report(
+                f"adopt:{m.id}",
+                logging.INFO,
+                "reconcile: adopting %s (%s), whose creation was interrupted",
+                m.name,
+                m.id,
+            )
             if not dry:
-                self._spawn_create(functools.partial(self._adopt, m))
+                self._spawn_create(functools.partial(self._adopt, m), m.name)
+        for e in found.retiring:
+            key = str(e.id)
+            if key in self.retiring:
+                continue
+            self._report(
+                f"retire:{key}",
+                logging.WARNING,
+                "reconcile: finishing the interrupted destroy of %s (%s)%s",
+                e.name,
+                key,
+                _dry(dry),
+            )
+            if not dry:
+                self._spawn_retire(key)
         for m in found.orphans:
+            if m.name in self._creating_names:
+                continue
             policy = self.settings.orphans
-            log.warning(
-                "reconcile: %s (%s) carries our tags but is not in the inventory: %s%s",
+            self._report(
+                f"orphan:{m.id}",
+                logging.WARNING,
+                "reconcile: %s (%s) is ours but not in the inventory: %s%s",
                 m.name,
                 m.id,
                 policy,
@@ -204,11 +394,11 @@ class Autoscaler:
             if dry:
                 continue
             if policy == "adopt":
-                self._spawn_create(functools.partial(self._adopt, m))
+                self._spawn_create(functools.partial(self._adopt, m), m.name)
             else:
                 with contextlib.suppress(MachineNotFound):
                     await self.provider.destroy(m.id)
-        if not found.clean and not dry:
+        if changed:
             await rt.reload()
 
     # --- one decision ----------------------------------------------------------------------------
@@ -252,22 +442,62 @@ class Autoscaler:
             replacing=self.replacing,
         )
 
+    def _under_manual_action(self) -> int:
+        """Our backends out of rotation but not retired by us: a `reboot` drain, a `destroy`
+        by hand, a disabled entry. They count as present, so a manual action never makes the
+        scaler create a machine (and later destroy one when it comes back)."""
+        return sum(
+            1
+            for b in self.runtime.backends
+            if b.entry.state in ("draining", "disabled")
+            and managed_by(b.entry, self.provider.kind)
+            and b.key not in self.retiring
+        )
+
     async def tick(self) -> Decision:
         now = self.clock()
         obs = self.observe(now)
+        manual = self._under_manual_action()
+        if manual:
+            obs = dataclasses.replace(obs, serving=obs.serving + manual)
         decision, self.state = decide(obs, self.settings, self.state)
+        self.desired = decision.size_after
         dry = self.settings.dry_run
         acting = decision.action != "none" and not dry
-        if decision.notable:
-            self.history.append(
-                Record(
-                    at=self.wall(),
-                    action=decision.action,
-                    reason=decision.reason,
-                    size_before=decision.size_before,
-                    size_after=decision.size_after,
-                    acted=acting,
+        creates = decision.action in ("up", "replace")
+        if acting and creates and now < self.create_after:
+            # Backing off after failed creates: hold, and say so once per backoff.
+            acting = False
+            if not self._held_logged:
+                self._held_logged = True
+                log.warning(
+                    "autoscaler: %s: held back, creates back off after %d failure(s) "
+                    "(next try in %.0fs): %s",
+                    decision.reason,
+                    self.create_failures,
+                    self.create_after - now,
+                    self.create_error,
                 )
+            return decision
+        if decision.notable:
+            record = Record(
+                at=self.wall(),
+                action=decision.action,
+                reason=decision.reason,
+                size_before=decision.size_before,
+                size_after=decision.size_after,
+                acted=acting,
+            )
+            self.history.append(record)
+            self._journal(
+                "decision",
+                {
+                    "action": record.action,
+                    "reason": record.reason,
+                    "size_before": record.size_before,
+                    "size_after": record.size_after,
+                    "acted": record.acted,
+                },
             )
             level = logging.INFO
             log.log(
@@ -280,14 +510,16 @@ class Autoscaler:
     def _act(self, d: Decision) -> None:
         if d.action == "up":
             for _ in range(d.count):
-                self._spawn_create(self._create)
+                name = new_name(provisioner(self.runtime.settings).name_prefix)
+                self._spawn_create(functools.partial(self._create, name), name)
         elif d.action == "down":
             for key in pick_victims(self._candidates(), d.count):
                 self._spawn_retire(key)
         elif d.action == "replace":
             for key in d.replace:
                 self.replacing += 1  # counted now, not when the task first runs
-                self._spawn_create(functools.partial(self._replace, key))
+                name = new_name(provisioner(self.runtime.settings).name_prefix)
+                self._spawn_create(functools.partial(self._replace, key, name), name)
 
     def _candidates(self) -> list[Candidate]:
         out = []
@@ -309,34 +541,77 @@ class Autoscaler:
 
     # --- the tasks that act --------------------------------------------------------------------
 
-    def _spawn_create(self, work: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    def _spawn_create(self, work: Callable[[], Coroutine[Any, Any, Any]], name: str) -> None:
         task = asyncio.get_running_loop().create_task(work())
         self.creating.add(task)
-        task.add_done_callback(self._done(self.creating.discard, "create"))
+        self._creating_names.add(name)
+
+        def forget(t: asyncio.Task[Any]) -> None:
+            self.creating.discard(t)
+            self._creating_names.discard(name)
+
+        task.add_done_callback(self._done(forget, "create"))
 
     def _spawn_retire(self, key: str) -> None:
         task = asyncio.get_running_loop().create_task(self._retire(key))
         self.retiring[key] = task
         task.add_done_callback(self._done(lambda t: self.retiring.pop(key, None), "retire"))
 
-    @staticmethod
-    def _done(forget: Callable[[asyncio.Task[Any]], object], what: str) -> Callable[[Any], None]:
+    def _done(
+        self, forget: Callable[[asyncio.Task[Any]], object], what: str
+    ) -> Callable[[Any], None]:
         def done(task: asyncio.Task[Any]) -> None:
             forget(task)
             if task.cancelled():
                 return
             exc = task.exception()
-            if exc is not None:
+            if exc is None:
+                if what == "create":
+                    self._create_succeeded()
+                return
+            # Whatever it left (an intent, a retiring entry), the next reconcile finishes.
+            self._reconcile_due = True
+            if what == "create":
+                self._create_failed(exc)
+            else:
                 log.error("autoscaler: %s failed: %s", what, exc)
 
         return done
 
+    def _create_failed(self, exc: BaseException) -> None:
+        self.create_failures += 1
+        pause = backoff(self.settings.interval, self.create_failures)
+        self.create_after = self.clock() + pause
+        self._held_logged = False
+        reason = str(exc) or type(exc).__name__
+        if reason != self.create_error:
+            log.error(
+                "autoscaler: create failed: %s; no create for %.0fs (doubling, up to %.0fs, "
+                "while it fails)",
+                reason,
+                pause,
+                BACKOFF_CAP,
+            )
+        else:
+            log.info(
+                "autoscaler: create failed again (%d in a row); no create for %.0fs",
+                self.create_failures,
+                pause,
+            )
+        self.create_error = reason
+
+    def _create_succeeded(self) -> None:
+        if self.create_failures:
+            log.warning("autoscaler: a create succeeded; create backoff reset")
+        self.create_failures = 0
+        self.create_after = 0.0
+        self.create_error = None
+
     def _timeout(self) -> float:
         return provisioner(self.runtime.settings).boot_timeout
 
-    async def _create(self) -> InventoryEntry:
+    async def _create(self, name: str) -> InventoryEntry:
         rt = self.runtime
-        name = new_name(provisioner(rt.settings).name_prefix)
         try:
             entry = await create_machine(
                 self.provider, name, rt.settings, rt.inventory_path, self._timeout()
@@ -372,9 +647,9 @@ class Autoscaler:
         log.info("autoscaler: adopted %s (%s) at %s", entry.name, entry.id, entry.server_host)
         await rt.reload()
 
-    async def _replace(self, key: str) -> None:
+    async def _replace(self, key: str, name: str) -> None:
         try:
-            await self._create()  # the new one first: the pool never shrinks meanwhile
+            await self._create(name)  # the new one first: the pool never shrinks meanwhile
         finally:
             self.replacing -= 1
         self._spawn_retire(key)
@@ -386,7 +661,10 @@ class Autoscaler:
         entry = find_entry(await asyncio.to_thread(load_inventory, path), key)
         if entry is None:
             return
-        await asyncio.to_thread(set_state, path, key, "draining")
+        if entry.state == "active" or not entry.retiring:
+            # Marked before anything happens: a crash from here on leaves a `retiring` entry
+            # whose destroy the next reconcile finishes.
+            await asyncio.to_thread(set_state, path, key, "draining", True)
         await rt.reload()  # stops new requests to it now; the runtime finishes the drain
         deadline = self.clock() + self.settings.drain_timeout + 5.0
         while self.clock() < deadline:

@@ -35,6 +35,7 @@ from doproxy.machines import (
     find_entry,
     nudge_server,
     open_provider,
+    owner_tag,
     provisioner,
     remove_entry,
     set_state,
@@ -176,20 +177,21 @@ async def destroy(ctx: Context, machine_id: str, yes: bool) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             ctx.say("not destroyed (answer y, or pass --yes)")
             return 1
+    # The scaler's order: drain, destroy, forget. The entry is marked `retiring` first, so a
+    # running server counts it as present meanwhile, and when this command dies half-way the
+    # server's next reconcile finishes the destroy (for a machine this installation owns).
     if entry is not None:
-        outcome = await drain(ctx.inventory, machine_id, ctx.settings)
+        outcome = await drain(ctx.inventory, machine_id, ctx.settings, retiring=True)
         ctx.say(f"  drain: {outcome}")
-        remove_entry(ctx.inventory, machine_id)
-        nudge_server(ctx.inventory, ctx.settings)
     try:
         await ctx.provider.destroy(machine_id)
     except ProviderError:
         if entry is not None:
-            # Put it back, disabled: the inventory must not forget a machine that still runs.
-            restored = entry.model_copy(update={"state": "disabled"})
-            update_inventory(ctx.inventory, lambda es: [*es, restored])
-            ctx.say(f"  {label} is back in the inventory, disabled")
+            ctx.say(f"  {label} stays in the inventory, disabled; run this again to finish")
         raise
+    if entry is not None:
+        remove_entry(ctx.inventory, machine_id)
+        nudge_server(ctx.inventory, ctx.settings)
     ctx.out.print(f"destroyed {label}")
     return 0
 
@@ -288,10 +290,22 @@ def _describe(found: Survey) -> list[str]:
         lines.append(f"lost:     {e.name}: recorded as provisioning, but no such machine exists")
     for e, m in found.intents_found:
         lines.append(f"creating: {e.name} ({m.id}, {m.status}): its creation was interrupted")
+    for e in found.retiring:
+        lines.append(f"retiring: {e.name} ({e.id}): its destroy was interrupted")
     for m in found.orphans:
         lines.append(
             f"orphan:   {m.name} ({m.id}, {m.status}, {m.private_ip or 'no private ip'}): "
-            "tagged, but not in the inventory"
+            "ours, but not in the inventory"
+        )
+    for e in found.foreign_gone:
+        lines.append(
+            f"foreign:  inventory entry {e.name or ''} ({e.id}): its machine no longer exists, "
+            "but this installation did not create it; kept (`doproxy delete` removes it)"
+        )
+    for m in found.strangers:
+        lines.append(
+            f"stranger: {m.name} ({m.id}): has the tags but not our owner tag; another "
+            f"installation's, left alone (`doproxy add {m.id}` adopts it)"
         )
     return lines
 
@@ -302,7 +316,7 @@ async def sanitize(ctx: Context, apply: bool, orphans: str | None) -> int:
     `orphans` answers the question asked for each orphan: "adopt", "destroy" or "keep"; None
     means ask (and keep when there is nobody to ask).
     """
-    found = await survey(ctx.provider, load_inventory(ctx.inventory))
+    found = await survey(ctx.provider, load_inventory(ctx.inventory), owner_tag(ctx.inventory))
     for line in _describe(found):
         ctx.out.print(line)
     if found.clean:
@@ -327,6 +341,11 @@ async def sanitize(ctx: Context, apply: bool, orphans: str | None) -> int:
             _progress(ctx, "waiting for"),
         )
         ctx.out.print(f"adopted {entry.name} ({entry.id}) at {entry.server_host}")
+    for e in found.retiring:
+        with contextlib.suppress(MachineNotFound):
+            await ctx.provider.destroy(str(e.id))
+        remove_entry(ctx.inventory, str(e.id))
+        ctx.out.print(f"destroyed {e.name} ({e.id}), whose destroy was interrupted")
     for m in found.orphans:
         choice = (
             orphans

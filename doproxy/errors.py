@@ -120,7 +120,12 @@ class MachineNotFound(ProviderError):
     """The droplet or process does not exist (any more)."""
 
 
-class ProviderAuthError(ProviderError):
+class ProviderRefused(ProviderError):
+    """The provider refused the request outright (HTTP 4xx such as 401, 403, 422): it did
+    nothing, so a refused create created no machine."""
+
+
+class ProviderAuthError(ProviderRefused):
     """The provider refused our credentials (HTTP 401/403)."""
 
 

@@ -19,6 +19,14 @@ of four kinds; `apply()` fixes them:
   or destroyed as the caller decides (`doproxy sanitize apply` asks; the server follows
   `[provisioning] orphans`).
 
+Ownership: every installation (one inventory) has an owner id, made once and kept beside the
+inventory in `<inventory>.owner`. Every machine it creates carries `doproxy-owner-<id>` besides
+the configured tags, and so does its inventory entry. The configured tags may be shared with
+other installations; the owner tag is not. So survey() calls a machine an orphan (to adopt or
+destroy) only when it carries our owner tag, and forgets an entry whose machine is gone only
+when the entry carries it too: a hand-written entry, or a machine of another installation, is
+reported, never removed or destroyed automatically.
+
 So after a `kill -9` at any point no machine is leaked (every machine we made is tagged and ends
 up in the inventory or destroyed) and none is forgotten (every entry refers to a live machine).
 
@@ -26,8 +34,9 @@ Draining goes through the inventory too, so the CLI and a running server agree o
 wants a backend drained sets its state to "draining"; the server stops sending it new requests
 at once (it reloads the inventory), and sets the state to "disabled" when nothing is in flight
 any more or the drain timeout passed. The CLI knows a server is running because the server holds
-a shared lock on `<inventory>.server` for its whole life; the file also holds its pid, so the
-CLI can send SIGHUP when the server does not watch its files.
+an exclusive lock on `<inventory>.server` for its whole life (a second server on the same
+inventory is refused at start); the file also holds its pid, so the CLI can send SIGHUP when the
+server does not watch its files.
 """
 
 from __future__ import annotations
@@ -37,18 +46,70 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import signal
+import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from doproxy.config import resolve_in
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
-from doproxy.errors import MachineNotFound, ProviderError
-from doproxy.inventory import load_inventory, update_inventory
+from doproxy.errors import (
+    ConfigError,
+    DoproxyError,
+    MachineNotFound,
+    Problem,
+    ProviderError,
+    ProviderRefused,
+)
+from doproxy.inventory import inventory_lock, load_inventory, update_inventory, write_atomically
 from doproxy.provisioning import Machine, Provider, entry_for, wait_active
 
 log = logging.getLogger(__name__)
+
+
+# --- ownership ------------------------------------------------------------------------------
+
+OWNER_PREFIX = "doproxy-owner-"
+_OWNER_ID = re.compile(r"[0-9a-z]{4,32}")
+
+
+def owner_path(inventory: Path) -> Path:
+    return inventory.with_name(inventory.name + ".owner")
+
+
+def owner_tag(inventory: Path) -> str:
+    """This installation's owner tag, `doproxy-owner-<id>`; the id is made on first need and
+    kept in `<inventory>.owner` (written atomically under the inventory's lock, so two
+    processes starting at once agree on one id)."""
+    p = owner_path(inventory)
+
+    def read() -> str:
+        try:
+            return p.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return ""
+
+    text = read()
+    if not text:
+        with inventory_lock(inventory):
+            text = read()
+            if not text:
+                text = uuid.uuid4().hex[:12]
+                write_atomically(p, text + "\n")
+    if not _OWNER_ID.fullmatch(text):
+        raise ConfigError(
+            [Problem(str(p), "", "must hold only an owner id (4-32 lower-case letters or digits)")]
+        )
+    return OWNER_PREFIX + text
+
+
+def owned(e: InventoryEntry, owner: str) -> bool:
+    """Did this installation create (or adopt as its own) the entry's machine?"""
+    return owner in e.tags
 
 
 # --- the provider ---------------------------------------------------------------------------
@@ -86,16 +147,19 @@ def open_provider(
     """The configured provider: local processes when [local-provisioner] is enabled, else
     DigitalOcean (the CLI commands work with a token even when [do-provisioner] enable is
     false, as the 2015 doproxy's did)."""
+    owner = owner_tag(resolve_in(base, settings.inventory_file))
     if settings.local_provisioner.enable:
         from doproxy.providers.local import LocalProvider
 
-        local: Provider = LocalProvider(settings.local_provisioner, base)
+        local: Provider = LocalProvider(settings.local_provisioner, base, owner_tag=owner)
         return local
     from doproxy.providers.digitalocean import DigitalOceanProvider, load_token, read_user_data
 
     do = settings.do_provisioner
     token = load_token(do, base, os.environ if environ is None else environ)
-    remote: Provider = DigitalOceanProvider(do, token, user_data=read_user_data(do, base))
+    remote: Provider = DigitalOceanProvider(
+        do, token, user_data=read_user_data(do, base), owner_tag=owner
+    )
     return remote
 
 
@@ -161,9 +225,13 @@ def remove_entry(path: Path, machine_id: str) -> InventoryEntry | None:
     return removed[0] if removed else None
 
 
-def set_state(path: Path, machine_id: str, state: str) -> bool:
-    """Set the state of the entry with this id; False when there is no such entry."""
+def set_state(path: Path, machine_id: str, state: str, retiring: bool | None = None) -> bool:
+    """Set the state of the entry with this id (and its `retiring` mark, when given); False
+    when there is no such entry."""
     found = False
+    update: dict[str, object] = {"state": state}
+    if retiring is not None:
+        update["retiring"] = retiring
 
     def change(entries: list[InventoryEntry]) -> list[InventoryEntry]:
         nonlocal found
@@ -171,7 +239,7 @@ def set_state(path: Path, machine_id: str, state: str) -> bool:
         for e in entries:
             if e.id not in (0, "") and str(e.id) == machine_id:
                 found = True
-                e = e.model_copy(update={"state": state})
+                e = e.model_copy(update=update)
             out.append(e)
         return out
 
@@ -199,14 +267,26 @@ class Survey:
     intents_lost: list[InventoryEntry] = field(default_factory=list)
     gone: list[InventoryEntry] = field(default_factory=list)
     orphans: list[Machine] = field(default_factory=list)
+    # Entries marked `retiring` whose machine (ours) still exists: a destroy was interrupted.
+    retiring: list[InventoryEntry] = field(default_factory=list)
+    # Reported only, never changed: entries we did not create whose machine is gone, and
+    # machines with the shared tags but not our owner tag that the inventory does not list.
+    foreign_gone: list[InventoryEntry] = field(default_factory=list)
+    strangers: list[Machine] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        return not (self.intents_found or self.intents_lost or self.gone or self.orphans)
+        return not (
+            self.intents_found or self.intents_lost or self.gone or self.orphans or self.retiring
+        )
 
 
-async def survey(provider: Provider, entries: list[InventoryEntry]) -> Survey:
-    """Compare the inventory with the provider's tagged machines. Reads only."""
+async def survey(provider: Provider, entries: list[InventoryEntry], owner: str) -> Survey:
+    """Compare the inventory with the provider's tagged machines. Reads only.
+
+    `owner` is this installation's owner tag (owner_tag): only machines and entries carrying it
+    are ours to adopt, destroy or forget.
+    """
     machines = await provider.list()
     by_id = {m.id: m for m in machines}
     by_name = {m.name: m for m in machines}
@@ -225,17 +305,22 @@ async def survey(provider: Provider, entries: list[InventoryEntry]) -> Survey:
                 result.intents_found.append((e, m))
             continue
         mid = str(e.id)
-        if mid in by_id:
-            known.add(mid)
+        if mid not in by_id:
+            # Not tagged (a droplet the 2015 doproxy made, or one adopted by hand): ask directly.
+            try:
+                await provider.get(mid)
+            except MachineNotFound:
+                (result.gone if owned(e, owner) else result.foreign_gone).append(e)
+                continue
+        known.add(mid)
+        if e.retiring and owned(e, owner):
+            result.retiring.append(e)
+    for m in machines:
+        if m.id in known:
             continue
-        # Not tagged (a droplet the 2015 doproxy made, or one adopted by hand): ask directly.
-        try:
-            await provider.get(mid)
-        except MachineNotFound:
-            result.gone.append(e)
-        else:
-            known.add(mid)
-    result.orphans = [m for m in machines if m.id not in known]
+        # Only our own owner tag makes a machine ours: the shared tags may be another
+        # installation's too (it is adopted only when the inventory lists it, above).
+        (result.orphans if owner in m.tags else result.strangers).append(m)
     return result
 
 
@@ -270,11 +355,15 @@ async def create_machine(
     provider cannot tell whether the machine exists), the intent stays for the next survey.
     A machine that does not become active in time stays recorded as "provisioning" with its id.
     """
-    tags = provisioner(settings).tags
+    tags = (*provisioner(settings).tags, await asyncio.to_thread(owner_tag, path))
     # The inventory's lock and fsync run in a thread: the server's event loop keeps serving.
     await asyncio.to_thread(record_intent, path, name, provider.kind, tags)
     try:
         machine = await provider.create(name)
+    except ProviderRefused:
+        # Refused outright (401, 403, 422): nothing was created, so nothing is left to find.
+        await asyncio.to_thread(drop_intent, path, name)
+        raise
     except ProviderError:
         try:
             found = [m for m in await provider.list() if m.name == name]
@@ -300,11 +389,26 @@ def server_lock_path(inventory: Path) -> Path:
 
 @contextlib.contextmanager
 def hold_server_lock(inventory: Path) -> Iterator[None]:
-    """Held by a running server: tells the CLI that someone will act on "draining"."""
+    """Held by a running server: tells the CLI that someone will act on "draining". Exclusive:
+    two servers on one inventory would both scale it, so the second one is refused."""
     p = server_lock_path(inventory)
     fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
+        for attempt in range(20):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # A CLI command probing (running_server) holds it for an instant: look again.
+                if attempt < 19:
+                    time.sleep(0.01)
+        else:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise DoproxyError(
+                f"another doproxy server (pid {text or 'unknown'}) already runs on the "
+                f"inventory {inventory}; stop it first, or give this one its own "
+                "inventory-file"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -322,7 +426,8 @@ def running_server(inventory: Path) -> int | None:
         return None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Shared: CLI commands probing at once do not exclude each other.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             text = os.pread(fd, 32, 0).decode(errors="replace").strip()
             return int(text) if text.isdigit() else 0
@@ -341,13 +446,18 @@ def nudge_server(inventory: Path, settings: Settings) -> None:
 
 
 async def drain(
-    path: Path, machine_id: str, settings: Settings, clock: Callable[[], float] | None = None
+    path: Path,
+    machine_id: str,
+    settings: Settings,
+    clock: Callable[[], float] | None = None,
+    retiring: bool | None = None,
 ) -> str:
     """Drain a backend through the inventory and wait for a running server to finish it.
+    `retiring=True` marks the entry as about to be destroyed (see InventoryEntry.retiring).
 
     Returns what happened, for the user: "drained", "no server running" or "not in inventory".
     """
-    if not set_state(path, machine_id, "draining"):
+    if not set_state(path, machine_id, "draining", retiring):
         return "not in inventory"
     if running_server(path) is None:
         set_state(path, machine_id, "disabled")

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
-from doproxy.errors import ProvisionTimeout
+from doproxy.errors import MachineNotFound, ProviderError, ProviderRefused, ProvisionTimeout
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,27 @@ async def wait_active(
     """Poll until the machine is active with a private address; ProvisionTimeout after `timeout`.
 
     `progress(machine, elapsed)` is called after every poll (the CLI draws its spinner from it).
+    A poll that fails for a passing reason (a 5xx, a timeout, an odd answer) is tried again
+    until `timeout`: the machine exists and is being paid for, so its create must not be
+    abandoned (and counted out of the pool) over one bad answer.
     """
     loop = asyncio.get_running_loop()
     now = clock or loop.time
     start = now()
     while True:
-        machine = await provider.get(machine_id)  # MachineNotFound passes through
+        try:
+            machine = await provider.get(machine_id)
+        except (MachineNotFound, ProviderRefused):
+            raise
+        except ProviderError as e:
+            elapsed = now() - start
+            if elapsed >= timeout:
+                raise
+            log.warning(
+                "polling %s machine %s failed (will retry): %s", provider.kind, machine_id, e
+            )
+            await asyncio.sleep(min(interval, max(0.0, timeout - elapsed)))
+            continue
         elapsed = now() - start
         if progress is not None:
             progress(machine, elapsed)

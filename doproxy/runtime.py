@@ -388,6 +388,10 @@ class Runtime:
 
     async def start(self) -> ProxyServer:
         settings = self.settings
+        if self.config_file is not None:
+            # First of all: a second server on this inventory is refused before it listens.
+            # The lock tells the CLI a server runs here and will finish its drains.
+            self._exit.enter_context(hold_server_lock(self.inventory_path))
         self.tls = tls_selector(settings, self.base)
         ctx = None if self.tls is None else self.tls.context
         server = ProxyServer(settings, build_pool(settings, self.entries), ctx)
@@ -400,8 +404,6 @@ class Runtime:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.stats.run(time.monotonic)))
         if self.config_file is not None:
-            # Tells the CLI a server runs on this inventory and will finish its drains.
-            self._exit.enter_context(hold_server_lock(self.inventory_path))
             self._tasks.append(loop.create_task(self._finish_drains()))
             if settings.provisioning.enable:
                 self.start_autoscaler()

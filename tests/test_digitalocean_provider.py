@@ -443,7 +443,7 @@ async def test_token_never_appears(
 
     assert [type(e).__name__ for e in errors] == [
         "MachineNotFound",
-        "ProviderError",
+        "ProviderRefused",  # a 422: nothing was created
         "RateLimited",
         "ProviderError",
         "ProviderError",

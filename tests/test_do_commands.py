@@ -161,7 +161,9 @@ async def test_create_waits_until_active_and_adds_a_serving_backend(setup: Setup
     [entry] = setup.entries()
     [droplet] = setup.fake.droplets.values()
     assert entry["id"] == droplet["id"] and isinstance(entry["id"], int)  # as the Go files had
-    assert droplet["tags"] == ["doproxy"] and droplet["name"] == "web-one"
+    owner = (setup.inventory.parent / "inventory.toml.owner").read_text().strip()
+    assert droplet["tags"] == ["doproxy", f"doproxy-owner-{owner}"]  # shared tag, then ours
+    assert droplet["name"] == "web-one"
     host = entry["private-ip"]
     assert isinstance(host, str) and host.startswith("127.0.1.")
     assert entry["server-host"] == f"{host}:{setup.port}"
@@ -322,11 +324,17 @@ async def test_rate_limits_are_waited_out(setup: Setup) -> None:
 # --- sanitize and crash safety ------------------------------------------------------------------
 
 
+def our_tags(setup: Setup) -> list[str]:
+    from doproxy.machines import owner_tag
+
+    return ["doproxy", owner_tag(setup.inventory)]
+
+
 async def test_sanitize_finds_both_kinds_and_apply_fixes_them(setup: Setup) -> None:
     assert (await doproxy(setup, "create", "web-gone")).code == 0
     [gone] = setup.entries()
     await api(setup, "DELETE", f"/v2/droplets/{gone['id']}")  # destroyed in the web console
-    orphan = await make_droplet(setup, "web-orphan", ["doproxy"])
+    orphan = await make_droplet(setup, "web-orphan", our_tags(setup))
     r = await doproxy(setup, "sanitize")
     assert r.code == 0, r.err
     assert "gone:" in r.out and "web-gone" in r.out
@@ -340,10 +348,25 @@ async def test_sanitize_finds_both_kinds_and_apply_fixes_them(setup: Setup) -> N
 
 
 async def test_sanitize_apply_can_destroy_orphans(setup: Setup) -> None:
-    await make_droplet(setup, "web-stray", ["doproxy"])
+    await make_droplet(setup, "web-stray", our_tags(setup))
     r = await doproxy(setup, "sanitize", "apply", "--orphans", "destroy")
     assert r.code == 0, r.err
     assert setup.fake.droplets == {} and setup.entries() == []
+
+
+async def test_sanitize_leaves_what_another_installation_made(setup: Setup) -> None:
+    """Only the shared tag, not our owner tag: reported, never adopted or destroyed; and an
+    entry written by hand whose machine is gone is kept."""
+    theirs = await make_droplet(setup, "web-theirs", ["doproxy"])
+    setup.inventory.write_text(
+        '[[droplet]]\nid = 1\nname = "by-hand"\nserver-host = "127.0.0.1:9"\n'
+    )
+    r = await doproxy(setup, "sanitize", "apply", "--orphans", "destroy")
+    assert r.code == 0, r.err
+    assert "stranger:" in r.out and "web-theirs" in r.out
+    assert "foreign:" in r.out and "by-hand" in r.out
+    assert int(theirs) in setup.fake.droplets
+    assert [e["name"] for e in setup.entries()] == ["by-hand"]
 
 
 @pytest.mark.timeout(90)

@@ -33,6 +33,10 @@ class InventoryEntry(Section):
     provider: str = ""  # "digitalocean", "local", or "" for a hand-written entry
     tags: tuple[str, ...] = ()
     pid: int = Field(0, ge=0)  # local provider: the backend's process id
+    # Set (with state "draining") before a machine is drained and destroyed, by the scaler or
+    # `doproxy destroy`: a reconcile finishes a destroy that a crash or a stop interrupted, and
+    # tells such an entry from one disabled for a reboot.
+    retiring: bool = False
 
     @model_validator(mode="after")
     def _needs_address(self) -> InventoryEntry:

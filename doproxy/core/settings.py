@@ -220,6 +220,8 @@ class Provisioning(Section):
     interval: PositiveDuration = 5.0  # between decisions
     # Tagged machines that the inventory does not know, found at start: "adopt" or "destroy".
     orphans: Literal["adopt", "destroy"] = "adopt"
+    # Between two reconciliations with the provider (and one follows any provider error).
+    reconcile_every: PositiveDuration = 60.0
     history: int = Field(200, ge=1)  # decisions kept in memory for the admin API/status page
 
     @property

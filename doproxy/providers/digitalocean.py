@@ -64,6 +64,7 @@ from doproxy.errors import (
     MachineNotFound,
     ProviderAuthError,
     ProviderError,
+    ProviderRefused,
     ProvisionTimeout,
     RateLimited,
 )
@@ -205,8 +206,15 @@ class DigitalOceanProvider:
         max_rate_limited: int = 5,
         attempts: int = 3,
         request_timeout: float = 30.0,
+        owner_tag: str = "",
     ) -> None:
         self.settings = settings
+        # This installation's own tag (doproxy.machines.owner_tag): every droplet we create
+        # carries it besides `tags`, so another installation sharing `tags` never takes it.
+        self.owner_tag = owner_tag
+        self._create_tags = tuple(
+            dict.fromkeys([*settings.tags, *([owner_tag] if owner_tag else [])])
+        )
         self.api_url = settings.api_url.rstrip("/")
         self._user_data = user_data
         self._sleep = sleep
@@ -353,7 +361,7 @@ class DigitalOceanProvider:
             "backups": s.backups,
             "ipv6": s.ipv6,
             "monitoring": s.monitoring,
-            "tags": list(s.tags),
+            "tags": list(self._create_tags),
         }
         if self._user_data:
             body["user_data"] = self._user_data
@@ -363,7 +371,7 @@ class DigitalOceanProvider:
 
     async def _find_ours(self, name: str) -> Machine | None:
         """The droplet called `name` with our tags, if one exists (the oldest if several)."""
-        ours = set(self.settings.tags)
+        ours = set(self._create_tags)
         found = [
             d for d in await self._list_droplets(name=name) if ours <= set(d.get("tags") or ())
         ]
@@ -471,7 +479,7 @@ class DigitalOceanProvider:
                 log.warning("%s; trying again", error)
                 await self._sleep(_backoff(failures))
                 continue
-            raise ProviderError(
+            raise ProviderRefused(
                 f"DigitalOcean refused the request ({status}): {message or 'no details'} "
                 f"(while {doing})"
             )

@@ -343,6 +343,7 @@ class LocalProvider:
         clock: Callable[[], float] = time.monotonic,
         poll_interval: float = 0.05,
         probe_timeout: float = 1.0,
+        owner_tag: str = "",
     ) -> None:
         """`base` is the config file's folder (workdir and log-dir are relative to it);
         `environ` is the environment the processes start from (default: ours), without any
@@ -355,6 +356,10 @@ class LocalProvider:
         self.poll_interval = poll_interval
         self.probe_timeout = probe_timeout
         self.tags = tuple(settings.tags)
+        # This installation's own tag (doproxy.machines.owner_tag): carried by every process
+        # we start besides `tags`; `list()` still finds every machine with `tags`.
+        self.owner_tag = owner_tag
+        self._create_tags = (*self.tags, owner_tag) if owner_tag else self.tags
         self._session: aiohttp.ClientSession | None = None
 
     # -- Provider ---------------------------------------------------------------------------
@@ -382,7 +387,7 @@ class LocalProvider:
                 port = pid = 0
             else:
                 port = self._free_port(host, {p.port for p in procs}, name)
-                pid = await self._spawn(name, host, port, self.tags)
+                pid = await self._spawn(name, host, port, self._create_tags)
         if existing:
             log.info("local machine %s exists already (pid %d)", name, _leader(existing).pid)
             return self._machine(existing, await self._status(existing))
@@ -392,7 +397,7 @@ class LocalProvider:
             name=name,
             status="new",
             private_ip=host,
-            tags=self.tags,
+            tags=self._create_tags,
             created=dt.datetime.now(dt.UTC),
             port=port,
             pid=pid,
