@@ -99,6 +99,14 @@ class Proxy(Protocol):
 
     async def reload(self) -> bool: ...
 
+    async def apply_inventory(self) -> bool:
+        """Apply the inventory file to the running pool (membership only, no config read)."""
+        ...
+
+    def takes_traffic(self, key: str) -> bool:
+        """Is the backend `key` eligible for new requests right now?"""
+        ...
+
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +407,7 @@ class Autoscaler:
                 with contextlib.suppress(MachineNotFound):
                     await self.provider.destroy(m.id)
         if changed:
-            await rt.reload()
+            await rt.apply_inventory()
 
     # --- one decision ----------------------------------------------------------------------------
 
@@ -620,7 +628,7 @@ class Autoscaler:
             await self._give_up(name)
             raise
         log.info("autoscaler: %s (%s) is up at %s", entry.name, entry.id, entry.server_host)
-        await rt.reload()
+        await rt.apply_inventory()
         return entry
 
     async def _give_up(self, name: str) -> None:
@@ -645,7 +653,7 @@ class Autoscaler:
         rt = self.runtime
         entry = await adopt(self.provider, machine, rt.settings, rt.inventory_path, self._timeout())
         log.info("autoscaler: adopted %s (%s) at %s", entry.name, entry.id, entry.server_host)
-        await rt.reload()
+        await rt.apply_inventory()
 
     async def _replace(self, key: str, name: str) -> None:
         try:
@@ -665,13 +673,21 @@ class Autoscaler:
             # Marked before anything happens: a crash from here on leaves a `retiring` entry
             # whose destroy the next reconcile finishes.
             await asyncio.to_thread(set_state, path, key, "draining", True)
-        await rt.reload()  # stops new requests to it now; the runtime finishes the drain
+        await rt.apply_inventory()  # stops new requests to it now; the runtime finishes the drain
         deadline = self.clock() + self.settings.drain_timeout + 5.0
         while self.clock() < deadline:
             current = find_entry(await asyncio.to_thread(load_inventory, path), key)
             if current is None or current.state != "draining":
                 break
             await asyncio.sleep(0.1)
+        if rt.takes_traffic(key):
+            # Never destroy a machine that is eligible for traffic, whatever went wrong before
+            # (its drain not applied, an edit of the inventory): the entry stays draining and
+            # retiring, and the next reconcile tries again.
+            raise DoproxyError(
+                f"{entry.name} ({key}) still takes traffic; not destroyed (the next reconcile "
+                "retries once it is out of rotation)"
+            )
         # Destroy before forgetting: a crash in between leaves an entry whose machine is gone,
         # which the next reconcile drops; the other order could leave an orphan to re-adopt.
         try:
@@ -685,7 +701,7 @@ class Autoscaler:
             ) from e
         await asyncio.to_thread(remove_entry, path, key)
         log.info("autoscaler: %s (%s) destroyed", entry.name, key)
-        await rt.reload()
+        await rt.apply_inventory()
 
 
 def _dry(dry: bool) -> str:

@@ -452,6 +452,54 @@ class Runtime:
     def inventory_path(self) -> Path:
         return resolve_in(self.base, self.settings.inventory_file)
 
+    def takes_traffic(self, key: str) -> bool:
+        """Is the backend `key` eligible for new requests right now?"""
+        server = self.server
+        return server is not None and any(b.key == key for b in server.pool.eligible)
+
+    async def apply_inventory(self) -> bool:
+        """Apply the inventory file to the running pool, with the running settings.
+
+        Membership changes (add, drain, disable, remove) take this path, never a config
+        reload: they must not depend on doproxy.toml being valid at that moment (a drain that
+        did not apply once let a scale-down destroy a machine still in rotation).
+        """
+        async with self._reload_lock:
+            server = self.server
+            if server is None:
+                return False
+            try:
+                entries = await asyncio.to_thread(load_inventory, self.inventory_path)
+            except (ConfigError, OSError) as e:
+                log.error("inventory not applied, keeping the running pool: %s", e)
+                return False
+            added, removed = self._apply_pool(
+                build_pool(self.settings, entries, reuse=server.pool.backends)
+            )
+            self.entries = entries
+            self.reloads += 1  # an applied change, as a reload is
+            log.info(
+                "inventory applied: %d backend(s) (%d new, %d removed)",
+                len(server.pool.backends),
+                len(added),
+                len(removed),
+            )
+            return True
+
+    def _apply_pool(self, pool: Pool) -> tuple[list[Backend], list[Backend]]:
+        """Swap in `pool`; close what removed backends kept idle. Returns (added, removed)."""
+        server = self.server
+        assert server is not None and self.checker is not None
+        old_backends = server.pool.backends
+        removed = [b for b in old_backends if b not in pool.backends]
+        added = [b for b in pool.backends if b not in old_backends]
+        server.set_pool(pool)
+        for b in removed:
+            while b.idle:
+                b.idle.pop().close()
+        self.checker.watch(pool.backends)
+        return added, removed
+
     def traffic(self) -> tuple[int, float]:
         """The listener's exchange totals (see ProxyServer.exchanges), for the autoscaler."""
         server = self.server
@@ -529,6 +577,7 @@ class Runtime:
             files = self._watched()
             folders = {str(f.parent) for f in files}
             names = {str(f) for f in files}
+            inventory = self.inventory_path
             before = _signatures(files)
             # yield_on_timeout: an empty batch tells us the watcher runs, so start() can wait
             # for it, and a change made while it was starting is still seen (by signature).
@@ -545,7 +594,10 @@ class Runtime:
                     if _signatures(files) != before:
                         await self.reload()
                 if changes:  # only the files we read (watch_filter)
-                    await self.reload()
+                    if {Path(p) for _, p in changes} == {inventory}:
+                        await self.apply_inventory()  # membership only: the config is not read
+                    else:
+                        await self.reload()
                 if self._watched() != files:
                     break  # the config now names other files: watch those
 
@@ -604,18 +656,11 @@ class Runtime:
             # Same listener: its SNI callback picks from the new certificates from now on
             # (connections already open keep the certificate they shook hands with).
             self.tls.certificates = certificates
-        old_backends = server.pool.backends
-        removed = [b for b in old_backends if b not in pool.backends]
-        added = [b for b in pool.backends if b not in old_backends]
         server.set_settings(settings)
-        server.set_pool(pool)
-        server.error_pages = error_pages
-        for b in removed:
-            while b.idle:
-                b.idle.pop().close()
         assert self.checker is not None
         self.checker.settings = settings
-        self.checker.watch(pool.backends)
+        added, removed = self._apply_pool(pool)
+        server.error_pages = error_pages
         self.settings, self.entries = settings, entries
         self.reloads += 1
         if scaler is not None and (not settings.provisioning.enable or new_provider is not None):

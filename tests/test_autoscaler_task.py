@@ -14,6 +14,7 @@ import pytest
 
 from doproxy.config import load_settings
 from doproxy.core.settings import Settings
+from doproxy.errors import DoproxyError
 from doproxy.inventory import load_inventory
 from doproxy.machines import open_provider
 from doproxy.provisioning import wait_active
@@ -198,5 +199,66 @@ async def test_a_machine_that_does_not_boot_in_time_is_destroyed_not_leaked(
         assert name not in {m.name for m in await provider.list()}
         await provider.close()
         assert name not in {e.name for e in load_inventory(tmp_path / "inventory.toml")}
+    finally:
+        await rt.stop()
+
+
+async def test_scale_down_with_an_invalid_config_never_destroys_a_machine_in_rotation(
+    tmp_path: Path, tag: str, cleanup: list[Settings]
+) -> None:
+    """Issue 10, item 2: the drain of a victim applies to the running pool directly (the
+    inventory, never a config reload), so an invalid doproxy.toml at that moment cannot leave
+    the victim in rotation; and a machine is destroyed only once it takes no traffic."""
+    cfg = configure(tmp_path, tag, cleanup, **{"min-backends": "2", "drain-timeout": '"1s"'})
+    rt = Runtime(load_settings(cfg), [], cfg)
+    await rt.start()
+    try:
+        await wait_for(lambda: serving(rt) == 2, timeout=20)
+        scaler = rt.autoscaler
+        assert scaler is not None
+        cfg.write_text(cfg.read_text() + "\nthis is = not [valid toml\n")  # an edit in progress
+        victim = str(load_inventory(tmp_path / "inventory.toml")[0].id)
+        in_rotation_at_destroy: list[bool] = []
+        destroy = scaler.provider.destroy
+
+        async def recording_destroy(machine_id: str) -> None:
+            in_rotation_at_destroy.append(rt.takes_traffic(machine_id))
+            await destroy(machine_id)
+
+        scaler.provider.destroy = recording_destroy  # type: ignore[method-assign]
+        await scaler._retire(victim)
+        assert in_rotation_at_destroy == [False]
+        assert victim not in {str(e.id) for e in load_inventory(tmp_path / "inventory.toml")}
+    finally:
+        await rt.stop()
+
+
+async def test_a_machine_that_still_takes_traffic_is_not_destroyed(
+    tmp_path: Path, tag: str, cleanup: list[Settings]
+) -> None:
+    cfg = configure(tmp_path, tag, cleanup, **{"min-backends": "1", "drain-timeout": '"0s"'})
+    rt = Runtime(load_settings(cfg), [], cfg)
+    await rt.start()
+    try:
+        await wait_for(lambda: serving(rt) == 1, timeout=20)
+        scaler = rt.autoscaler
+        assert scaler is not None
+        victim = str(load_inventory(tmp_path / "inventory.toml")[0].id)
+        destroyed: list[str] = []
+        destroy = scaler.provider.destroy
+
+        async def recording_destroy(machine_id: str) -> None:
+            destroyed.append(machine_id)
+            await destroy(machine_id)
+
+        async def not_applied() -> bool:
+            return False  # the drain never reaches the pool
+
+        scaler.provider.destroy = recording_destroy  # type: ignore[method-assign]
+        rt.apply_inventory = not_applied  # type: ignore[method-assign]
+        with pytest.raises(DoproxyError, match="still takes traffic"):
+            await scaler._retire(victim)
+        assert destroyed == []
+        assert rt.takes_traffic(victim)
     finally:
         await rt.stop()

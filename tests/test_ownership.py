@@ -76,6 +76,15 @@ class FakeProxy:
         ]
         return True
 
+    async def apply_inventory(self) -> bool:
+        return await self.reload()
+
+    def takes_traffic(self, key: str) -> bool:
+        return any(b.key == key and b.entry.state == "active" for b in self.backends)
+
+    def traffic(self) -> tuple[int, float]:
+        return (0, 0.0)
+
 
 def posts(fake: FakeDigitalOcean) -> int:
     return sum(1 for x in fake.exchanges if x.method == "POST" and x.path == "/v2/droplets")

@@ -75,6 +75,12 @@ class _Runtime:
     async def reload(self) -> bool:
         return True
 
+    async def apply_inventory(self) -> bool:
+        return True
+
+    def takes_traffic(self, key: str) -> bool:
+        return False
+
 
 class _Provider:
     kind = "local"
