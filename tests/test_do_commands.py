@@ -458,3 +458,22 @@ async def test_check_never_shows_the_token(tmp_path: Path) -> None:
     assert bad.code == 1 and "do-provisioner.region" in bad.err and "bogus" in bad.err
     for run in (ok, bad):
         assert secret not in run.out + run.err
+
+
+async def test_destroy_forgets_the_entry_only_after_the_machine_is_gone(setup: Setup) -> None:
+    """Issue 10, item 11: drain, destroy, forget, as the scaler does. A destroy the API fails
+    leaves the entry (out of rotation, marked retiring), never a forgotten paid machine."""
+    assert (await doproxy(setup, "create", "web-d")).code == 0
+    [entry] = setup.entries()
+    machine_id = str(entry["id"])
+    setup.fake.fail_next("DELETE", f"/v2/droplets/{machine_id}", 500, times=5)
+    r = await doproxy(setup, "destroy", machine_id, "--yes")
+    assert r.code != 0
+    assert "stays in the inventory" in r.err
+    [kept] = setup.entries()
+    assert str(kept["id"]) == machine_id
+    assert kept.get("state") in ("draining", "disabled")
+    assert len(setup.fake.droplets) == 1  # still there, and still known
+    again = await doproxy(setup, "destroy", machine_id, "--yes")
+    assert again.code == 0, again.err
+    assert setup.entries() == [] and setup.fake.droplets == {}
