@@ -73,12 +73,13 @@ async def test_slow_but_steady_body_is_not_a_stall(
     timer starts only once the body has been sent, so a long upload is no 504."""
     backend = await backend_factory(recording)  # type: ignore[operator]
     proxy = await start_proxy(
-        [backend.port], {"timeouts": {"client-body": "0.5s", "response-header": "0.3s"}}
+        [backend.port], {"timeouts": {"client-body": "1s", "response-header": "0.3s"}}
     )
     c = await Client.connect(port_of(proxy))
     try:
         await c.send(UPLOAD_HEAD)
-        for i in range(10):  # 10 bytes over ~1.5 s: longer than both timeouts in total
+        for i in range(10):  # 10 bytes over ~1.5 s: longer than both timeouts in total, each
+            # gap far shorter than client-body
             await asyncio.sleep(0.15)  # the upload's pace, not a readiness wait
             await c.send(b"%d" % i)
         r = await asyncio.wait_for(c.response(), 5)
@@ -179,7 +180,7 @@ async def test_idle_tunnel_is_closed(start_proxy: StartProxy, backend_factory: o
             pass
 
     backend = await backend_factory(ws)  # type: ignore[operator]
-    proxy = await start_proxy([backend.port], {"timeouts": {"tunnel-idle": "0.5s"}})
+    proxy = await start_proxy([backend.port], {"timeouts": {"tunnel-idle": "1s"}})
     c = await Client.connect(port_of(proxy))
     try:
         await c.send(
@@ -190,7 +191,7 @@ async def test_idle_tunnel_is_closed(start_proxy: StartProxy, backend_factory: o
         head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 101")
         # Traffic keeps it open past tunnel-idle...
-        for _ in range(4):
+        for _ in range(8):  # 1.6 s in all, a byte every 0.2 s
             await asyncio.sleep(0.2)  # the traffic's pace, not a readiness wait
             await c.send(b"\x81\x00")
         assert proxy.connections
