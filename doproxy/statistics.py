@@ -21,7 +21,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from doproxy.core.stats import Ewma, WindowedQuantile
+from doproxy.core.quantiles import WindowedQuantile
+from doproxy.core.stats import Ewma
 from doproxy.proxy.backend import Backend, Pool
 
 TICK = 1.0  # seconds between aggregations
