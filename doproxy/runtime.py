@@ -266,10 +266,36 @@ def load_certificates(settings: Settings, base: Path) -> Certificates | None:
     return Certificates(loaded)
 
 
-def tls_selector(settings: Settings, base: Path) -> CertificateSelector | None:
-    """The listener's certificate selector for the config (None without https)."""
-    certificates = load_certificates(settings, base)
-    return None if certificates is None else CertificateSelector(certificates)
+@dataclass(frozen=True)
+class Snapshot:
+    """One configuration as the runtime applies it, loaded and validated in one pass: the
+    settings, every path resolved against the config's folder, the inventory, the TLS
+    certificates and the error pages. Building it changes nothing that runs, so start-up and a
+    reload apply a whole new one, or nothing (a bad certificate or page fails the reload)."""
+
+    settings: Settings
+    base: Path
+    inventory_path: Path
+    entries: list[InventoryEntry]
+    certificates: Certificates | None
+    error_pages: dict[int, ErrorPage]
+
+
+def load_snapshot(
+    settings: Settings, base: Path, entries: list[InventoryEntry] | None = None
+) -> Snapshot:
+    """Everything `settings` names, read and checked now (the inventory too, unless given)."""
+    inventory_path = resolve_in(base, settings.inventory_file)
+    if entries is None:
+        entries = load_inventory(inventory_path)
+    return Snapshot(
+        settings=settings,
+        base=base,
+        inventory_path=inventory_path,
+        entries=entries,
+        certificates=load_certificates(settings, base),
+        error_pages=load_error_pages(settings, base),
+    )
 
 
 def _signatures(files: set[Path]) -> dict[Path, tuple[int, int] | None]:
@@ -392,10 +418,11 @@ class Runtime:
             # First of all: a second server on this inventory is refused before it listens.
             # The lock tells the CLI a server runs here and will finish its drains.
             self._exit.enter_context(hold_server_lock(self.inventory_path))
-        self.tls = tls_selector(settings, self.base)
+        snap = load_snapshot(settings, self.base, self.entries)
+        self.tls = None if snap.certificates is None else CertificateSelector(snap.certificates)
         ctx = None if self.tls is None else self.tls.context
-        server = ProxyServer(settings, build_pool(settings, self.entries), ctx)
-        server.error_pages = load_error_pages(settings, self.base)
+        server = ProxyServer(settings, build_pool(settings, snap.entries), ctx)
+        server.error_pages = snap.error_pages
         await server.listen()
         self.server = server
         self.checker = HealthChecker(settings, sink=lambda backend, state: self._refresh())
@@ -616,15 +643,16 @@ class Runtime:
     async def _reload(self) -> bool:
         assert self.server is not None and self.config_file is not None
         server = self.server
-        settings = load_settings(self.config_file)
-        entries = load_inventory(resolve_in(self.base, settings.inventory_file))
+        # The whole new configuration, read and validated before anything is applied.
+        snap = load_snapshot(load_settings(self.config_file), self.base)
+        settings, entries = snap.settings, snap.entries
         old = self.settings
         listen_changed = settings.bind != old.bind or settings.https != old.https
         # Every certificate is loaded (and so validated) anew on every reload: a renewed file
         # keeps its name, and one bad file fails the whole reload.
-        certificates = load_certificates(settings, self.base)
+        certificates = snap.certificates
         pool = build_pool(settings, entries, reuse=server.pool.backends)
-        error_pages = load_error_pages(settings, self.base)
+        error_pages = snap.error_pages
         # A provider for a scaler that starts now (or whose provider changes): opened before
         # anything is applied, so a missing token fails the reload, not half of it.
         # Same for a provider whose settings, token or user-data changed: it replaces the
