@@ -278,7 +278,6 @@ class ClientConnection(asyncio.Protocol):
         self._max_url_bytes = server.settings.limits.max_url_bytes
         self._max_header_bytes = server.settings.limits.max_header_bytes
         self._max_response_head = server.settings.limits.max_response_header_bytes
-        self._xff = server.settings.add_x_forwarded_for
         self._access_log = server.settings.access_log
         # hash-key = "header:NAME" / "cookie:NAME": which header to read per request.
         kind, _, name = server.settings.loadbalancing.hash_key.partition(":")
