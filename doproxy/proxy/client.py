@@ -84,6 +84,7 @@ from doproxy.proxy.backend import Backend
 from doproxy.proxy.scan import (
     GENERAL,
     REWRITE,
+    connection_options,
     head_text,
     lone_connection,
     request_head_kind,
@@ -234,17 +235,7 @@ _LEAN_MAX: Final = 16 * 1024  # a chunk longer than this is not a lone request h
 
 def _switches(low: str) -> bool:
     """Does a lower-cased 101 head carry Upgrade and Connection: upgrade (so llhttp switches)?"""
-    if "\nupgrade:" not in low:
-        return False
-    start = 0
-    while (i := low.find("\nconnection:", start)) >= 0:
-        j = low.find("\r\n", i)
-        if j < 0:
-            j = len(low)
-        if "upgrade" in [t.strip() for t in low[i + 12 : j].split(",")]:
-            return True
-        start = j
-    return False
+    return "\nupgrade:" in low and "upgrade" in connection_options(low)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -732,12 +723,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _lean_keep_alive(self, low: str, default: bool) -> bool:
         """Keep-alive from the Connection tokens of a lean head (llhttp's flags are gone)."""
-        tokens: set[str] = set()
-        start = 0
-        while (i := low.find("\nconnection:", start)) >= 0:
-            j = low.find("\r\n", i)
-            tokens.update(t.strip() for t in low[i + 12 : j].split(","))
-            start = j
+        tokens = connection_options(low)
         if "close" in tokens:
             return False
         return True if "keep-alive" in tokens else default

@@ -49,6 +49,19 @@ def lone_connection(low: str) -> tuple[int, int, str]:
     return i, j, value
 
 
+def connection_options(low: str) -> set[str]:
+    """Every token of every Connection line of a lower-cased head."""
+    tokens: set[str] = set()
+    start = 0
+    while (i := low.find("\nconnection:", start)) >= 0:
+        j = low.find("\r\n", i)
+        if j < 0:
+            j = len(low)  # the last line of a head given without its final CRLF
+        tokens.update(t.strip() for t in low[i + 12 : j].split(","))
+        start = j
+    return tokens
+
+
 def response_needs_general_path(low: str) -> bool:
     """True when a lower-cased response head has a hop-by-hop header other than Connection."""
     return scan_response(low)[0]
