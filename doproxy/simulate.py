@@ -358,9 +358,10 @@ def describe(policy: Provisioning) -> str:
     else:
         how = (
             f"target {policy.target_latency * 1000:g} ms: up after "
-            f"{format_span(policy.upscale_time)} (every {format_span(policy.upscale_every)}), "
-            f"down after {format_span(policy.downscale_time)} "
-            f"(every {format_span(policy.downscale_every)})"
+            f"{format_span(policy.upscale_time)} (every {format_span(policy.upscale_every)}) "
+            f"beyond +{policy.tolerance:g}, down after {format_span(policy.downscale_time)} "
+            f"(every {format_span(policy.downscale_every)}) to stay "
+            f"-{policy.downscale_tolerance:g} under it"
         )
     return (
         f"{how}; {policy.min_backends}..{policy.max_backends} backends, "

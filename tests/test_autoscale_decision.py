@@ -174,7 +174,7 @@ def test_downscale_every_counts_from_the_last_scale_down_and_the_last_scale_up()
 
     # A scale-up 10 minutes ago holds a scale-down for downscale-every.
     state = ScalerState(last_up=0.0)
-    ds, _ = feed(p, (obs(600 + t * STEP, 0.1, serving=4) for t in range(700)), state)
+    ds, _ = feed(p, (obs(600 + t * STEP, 0.1, serving=4) for t in range(800)), state)
     downs = [d for d in ds if d.action == "down"]
     assert downs[0].now == 3600.0  # downscale-every after the scale-up
     waits = [d for d in ds if d.kind == "cooldown-down"]
@@ -443,7 +443,9 @@ def test_target_mode_counts_booting_machines_toward_desired() -> None:
 
 
 def test_target_mode_scale_down_and_exact_ratios() -> None:
-    p = policy(mode="target", target_latency="300ms", max_backends=10, max_step=2)
+    p = policy(
+        mode="target", target_latency="300ms", max_backends=10, max_step=2, downscale_tolerance=0
+    )
     ds, _ = feed(p, (obs(t * STEP, 0.1, serving=5) for t in range(180)))
     d = ds[-1]
     # ceil(5 * 100 / 300) = 2: down by max-step 2.
@@ -454,6 +456,28 @@ def test_target_mode_scale_down_and_exact_ratios() -> None:
     # On target: steady.
     d, _ = decide(obs(0, 0.3, serving=3), p, ScalerState())
     assert d.kind == "steady" and d.desired == 3
+
+
+def test_target_mode_scales_down_only_to_a_size_that_keeps_the_margin() -> None:
+    """Issue 10, item 7: downscale-tolerance (default 0.4) is the hysteresis that stops a
+    wandering load from flapping between two sizes."""
+    p = policy(mode="target", target_latency="300ms", max_backends=10, max_step=2)
+    assert p.downscale_tolerance == 0.4
+    # 5 backends at 100 ms: 4 would read 125 ms and 3 about 167 ms, both under 180 ms (0.6 of
+    # the target); 2 would read 250 ms. Down to 3, not to 2 (which tolerance 0 would pick).
+    ds, _ = feed(p, (obs(t * STEP, 0.1, serving=5) for t in range(180)))
+    d = ds[-1]
+    assert (d.action, d.count, d.desired, d.size_after) == ("down", 2, 3, 3)
+    assert "wants 3 keeping 0.4 below it" in d.reason
+    # 3 backends at 170 ms: 2 would read 255 ms, under the target but not 40 % under it.
+    ds, _ = feed(p, (obs(t * STEP, 0.17, serving=3) for t in range(180)))
+    assert all(d.action == "none" for d in ds) and ds[-1].kind == "steady"
+    # 3 at 110 ms: 2 would read 165 ms: down.
+    ds, _ = feed(p, (obs(t * STEP, 0.11, serving=3) for t in range(180)))
+    assert (ds[-1].action, ds[-1].size_after) == ("down", 2)
+    # The margin is for scaling down only: 2 at 340 ms (above the 10 % band) scale up.
+    ds, _ = feed(p, (obs(t * STEP, 0.34, serving=2) for t in range(36)))
+    assert (ds[-1].action, ds[-1].size_after) == ("up", 3)
 
 
 def test_target_mode_at_max_says_what_it_wanted() -> None:
@@ -643,3 +667,37 @@ def test_max_health_failures_is_seconds_of_failure_whatever_the_check_interval()
     assert h.failing_for(1000.0 + 178) < 180 <= h.failing_for(1000.0 + 180)  # ...but 3 minutes
     h.record(True, 1182.0)  # one pass ends the run
     assert h.failing_for(1200.0) == 0.0
+
+
+def test_repairs_respect_the_cooldowns() -> None:
+    """Issue 10, item 11: a below-min repair counts as a scale-up, and the machine that comes
+    back (a reboot, a manual enable) does not get the newest destroyed at once."""
+    p = policy(min_backends=2, max_backends=2, downscale_every="1h")
+    # One of two vanished: repaired at once.
+    d, state = decide(obs(0, 0.3, serving=1), p, ScalerState())
+    assert (d.action, d.kind, d.size_after) == ("up", "below-min", 2)
+    assert state.last_up == 0
+    # The lost one comes back a minute later: 3 > max 2, but the repair was 1 min ago.
+    d, state = decide(obs(60, 0.3, serving=3), p, state)
+    assert (d.action, d.kind, d.notable) == ("none", "cooldown-down", True)
+    assert d.reason == (
+        "above max-backends 2; cooldown: scale down 3→2 in 59m "
+        "(downscale-every 1h since the last scale-up)"
+    )
+    d, state = decide(obs(3599, 0.3, serving=3), p, state)
+    assert d.action == "none"
+    d, state = decide(obs(3600, 0.3, serving=3), p, state)
+    assert (d.action, d.kind, d.size_after) == ("down", "above-max", 2)
+    assert state.last_down == 3600
+    # Without a recent scale-up a lowered max-backends acts at once.
+    d, _ = decide(obs(0, 0.3, serving=4), p, ScalerState())
+    assert (d.action, d.kind, d.count) == ("down", "above-max", 2)
+
+
+def test_a_latency_scale_down_waits_downscale_every_after_a_repair() -> None:
+    p = policy(min_backends=2, max_backends=4, downscale_every="1h")
+    _, state = decide(obs(0, 0.05, serving=1), p, ScalerState())  # repaired to 2
+    ds, _ = feed(p, (obs(5 + t * STEP, 0.05, serving=3) for t in range(800)), state)
+    downs = [d for d in ds if d.action == "down"]
+    assert downs and downs[0].now >= 3600
+    assert any(d.kind == "cooldown-down" for d in ds)

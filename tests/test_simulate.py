@@ -212,20 +212,7 @@ def test_cli_reports_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "min-backends" in capsys.readouterr().err
 
 
-# Not solved yet: target mode on noisy and spike. Its linear estimate (latency in proportion
-# to the load per backend) is wrong for a queue: with this load, 3 backends read 170 ms and
-# "want 2", 2 backends read 250-350 ms and want 3 as the load wanders: a limit cycle that no
-# tolerance band or stabilisation window of sane length breaks.
-_TARGET_CYCLES = pytest.mark.xfail(
-    strict=True, reason="target mode's linear estimate cycles 2<->3 on a queue (issue 10, 7)"
-)
-SWEEP = [
-    pytest.param(mode, name, marks=_TARGET_CYCLES)
-    if (mode, name) in (("target", "noisy"), ("target", "spike"))
-    else (mode, name)
-    for mode in ("threshold", "target")
-    for name in WORKLOADS
-]
+SWEEP = [(mode, name) for mode in ("threshold", "target") for name in WORKLOADS]
 
 
 @pytest.mark.parametrize(("mode", "name"), SWEEP)

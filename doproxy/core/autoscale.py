@@ -27,8 +27,11 @@ after upscale-time, where the old "streak" rule waited hours.
 
 The decision, in order of precedence:
 
-1. size < min-backends: scale up to min-backends at once (no waiting, no cooldown).
-2. size > max-backends (the limit was lowered): scale down to max-backends at once.
+1. size < min-backends: scale up to min-backends at once (no window, no cooldown). It counts
+   as a scale-up for the cooldowns after it.
+2. size > max-backends (the limit was lowered, or a machine came back): scale down to
+   max-backends, once downscale-every has passed since the last scale-up (a repair included):
+   repairs respect the cooldowns, so a repair and a returning machine cannot flap.
 3. failing backends (failing every health check for `max-health-failures` seconds; the task
    decides which): replace them, at most `max-step` replacements in flight. The task creates
    the new machine first and destroys the old one once the new one serves.
@@ -256,13 +259,28 @@ def decide(
         )
         return d, replace(st, last_kind=kind)
 
-    # 1 and 2: the bounds are repairs, not scaling: no window, no cooldown, no max-step.
+    # 1 and 2: the bounds are repairs: no window, no max-step. A repair counts as a scale
+    # action for the cooldowns that follow it, and a repair downward respects downscale-every
+    # since the last scale-up, so a machine that comes back from a manual action right after a
+    # repair created its stand-in never has the newest destroyed at once (issue 10, item 11).
     if size < lo:
         n = lo - size
-        return out("below-min", f"scale up {size}→{lo}: below min-backends {lo}", "up", n)
+        after = replace(nxt, last_up=now, samples=())
+        return out(
+            "below-min", f"scale up {size}→{lo}: below min-backends {lo}", "up", n, after=after
+        )
     if size > hi:
         n = size - hi
-        return out("above-max", f"scale down {size}→{hi}: above max-backends {hi}", "down", n)
+        if state.last_up is not None and now - state.last_up < policy.downscale_every:
+            wait = policy.downscale_every - (now - state.last_up)
+            return out(
+                "cooldown-down",
+                f"above max-backends {hi}; cooldown: scale down {size}→{hi} in {span(wait)} "
+                f"(downscale-every {span(policy.downscale_every)} since the last scale-up)",
+            )
+        after = replace(nxt, last_down=now, samples=())
+        reason = f"scale down {size}→{hi}: above max-backends {hi}"
+        return out("above-max", reason, "down", n, after=after)
 
     # 3: replace failing backends, the new machine first.
     fresh = tuple(sorted(k for k in set(obs.failing) if k not in replaced))
@@ -386,26 +404,34 @@ def _signal(
     # produced this latency; the pool needs `desired` of them to bring it to the target.
     target = policy.target_latency
 
-    def desire(w: _Window) -> tuple[int, str]:
+    def desire(w: _Window, margin: float) -> tuple[int, str]:
+        """The size that brings the window's mean to the target (up) or keeps it `margin`
+        below the target (down); the current size while the mean is within the band."""
         assert w.mean is not None
         ratio = w.mean / target
         within = abs(ratio - 1.0) <= policy.tolerance + 1e-9
         # Within the tolerance band the pool is right as it is (Kubernetes' HPA: 0.1).
         # A hair above an integer is that integer: no extra machine for rounding noise. Not
         # clamped to min/max here, so "wants 6, but at max-backends 4" can be said.
-        d = size if within else max(math.ceil(working * ratio - 1e-9), 0)
+        d = size if within else max(math.ceil(working * ratio / (1.0 - margin) - 1e-9), 0)
+        if margin and d >= size:
+            d = size  # the smaller pool would not keep the margin: stay
         band = f", within {policy.tolerance:g} of it" if within else ""
+        keep = f" keeping {margin:g} below it" if margin and not within else ""
         words = (
             f"mean latency {_ms(w.mean)} {w.words()} on {working} vs target {_ms(target)}"
-            f"{band}: wants {d}"
+            f"{band}: wants {d}{keep}"
         )
         return d, words
 
     if up.mean is None:
         return "ok", None, None, "no latency observed yet"
-    d_up, up_what = desire(up)
+    d_up, up_what = desire(up, 0.0)
     up_ask = min(max(d_up, lo_ask), hi_ask) if up.full else None
-    d_down, down_what = desire(down) if down.mean is not None else (size, "")
+    if down.mean is not None:
+        d_down, down_what = desire(down, policy.downscale_tolerance)
+    else:
+        d_down, down_what = size, ""
     down_ask = min(max(d_down, lo_ask), size) if down.full else None
     want = _higher(up_ask, down_ask)
     if d_up > size:

@@ -208,6 +208,10 @@ class Provisioning(Section):
     # mode = "target": no change while the mean latency is within this fraction of the target
     # (Kubernetes' HPA tolerance).
     tolerance: float = Field(0.1, ge=0, lt=1)
+    # mode = "target": scale down only to a size predicted to keep the mean latency this
+    # fraction below the target (Kubernetes 1.33's per-direction tolerance); see
+    # docs/autoscaling.md for why latency needs a wider band downward than upward.
+    downscale_tolerance: float = Field(0.4, ge=0, lt=1)
     # Scale down only to the highest size wanted within this window; default: downscale-time.
     downscale_stabilization: Duration | None = None
     max_step: int = Field(1, ge=1)  # machines added or removed by one decision at most
