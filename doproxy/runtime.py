@@ -54,12 +54,15 @@ from typing import TYPE_CHECKING, Any
 import watchfiles
 from cryptography import x509
 
+from doproxy.admin.server import AdminServer, configured_token
 from doproxy.config import load_settings, resolve_in
 from doproxy.core.balancers import make_balancer
+from doproxy.core.health import State
 from doproxy.core.http_rules import ErrorPage
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
-from doproxy.errors import ConfigError, Problem, ProviderError
+from doproxy.errors import ConfigError, DoproxyError, Problem, ProviderError
+from doproxy.events import EventLog
 from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
 from doproxy.machines import hold_server_lock, open_provider, provider_kind, set_state
@@ -411,6 +414,9 @@ class Runtime:
         self.provider: SwappableProvider | None = None  # the scaler's
         self._provider_config: tuple[object, ...] | None = None  # what it was made of
         self._reload_lock = asyncio.Lock()
+        self.events = EventLog()  # what happened, for the admin API and the status page
+        self.last_reload_error: str | None = None  # why the last reload failed, if it did
+        self.admin: AdminServer | None = None
 
     async def start(self) -> ProxyServer:
         settings = self.settings
@@ -425,11 +431,22 @@ class Runtime:
         server.error_pages = snap.error_pages
         await server.listen()
         self.server = server
-        self.checker = HealthChecker(settings, sink=lambda backend, state: self._refresh())
+        if self.config_file is not None and settings.admin.enable:
+            # A taken admin address stops the start, as a taken traffic port does.
+            admin = AdminServer(self)
+            try:
+                await admin.start()
+            except BaseException:
+                await server.shutdown()
+                self._exit.close()
+                raise
+            self.admin = admin
+        self.checker = HealthChecker(settings, sink=self._health_changed)
         self.checker.watch(server.pool.backends)
         self.stats = StatsCollector(lambda: server.pool, settings.backend.latency_average_seconds)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.stats.run(time.monotonic)))
+        self._tasks.append(loop.create_task(self._watch_ejections()))
         if self.config_file is not None:
             self._tasks.append(loop.create_task(self._finish_drains()))
             if settings.provisioning.enable:
@@ -458,7 +475,7 @@ class Runtime:
         provider = provider or open_provider(self.settings, self.base)
         self.provider = SwappableProvider(provider)
         self._provider_config = made_of
-        self.autoscaler = Autoscaler(self, self.provider)
+        self.autoscaler = Autoscaler(self, self.provider, events=self.events)
         self.autoscaler.start()
         p = self.settings.provisioning
         log.info(
@@ -511,6 +528,13 @@ class Runtime:
                 len(added),
                 len(removed),
             )
+            if added or removed:
+                self.events.publish(
+                    "membership",
+                    f"inventory applied: {len(server.pool.backends)} backend(s) "
+                    f"({', '.join(b.name for b in added) or 'none'} new, "
+                    f"{', '.join(b.name for b in removed) or 'none'} removed)",
+                )
             return True
 
     def _apply_pool(self, pool: Pool) -> tuple[list[Backend], list[Backend]]:
@@ -574,6 +598,35 @@ class Runtime:
         if self.server is not None:
             self.server.pool.refresh()
 
+    def _health_changed(self, backend: Backend, state: State) -> None:
+        self._refresh()
+        if state is State.DOWN:
+            why = backend.health.problem or "failed its health checks"
+            self.events.publish(
+                "health", f"{backend.name} is down: {why}", "warning", backend=backend.name
+            )
+        else:
+            self.events.publish("health", f"{backend.name} is up again", backend=backend.name)
+
+    async def _watch_ejections(self, every: float = 1.0) -> None:
+        """Passive-health ejections as events: the data plane only counts them (Backend.
+        ejections); this compares the counts once a second, off the request path."""
+        seen: dict[Backend, int] = {}
+        while True:
+            await asyncio.sleep(every)
+            for b in self.backends:
+                before = seen.get(b, b.ejections)
+                if b.ejections > before:
+                    self.events.publish(
+                        "ejection",
+                        f"{b.name} ejected: failed real requests in a row (passive health)",
+                        "warning",
+                        backend=b.name,
+                    )
+                seen[b] = b.ejections
+            for gone in [b for b in seen if b not in self.backends]:
+                del seen[gone]
+
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run `work` in a task that stop() cancels and that is forgotten once done."""
         task = asyncio.get_running_loop().create_task(work)
@@ -632,12 +685,25 @@ class Runtime:
         """Reload config and inventory. Returns True when the new configuration is running."""
         async with self._reload_lock:
             try:
-                return await self._reload()
+                ok = await self._reload()
             except ConfigError as e:
                 for problem in e.problems:
                     log.error("reload failed, keeping the running configuration: %s", problem)
-            except (OSError, ssl.SSLError, ProviderError) as e:
+                error = "; ".join(str(p) for p in e.problems)
+            except (OSError, ssl.SSLError, ProviderError, DoproxyError) as e:
                 log.error("reload failed, keeping the running configuration: %s", e)
+                error = str(e)
+            else:
+                self.last_reload_error = None
+                self.events.publish("reload", f"reloaded (generation {self.reloads})", result="ok")
+                return ok
+            self.last_reload_error = error
+            self.events.publish(
+                "reload",
+                f"reload failed, the running configuration stays: {error}",
+                "error",
+                result="failed",
+            )
             return False
 
     async def _reload(self) -> bool:
@@ -667,6 +733,9 @@ class Runtime:
                 new_provider = open_provider(settings, self.base)
             elif made_of != self._provider_config:
                 changed_provider = open_provider(settings, self.base)
+        admin_changed = settings.admin != old.admin
+        if admin_changed and settings.admin.enable:
+            configured_token(settings.admin, self.base)  # a token-file that cannot be read fails
         # Everything is valid: apply.
         if listen_changed:
             tls = None if certificates is None else CertificateSelector(certificates)
@@ -703,6 +772,8 @@ class Runtime:
             await self.provider.swap(changed_provider)
             self._provider_config = made_of
             log.info("autoscaler: %s provider reconfigured", changed_provider.kind)
+        if admin_changed:
+            await self._restart_admin()
         log.info(
             "reloaded: %d backend(s) (%d new, %d removed), balancing %s",
             len(pool.backends),
@@ -712,7 +783,28 @@ class Runtime:
         )
         return True
 
+    async def _restart_admin(self) -> None:
+        """Apply changed [admin] settings: the old listener closes, a new one opens. If the
+        new address cannot be had, the admin listener stays off and says so (the proxy and
+        the rest of the reload are not undone for it)."""
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        if not self.settings.admin.enable:
+            log.info("admin listener off")
+            return
+        admin = AdminServer(self)
+        try:
+            await admin.start()
+        except DoproxyError as e:
+            log.error("%s; the admin listener is off until a reload fixes it", e)
+            return
+        self.admin = admin
+
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
         tasks = [*self._tasks, *self._pending]
         for t in tasks:
             t.cancel()
