@@ -282,6 +282,9 @@ class Snapshot:
     entries: list[InventoryEntry]
     certificates: Certificates | None
     error_pages: dict[int, ErrorPage]
+    # What the scaler's provider is made of (provider_config), when provisioning is on: the
+    # token and user-data files are read here, so one that cannot be read fails the load.
+    provider: tuple[object, ...] | None = None
 
 
 def load_snapshot(
@@ -298,6 +301,7 @@ def load_snapshot(
         entries=entries,
         certificates=load_certificates(settings, base),
         error_pages=load_error_pages(settings, base),
+        provider=provider_config(settings, base) if settings.provisioning.enable else None,
     )
 
 
@@ -450,7 +454,7 @@ class Runtime:
         if self.config_file is not None:
             self._tasks.append(loop.create_task(self._finish_drains()))
             if settings.provisioning.enable:
-                self.start_autoscaler()
+                self.start_autoscaler(made_of=snap.provider)
         if self.config_file is not None:
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
             if settings.watch_config:
@@ -728,7 +732,7 @@ class Runtime:
         made_of: tuple[object, ...] | None = None
         scaler = self.autoscaler
         if settings.provisioning.enable:
-            made_of = provider_config(settings, self.base)
+            made_of = snap.provider
             if scaler is None or provider_kind(settings) != scaler.provider.kind:
                 new_provider = open_provider(settings, self.base)
             elif made_of != self._provider_config:
