@@ -1399,9 +1399,8 @@ class ClientConnection(asyncio.Protocol):
             if ex.started:
                 latency = head_at - ex.started
                 backend.latency_sum += latency
-                pool = self.server.pool
-                pool.samples.append(latency)
-                if pool.observe_latency:
+                backend.samples.append(latency)
+                if self.server.pool.observe_latency:
                     backend.latency.observe(latency, now)
             ex.backend = None
         if up is not None:

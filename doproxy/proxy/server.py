@@ -34,7 +34,9 @@ from doproxy.proxy.upstream import UpstreamConnection
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL: Final = 0.1
-_MAX_SAMPLES: Final = 200_000  # latency samples kept between two statistics ticks
+# Latency samples the backends keep between two statistics ticks, all together: a cap that
+# only matters when nobody collects them (no statistics running).
+_MAX_SAMPLES: Final = 200_000
 
 
 class ProxyServer:
@@ -235,10 +237,12 @@ class ProxyServer:
                 if body and body <= now and not conn.closed:
                     conn.on_body_deadline(now)
             self._end_ejections(now)
-            samples = self.pool.samples
-            if len(samples) > _MAX_SAMPLES:  # nobody collects them (no statistics running)
-                del samples[: len(samples) - _MAX_SAMPLES // 2]
-            for backend in self.pool.backends:
+            backends = self.pool.backends
+            most = _MAX_SAMPLES // max(len(backends), 1)
+            for backend in backends:
+                samples = backend.samples
+                if len(samples) > most:  # nobody collects them (no statistics running)
+                    del samples[: len(samples) - most // 2]
                 idle = backend.idle
                 # LIFO: the oldest idle connections sit at the bottom of the stack.
                 while idle and now - idle[0].idle_since > idle_timeout:
