@@ -45,6 +45,7 @@ class Backend:
         "port",
         "protocol_errors",
         "requests",
+        "responses",
         "samples",
     )
 
@@ -57,6 +58,11 @@ class Backend:
         self.idle: list[UpstreamConnection] = []
         self.in_flight = 0
         self.requests = 0
+        # Responses sent to clients for this backend, by status class: index status // 100
+        # (1..5; a 3-digit status above 599 lands in 6..9, nothing in 0). A list indexed
+        # directly costs the request path one index and one increment, and the metrics read
+        # it at scrape time (doproxy.metrics).
+        self.responses = [0] * 10
         # Each request's latency since the statistics' last tick (doproxy.statistics folds
         # them into this backend's p95 and the pool's): one append per request.
         self.samples: list[float] = []
