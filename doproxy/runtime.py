@@ -60,6 +60,7 @@ from doproxy.core.http_rules import ErrorPage
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
 from doproxy.errors import ConfigError, Problem, ProviderError
+from doproxy.events import EventLog
 from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
 from doproxy.machines import hold_server_lock, open_provider, provider_kind, set_state
@@ -411,6 +412,7 @@ class Runtime:
         self.provider: SwappableProvider | None = None  # the scaler's
         self._provider_config: tuple[object, ...] | None = None  # what it was made of
         self._reload_lock = asyncio.Lock()
+        self.events = EventLog()
 
     async def start(self) -> ProxyServer:
         settings = self.settings
@@ -632,12 +634,18 @@ class Runtime:
         """Reload config and inventory. Returns True when the new configuration is running."""
         async with self._reload_lock:
             try:
-                return await self._reload()
+                done = await self._reload()
             except ConfigError as e:
                 for problem in e.problems:
                     log.error("reload failed, keeping the running configuration: %s", problem)
+                error = "; ".join(str(p) for p in e.problems)
             except (OSError, ssl.SSLError, ProviderError) as e:
                 log.error("reload failed, keeping the running configuration: %s", e)
+                error = str(e)
+            else:
+                self.events.publish("reload", "configuration reloaded", result="ok")
+                return done
+            self.events.publish("reload", f"reload failed: {error}", "error", result="failed")
             return False
 
     async def _reload(self) -> bool:
