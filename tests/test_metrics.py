@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -456,3 +458,43 @@ def test_the_data_plane_never_imports_prometheus_client() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
     assert out.stdout.split() == ["False", "True"]
+
+
+# --- the Grafana dashboard --------------------------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json"
+
+
+def queries(node: object) -> Iterator[str]:
+    """Every PromQL text of a dashboard: panel targets, annotations, template variables."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("expr", "definition") and isinstance(value, str):
+                yield value
+            else:
+                yield from queries(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from queries(item)
+
+
+def family(sample_name: str) -> str:
+    return re.sub(r"_(bucket|sum|count)$", "", sample_name)
+
+
+async def test_the_grafana_dashboard_uses_every_metric_and_only_those(
+    tmp_path: Path, backend_factory: Factory, runtimes: list[Runtime]
+) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "doproxy" and dashboard["panels"]
+    used = {m for q in queries(dashboard) for m in re.findall(r"\bdoproxy_[a-z_]+", q)}
+    # Everything there is to expose: a running proxy with a backend, and an autoscaler that
+    # decided once (dry-run: it decides, never acts).
+    backend = await backend_factory(answering(200, b"ok"))
+    cfg = write_config(tmp_path, [backend.port], "[provisioning]\ndry-run = true\n")
+    rt = await start_runtime(cfg, runtimes)
+    rt.autoscaler = Autoscaler(rt, DownProvider())
+    await rt.autoscaler.tick()
+    exposed = names(scrape(Metrics(rt)))
+    assert used <= exposed, used - exposed
+    assert {family(n) for n in used} == {family(n) for n in exposed}
