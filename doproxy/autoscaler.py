@@ -62,6 +62,7 @@ from doproxy.core.autoscale import (
     decide,
     pick_victims,
 )
+from doproxy.core.histogram import PROVISION_BOUNDS, Histogram
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Provisioning, Settings
 from doproxy.errors import DoproxyError, MachineNotFound, ProvisionTimeout
@@ -159,6 +160,10 @@ class Autoscaler:
         # The task's health: the last error (None once it works again) and how many in a row.
         self.last_error: str | None = None
         self.errors = 0
+        self.errors_total = 0  # every error ever, for the metrics (`errors` resets on success)
+        # Seconds from a create's intent to its backend in the pool, for each create that
+        # succeeded (replacements included; adoptions of interrupted creates are not timed).
+        self.provision_seconds = Histogram(PROVISION_BOUNDS)
         # Failed creates in a row, and no create is started before create_after (clock()).
         self.create_failures = 0
         self.create_after = 0.0
@@ -285,6 +290,7 @@ class Autoscaler:
 
     def _failed(self, e: Exception) -> None:
         self.errors += 1
+        self.errors_total += 1
         self._reconcile_due = True
         if isinstance(e, DoproxyError):
             message = str(e)
@@ -695,6 +701,7 @@ class Autoscaler:
 
     async def _create(self, name: str) -> InventoryEntry:
         rt = self.runtime
+        started = self.clock()
         try:
             entry = await create_machine(
                 self.provider, name, rt.settings, rt.inventory_path, self._timeout()
@@ -704,6 +711,7 @@ class Autoscaler:
             raise
         log.info("autoscaler: %s (%s) is up at %s", entry.name, entry.id, entry.server_host)
         await rt.apply_inventory()
+        self.provision_seconds.observe(self.clock() - started)
         return entry
 
     async def _give_up(self, name: str) -> None:

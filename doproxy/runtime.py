@@ -66,6 +66,7 @@ from doproxy.events import EventLog
 from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
 from doproxy.machines import hold_server_lock, open_provider, provider_kind, set_state
+from doproxy.metrics import Metrics
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
 from doproxy.statistics import StatsCollector
@@ -421,6 +422,7 @@ class Runtime:
         self.events = EventLog()  # what happened, for the admin API and the status page
         self.last_reload_error: str | None = None  # why the last reload failed, if it did
         self.admin: AdminServer | None = None
+        self.metrics = Metrics(self)  # read at scrape time; nothing per request
 
     async def start(self) -> ProxyServer:
         settings = self.settings
@@ -437,7 +439,7 @@ class Runtime:
         self.server = server
         if self.config_file is not None and settings.admin.enable:
             # A taken admin address stops the start, as a taken traffic port does.
-            admin = AdminServer(self)
+            admin = AdminServer(self, self.metrics.exposition)
             try:
                 await admin.start()
             except BaseException:
@@ -797,7 +799,7 @@ class Runtime:
         if not self.settings.admin.enable:
             log.info("admin listener off")
             return
-        admin = AdminServer(self)
+        admin = AdminServer(self, self.metrics.exposition)
         try:
             await admin.start()
         except DoproxyError as e:

@@ -418,3 +418,26 @@ async def test_autoscaler_pause_and_limits_survive_a_restart(tmp_path: Path) -> 
         for m in await provider.list():
             await provider.destroy(m.id)
         await provider.close()
+
+
+async def test_metrics_are_served_and_a_scrape_reads_the_counters(
+    start: Start, two: tuple[RawBackend, RawBackend]
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a, b = two
+    rt, admin = await start(config(), inventory(a.port, b.port))
+    assert rt.server is not None
+    for _ in range(6):
+        assert (await request(rt.server.addresses[0][1], get("/m"))).status == 200
+    async with admin.session.get(admin.url + "/metrics") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = await r.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    total = sum(
+        s.value
+        for s in families["doproxy_requests"].samples
+        if s.name == "doproxy_requests_total" and s.labels["code_class"] == "2xx"
+    )
+    assert total == 6

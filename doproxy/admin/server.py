@@ -544,11 +544,12 @@ def backend_view(runtime: Served, b: Backend) -> dict[str, Any]:
         "in_flight": b.in_flight,
         "requests": b.requests,
         "failures": b.failures,
-        "requests_per_second": _round(getattr(st, "requests_per_second", None), 3),
+        "requests_per_second": _round(st.requests_per_second if st is not None else None, 3),
         "error_rate": _round(b.failure_rate, 4),
         "latency": {
-            "average": _round(st.latency.value if st is not None else None),
-            "p95": _round(getattr(st, "p95", None)),
+            # None until the backend has answered a request: 0 would read as "instant".
+            "average": _round(st.latency.value if st is not None and st.requests else None),
+            "p95": _round(st.p95 if st is not None and st.requests else None),
         },
         "age": _round(age, 0),
         "owner": owner,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
@@ -53,6 +54,7 @@ from doproxy.core.forwarding import (
     parse_proxy_header,
     valid_host,
 )
+from doproxy.core.histogram import REQUEST_BOUNDS
 from doproxy.core.http_rules import (
     CONNECTION,
     IDEMPOTENT_METHODS,
@@ -170,7 +172,7 @@ class Exchange:
     # buffer-body-bytes; None when not kept (not idempotent, or too large).
     kept: list[bytes] | None = None
     kept_size = 0
-    status = 0  # the status answered to the client (for the access log)
+    status = 0  # the status answered to the client (access log, per-class counts)
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
@@ -1058,8 +1060,7 @@ class ClientConnection(asyncio.Protocol):
             write_soon(t, out)
         if not keep:
             ex.keep_alive = False
-        if self._access_log:
-            ex.status = int(text[9:12])
+        ex.status = int(code)  # counted by class in _finish
         self.server.express_responses += 1
         self._finish(ex, up, reusable=backend_keep_alive)
         return True
@@ -1271,6 +1272,8 @@ class ClientConnection(asyncio.Protocol):
         self._write(b"".join(out))
         if rest:
             self._write(rest)
+        # The 101 is this exchange's answer (a tunnel never reaches _finish): its class count.
+        up.backend.responses[1] += 1
         up.tunnel = True
         self._tunnel = up
         t = up.transport
@@ -1391,17 +1394,19 @@ class ClientConnection(asyncio.Protocol):
         head_at = ex.head_at or now
         if ex.begun:
             server = self.server
+            waited = head_at - ex.begun
             server.exchanges += 1
-            server.exchange_time += head_at - ex.begun
+            server.exchange_time += waited
+            server.durations[bisect_left(REQUEST_BOUNDS, waited)] += 1
         if backend is not None:
             backend.in_flight -= 1
             backend.requests += 1
+            backend.responses[ex.status // 100] += 1
             if ex.started:
                 latency = head_at - ex.started
                 backend.latency_sum += latency
-                pool = self.server.pool
-                pool.samples.append(latency)
-                if pool.observe_latency:
+                backend.samples.append(latency)
+                if self.server.pool.observe_latency:
                     backend.latency.observe(latency, now)
             ex.backend = None
         if up is not None:
@@ -1464,6 +1469,7 @@ class ClientConnection(asyncio.Protocol):
         if err is not None:
             # The bad request that followed the good ones: its answer comes last.
             self._rejected = None
+            self.server.generated[err.status // 100] += 1
             page = self.server.error_body(err.status)
             self._write(error_response(err.status, page, head=self._rejected_head))
             self._close(linger=True)
@@ -1491,16 +1497,23 @@ class ClientConnection(asyncio.Protocol):
         if ex.response_started:
             self._finish(ex, ex.upstream, reusable=False, abort=True)
             return
-        if ex.backend is not None:
-            ex.backend.in_flight -= 1
-            ex.backend.failures += 1
+        server = self.server
+        failed = ex.backend
+        if failed is not None:
+            failed.in_flight -= 1
+            failed.failures += 1
+            # The gateway error this backend caused is counted as its response.
+            failed.responses[err.status // 100] += 1
             ex.backend = None
+        else:
+            server.generated[err.status // 100] += 1
         if ex.begun and err.status != 503:
             # A backend failed it (refused, reset, timed out, broke HTTP): the user waited all
             # that time, so the autoscaler's signal counts it. (503: no backend to ask.)
-            server = self.server
+            waited = self._now() - ex.begun
             server.exchanges += 1
-            server.exchange_time += self._now() - ex.begun
+            server.exchange_time += waited
+            server.durations[bisect_left(REQUEST_BOUNDS, waited)] += 1
         up = ex.upstream
         if up is not None:
             ex.upstream = None
@@ -1560,6 +1573,7 @@ class ClientConnection(asyncio.Protocol):
                 self._flush()
             return
         self._held = None
+        self.server.generated[err.status // 100] += 1
         self._write(error_response(err.status, self.server.error_body(err.status), head=head))
         self._close(linger=True)
 
