@@ -76,8 +76,13 @@ async def cli(cfg: Path, *args: str, timeout: float = 30) -> Run:
 @dataclass
 class Server:
     rt: Runtime
-    admin: Admin
     config: Path
+    client: Admin | None  # None when the server has no admin listener
+
+    @property
+    def admin(self) -> Admin:
+        assert self.client is not None
+        return self.client
 
     @property
     def port(self) -> int:
@@ -101,7 +106,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
         rt = Runtime(load_settings(cfg), load_inventory(tmp_path / "inventory.toml"), cfg)
         await rt.start()
         made.append(rt)
-        return Server(rt, Admin(rt, session), cfg)
+        return Server(rt, cfg, Admin(rt, session) if rt.admin is not None else None)
 
     yield _start
     await session.close()
@@ -227,7 +232,7 @@ async def test_drain_and_enable_through_the_api(
         await srv.admin.call("POST", f"/api/backends/{b.port}/disable")
         held = asyncio.ensure_future(request(srv.port, get("/held")))
         await wait_for(lambda: backend_a.in_flight == 1)
-        command = asyncio.ensure_future(cli(srv.config, "drain", str(a.port)))
+        command = asyncio.ensure_future(cli(srv.config, "drain", f"b{a.port}"))  # by name
         await wait_for(lambda: backend_a.entry.state == "draining", timeout=15)
         assert not command.done()  # waiting for the request in flight
         release.set()
@@ -243,8 +248,8 @@ async def test_drain_and_enable_through_the_api(
         assert states[str(a.port)] == "disabled"
         assert srv.rt.server is not None and backend_a not in srv.rt.server.pool.eligible
 
-        # Enable it again, by name this time.
-        r = await cli(srv.config, "enable", f"b{a.port}")
+        # Enable it again, by id.
+        r = await cli(srv.config, "enable", str(a.port))
         assert r.code == 0, r.err
         assert f"enabled b{a.port} ({a.port}) through the running server" in r.out
         assert load_inventory(srv.rt.inventory_path)[0].state == "active"
@@ -281,6 +286,29 @@ async def test_without_a_server_drain_and_enable_change_the_inventory(tmp_path: 
     assert r.code == 1 and "b8 (8) is disabled, not active" in r.err
     r = await cli(cfg, "enable", "99")
     assert r.code == 1 and "99 is not in the inventory (inventory.toml)" in r.err
+
+
+async def test_a_server_without_its_admin_listener_finishes_a_drain_from_the_inventory(
+    start: Start, two: tuple[RawBackend, RawBackend]
+) -> None:
+    a, b = two
+    srv = await start(config(admin="enable = false"), inventory(a.port, b.port))
+    assert srv.rt.admin is None
+    r = await cli(srv.config, "drain", str(a.port))
+    assert r.code == 0, r.err
+    assert f"the doproxy server (pid {os.getpid()})" in r.err and "no admin listener" in r.err
+    assert "changing the inventory instead" in r.err
+    assert (
+        f"drained b{a.port} ({a.port}) through the inventory: the server on it finished the "
+        "drain; it is now disabled"
+    ) in r.out
+    assert [e.state for e in load_inventory(srv.rt.inventory_path)] == ["disabled", "active"]
+    backend_a = next(x for x in srv.rt.backends if x.key == str(a.port))
+    assert srv.rt.server is not None and backend_a not in srv.rt.server.pool.eligible
+    r = await cli(srv.config, "enable", str(a.port))
+    assert r.code == 0, r.err
+    assert "in the inventory (a running server picks it up from there)" in r.out
+    await wait_for(lambda: backend_a in srv.rt.server.pool.eligible)  # type: ignore[union-attr]
 
 
 async def test_a_wrong_token_is_refused_without_showing_it(
@@ -432,3 +460,38 @@ async def test_events_follow_survives_a_server_restart(
         assert await follow.interrupt() == 0
     finally:
         await follow.kill()
+
+
+async def test_status_shows_a_paused_autoscaler_its_overrides_and_decisions(
+    tmp_path: Path,
+) -> None:
+    """Paused before it starts (as in test_admin), so the scaler decides but creates nothing."""
+    import uuid
+
+    from doproxy.autoscaler import overrides_path
+    from doproxy.machines import open_provider
+    from tests.test_autoscaler_e2e import local_config
+
+    cfg = local_config(tmp_path, f"doproxy-test-{uuid.uuid4().hex[:8]}")
+    overrides_path(tmp_path / "inventory.toml").write_text('{"paused": true, "max-backends": 2}\n')
+    settings = load_settings(cfg)
+    rt = Runtime(settings, [], cfg)
+    await rt.start()
+    try:
+        await wait_for(lambda: any(e.kind == "scaling" for e in rt.events.ring), timeout=15)
+        r = await cli(cfg, "status")
+        assert r.code == 0, r.err
+        assert "backends (0)" in r.out
+        assert "paused: decides, does not act" in r.out
+        assert "1 .. 2 (override; config 3)" in r.out
+        assert "last decisions" in r.out and " up " in r.out
+        r = await cli(cfg, "status", "--output", "json")
+        assert r.code == 0, r.err
+        scaler = json.loads(r.out)["autoscaler"]
+        assert (scaler["paused"], scaler["max-backends"]) == (True, 2)
+    finally:
+        await rt.stop()
+        provider = open_provider(settings, tmp_path)
+        for m in await provider.list():
+            await provider.destroy(m.id)
+        await provider.close()
