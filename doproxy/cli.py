@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--ports", default="9100-9199", help="ports for the demo backends")
     sub.add_parser("check", help="validate the config and the inventory; contacts nothing")
     _machine_commands(sub)
+    _server_commands(sub)
     simulate.add_parser(sub)
     # Every command, including those other modules define (simulate), takes them after its name.
     for command in sub.choices.values():
@@ -129,6 +130,50 @@ def _machine_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
 
 
+def _server_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Commands for a running server, through its admin API (found beside the inventory)."""
+    s = sub.add_parser(
+        "status",
+        help="the running server: backends, autoscaler, recent events",
+        description="Show the running server's backends (state, health, load, latency), its "
+        "autoscaler and its recent events. Exits 1 when no server runs on the inventory.",
+    )
+    s.add_argument(
+        "--output",
+        choices=["table", "json"],
+        default="table",
+        help='table (default); json: one object {"status", "autoscaler", "events"} for scripts',
+    )
+    e = sub.add_parser(
+        "events",
+        help="the running server's recent events (--follow: as they happen)",
+        description="Print the running server's events (health, ejections, reloads, scaling, "
+        "membership), oldest first. With --follow, keep printing new ones until Ctrl-C; when "
+        "the server stops, wait for one to start on the same inventory.",
+    )
+    e.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    e.add_argument("--since", type=int, default=0, metavar="ID", help="only events after this id")
+    e.add_argument(
+        "--output",
+        choices=["text", "json"],
+        default="text",
+        help="text (default); json: one JSON object per line",
+    )
+    for verb, text in (
+        ("drain", "stop sending new requests to a backend; wait for in-flight ones to finish"),
+        ("enable", "send traffic to a backend again"),
+        ("disable", "stop sending requests to a backend at once"),
+    ):
+        p = sub.add_parser(
+            verb,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]}. Through the running server's admin API "
+            "when one answers (the pool changes at once, and the inventory with it); through "
+            "the inventory when none does.",
+        )
+        p.add_argument("id", help="the backend's id (or its name, when unique)")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -164,10 +209,39 @@ def _run(args: argparse.Namespace) -> int:
         return simulate.run(args)
     if args.command in _MACHINE_COMMANDS:
         return _machine(args)
+    if args.command in _SERVER_COMMANDS:
+        return _server(args)
     raise AssertionError(args.command)
 
 
 _MACHINE_COMMANDS = ("create", "list", "add", "delete", "destroy", "reboot", "sanitize")
+_SERVER_COMMANDS = ("status", "events", "drain", "enable", "disable")
+
+
+def _server(args: argparse.Namespace) -> int:
+    import asyncio
+    from collections.abc import Awaitable
+
+    from doproxy import commands as c
+    from doproxy import server_commands as s
+
+    async def main() -> int:
+        ctx = c.Context(args.config)
+        work: Awaitable[int]
+        if args.command == "status":
+            work = s.status(ctx, args.output)
+        elif args.command == "events":
+            work = s.events(ctx, args.follow, args.since, args.output)
+        else:
+            work = s.backend_state(ctx, args.command, args.id)
+        return await c.run(ctx, work)
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        if args.command == "events" and args.follow:
+            return 0  # Ctrl-C is how a follow ends: not a failure
+        raise
 
 
 def _machine(args: argparse.Namespace) -> int:

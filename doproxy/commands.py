@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from doproxy.config import load_settings, resolve_relative
@@ -96,16 +97,60 @@ def _ask(question: str) -> str:
         return ""
 
 
-def _progress(ctx: Context, what: str) -> Callable[[Machine, float], None]:
-    """One line per change of status (and every 10 s), so logs and terminals both read well."""
-    last_status = ""
-    last_at = -10.0
+class Waiting:
+    """A long wait (a machine booting, a drain), shown while it lasts.
+
+    On a terminal: one live line, a spinner, what is awaited and its status, and the elapsed
+    time, redrawn in place; when the wait ends the line is replaced by its last state. Anywhere
+    else (a log, a pipe, a test) a live line would be a mess of control codes, so: a plain line
+    per change of status and every 10 s, which logs and terminals both read well.
+    """
+
+    def __init__(self, console: Console, what: str) -> None:
+        self.console = console
+        self.what = what
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._status = ""
+        self._shown_at = -10.0
+        self._line = ""
+
+    def __enter__(self) -> Waiting:
+        if self.console.is_terminal:
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}", markup=False),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.what, total=None)
+        return self
+
+    def update(self, status: str, elapsed: float, detail: str = "") -> None:
+        """`status` is what changed (a line each time it does); `detail` (e.g. a count of
+        requests in flight) is shown with it but is no reason for a line of its own."""
+        text = f"{self.what}: {status}{detail}" if status or detail else self.what
+        self._line = f"  {text} ({elapsed:.0f}s)"
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, description=text)
+        elif status != self._status or elapsed - self._shown_at >= 10.0:
+            self._status, self._shown_at = status, elapsed
+            self.console.print(self._line, markup=False, highlight=False)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            if self._line:
+                self.console.print(self._line, markup=False, highlight=False)
+
+
+def _progress(ctx: Context, waiting: Waiting) -> Callable[[Machine, float], None]:
+    """A machine's status while it boots, for wait_active."""
 
     def show(m: Machine, elapsed: float) -> None:
-        nonlocal last_status, last_at
-        if m.status != last_status or elapsed - last_at >= 10.0:
-            last_status, last_at = m.status, elapsed
-            ctx.say(f"  {what} {m.name}: {m.status} ({elapsed:.0f}s)")
+        waiting.update(m.status, elapsed)
 
     return show
 
@@ -117,14 +162,15 @@ async def create(ctx: Context, name: str | None) -> int:
     settings = ctx.settings
     name = name or new_name(provisioner(settings).name_prefix)
     ctx.say(f"creating {ctx.provider.kind} machine {name} ...")
-    entry = await create_machine(
-        ctx.provider,
-        name,
-        settings,
-        ctx.inventory,
-        ctx.create_timeout,
-        _progress(ctx, "waiting for"),
-    )
+    with Waiting(ctx.err, f"waiting for {name}") as waiting:
+        entry = await create_machine(
+            ctx.provider,
+            name,
+            settings,
+            ctx.inventory,
+            ctx.create_timeout,
+            _progress(ctx, waiting),
+        )
     nudge_server(ctx.inventory, settings)
     ctx.out.print(f"created {entry.name} (id {entry.id}) serving at {entry.server_host}")
     return 0
@@ -181,7 +227,7 @@ async def destroy(ctx: Context, machine_id: str, yes: bool) -> int:
     # running server counts it as present meanwhile, and when this command dies half-way the
     # server's next reconcile finishes the destroy (for a machine this installation owns).
     if entry is not None:
-        outcome = await drain(ctx.inventory, machine_id, ctx.settings, retiring=True)
+        outcome = await drain_shown(ctx, machine_id, label, retiring=True)
         ctx.say(f"  drain: {outcome}")
     try:
         await ctx.provider.destroy(machine_id)
@@ -201,7 +247,7 @@ async def reboot(ctx: Context, machine_id: str, within: float | None = None) -> 
     if entry is None:
         raise DoproxyError(f"{machine_id} is not in the inventory ({ctx.inventory.name})")
     label = f"{entry.name} ({machine_id})" if entry.name else machine_id
-    outcome = await drain(ctx.inventory, machine_id, ctx.settings)
+    outcome = await drain_shown(ctx, machine_id, label)
     ctx.say(f"  drain: {outcome}")
     ctx.say(f"rebooting {label} ...")
     try:
@@ -214,6 +260,21 @@ async def reboot(ctx: Context, machine_id: str, within: float | None = None) -> 
     nudge_server(ctx.inventory, ctx.settings)
     ctx.out.print(f"rebooted {label}; it takes traffic again")
     return 0
+
+
+async def drain_shown(
+    ctx: Context, machine_id: str, label: str, retiring: bool | None = None
+) -> str:
+    """Drain through the inventory (doproxy.machines.drain), the wait for a running server to
+    finish it shown as it lasts."""
+    with Waiting(ctx.err, f"draining {label}") as waiting:
+
+        def show(elapsed: float) -> None:
+            waiting.update("waiting for the server to finish it", elapsed)
+
+        return await drain(
+            ctx.inventory, machine_id, ctx.settings, retiring=retiring, progress=show
+        )
 
 
 async def _wait_healthy(ctx: Context, entry: InventoryEntry, within: float) -> None:
@@ -332,14 +393,15 @@ async def sanitize(ctx: Context, apply: bool, orphans: str | None) -> int:
             drop_intent(ctx.inventory, e.name)
         ctx.out.print(f"removed {e.name or e.id} from the inventory")
     for _, m in found.intents_found:
-        entry = await adopt(
-            ctx.provider,
-            m,
-            ctx.settings,
-            ctx.inventory,
-            ctx.create_timeout,
-            _progress(ctx, "waiting for"),
-        )
+        with Waiting(ctx.err, f"waiting for {m.name}") as waiting:
+            entry = await adopt(
+                ctx.provider,
+                m,
+                ctx.settings,
+                ctx.inventory,
+                ctx.create_timeout,
+                _progress(ctx, waiting),
+            )
         ctx.out.print(f"adopted {entry.name} ({entry.id}) at {entry.server_host}")
     for e in found.retiring:
         with contextlib.suppress(MachineNotFound):

@@ -451,9 +451,11 @@ async def drain(
     settings: Settings,
     clock: Callable[[], float] | None = None,
     retiring: bool | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> str:
     """Drain a backend through the inventory and wait for a running server to finish it.
-    `retiring=True` marks the entry as about to be destroyed (see InventoryEntry.retiring).
+    `retiring=True` marks the entry as about to be destroyed (see InventoryEntry.retiring);
+    `progress(elapsed)` is called while it waits (the CLI's progress line).
 
     Returns what happened, for the user: "drained", "no server running" or "not in inventory".
     """
@@ -465,11 +467,14 @@ async def drain(
     nudge_server(path, settings)
     loop = asyncio.get_running_loop()
     now = clock or loop.time
-    deadline = now() + settings.provisioning.drain_timeout + 10.0
+    start = now()
+    deadline = start + settings.provisioning.drain_timeout + 10.0
     while now() < deadline:
         e = find_entry(load_inventory(path), machine_id)
         if e is None or e.state != "draining":
             return "drained"
+        if progress is not None:
+            progress(now() - start)
         await asyncio.sleep(0.1)
     # The server did not answer (stuck or gone): the drain timeout has passed in any case.
     set_state(path, machine_id, "disabled")

@@ -220,7 +220,8 @@ async def test_drain_enable_disable_weight_change_the_pool_and_the_inventory(
         assert status == 400 and "weight" in body["error"]
     status, body = await admin.call("PUT", f"/api/backends/{b.port}/weight", body=[7])
     assert (status, body) == (400, {"error": "the body must be a JSON object"})
-    assert (await admin.call("POST", "/api/backends/nope/disable"))[0] == 404
+    status, body = await admin.call("POST", "/api/backends/nope/disable")
+    assert (status, body) == (404, {"error": "no backend nope"})  # the handler's words stay
     status, body = await admin.call("GET", "/api/nothing-here", token=None)
     assert status == 404 and body == {"error": "no such endpoint: GET /api/nothing-here"}
     # Each change is an event.

@@ -25,6 +25,11 @@ COMMANDS = [
     ["destroy", "1"],
     ["reboot", "1"],
     ["sanitize"],
+    ["status"],
+    ["events"],
+    ["drain", "1"],
+    ["enable", "1"],
+    ["disable", "1"],
 ]
 
 

@@ -245,10 +245,14 @@ class AdminServer:
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            text = e.text if e.text and not e.text.startswith(str(e.status)) else e.reason
-            if e.status == 404:
+            given = e.text or ""
+            custom = bool(given) and not given.startswith(str(e.status))
+            text = given if custom else e.reason
+            # The router's own 404 and 405 (aiohttp's "404: Not Found") are said in our words;
+            # a handler's (e.g. "no backend 7") keep theirs: they say what was not found.
+            if e.status == 404 and not custom:
                 text = f"no such endpoint: {request.method} {request.path}"
-            elif e.status == 405:
+            elif e.status == 405 and not custom:
                 text = f"{request.method} is not allowed on {request.path}"
             return _json_error(e.status, text or e.reason)
         except DoproxyError as e:
