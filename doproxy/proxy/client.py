@@ -97,7 +97,6 @@ if TYPE_CHECKING:
     from doproxy.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("doproxy.access")  # one line per request, when enabled
 
 # Reasons reading from the client is paused (bit flags).
 _PAUSE_BACKEND: Final = 1  # the backend's write buffer is full
@@ -170,7 +169,10 @@ class Exchange:
     # buffer-body-bytes; None when not kept (not idempotent, or too large).
     kept: list[bytes] | None = None
     kept_size = 0
-    status = 0  # the status answered to the client (for the access log)
+    # For the access log, kept only while it is on: the status answered to the client, and
+    # the response body bytes handed to it.
+    status = 0
+    body_sent = 0
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
@@ -231,6 +233,15 @@ def flush_writes() -> None:
 
 _CLOSE_LINE: Final = b"Connection: close\r\n"
 _LEAN_MAX: Final = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
+
+
+def _header_value(head: bytes, low: str, name: str) -> bytes | None:
+    """The value of the first header `name` ("\\r\\nreferer:") in a validated head, `low` being
+    the head decoded as latin-1 and lower-cased; None when absent."""
+    i = low.find(name)
+    if i < 0:
+        return None
+    return head[i + len(name) : low.find("\r\n", i + 2)].strip(b" \t")
 
 
 def _switches(low: str) -> bool:
@@ -1060,6 +1071,7 @@ class ClientConnection(asyncio.Protocol):
             ex.keep_alive = False
         if self._access_log:
             ex.status = int(text[9:12])
+            ex.body_sent = length
         self.server.express_responses += 1
         self._finish(ex, up, reusable=backend_keep_alive)
         return True
@@ -1184,11 +1196,16 @@ class ClientConnection(asyncio.Protocol):
     def response_body(self, body: bytes) -> None:
         if self.deadline_kind == DEADLINE_BACKEND_READ:
             self.deadline = self._now() + self._t_backend_read
-        mode = self.queue[0].out_mode
+        ex = self.queue[0]
+        mode = ex.out_mode
         if mode == _OUT_RAW:
             self._write(body)
         elif mode == _OUT_CHUNKED:
             self._write(chunk(body))
+        else:
+            return
+        if self._access_log:
+            ex.body_sent += len(body)
 
     def response_complete(self, up: UpstreamConnection) -> None:
         if not self.queue:
@@ -1385,7 +1402,9 @@ class ClientConnection(asyncio.Protocol):
         now = self._now()
         backend = ex.backend
         if self._access_log:
-            self._log_access(ex, now, abort)
+            # A response cut short is logged with the status its head carried and the body
+            # bytes that got out, as nginx does; the warning that cut it says why.
+            self._log_access(ex, now, backend)
         # Latency is the time to the response head: a streamed body or a tunnel says nothing
         # about how long the backend made the user wait.
         head_at = ex.head_at or now
@@ -1432,20 +1451,29 @@ class ClientConnection(asyncio.Protocol):
         elif self._plain_upgrade is ex:
             self._plain_upgrade = None
 
-    def _log_access(self, ex: Exchange, now: float, aborted: bool) -> None:
-        """One line per request on the "doproxy.access" logger (only when access-log is on)."""
-        first = ex.head[: ex.head.find(b"\r\n")].decode("latin-1")
-        target = first.split(" ")[1] if first.count(" ") >= 2 else "-"
-        backend = ex.backend
-        access_log.info(
-            '%s "%s %s HTTP/%s" %s %.1fms %s',
-            self.peer_ip.decode(),
-            ex.method.decode(),
-            target,
-            ex.version.decode(),
-            "cut" if aborted else (ex.status or "-"),
-            (now - ex.started) * 1000.0 if ex.started else 0.0,
-            backend.name if backend is not None else "-",
+    def _log_access(self, ex: Exchange, now: float, backend: Backend | None) -> None:
+        """One access log line for `ex`, answered by `backend` (called only when access-log is
+        on, so none of this costs anything when it is off)."""
+        sink = self.server.access
+        if sink is None:
+            return  # a reload turned the log off after this connection opened
+        # The head as forwarded: its request line is "METHOD target HTTP/1.1", and Referer and
+        # User-Agent pass unchanged (they are end-to-end headers).
+        head = ex.head
+        first = head[: head.find(b"\r\n")]
+        low = head.decode("latin-1").lower()
+        sink.request(
+            self.peer_ip,
+            ex.method,
+            first[len(ex.method) + 1 : first.rfind(b" ")],
+            ex.version,
+            ex.status,
+            ex.body_sent,
+            _header_value(head, low, "\r\nreferer:"),
+            _header_value(head, low, "\r\nuser-agent:"),
+            now - ex.begun if ex.begun else 0.0,  # from the first dispatch, retries included
+            backend.entry.server_host if backend is not None else None,
+            len(ex.tried),
         )
 
     def _continue(self, now: float) -> None:
@@ -1491,9 +1519,10 @@ class ClientConnection(asyncio.Protocol):
         if ex.response_started:
             self._finish(ex, ex.upstream, reusable=False, abort=True)
             return
-        if ex.backend is not None:
-            ex.backend.in_flight -= 1
-            ex.backend.failures += 1
+        backend = ex.backend  # the one that failed it, for the access log
+        if backend is not None:
+            backend.in_flight -= 1
+            backend.failures += 1
             ex.backend = None
         if ex.begun and err.status != 503:
             # A backend failed it (refused, reset, timed out, broke HTTP): the user waited all
@@ -1507,13 +1536,15 @@ class ClientConnection(asyncio.Protocol):
             up.client = None
             up.close()
         log.debug("answering %d: %s", err.status, err.detail)
-        if self._access_log:
-            ex.status = err.status
-            self._log_access(ex, self._now(), False)
         # Keep the connection only when the request is fully read and nothing else is odd.
         keep = ex.keep_alive and ex.request_done and not ex.upgrade and not self.server.draining
         page = self.server.error_body(err.status)
-        self._write(error_response(err.status, page, close=not keep, head=ex.is_head))
+        out = error_response(err.status, page, close=not keep, head=ex.is_head)
+        if self._access_log:
+            ex.status = err.status
+            ex.body_sent = 0 if ex.is_head else len(out) - out.find(b"\r\n\r\n") - 4
+            self._log_access(ex, self._now(), backend)
+        self._write(out)
         self.queue.popleft()
         if not keep:
             self._close(linger=True)

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import ssl
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from doproxy.core.health import ejection_duration, may_eject
 from doproxy.core.http_rules import ErrorPage
@@ -30,6 +30,9 @@ from doproxy.errors import BadGateway, ClientError, GatewayTimeout
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.client import ClientConnection, Exchange, flush_writes
 from doproxy.proxy.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from doproxy.proxy.access import AccessLog
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,9 @@ class ProxyServer:
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self.error_pages: dict[int, ErrorPage] = {}  # loaded by the runtime from [error-pages]
+        # Where access lines go, set by the runtime when access-log is on. Read per line, so
+        # a reload that turns the log off or moves it takes effect on open connections too.
+        self.access: AccessLog | None = None
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._dials: set[asyncio.Task[None]] = set()
