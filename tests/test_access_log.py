@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import signal
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -486,3 +488,91 @@ def test_check_reports_an_access_log_file_it_could_not_open(
     (tmp_path / "doproxy.toml").write_text('access-log = true\naccess-log-file = "ok.log"\n')
     assert run_check(cwd=tmp_path).returncode == 0
     assert not (tmp_path / "ok.log").exists()
+
+
+async def test_refused_requests_are_logged_and_a_silent_connection_is_not(
+    make_runtime: MakeRuntime, backend: RawBackend, tmp_path: Path
+) -> None:
+    rt = await make_runtime(
+        'access-log = true\naccess-log-file = "access.log"\n'
+        '[limits]\nmax-body-bytes = 10\n[timeouts]\nclient-header = "0.5s"',
+        backend.port,
+    )
+    silent = await Client.connect(port_of(rt))  # sends nothing: a 408, but no request
+    partial = await Client.connect(port_of(rt))
+    await partial.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n")  # a head that never ends
+    assert await silent.closed() and await partial.closed()
+    await silent.close()
+    await partial.close()
+    assert (await request(port_of(rt), b"NOT HTTP AT ALL\r\n\r\n")).status == 400
+    big = b"POST /big HTTP/1.1\r\nHost: h\r\nUser-Agent: up\r\nContent-Length: 100\r\n\r\n"
+    assert (await request(port_of(rt), big)).status == 413
+    got = [COMBINED.fullmatch(x) for x in lines(rt, tmp_path / "access.log")]
+    assert all(got)
+    assert [(m["request"], m["status"], m["backend"]) for m in got if m] == [
+        ("-", "408", "-"),  # the partial head; the silent connection has no line
+        ("-", "400", "-"),
+        ("POST /big HTTP/1.1", "413", "-"),  # refused from its head: its request line shows
+    ]
+    assert [m["user_agent"] for m in got if m][2] == "up"
+
+
+async def test_a_client_that_leaves_before_the_answer_is_a_499(
+    make_runtime: MakeRuntime,
+    backend_factory: Callable[..., Awaitable[RawBackend]],
+    tmp_path: Path,
+) -> None:
+    from tests.support import silent
+
+    b = await backend_factory(silent)
+    rt = await make_runtime('access-log = true\naccess-log-file = "access.log"', b.port)
+    c = await Client.connect(port_of(rt))
+    await c.send(get("/waiting"))
+    await wait_for(lambda: bool(b.all_received))  # the request reached the backend
+    # Gone for good, with a reset (a client that only half-closes still gets its answer).
+    sock = c.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.writer.transport.abort()
+    await wait_for(lambda: bool(lines(rt, tmp_path / "access.log")))
+    (line,) = lines(rt, tmp_path / "access.log")
+    m = COMBINED.fullmatch(line)
+    assert m, line
+    assert (m["request"], m["status"], m["bytes"]) == ("GET /waiting HTTP/1.1", "499", "0")
+    assert m["backend"] == f"127.0.0.1:{b.port}"
+
+
+async def test_a_websocket_tunnel_is_logged_when_it_closes(
+    make_runtime: MakeRuntime,
+    backend_factory: Callable[..., Awaitable[RawBackend]],
+    tmp_path: Path,
+) -> None:
+    async def upgrade(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        while data := await reader.read(65536):  # a raw echo stands in for frames
+            writer.write(data)
+            await writer.drain()
+
+    b = await backend_factory(upgrade)
+    rt = await make_runtime(
+        'access-log = true\naccess-log-format = "json"\naccess-log-file = "access.log"', b.port
+    )
+    c = await Client.connect(port_of(rt))
+    await c.send(
+        b"GET /chat HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    head = await c.reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    for message in (b"ping", b"longer message"):
+        await c.send(message)
+        assert await c.reader.readexactly(len(message)) == message
+    assert not lines(rt, tmp_path / "access.log")  # open: nothing to log yet
+    await c.close()
+    await wait_for(lambda: bool(lines(rt, tmp_path / "access.log")))
+    (entry,) = (json.loads(x) for x in lines(rt, tmp_path / "access.log"))
+    assert (entry["target"], entry["status"], entry["bytes"]) == ("/chat", 101, 18)

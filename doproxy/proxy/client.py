@@ -477,6 +477,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connection_closed(self)
+        if self._access_log and self.queue and self.queue[0].begun:
+            self._log_unfinished(self.queue[0])
         tunnel = self._tunnel
         if tunnel is not None:
             self._tunnel = None
@@ -640,7 +642,7 @@ class ClientConnection(asyncio.Protocol):
         if self._hash_header:
             self._set_hash_key(ex, split_head(data[:-2])[1])
         if self._max_body and self._body_left > self._max_body:
-            self._reject(ContentTooLarge())
+            self._reject(ContentTooLarge(), ex)
             return
         if self._body_left > 0:
             self.parsing = ex  # the body follows in later chunks (see _lean_body)
@@ -1288,6 +1290,9 @@ class ClientConnection(asyncio.Protocol):
         self._write(b"".join(out))
         if rest:
             self._write(rest)
+        if self._access_log:
+            ex.status = 101  # logged when the tunnel closes (connection_lost)
+            ex.body_sent = len(rest)
         up.tunnel = True
         self._tunnel = up
         t = up.transport
@@ -1302,6 +1307,8 @@ class ClientConnection(asyncio.Protocol):
         if self.deadline_kind == DEADLINE_TUNNEL:
             self.deadline = self._now() + self._t_tunnel
         self._write(data)
+        if self._access_log and self.queue:
+            self.queue[0].body_sent += len(data)  # as nginx counts a tunnel's bytes
 
     # --- retries ----------------------------------------------------------------------------
 
@@ -1458,23 +1465,51 @@ class ClientConnection(asyncio.Protocol):
         if sink is None:
             return  # a reload turned the log off after this connection opened
         # The head as forwarded: its request line is "METHOD target HTTP/1.1", and Referer and
-        # User-Agent pass unchanged (they are end-to-end headers).
+        # User-Agent pass unchanged (they are end-to-end headers). No head: a request refused
+        # before it was understood, logged as "-".
         head = ex.head
-        first = head[: head.find(b"\r\n")]
-        low = head.decode("latin-1").lower()
+        method = target = b""
+        referer: bytes | None = None
+        agent: bytes | None = None
+        if head:
+            method = ex.method
+            first = head[: head.find(b"\r\n")]
+            target = first[len(method) + 1 : first.rfind(b" ")]
+            low = head.decode("latin-1").lower()
+            referer = _header_value(head, low, "\r\nreferer:")
+            agent = _header_value(head, low, "\r\nuser-agent:")
         sink.request(
             self.peer_ip,
-            ex.method,
-            first[len(ex.method) + 1 : first.rfind(b" ")],
+            method,
+            target,
             ex.version,
             ex.status,
             ex.body_sent,
-            _header_value(head, low, "\r\nreferer:"),
-            _header_value(head, low, "\r\nuser-agent:"),
+            referer,
+            agent,
             now - ex.begun if ex.begun else 0.0,  # from the first dispatch, retries included
             backend.entry.server_host if backend is not None else None,
             len(ex.tried),
         )
+
+    def _log_refused(self, bad: Exchange | None, err: ClientError, is_head: bool) -> None:
+        """The access log line of a request refused as the client's fault (_reject): with its
+        request line once its head was parsed, else "-"."""
+        ex = bad if bad is not None else Exchange()
+        if not ex.response_started:
+            ex.status = err.status
+            out = error_response(err.status, self.server.error_body(err.status), head=is_head)
+            ex.body_sent = len(out) - out.find(b"\r\n\r\n") - 4
+        # (Otherwise the backend's answer had begun: its status and the bytes sent stand.)
+        self._log_access(ex, self._now(), ex.backend)
+
+    def _log_unfinished(self, ex: Exchange) -> None:
+        """The connection closed with `ex` unfinished: a WebSocket tunnel that ended (101),
+        a response cut short (the status its head carried), or a client that left before any
+        answer (499, nginx's "client closed request")."""
+        if not ex.status:
+            ex.status = 499
+        self._log_access(ex, self._now(), ex.backend)
 
     def _continue(self, now: float) -> None:
         """After an exchange: start the next pipelined request, or wait for one."""
@@ -1551,13 +1586,14 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._continue(self._now())
 
-    def _reject(self, err: ClientError) -> None:
+    def _reject(self, err: ClientError, refused: Exchange | None = None) -> None:
         """The client's fault: a malformed request, a stalled or cut body, a body too large.
 
         Nothing of a malformed request was forwarded; a request whose body went wrong while
         being forwarded is aborted at its backend (which is not blamed). Requests accepted
         before it on this connection are answered first, in order; then the error, and the
-        connection closes.
+        connection closes. `refused`: the express lane's request, for the access log (the
+        general path's is `parsing`).
         """
         if self.closed or self.transport is None:
             self.closed = True
@@ -1567,6 +1603,12 @@ class ClientConnection(asyncio.Protocol):
         # Was the refused request a HEAD? Known once its head was parsed (llhttp's method of
         # a head it refused midway may be the previous request's: not asked).
         head = bad is not None and bad.is_head
+        if self._access_log and (
+            bad is not None or self._in_head or not isinstance(err, RequestTimeout)
+        ):
+            # (A connection that sent nothing at all before client-header passed is no
+            # request, and not logged, as nginx does not.)
+            self._log_refused(refused or bad, err, head)
         self.parsing = None
         self._in_head = False
         self.body_deadline = 0.0
