@@ -102,7 +102,8 @@ class Timestamps:
         second = int(now)
         if second != self._second:
             self._at(second)
-        return f"{self._iso}.{int((now - second) * 1000):03d}{self._offset}"
+        # (Milliseconds from now * 1000: now - second would turn .418 into .417999...)
+        return f"{self._iso}.{int(now * 1000) % 1000:03d}{self._offset}"
 
 
 def combined(
