@@ -568,7 +568,11 @@ class Runtime:
             try:
                 entries = await asyncio.to_thread(load_inventory, self.inventory_path)
             except (ConfigError, OSError) as e:
-                log.error("inventory not applied, keeping the running pool: %s", e)
+                log.error(
+                    "inventory not applied, keeping the running pool: %s; fix the inventory "
+                    "and save it again",
+                    e,
+                )
                 return False
             added, removed = self._apply_pool(
                 build_pool(self.settings, entries, reuse=server.pool.backends)
@@ -635,7 +639,12 @@ class Runtime:
                         set_state, self.inventory_path, str(b.entry.id), "disabled"
                     )
                 except (OSError, ConfigError) as e:
-                    log.error("cannot record the drain of %s in the inventory: %s", b.name, e)
+                    log.error(
+                        "cannot record the drain of %s in the inventory: %s; make the inventory "
+                        "writable (retried)",
+                        b.name,
+                        e,
+                    )
                     continue
                 b.entry = b.entry.model_copy(update={"state": "disabled"})
                 del self._draining_since[b]
@@ -726,9 +735,17 @@ class Runtime:
                 return await self._reload()
             except ConfigError as e:
                 for problem in e.problems:
-                    log.error("reload failed, keeping the running configuration: %s", problem)
+                    log.error(
+                        "reload failed, keeping the running configuration: %s; fix it, then "
+                        "save again or send SIGHUP",
+                        problem,
+                    )
             except (OSError, ssl.SSLError, ProviderError) as e:
-                log.error("reload failed, keeping the running configuration: %s", e)
+                log.error(
+                    "reload failed, keeping the running configuration: %s; fix it, then save "
+                    "again or send SIGHUP",
+                    e,
+                )
             return False
 
     async def _reload(self) -> bool:

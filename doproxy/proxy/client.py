@@ -364,7 +364,8 @@ class ClientConnection(asyncio.Protocol):
         self._proxy_buf = b""
         if n == PROXY_BAD:
             log.warning(
-                "closing connection from %s: no valid PROXY protocol header",
+                "closing connection from %s: no valid PROXY protocol header; that trusted "
+                "proxy must send one (v1 or v2): fix its setting, or set proxy-protocol = false",
                 self.peer_ip.decode("latin-1"),
             )
             self._close()
@@ -1238,7 +1239,11 @@ class ClientConnection(asyncio.Protocol):
                 self._finish(ex, up, reusable=False)
                 return
             # The response was cut short: the client must see a broken response, not a hang.
-            log.warning("backend %s closed mid-response", ex.backend)
+            log.warning(
+                "backend %s closed mid-response (the client got it cut short); see that "
+                "backend's logs",
+                ex.backend,
+            )
             self._finish(ex, up, reusable=False, abort=True)
             return
         ex.upstream = None
@@ -1257,7 +1262,12 @@ class ClientConnection(asyncio.Protocol):
             self._fail(ex, err)
 
     def backend_protocol_error(self, up: UpstreamConnection, detail: str) -> None:
-        log.warning("invalid response from backend %s: %s", up.backend, detail)
+        log.warning(
+            "invalid response from backend %s: %s; fix the backend (docs/http.md says what "
+            "doproxy accepts)",
+            up.backend,
+            detail,
+        )
         up.backend.protocol_errors += 1
         ex = self.queue[0] if self.queue else None
         up.client = None
@@ -1360,7 +1370,11 @@ class ClientConnection(asyncio.Protocol):
         if not any(b not in tried for b in server.pool.eligible):
             return False  # nowhere else to go
         if not server.retry_budget.withdraw(self._now()):
-            log.warning("retry budget exhausted: not retrying after %s", err.detail)
+            log.warning(
+                "retry budget exhausted: not retrying after %s; backends are failing, check "
+                "them ([retries] budget-percent caps the extra load retries may add)",
+                err.detail,
+            )
             return False
         return True
 
@@ -1644,7 +1658,11 @@ class ClientConnection(asyncio.Protocol):
         elif kind == DEADLINE_BACKEND_READ:
             if self.queue:
                 ex = self.queue[0]
-                log.warning("backend %s: response stalled for backend-read; cut", ex.backend)
+                log.warning(
+                    "backend %s: response stalled for backend-read; cut. Check the backend, "
+                    "or raise [timeouts] backend-read for slow streams",
+                    ex.backend,
+                )
                 if ex.backend is not None:
                     self.server.backend_failed(ex.backend)
                 self._finish(ex, ex.upstream, reusable=False, abort=True)
@@ -1664,7 +1682,9 @@ class ClientConnection(asyncio.Protocol):
             ex = self.queue[0]
             if not ex.response_started:
                 log.warning(
-                    "backend %s: no response within the response-header timeout", ex.backend
+                    "backend %s: no response within the response-header timeout; check the "
+                    "backend, or raise [timeouts] response-header",
+                    ex.backend,
                 )
                 err = GatewayTimeout("backend did not answer in time")
                 if ex.backend is not None:
@@ -1687,7 +1707,11 @@ class ClientConnection(asyncio.Protocol):
             # proxy_send_timeout has it.
             self.body_deadline = 0.0
             ex = self.queue[0]
-            log.warning("backend %s read nothing of a request body; giving up", ex.backend)
+            log.warning(
+                "backend %s read nothing of a request body for client-body; giving up. Check "
+                "the backend, or raise [timeouts] client-body",
+                ex.backend,
+            )
             if ex.backend is not None:
                 self.server.backend_failed(ex.backend)
             self._fail(ex, GatewayTimeout("backend stopped reading the request body"))

@@ -164,10 +164,18 @@ class ProxyServer:
                 )
             up = proto
         except TimeoutError:
-            log.warning("backend %s: connect timed out", backend)
+            log.warning(
+                "backend %s: connect timed out; check that it is up and reachable, or raise "
+                "[backend] dial-timeout",
+                backend,
+            )
             err = GatewayTimeout("backend connect timed out")
         except OSError as e:
-            log.warning("backend %s: cannot connect: %s", backend, e.strerror or e)
+            log.warning(
+                "backend %s: cannot connect: %s; check that it runs and listens at its server-host",
+                backend,
+                e.strerror or e,
+            )
             err = BadGateway("backend unreachable")
         client.dial_done(ex, up, err)
 
@@ -208,7 +216,8 @@ class ProxyServer:
             backend.ejections += 1
             backend.passive_failures = 0
             log.warning(
-                "backend %s ejected for %.0fs after %d failed requests in a row",
+                "backend %s ejected for %.0fs after %d failed requests in a row; check it "
+                "(it gets traffic again after that)",
                 backend.name,
                 duration,
                 ph.consecutive_failures,
@@ -267,7 +276,8 @@ class ProxyServer:
                 pass
         if self.connections:
             log.warning(
-                "%d connection(s) still busy after the grace period: closing them",
+                "%d connection(s) still busy after the grace period: closing them (raise "
+                "[timeouts] shutdown-grace to let long requests finish)",
                 len(self.connections),
             )
         for conn in list(self.connections):
