@@ -6,8 +6,10 @@ Theory of operation
 off, so access lines never reach the error log (stderr) and the error log's level
 (`--log-level`) does not filter them. The data plane does not go through logging for each
 request, though: a LogRecord, the logger's checks and the handler lock cost about 6 µs a line
-on this kind of machine, a third of a proxied request. It calls `request()`, which formats the
-line (doproxy/core/access_log.py) and hands it to a buffered stream: about 0.2 µs for the write.
+on this kind of machine before any formatting, a third of a proxied request. It calls
+`request()`, which formats the line (doproxy/core/access_log.py) and hands it to a buffered
+stream: about 3 µs a line in the combined format and 5 µs in JSON, plus 1 to 2 µs in the data
+plane to pick the fields out of the request head (measured with a browser's User-Agent).
 Anything else logged to "doproxy.access" still lands in the same place through `emit`.
 
 Lines sit in the stream's buffer until it fills or until FLUSH_EVERY after the first line since
@@ -182,8 +184,8 @@ class AccessLog(logging.Handler):
             fresh = self._open(self.path)
         except OSError as e:
             log.error(
-                "access log: cannot reopen %s (%s); still writing to the old file. Fix the "
-                "folder's permissions, then send SIGUSR1 again",
+                "access log: cannot reopen %s (%s); still writing to the old file. Make sure "
+                "its folder exists and is writable, then send SIGUSR1 again",
                 self.path,
                 e.strerror or e,
             )
