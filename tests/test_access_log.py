@@ -28,7 +28,7 @@ from doproxy.errors import ConfigError
 from doproxy.inventory import load_inventory
 from doproxy.runtime import Runtime
 from tests.conftest import wait_for
-from tests.support import Client, RawBackend, echo_handler, get, request
+from tests.support import Client, RawBackend, dead_port, echo_handler, get, request, silent
 from tests.test_config_files import run_check
 from tests.test_reload import config, inventory
 
@@ -102,7 +102,7 @@ async def test_combined_line_for_a_get_with_referer_and_user_agent(
     assert abs(when.timestamp() - time.time()) < 60
 
 
-async def test_combined_lines_for_post_chunked_and_no_backend(
+async def test_combined_lines_for_a_chunked_response_and_no_referer_or_agent(
     make_runtime: MakeRuntime,
     backend_factory: Callable[..., Awaitable[RawBackend]],
     tmp_path: Path,
@@ -137,8 +137,6 @@ async def test_combined_lines_for_post_chunked_and_no_backend(
 async def test_errors_are_logged_with_the_backend_that_failed(
     make_runtime: MakeRuntime, tmp_path: Path
 ) -> None:
-    from tests.support import dead_port
-
     dead = await dead_port()
     rt = await make_runtime(
         'access-log = true\naccess-log-file = "access.log"\n[retries]\nattempts = 0', dead
@@ -498,11 +496,11 @@ async def test_refused_requests_are_logged_and_a_silent_connection_is_not(
         '[limits]\nmax-body-bytes = 10\n[timeouts]\nclient-header = "0.5s"',
         backend.port,
     )
-    silent = await Client.connect(port_of(rt))  # sends nothing: a 408, but no request
+    quiet = await Client.connect(port_of(rt))  # sends nothing: a 408, but no request
     partial = await Client.connect(port_of(rt))
     await partial.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n")  # a head that never ends
-    assert await silent.closed() and await partial.closed()
-    await silent.close()
+    assert await quiet.closed() and await partial.closed()
+    await quiet.close()
     await partial.close()
     assert (await request(port_of(rt), b"NOT HTTP AT ALL\r\n\r\n")).status == 400
     big = b"POST /big HTTP/1.1\r\nHost: h\r\nUser-Agent: up\r\nContent-Length: 100\r\n\r\n"
@@ -510,7 +508,7 @@ async def test_refused_requests_are_logged_and_a_silent_connection_is_not(
     got = [COMBINED.fullmatch(x) for x in lines(rt, tmp_path / "access.log")]
     assert all(got)
     assert [(m["request"], m["status"], m["backend"]) for m in got if m] == [
-        ("-", "408", "-"),  # the partial head; the silent connection has no line
+        ("-", "408", "-"),  # the partial head; the quiet connection has no line
         ("-", "400", "-"),
         ("POST /big HTTP/1.1", "413", "-"),  # refused from its head: its request line shows
     ]
@@ -522,8 +520,6 @@ async def test_a_client_that_leaves_before_the_answer_is_a_499(
     backend_factory: Callable[..., Awaitable[RawBackend]],
     tmp_path: Path,
 ) -> None:
-    from tests.support import silent
-
     b = await backend_factory(silent)
     rt = await make_runtime('access-log = true\naccess-log-file = "access.log"', b.port)
     c = await Client.connect(port_of(rt))
