@@ -169,8 +169,8 @@ class Exchange:
     # buffer-body-bytes; None when not kept (not idempotent, or too large).
     kept: list[bytes] | None = None
     kept_size = 0
-    # For the access log, kept only while it is on: the status answered to the client, and
-    # the response body bytes handed to it.
+    # For the access log: the status answered to the client (set on the express lane only
+    # while the log is on), and the response body bytes handed to it (counted only then).
     status = 0
     body_sent = 0
 
