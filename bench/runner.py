@@ -217,13 +217,15 @@ def _start_all(
         target = start_target(key, base, ports[key], backend_ports, opts.proxy_cpus)
         if target.service is not None:
             stack.callback(stop, target.service)
+        if target.scraper is not None:
+            stack.callback(target.scraper.stop)
         progress(f"started {target.label} on port {target.port}")
         targets.append(target)
     return targets, process_tree(backends.pid)
 
 
 def _log_notes(targets: Sequence[Target]) -> list[str]:
-    notes = []
+    notes = [t.scraper.note() for t in targets if t.scraper is not None]
     for target in targets:
         if target.service is not None and (tail := target.service.log_tail(3).strip()):
             lines = " | ".join(line.strip() for line in tail.splitlines())

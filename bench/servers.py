@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,40 @@ LABELS = {
 }
 
 
+class Scraper:
+    """Scrapes doproxy's admin /metrics once a second while the benchmark runs, as Prometheus
+    would: the admin listener is on by default, so its cost belongs in the numbers."""
+
+    def __init__(self, addr_file: Path, every: float = 1.0) -> None:
+        self.addr_file = addr_file  # written by doproxy once its admin listener is up
+        self.every = every
+        self.scrapes = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                url = f"http://{self.addr_file.read_text().strip()}/metrics"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    r.read()
+                self.scrapes += 1
+            except OSError:
+                self.failures += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def note(self) -> str:
+        return (
+            f"doproxy's admin /metrics was scraped once a second throughout: {self.scrapes} "
+            f"scrapes, {self.failures} failed"
+        )
+
+
 @dataclass
 class Target:
     """Something wrk is pointed at: a proxy we started, or a backend directly."""
@@ -35,6 +71,7 @@ class Target:
     port: int
     service: Service | None = None
     procs: list[ProcStat] = field(default_factory=list)  # whose CPU time we read
+    scraper: Scraper | None = None
 
     @property
     def label(self) -> str:
@@ -116,7 +153,11 @@ def doproxy_files(port: int, backends: list[int]) -> dict[str, str]:
         f'[[droplet]]\nid = {i}\nname = "b{i}"\nserver-host = "127.0.0.1:{p}"\n\n'
         for i, p in enumerate(backends, 1)
     )
-    config = f'bind = "127.0.0.1:{port}"\nwatch-config = false\ninventory-file = "inventory.toml"\n'
+    config = (
+        f'bind = "127.0.0.1:{port}"\nwatch-config = false\ninventory-file = "inventory.toml"\n'
+        # The admin listener is on, as by default; port 0 so runs side by side never collide.
+        '[admin]\nbind = "127.0.0.1:0"\n'
+    )
     return {"doproxy.toml": config, "inventory.toml": inventory}
 
 
@@ -178,4 +219,7 @@ def start_target(key: str, base: Path, port: int, backends: list[int], cpus: str
     except BaseException:
         stop(service)
         raise
-    return Target(key, port, service, process_tree(service.pid))
+    scraper = None
+    if key == DOPROXY:
+        scraper = Scraper(base / key / "inventory.toml.admin.addr")
+    return Target(key, port, service, process_tree(service.pid), scraper)

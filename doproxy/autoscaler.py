@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import json
 import logging
 import time
 from collections import deque
@@ -50,6 +51,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from pydantic import ValidationError
 
 from doproxy.core.autoscale import (
     Candidate,
@@ -59,10 +62,12 @@ from doproxy.core.autoscale import (
     decide,
     pick_victims,
 )
+from doproxy.core.histogram import PROVISION_BOUNDS, Histogram
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Provisioning, Settings
 from doproxy.errors import DoproxyError, MachineNotFound, ProvisionTimeout
-from doproxy.inventory import load_inventory
+from doproxy.events import EventLog
+from doproxy.inventory import load_inventory, write_atomically
 from doproxy.journal import Journal, journal_path
 from doproxy.machines import (
     adopt,
@@ -140,8 +145,10 @@ class Autoscaler:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        events: EventLog | None = None,
     ) -> None:
         self.runtime = runtime
+        self.events = events or EventLog()
         self.provider = provider
         self.clock = clock
         self.wall = wall
@@ -153,6 +160,10 @@ class Autoscaler:
         # The task's health: the last error (None once it works again) and how many in a row.
         self.last_error: str | None = None
         self.errors = 0
+        self.errors_total = 0  # every error ever, for the metrics (`errors` resets on success)
+        # Seconds from a create's intent to its backend in the pool, for each create that
+        # succeeded (replacements included; adoptions of interrupted creates are not timed).
+        self.provision_seconds = Histogram(PROVISION_BOUNDS)
         # Failed creates in a row, and no create is started before create_after (clock()).
         self.create_failures = 0
         self.create_after = 0.0
@@ -175,6 +186,12 @@ class Autoscaler:
         self._last_tick: float | None = None
         self._task: asyncio.Task[None] | None = None
         self.reconciled = asyncio.Event()
+        self.last_latency: float | None = None  # the last observation's, for the admin API
+        # Live overrides from the admin API (pause, min/max), kept beside the inventory.
+        self._overrides_file = overrides_path(runtime.inventory_path)
+        self._overrides = load_overrides(self._overrides_file)
+        self._limited: tuple[int, Provisioning] | None = None  # (id of config's, with limits)
+        self._bad_overrides: str | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -195,7 +212,58 @@ class Autoscaler:
 
     @property
     def settings(self) -> Provisioning:
-        return self.runtime.settings.provisioning
+        """The config's [provisioning], with the admin API's min/max overrides applied."""
+        config = self.runtime.settings.provisioning
+        limits = {k: v for k, v in self._overrides.items() if k in LIMITS and v is not None}
+        if not limits:
+            return config
+        cached = self._limited
+        if cached is not None and cached[0] == id(config):
+            return cached[1]
+        try:
+            limited = with_limits(config, limits)
+        except ValueError as e:
+            # A reload made the overrides impossible (e.g. max-backends lowered below the
+            # override's min): the config wins, and the operator is told once.
+            if str(e) != self._bad_overrides:
+                self._bad_overrides = str(e)
+                log.warning(
+                    "autoscaler: the admin API's limits %s no longer fit the config (%s); "
+                    "using the config's: set them again (PUT /api/autoscaler)",
+                    limits,
+                    e,
+                )
+            limited = config
+        self._limited = (id(config), limited)
+        return limited
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._overrides.get("paused"))
+
+    def overrides_view(self) -> dict[str, Any]:
+        return {k: v for k, v in self._overrides.items() if v is not None and v is not False}
+
+    def set_paused(self, paused: bool) -> None:
+        """Pause (decide and show, never act) or resume; kept across restarts."""
+        self._save_overrides({**self._overrides, "paused": paused})
+        log.info("autoscaler %s by the admin API", "paused" if paused else "resumed")
+        self._journal("state", self.status())
+
+    def set_limits(self, limits: dict[str, int | None]) -> None:
+        """Override min-backends and max-backends (None: the config's again); kept across
+        restarts. Raises ValueError, saying why, for limits the policy refuses."""
+        merged = {**self._overrides, **limits}
+        chosen = {k: v for k, v in merged.items() if k in LIMITS and v is not None}
+        with_limits(self.runtime.settings.provisioning, chosen)  # raises when invalid
+        self._save_overrides(merged)
+        self._limited = None
+        self._bad_overrides = None
+        log.info("autoscaler limits overridden by the admin API: %s", chosen or "none")
+
+    def _save_overrides(self, overrides: dict[str, Any]) -> None:
+        write_atomically(self._overrides_file, json.dumps(overrides, sort_keys=True) + "\n")
+        self._overrides = overrides
 
     async def _run(self) -> None:
         # Nothing may end this loop but cancellation (the server stopping): every error is
@@ -222,6 +290,7 @@ class Autoscaler:
 
     def _failed(self, e: Exception) -> None:
         self.errors += 1
+        self.errors_total += 1
         self._reconcile_due = True
         if isinstance(e, DoproxyError):
             message = str(e)
@@ -294,12 +363,15 @@ class Autoscaler:
                 )
 
     def _report(self, key: str, level: int, message: str, *args: object) -> None:
-        """A reconcile report: logged and journaled once, not every reconcile."""
+        """A reconcile report: logged, journaled and published once, not every reconcile."""
         if key in self._reported:
             return
         self._reported.add(key)
         log.log(level, message, *args)
         self._journal("reconcile", {"report": message % args})
+        self.events.publish(
+            "reconcile", message % args, "warning" if level >= logging.WARNING else "info"
+        )
 
     # --- reconcile ----------------------------------------------------------------------------
 
@@ -470,7 +542,9 @@ class Autoscaler:
             obs = dataclasses.replace(obs, serving=obs.serving + manual)
         decision, self.state = decide(obs, self.settings, self.state)
         self.desired = decision.size_after
-        dry = self.settings.dry_run
+        self.last_latency = obs.latency
+        # Paused by the admin API: decide and show, as in dry-run, but never act.
+        dry = self.settings.dry_run or self.paused
         acting = decision.action != "none" and not dry
         creates = decision.action in ("up", "replace")
         if acting and creates and now < self.create_after:
@@ -507,9 +581,16 @@ class Autoscaler:
                     "acted": record.acted,
                 },
             )
-            level = logging.INFO
-            log.log(
-                level, "autoscaler: %s%s", decision.reason, _dry(dry and decision.action != "none")
+            suffix = _dry(dry and decision.action != "none", self.paused)
+            log.info("autoscaler: %s%s", decision.reason, suffix)
+            self.events.publish(
+                "scaling",
+                decision.reason + suffix,
+                result=decision.action,
+                reason=decision.kind,
+                acted=acting,
+                size_before=decision.size_before,
+                size_after=decision.size_after,
             )
         if acting:
             self._act(decision)
@@ -625,6 +706,7 @@ class Autoscaler:
 
     async def _create(self, name: str) -> InventoryEntry:
         rt = self.runtime
+        started = self.clock()
         try:
             entry = await create_machine(
                 self.provider, name, rt.settings, rt.inventory_path, self._timeout()
@@ -634,6 +716,7 @@ class Autoscaler:
             raise
         log.info("autoscaler: %s (%s) is up at %s", entry.name, entry.id, entry.server_host)
         await rt.apply_inventory()
+        self.provision_seconds.observe(self.clock() - started)
         return entry
 
     async def _give_up(self, name: str) -> None:
@@ -714,5 +797,44 @@ class Autoscaler:
         await rt.apply_inventory()
 
 
-def _dry(dry: bool) -> str:
-    return " (dry-run: not acted on)" if dry else ""
+def _dry(dry: bool, paused: bool = False) -> str:
+    if not dry:
+        return ""
+    return " (paused: not acted on)" if paused else " (dry-run: not acted on)"
+
+
+LIMITS = ("min-backends", "max-backends")
+
+
+def overrides_path(inventory: Path) -> Path:
+    return inventory.with_name(inventory.name + ".overrides")
+
+
+def load_overrides(path: Path) -> dict[str, Any]:
+    """The admin API's overrides of an earlier run; a damaged file is reported and ignored."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring the autoscaler overrides in %s (%s): set them again", path, e)
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, Any] = {"paused": bool(data.get("paused", False))}
+    for key in LIMITS:
+        value = data.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+def with_limits(config: Provisioning, limits: dict[str, Any]) -> Provisioning:
+    """The config with min/max replaced, validated as a config would be; ValueError says why."""
+    data = config.model_dump(by_alias=True)
+    data.update(limits)
+    try:
+        return Provisioning.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ValueError(str(first.get("msg", e)).removeprefix("Value error, ")) from None

@@ -187,6 +187,8 @@ class HealthChecker:
             else:
                 changed = health.record(not problem, now)
             first = False
+            if problem:
+                health.problem = problem
             if changed is not None:
                 if changed is State.DOWN:
                     log.warning(

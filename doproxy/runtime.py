@@ -60,15 +60,19 @@ from typing import TYPE_CHECKING, Any
 import watchfiles
 from cryptography import x509
 
+from doproxy.admin.server import AdminServer, configured_token
 from doproxy.config import load_settings, resolve_in
 from doproxy.core.balancers import make_balancer
+from doproxy.core.health import State
 from doproxy.core.http_rules import ErrorPage
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
-from doproxy.errors import ConfigError, Problem, ProviderError
+from doproxy.errors import ConfigError, DoproxyError, Problem, ProviderError
+from doproxy.events import EventLog
 from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
 from doproxy.machines import hold_server_lock, open_provider, provider_kind, set_state
+from doproxy.metrics import Metrics
 from doproxy.proxy.access import AccessLog, install
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
@@ -286,6 +290,9 @@ class Snapshot:
     entries: list[InventoryEntry]
     certificates: Certificates | None
     error_pages: dict[int, ErrorPage]
+    # What the scaler's provider is made of (provider_config), when provisioning is on: the
+    # token and user-data files are read here, so one that cannot be read fails the load.
+    provider: tuple[object, ...] | None = None
 
 
 def load_snapshot(
@@ -302,6 +309,7 @@ def load_snapshot(
         entries=entries,
         certificates=load_certificates(settings, base),
         error_pages=load_error_pages(settings, base),
+        provider=provider_config(settings, base) if settings.provisioning.enable else None,
     )
 
 
@@ -471,6 +479,10 @@ class Runtime:
         self.provider: SwappableProvider | None = None  # the scaler's
         self._provider_config: tuple[object, ...] | None = None  # what it was made of
         self._reload_lock = asyncio.Lock()
+        self.events = EventLog()  # what happened, for the admin API and the status page
+        self.last_reload_error: str | None = None  # why the last reload failed, if it did
+        self.admin: AdminServer | None = None
+        self.metrics = Metrics(self)  # read at scrape time; nothing per request
         self.access: AccessLog | None = None  # the access log's writer, when it is on
 
     async def start(self) -> ProxyServer:
@@ -492,15 +504,27 @@ class Runtime:
             self._use_access_log(server, None)
             raise
         self.server = server
-        self.checker = HealthChecker(settings, sink=lambda backend, state: self._refresh())
+        if self.config_file is not None and settings.admin.enable:
+            # A taken admin address stops the start, as a taken traffic port does.
+            admin = AdminServer(self, self.metrics.exposition)
+            try:
+                await admin.start()
+            except BaseException:
+                await server.shutdown()
+                self._use_access_log(server, None)
+                self._exit.close()
+                raise
+            self.admin = admin
+        self.checker = HealthChecker(settings, sink=self._health_changed)
         self.checker.watch(server.pool.backends)
         self.stats = StatsCollector(lambda: server.pool, settings.backend.latency_average_seconds)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self.stats.run(time.monotonic)))
+        self._tasks.append(loop.create_task(self._watch_ejections()))
         if self.config_file is not None:
             self._tasks.append(loop.create_task(self._finish_drains()))
             if settings.provisioning.enable:
-                self.start_autoscaler()
+                self.start_autoscaler(made_of=snap.provider)
         if self.config_file is not None:
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
             # logrotate's `postrotate kill -USR1`, as for nginx. Handled even with the access
@@ -528,7 +552,7 @@ class Runtime:
         provider = provider or open_provider(self.settings, self.base)
         self.provider = SwappableProvider(provider)
         self._provider_config = made_of
-        self.autoscaler = Autoscaler(self, self.provider)
+        self.autoscaler = Autoscaler(self, self.provider, events=self.events)
         self.autoscaler.start()
         p = self.settings.provisioning
         log.info(
@@ -585,6 +609,13 @@ class Runtime:
                 len(added),
                 len(removed),
             )
+            if added or removed:
+                self.events.publish(
+                    "membership",
+                    f"inventory applied: {len(server.pool.backends)} backend(s) "
+                    f"({', '.join(b.name for b in added) or 'none'} new, "
+                    f"{', '.join(b.name for b in removed) or 'none'} removed)",
+                )
             return True
 
     def _apply_pool(self, pool: Pool) -> tuple[list[Backend], list[Backend]]:
@@ -652,6 +683,35 @@ class Runtime:
     def _refresh(self) -> None:
         if self.server is not None:
             self.server.pool.refresh()
+
+    def _health_changed(self, backend: Backend, state: State) -> None:
+        self._refresh()
+        if state is State.DOWN:
+            why = backend.health.problem or "failed its health checks"
+            self.events.publish(
+                "health", f"{backend.name} is down: {why}", "warning", backend=backend.name
+            )
+        else:
+            self.events.publish("health", f"{backend.name} is up again", backend=backend.name)
+
+    async def _watch_ejections(self, every: float = 1.0) -> None:
+        """Passive-health ejections as events: the data plane only counts them (Backend.
+        ejections); this compares the counts once a second, off the request path."""
+        seen: dict[Backend, int] = {}
+        while True:
+            await asyncio.sleep(every)
+            for b in self.backends:
+                before = seen.get(b, b.ejections)
+                if b.ejections > before:
+                    self.events.publish(
+                        "ejection",
+                        f"{b.name} ejected: failed real requests in a row (passive health)",
+                        "warning",
+                        backend=b.name,
+                    )
+                seen[b] = b.ejections
+            for gone in [b for b in seen if b not in self.backends]:
+                del seen[gone]
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run `work` in a task that stop() cancels and that is forgotten once done."""
@@ -732,7 +792,7 @@ class Runtime:
         """Reload config and inventory. Returns True when the new configuration is running."""
         async with self._reload_lock:
             try:
-                return await self._reload()
+                ok = await self._reload()
             except ConfigError as e:
                 for problem in e.problems:
                     log.error(
@@ -740,12 +800,25 @@ class Runtime:
                         "save again or send SIGHUP",
                         problem,
                     )
-            except (OSError, ssl.SSLError, ProviderError) as e:
+                error = "; ".join(str(p) for p in e.problems)
+            except (OSError, ssl.SSLError, ProviderError, DoproxyError) as e:
                 log.error(
                     "reload failed, keeping the running configuration: %s; fix it, then save "
                     "again or send SIGHUP",
                     e,
                 )
+                error = str(e)
+            else:
+                self.last_reload_error = None
+                self.events.publish("reload", f"reloaded (generation {self.reloads})", result="ok")
+                return ok
+            self.last_reload_error = error
+            self.events.publish(
+                "reload",
+                f"reload failed, the running configuration stays: {error}",
+                "error",
+                result="failed",
+            )
             return False
 
     async def _reload(self) -> bool:
@@ -787,11 +860,14 @@ class Runtime:
         made_of: tuple[object, ...] | None = None
         scaler = self.autoscaler
         if settings.provisioning.enable:
-            made_of = provider_config(settings, self.base)
+            made_of = snap.provider
             if scaler is None or provider_kind(settings) != scaler.provider.kind:
                 new_provider = open_provider(settings, self.base)
             elif made_of != self._provider_config:
                 changed_provider = open_provider(settings, self.base)
+        admin_changed = settings.admin != old.admin
+        if admin_changed and settings.admin.enable:
+            configured_token(settings.admin, self.base)  # a token-file that cannot be read fails
         # Everything is valid: apply.
         if listen_changed:
             tls = None if certificates is None else CertificateSelector(certificates)
@@ -829,6 +905,8 @@ class Runtime:
             await self.provider.swap(changed_provider)
             self._provider_config = made_of
             log.info("autoscaler: %s provider reconfigured", changed_provider.kind)
+        if admin_changed:
+            await self._restart_admin()
         log.info(
             "reloaded: %d backend(s) (%d new, %d removed), balancing %s",
             len(pool.backends),
@@ -838,7 +916,28 @@ class Runtime:
         )
         return True
 
+    async def _restart_admin(self) -> None:
+        """Apply changed [admin] settings: the old listener closes, a new one opens. If the
+        new address cannot be had, the admin listener stays off and says so (the proxy and
+        the rest of the reload are not undone for it)."""
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        if not self.settings.admin.enable:
+            log.info("admin listener off")
+            return
+        admin = AdminServer(self, self.metrics.exposition)
+        try:
+            await admin.start()
+        except DoproxyError as e:
+            log.error("%s; the admin listener is off until a reload fixes it", e)
+            return
+        self.admin = admin
+
     async def stop(self) -> None:
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
         tasks = [*self._tasks, *self._pending]
         for t in tasks:
             t.cancel()

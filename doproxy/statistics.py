@@ -1,14 +1,24 @@
 """Backend statistics, aggregated once a second from the data plane's plain counters.
 
 The data plane only adds to integers and floats on each request (requests, latency_sum,
-failures, and one latency sample per request in the pool's sample list); this collector turns
-them into what the balancers, the autoscaler and the status page read:
+failures, and one latency sample per request in its backend's sample list); this collector
+turns them into what the balancers, the autoscaler and the status page read:
 
 - per backend: a latency EWMA whose decay is `[backend] latency-average-seconds` (the 2015
-  doproxy's "round-trip timing"), a failure-rate EWMA, in flight and totals;
-- for the pool: a request-weighted latency EWMA, and p95 over a sliding window (one quantile
-  sketch per second, see doproxy.core.stats.WindowedQuantile: no sample list is kept or sorted,
-  so a tick costs the same few milliseconds whatever the window holds).
+  doproxy's "round-trip timing"), a failure-rate EWMA, requests per second over the last tick,
+  p95 over a sliding window, in flight and totals;
+- for the pool: a request-weighted latency EWMA, requests per second, and p95 over the same
+  window (one quantile sketch per second, see doproxy.core.quantiles.WindowedQuantile: no
+  sample list is kept or sorted, so a tick costs the same few milliseconds whatever the window
+  holds).
+
+Each backend's samples of a tick go into that backend's sketch; the pool's tick is the merge of
+those sketches (exact), so a sample is added once. Above SAMPLES_PER_TICK samples in a tick,
+every backend keeps the same share of its own, each kept sample weighing for those left out:
+the pool's p95 stays request-weighted and the tick's cost stays bounded however many backends
+there are. A backend's p95 merges its window's sketches only when somebody reads it (about
+2 ms for a busy minute), once per tick at most: the pool's is needed every tick, a backend's
+only while the status page or the admin API looks.
 
 A second without requests leaves every average where it was (the Go version pulled it toward
 zero). The statistics belong to the Backend objects, so they survive a reload of the config.
@@ -33,11 +43,21 @@ SAMPLES_PER_TICK = 2000  # latency samples kept per second for the p95 window
 class BackendStats:
     latency: Ewma
     failure_rate: Ewma
+    window: WindowedQuantile  # this backend's latency samples of the last window-seconds
     requests: int = 0  # totals seen so far
     failures: int = 0
+    requests_per_second: float = 0.0  # over the last tick
     _last_requests: int = 0
     _last_failures: int = 0
     _last_latency_sum: float = 0.0
+    _p95: float | None = None  # computed when first read after a tick
+
+    @property
+    def p95(self) -> float:
+        """This backend's p95 latency over the sliding window (0.0 without samples)."""
+        if self._p95 is None:
+            self._p95 = self.window.quantile(0.95)
+        return self._p95
 
 
 @dataclass
@@ -60,10 +80,11 @@ class StatsCollector:
     ) -> None:
         self._pool = pool
         self.tau = average_seconds
+        self.window_ticks = max(int(window_seconds / TICK), 1)
         self.stats: dict[Backend, BackendStats] = {}
         self.signal = PoolSignal(
             latency=Ewma(tau=average_seconds),
-            window=WindowedQuantile(max(int(window_seconds / TICK), 1)),
+            window=WindowedQuantile(self.window_ticks),
         )
         self._rng = rng or random.Random()
 
@@ -72,13 +93,23 @@ class StatsCollector:
         pool = self._pool()
         total_requests = 0
         total_latency = 0.0
+        sampled = self._sample(pool.backends)
+        sketches = []
         for b in pool.backends:
             st = self.stats.get(b)
+            samples, weight = sampled[b]
             if st is None:
-                st = self.stats[b] = BackendStats(Ewma(self.tau), Ewma(self.tau))
+                st = self.stats[b] = BackendStats(
+                    Ewma(self.tau), Ewma(self.tau), WindowedQuantile(self.window_ticks)
+                )
                 st._last_requests, st._last_failures = b.requests, b.failures
                 st._last_latency_sum = b.latency_sum
+                # First sight: its counters are only a baseline, but its samples are of
+                # this tick's requests (the pool's p95 counted them before they moved here).
+                sketches.append(st.window.add_tick(samples, weight))
                 continue
+            sketches.append(st.window.add_tick(samples, weight))
+            st._p95 = None
             n = b.requests - st._last_requests
             failed = b.failures - st._last_failures
             lat = b.latency_sum - st._last_latency_sum
@@ -88,6 +119,7 @@ class StatsCollector:
                 b.latency_sum,
             )
             st.requests, st.failures = b.requests, b.failures
+            st.requests_per_second = n / TICK
             if n > 0:
                 st.latency.add(lat / n, now)
                 total_requests += n
@@ -101,12 +133,26 @@ class StatsCollector:
         sig.requests_per_second = total_requests / TICK
         if total_requests:
             sig.latency.add(total_latency / total_requests, now)
-        samples = pool.samples
-        pool.samples = []
-        if len(samples) > SAMPLES_PER_TICK:
-            samples = self._rng.sample(samples, SAMPLES_PER_TICK)
-        sig.window.add_tick(samples)
+        sig.window.add_merged(sketches)
         sig.p95 = sig.window.quantile(0.95)
+
+    def _sample(self, backends: list[Backend]) -> dict[Backend, tuple[list[float], float]]:
+        """Take each backend's samples of this tick (emptying its list): all of them, or
+        above SAMPLES_PER_TICK in all the same share of each, with the weight each kept
+        sample carries."""
+        taken = {}
+        for b in backends:
+            taken[b] = b.samples
+            b.samples = []
+        total = sum(len(s) for s in taken.values())
+        out: dict[Backend, tuple[list[float], float]] = {}
+        for b, samples in taken.items():
+            if total <= SAMPLES_PER_TICK or not samples:
+                out[b] = (samples, 1.0)
+                continue
+            keep = max(round(len(samples) * SAMPLES_PER_TICK / total), 1)
+            out[b] = (self._rng.sample(samples, keep), len(samples) / keep)
+        return out
 
     async def run(self, clock: Callable[[], float]) -> None:
         while True:

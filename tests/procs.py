@@ -41,6 +41,11 @@ class ProxyProcess:
             return await self.proc.wait()
 
 
+# Every test server binds its admin listener to a free port: tests run side by side, and a
+# doproxy of the user's own may hold the default 8001.
+ADMIN = '\n[admin]\nbind = "127.0.0.1:0"\n'
+
+
 def write_config(tmp: Path, backend_ports: list[int], extra: str = "") -> Path:
     inv = tmp / "inventory.toml"
     inv.write_text(
@@ -55,6 +60,7 @@ def write_config(tmp: Path, backend_ports: list[int], extra: str = "") -> Path:
         extra += "\n[backend]\ndisable-health-check = true\n"
     cfg.write_text(
         f'bind = "127.0.0.1:0"\nwatch-config = false\ninventory-file = "inventory.toml"\n{extra}'
+        + ("" if "[admin]" in extra else ADMIN)
     )
     return cfg
 

@@ -72,6 +72,9 @@ def local_config(tmp: Path, tag: str, extra: str = "") -> Path:
 watch-config = false
 inventory-file = "inventory.toml"
 
+[admin]
+bind = "127.0.0.1:0"
+
 [backend]
 new-host-health-path = "/health"
 {POLICY}
@@ -232,6 +235,9 @@ def do_config(tmp: Path, url: str, port: int, extra: str = "") -> Path:
         f"""bind = "127.0.0.1:0"
 watch-config = false
 inventory-file = "inventory.toml"
+
+[admin]
+bind = "127.0.0.1:0"
 
 [backend]
 new-host-port = {port}

@@ -157,7 +157,7 @@ async def test_a_reload_that_turns_scaling_on_without_a_token_changes_nothing(
     cfg = tmp_path / "doproxy.toml"
     base = (
         'bind = "127.0.0.1:0"\nwatch-config = false\ninventory-file = "inventory.toml"\n'
-        '[do-provisioner]\ntoken-file = "no-such-token-file"\n'
+        '[admin]\nbind = "127.0.0.1:0"\n[do-provisioner]\ntoken-file = "no-such-token-file"\n'
     )
     cfg.write_text(base)
     rt = Runtime(load_settings(cfg), [], cfg)

@@ -28,6 +28,9 @@ def write_config(tmp: Path, url: str, port: int, tags: str = '["doproxy"]') -> P
 watch-config = false
 inventory-file = "inventory.toml"
 
+[admin]
+bind = "127.0.0.1:0"
+
 [backend]
 new-host-port = {port}
 new-host-health-path = "/health"

@@ -39,6 +39,7 @@ def config(bind: str = "127.0.0.1:0", extra: str = "", watch: bool = True) -> st
     return (
         f'bind = "{bind}"\nwatch-config = {str(watch).lower()}\ninventory-file = "inventory.toml"\n'
         f"{extra}\n[backend]\ndisable-health-check = true\n"
+        '[admin]\nbind = "127.0.0.1:0"\n'
     )
 
 

@@ -28,7 +28,7 @@ def test_latency_is_positive_and_idle_seconds_do_not_pull_it_to_zero() -> None:
     st = StatsCollector(lambda: pool, average_seconds=30)
     st.tick(0.0)  # first sight: baseline only
     b.requests, b.latency_sum = 10, 10 * 0.200
-    pool.samples = [0.2] * 10
+    b.samples = [0.2] * 10
     st.tick(1.0)
     assert st.stats[b].latency.value == pytest.approx(0.200)
     assert st.signal.latency.value == pytest.approx(0.200)
@@ -69,14 +69,14 @@ def test_failure_rate_and_pool_signal_are_request_weighted() -> None:
 def test_p95_over_a_sliding_window() -> None:
     pool = make_pool(1)
     st = StatsCollector(lambda: pool, 30, window_seconds=3, rng=random.Random(1))
-    pool.samples = [0.01] * 95 + [1.0] * 5
+    pool.backends[0].samples = [0.01] * 95 + [1.0] * 5
     st.tick(1.0)
     assert st.signal.p95 == pytest.approx(0.01, rel=0.01)
-    pool.samples = [1.0] * 100
+    pool.backends[0].samples = [1.0] * 100
     st.tick(2.0)
     assert st.signal.p95 == pytest.approx(1.0, rel=0.01)
     for t in (3.0, 4.0, 5.0):
-        pool.samples = [0.02] * 100
+        pool.backends[0].samples = [0.02] * 100
         st.tick(t)
     # The slow second has left the 3 s window.
     assert st.signal.p95 == pytest.approx(0.02, rel=0.01)
@@ -88,8 +88,8 @@ def test_p95_is_within_one_percent_of_the_exact_one() -> None:
     st = StatsCollector(lambda: pool, 30, window_seconds=60, rng=random.Random(1))
     seen: list[float] = []
     for t in range(60):
-        pool.samples = [rng.lognormvariate(-3, 1) * (1 + t / 30) for _ in range(500)]
-        seen += pool.samples
+        pool.backends[0].samples = [rng.lognormvariate(-3, 1) * (1 + t / 30) for _ in range(500)]
+        seen += pool.backends[0].samples
         st.tick(float(t))
     assert st.signal.p95 == pytest.approx(percentile(seen, 0.95), rel=0.01)
     assert st.signal.window.count == 60 * 500
@@ -98,7 +98,7 @@ def test_p95_is_within_one_percent_of_the_exact_one() -> None:
 def _tick_cpu(st: StatsCollector, pool: Pool, samples: list[float]) -> float:
     best = float("inf")
     for _ in range(5):
-        pool.samples = list(samples)
+        pool.backends[0].samples = list(samples)
         start = time.process_time()
         st.tick(0.0)
         best = min(best, time.process_time() - start)
@@ -115,11 +115,58 @@ def test_a_full_window_costs_a_tick_no_more_than_an_empty_one_does_much() -> Non
     first = _tick_cpu(empty, pool, samples)
     full = StatsCollector(lambda: pool, 30, window_seconds=60)
     for t in range(60):
-        pool.samples = [rng.lognormvariate(-3, 1) for _ in range(SAMPLES_PER_TICK)]
+        pool.backends[0].samples = [rng.lognormvariate(-3, 1) for _ in range(SAMPLES_PER_TICK)]
         full.tick(float(t))
     busy = _tick_cpu(full, pool, samples)
     # Sorting made it ~60x; merging 60 sketches is ~2-3x.
     assert busy < 10 * first, (busy, first)
+
+
+def test_per_backend_p95_and_requests_per_second() -> None:
+    """Each backend has its own p95 window and rate; the pool's p95 is over all of them."""
+    pool = make_pool(2)
+    fast, slow = pool.backends
+    st = StatsCollector(lambda: pool, 30, window_seconds=5, rng=random.Random(1))
+    st.tick(0.0)  # first sight: baseline
+    for t in range(1, 4):
+        fast.requests += 96
+        fast.latency_sum += 96 * 0.010
+        fast.samples = [0.010] * 96
+        slow.requests += 4
+        slow.latency_sum += 4 * 0.800
+        slow.samples = [0.800] * 4
+        st.tick(float(t))
+    assert st.stats[fast].requests_per_second == 96
+    assert st.stats[slow].requests_per_second == 4
+    assert st.stats[fast].p95 == pytest.approx(0.010, rel=0.01)
+    assert st.stats[slow].p95 == pytest.approx(0.800, rel=0.01)
+    # 4 % of the pool's requests are slow: its p95 is a fast one's.
+    assert st.signal.p95 == pytest.approx(0.010, rel=0.01)
+    assert st.signal.requests_per_second == 100
+    # An idle second: no rate, and the p95 stays that of the window.
+    st.tick(4.0)
+    assert st.stats[fast].requests_per_second == 0
+    assert st.stats[fast].p95 == pytest.approx(0.010, rel=0.01)
+    # The slow backend's seconds leave its 5 s window, and its p95 with them.
+    for t in range(5, 10):
+        st.tick(float(t))
+    assert st.stats[slow].p95 == 0.0
+    assert fast.samples == [] and slow.samples == []
+
+
+def test_subsampled_ticks_stay_request_weighted() -> None:
+    """Above SAMPLES_PER_TICK every backend keeps the same share of its samples, each kept one
+    weighing for the rest: a busy fast backend is not outvoted by a quiet slow one."""
+    pool = make_pool(2)
+    busy, quiet = pool.backends
+    st = StatsCollector(lambda: pool, 30, rng=random.Random(2))
+    busy.samples = [0.010] * (39 * SAMPLES_PER_TICK)
+    quiet.samples = [1.0] * SAMPLES_PER_TICK  # 2.5 % of the requests
+    st.tick(0.0)
+    assert st.signal.window.count == pytest.approx(40 * SAMPLES_PER_TICK)
+    assert st.signal.p95 == pytest.approx(0.010, rel=0.01)
+    assert st.stats[quiet].p95 == pytest.approx(1.0, rel=0.01)
+    assert st.stats[quiet].window.count == pytest.approx(SAMPLES_PER_TICK)
 
 
 def test_removed_backends_are_forgotten() -> None:
@@ -145,5 +192,7 @@ async def test_statistics_of_real_traffic(
     st.tick(proxy.clock())
     b = proxy.pool.backends[0]
     assert st.stats[b].requests == 20
+    assert st.stats[b].requests_per_second == 20  # in one tick
     assert 0 < st.stats[b].latency.value < 1.0
+    assert 0 < st.stats[b].p95 < 1.0
     assert 0 < st.signal.p95 < 1.0

@@ -432,6 +432,7 @@ async def make_runtime(tmp_path: Path, echo_backend: RawBackend) -> AsyncIterato
         cfg = tmp_path / "doproxy.toml"
         cfg.write_text(
             f'bind = "127.0.0.1:0"\n{config_text}\n[backend]\ndisable-health-check = true\n'
+            '[admin]\nbind = "127.0.0.1:0"\n'
         )
         inv = tmp_path / "inventory.toml"
         inv.write_text(f'[[droplet]]\nid = 1\nserver-host = "127.0.0.1:{echo_backend.port}"\n')

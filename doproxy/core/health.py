@@ -38,6 +38,7 @@ class Health:
     passes: int = 0  # consecutive passing checks
     failures: int = 0  # consecutive failing checks
     down_since: float | None = None  # time of the first of the current run of failed checks
+    problem: str = ""  # what the last failed check found, for people (log, events)
 
     def record(self, ok: bool, now: float | None = None) -> State | None:
         """Fold in one check result (made at `now`, when known); return the new state if it

@@ -31,12 +31,23 @@ class WindowedQuantile:
         self.relative_accuracy = relative_accuracy
         self.ticks: deque[DDSketch] = deque(maxlen=max(size, 1))
 
-    def add_tick(self, samples: Iterable[float]) -> None:
-        """The samples of one tick (possibly none: an idle tick still slides the window)."""
+    def add_tick(self, samples: Iterable[float], weight: float = 1.0) -> DDSketch:
+        """The samples of one tick (possibly none: an idle tick still slides the window), each
+        standing for `weight` requests (a subsample's), and the tick's sketch they made."""
         sketch = DDSketch(self.relative_accuracy)
         for s in samples:
-            sketch.add(max(s, 0.0))
+            sketch.add(max(s, 0.0), weight)
         self.ticks.append(sketch)
+        return sketch
+
+    def add_merged(self, sketches: Iterable[DDSketch]) -> None:
+        """One tick made of other windows' tick sketches (the pool's, of its backends'):
+        merging sketches is exact, so no sample is added twice."""
+        merged = DDSketch(self.relative_accuracy)
+        for s in sketches:
+            if s.count:
+                merged.merge(s)
+        self.ticks.append(merged)
 
     @property
     def count(self) -> float:

@@ -345,6 +345,24 @@ class TlsCertificate(Section):
     key_file: str = Field(min_length=1)  # PEM private key
 
 
+class Admin(Section):
+    """The admin listener: status page, runtime API, metrics (docs/admin-api.md). New in
+    doproxy (Python); it runs beside a server that owns an inventory (`doproxy serve`)."""
+
+    enable: bool = True
+    bind: str = "127.0.0.1:8001"  # port 0 picks a free one, written to <inventory>.admin.addr
+    # The bearer token for mutating endpoints (and every endpoint when bound beyond loopback).
+    # Unset: read token-file; unset too: one is generated at start into <inventory>.admin.token.
+    token: str = Field("", repr=False)
+    token_file: str = ""
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        parse_bind(value)  # ValueError names what is wrong
+        return value
+
+
 class Settings(Section):
     bind: str = ":8000"
     https: bool = False
@@ -387,6 +405,7 @@ class Settings(Section):
     error_pages: dict[int, str] = Field(default_factory=dict)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: Limits = Field(default_factory=Limits)
+    admin: Admin = Field(default_factory=Admin)
 
     @model_validator(mode="after")
     def _error_codes(self) -> Settings:

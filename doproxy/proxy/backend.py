@@ -45,6 +45,8 @@ class Backend:
         "port",
         "protocol_errors",
         "requests",
+        "responses",
+        "samples",
     )
 
     def __init__(self, entry: InventoryEntry) -> None:
@@ -56,6 +58,14 @@ class Backend:
         self.idle: list[UpstreamConnection] = []
         self.in_flight = 0
         self.requests = 0
+        # Responses sent to clients for this backend, by status class: index status // 100
+        # (1..5; a 3-digit status above 599 lands in 6..9, nothing in 0). A list indexed
+        # directly costs the request path one index and one increment, and the metrics read
+        # it at scrape time (doproxy.metrics).
+        self.responses = [0] * 10
+        # Each request's latency since the statistics' last tick (doproxy.statistics folds
+        # them into this backend's p95 and the pool's): one append per request.
+        self.samples: list[float] = []
         self.failures = 0
         self.protocol_errors = 0  # responses that broke HTTP (or bytes that belong to none)
         self.latency_sum = 0.0
@@ -85,8 +95,6 @@ class Pool:
     balancer: Balancer
     eligible: list[Backend] = field(default_factory=list)
     observe_latency: bool = False  # feed each request's latency to Backend.latency
-    # Latency of each request since the statistics' last tick (doproxy.statistics).
-    samples: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.refresh()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
@@ -53,6 +54,7 @@ from doproxy.core.forwarding import (
     parse_proxy_header,
     valid_host,
 )
+from doproxy.core.histogram import REQUEST_BOUNDS
 from doproxy.core.http_rules import (
     CONNECTION,
     IDEMPOTENT_METHODS,
@@ -169,10 +171,8 @@ class Exchange:
     # buffer-body-bytes; None when not kept (not idempotent, or too large).
     kept: list[bytes] | None = None
     kept_size = 0
-    # For the access log: the status answered to the client (set on the express lane only
-    # while the log is on), and the response body bytes handed to it (counted only then).
-    status = 0
-    body_sent = 0
+    status = 0  # the status answered to the client (access log, per-class counts)
+    body_sent = 0  # response body bytes handed to the client (counted while the access log is on)
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
@@ -1072,8 +1072,8 @@ class ClientConnection(asyncio.Protocol):
             write_soon(t, out)
         if not keep:
             ex.keep_alive = False
+        ex.status = int(code)  # counted by class in _finish
         if self._access_log:
-            ex.status = int(text[9:12])
             ex.body_sent = length
         self.server.express_responses += 1
         self._finish(ex, up, reusable=backend_keep_alive)
@@ -1300,6 +1300,8 @@ class ClientConnection(asyncio.Protocol):
         self._write(b"".join(out))
         if rest:
             self._write(rest)
+        # The 101 is this exchange's answer (a tunnel never reaches _finish): its class count.
+        up.backend.responses[1] += 1
         if self._access_log:
             ex.status = 101  # logged when the tunnel closes (connection_lost)
             ex.body_sent = len(rest)
@@ -1431,17 +1433,19 @@ class ClientConnection(asyncio.Protocol):
         head_at = ex.head_at or now
         if ex.begun:
             server = self.server
+            waited = head_at - ex.begun
             server.exchanges += 1
-            server.exchange_time += head_at - ex.begun
+            server.exchange_time += waited
+            server.durations[bisect_left(REQUEST_BOUNDS, waited)] += 1
         if backend is not None:
             backend.in_flight -= 1
             backend.requests += 1
+            backend.responses[ex.status // 100] += 1
             if ex.started:
                 latency = head_at - ex.started
                 backend.latency_sum += latency
-                pool = self.server.pool
-                pool.samples.append(latency)
-                if pool.observe_latency:
+                backend.samples.append(latency)
+                if self.server.pool.observe_latency:
                     backend.latency.observe(latency, now)
             ex.backend = None
         if up is not None:
@@ -1541,6 +1545,7 @@ class ClientConnection(asyncio.Protocol):
         if err is not None:
             # The bad request that followed the good ones: its answer comes last.
             self._rejected = None
+            self.server.generated[err.status // 100] += 1
             page = self.server.error_body(err.status)
             self._write(error_response(err.status, page, head=self._rejected_head))
             self._close(linger=True)
@@ -1568,17 +1573,23 @@ class ClientConnection(asyncio.Protocol):
         if ex.response_started:
             self._finish(ex, ex.upstream, reusable=False, abort=True)
             return
-        backend = ex.backend  # the one that failed it, for the access log
-        if backend is not None:
-            backend.in_flight -= 1
-            backend.failures += 1
+        server = self.server
+        failed = ex.backend  # (and the backend the access log names)
+        if failed is not None:
+            failed.in_flight -= 1
+            failed.failures += 1
+            # The gateway error this backend caused is counted as its response.
+            failed.responses[err.status // 100] += 1
             ex.backend = None
+        else:
+            server.generated[err.status // 100] += 1
         if ex.begun and err.status != 503:
             # A backend failed it (refused, reset, timed out, broke HTTP): the user waited all
             # that time, so the autoscaler's signal counts it. (503: no backend to ask.)
-            server = self.server
+            waited = self._now() - ex.begun
             server.exchanges += 1
-            server.exchange_time += self._now() - ex.begun
+            server.exchange_time += waited
+            server.durations[bisect_left(REQUEST_BOUNDS, waited)] += 1
         up = ex.upstream
         if up is not None:
             ex.upstream = None
@@ -1592,7 +1603,7 @@ class ClientConnection(asyncio.Protocol):
         if self._access_log:
             ex.status = err.status
             ex.body_sent = 0 if ex.is_head else len(out) - out.find(b"\r\n\r\n") - 4
-            self._log_access(ex, self._now(), backend)
+            self._log_access(ex, self._now(), failed)
         self._write(out)
         self.queue.popleft()
         if not keep:
@@ -1647,6 +1658,7 @@ class ClientConnection(asyncio.Protocol):
                 self._flush()
             return
         self._held = None
+        self.server.generated[err.status // 100] += 1
         self._write(error_response(err.status, self.server.error_body(err.status), head=head))
         self._close(linger=True)
 

@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Final
 
 from doproxy.core.health import ejection_duration, may_eject
+from doproxy.core.histogram import REQUEST_BOUNDS
 from doproxy.core.http_rules import ErrorPage
 from doproxy.core.retry import RetryBudget
 from doproxy.core.settings import Settings, parse_bind
@@ -37,7 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL: Final = 0.1
-_MAX_SAMPLES: Final = 200_000  # latency samples kept between two statistics ticks
+# Latency samples the backends keep between two statistics ticks, all together: a cap that
+# only matters when nobody collects them (no statistics running).
+_MAX_SAMPLES: Final = 200_000
 
 
 class ProxyServer:
@@ -77,6 +80,17 @@ class ProxyServer:
         # the pool (or a reload) never makes them go back.
         self.exchanges = 0
         self.exchange_time = 0.0
+        # The same exchanges' durations in fixed buckets (core.histogram.REQUEST_BOUNDS, +Inf
+        # last): its count is `exchanges` and its sum `exchange_time`, so each exchange adds
+        # one bisect and one increment (doproxy.metrics reads them as a histogram).
+        self.durations = [0] * (len(REQUEST_BOUNDS) + 1)
+        # Responses doproxy wrote itself with no backend to blame, by status class (index
+        # status // 100): 503 with no backend available, 400/408/413/414/431/501 refusals.
+        # A gateway error a backend caused (502, 504) counts under that backend instead.
+        self.generated = [0] * 10
+        # Passive ejections ever made: a total of the listener, so a backend leaving the pool
+        # does not take its ejections out of the count (Backend.ejections does).
+        self.ejections = 0
         # How many requests and responses took the express lanes (see client.py).
         self.express_requests = 0
         self.express_responses = 0
@@ -214,6 +228,7 @@ class ProxyServer:
             duration = ejection_duration(ph.ejection_time, backend.ejections, ph.max_ejection_time)
             backend.ejected_until = self.clock() + duration
             backend.ejections += 1
+            self.ejections += 1
             backend.passive_failures = 0
             log.warning(
                 "backend %s ejected for %.0fs after %d failed requests in a row; check it "
@@ -250,10 +265,12 @@ class ProxyServer:
                 if body and body <= now and not conn.closed:
                     conn.on_body_deadline(now)
             self._end_ejections(now)
-            samples = self.pool.samples
-            if len(samples) > _MAX_SAMPLES:  # nobody collects them (no statistics running)
-                del samples[: len(samples) - _MAX_SAMPLES // 2]
-            for backend in self.pool.backends:
+            backends = self.pool.backends
+            most = _MAX_SAMPLES // max(len(backends), 1)
+            for backend in backends:
+                samples = backend.samples
+                if len(samples) > most:  # nobody collects them (no statistics running)
+                    del samples[: len(samples) - most // 2]
                 idle = backend.idle
                 # LIFO: the oldest idle connections sit at the bottom of the stack.
                 while idle and now - idle[0].idle_since > idle_timeout:

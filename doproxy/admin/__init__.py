@@ -1,0 +1,1 @@
+"""The admin listener: runtime API, metrics, status page (docs/admin-api.md)."""
