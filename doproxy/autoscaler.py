@@ -315,7 +315,7 @@ class Autoscaler:
 
     def _recovered(self) -> None:
         if self.last_error is not None:
-            log.warning("autoscaler: working again after: %s", self.last_error)
+            log.warning("autoscaler: working again after: %s; nothing to do", self.last_error)
         self.last_error = None
         self.errors = 0
 
@@ -663,7 +663,12 @@ class Autoscaler:
             if what == "create":
                 self._create_failed(exc)
             else:
-                log.error("autoscaler: %s failed: %s", what, exc)
+                log.error(
+                    "autoscaler: %s failed: %s; the next reconcile tries again (look into it "
+                    "if this repeats)",
+                    what,
+                    exc,
+                )
 
         return done
 
@@ -691,7 +696,7 @@ class Autoscaler:
 
     def _create_succeeded(self) -> None:
         if self.create_failures:
-            log.warning("autoscaler: a create succeeded; create backoff reset")
+            log.warning("autoscaler: a create succeeded; create backoff reset, nothing to do")
         self.create_failures = 0
         self.create_after = 0.0
         self.create_error = None
@@ -730,7 +735,12 @@ class Autoscaler:
             with contextlib.suppress(MachineNotFound):
                 await self.provider.destroy(str(intent.id))
         await asyncio.to_thread(drop_intent, path, name)
-        log.error("autoscaler: %s did not come up in time; destroyed it", name)
+        log.error(
+            "autoscaler: %s did not come up in time; destroyed it. Check that new machines boot "
+            "and answer their health path, or allow more time ([local-provisioner] "
+            "boot-timeout, [do-provisioner] create-timeout)",
+            name,
+        )
 
     async def _adopt(self, machine: Machine) -> None:
         rt = self.runtime

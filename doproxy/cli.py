@@ -282,7 +282,7 @@ def _check(config_file: str) -> int:
 
     from doproxy.config import load_settings, resolve_relative
     from doproxy.inventory import load_inventory
-    from doproxy.runtime import load_certificates, load_error_pages
+    from doproxy.runtime import check_access_log, load_certificates, load_error_pages
 
     problems: list[Problem] = []
     settings = None
@@ -313,6 +313,10 @@ def _check(config_file: str) -> int:
             problems += e.problems
         try:
             load_certificates(settings, base)
+        except ConfigError as e:
+            problems += e.problems
+        try:
+            check_access_log(settings, base)
         except ConfigError as e:
             problems += e.problems
     for problem in problems:

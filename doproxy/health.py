@@ -191,7 +191,12 @@ class HealthChecker:
                 health.problem = problem
             if changed is not None:
                 if changed is State.DOWN:
-                    log.warning("backend %s is down: %s", backend.name, problem)
+                    log.warning(
+                        "backend %s is down: %s; no traffic until it passes [health] rise "
+                        "checks in a row: check the backend",
+                        backend.name,
+                        problem,
+                    )
                 else:
                     log.info("backend %s is up again", backend.name)
                 self.sink(backend, changed)

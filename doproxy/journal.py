@@ -41,7 +41,12 @@ class Journal:
         except FileNotFoundError:
             return []
         except OSError as e:
-            log.warning("cannot read the journal %s: %s", self.path, e.strerror)
+            log.warning(
+                "cannot read the journal %s: %s; the scaling history starts empty (make the "
+                "file readable to keep it)",
+                self.path,
+                e.strerror,
+            )
             return []
         lines = text.splitlines()
         self._lines = len(lines)
@@ -68,7 +73,12 @@ class Journal:
         except OSError as e:
             # The journal is for people looking back; scaling goes on without it.
             self._broken = True
-            log.error("cannot write the journal %s (kept in memory only): %s", self.path, e)
+            log.error(
+                "cannot write the journal %s (kept in memory only): %s; make the inventory's "
+                "folder writable and restart to keep the history",
+                self.path,
+                e,
+            )
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("kind") == kind]

@@ -369,7 +369,9 @@ async def create_machine(
             found = [m for m in await provider.list() if m.name == name]
         except ProviderError:
             log.warning(
-                "create of %s failed and its outcome is unknown; kept as provisioning", name
+                "create of %s failed and its outcome is unknown; kept as provisioning: "
+                "reconciliation (or `doproxy sanitize apply`) finds the machine or drops it",
+                name,
             )
             raise
         if not found:

@@ -134,7 +134,11 @@ async def wait_active(
             if elapsed >= timeout:
                 raise
             log.warning(
-                "polling %s machine %s failed (will retry): %s", provider.kind, machine_id, e
+                "polling %s machine %s failed (will retry until the timeout; nothing to do "
+                "unless it persists): %s",
+                provider.kind,
+                machine_id,
+                e,
             )
             await asyncio.sleep(min(interval, max(0.0, timeout - elapsed)))
             continue

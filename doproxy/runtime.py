@@ -33,6 +33,12 @@ user-data file (watched through their folders, so editors that save by rename wo
 any other file in those folders are filtered out before they reach us (a log file written into
 the config folder must not wake the watcher on every line), and watchfiles' own "N changes
 detected" INFO lines are silenced: logged into such a folder, each would be a change itself.
+
+The access log (access-log, access-log-format, access-log-file) is part of the configuration
+too: a reload that changes it opens the new file before anything is applied (a file that cannot
+be opened fails the reload, naming access-log-file), swaps it in, then flushes and closes the
+old one; a reload that leaves it alone keeps the file open. SIGUSR1 reopens the file at its
+path, for logrotate.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
 from doproxy.machines import hold_server_lock, open_provider, provider_kind, set_state
 from doproxy.metrics import Metrics
+from doproxy.proxy.access import AccessLog, install
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
 from doproxy.statistics import StatsCollector
@@ -306,6 +313,59 @@ def load_snapshot(
     )
 
 
+def access_log_identity(settings: Settings, base: Path) -> tuple[str, Path | None] | None:
+    """What the access log is made of (format, file or None for standard output), or None
+    when it is off: a reload that keeps this keeps its open file."""
+    if not settings.access_log:
+        return None
+    name = settings.access_log_file
+    return (settings.access_log_format, resolve_in(base, name) if name else None)
+
+
+def open_access_log(settings: Settings, base: Path) -> AccessLog | None:
+    """The access log `settings` ask for, opened now (None when off), or ConfigError naming
+    access-log-file when the file cannot be opened for appending."""
+    identity = access_log_identity(settings, base)
+    if identity is None:
+        return None
+    fmt, path = identity
+    try:
+        return AccessLog(fmt, path)
+    except OSError as e:
+        raise ConfigError(
+            [
+                Problem(
+                    str(path),
+                    "access-log-file",
+                    f"cannot open for appending: {e.strerror or e}; create its folder or make "
+                    "it writable by the user doproxy runs as, or name another file",
+                )
+            ]
+        ) from None
+
+
+def check_access_log(settings: Settings, base: Path) -> None:
+    """What `doproxy check` can tell about access-log-file without creating it: ConfigError
+    when it names a folder, or a file it could not append to or create (as this user)."""
+    identity = access_log_identity(settings, base)
+    if identity is None or identity[1] is None:
+        return
+    path = identity[1]
+    if path.is_dir():
+        problem = "is a folder; name a file in it"
+    elif path.exists():
+        if os.access(path, os.W_OK):
+            return
+        problem = "not writable; make it writable by the user doproxy runs as"
+    elif not path.parent.is_dir():
+        problem = "its folder does not exist; create it, or name another file"
+    elif os.access(path.parent, os.W_OK | os.X_OK):
+        return
+    else:
+        problem = "cannot be created: its folder is not writable by the user doproxy runs as"
+    raise ConfigError([Problem(str(path), "access-log-file", problem)])
+
+
 def _signatures(files: set[Path]) -> dict[Path, tuple[int, int] | None]:
     """Modification time and size of each file (None when missing), to notice any change."""
     out: dict[Path, tuple[int, int] | None] = {}
@@ -423,6 +483,7 @@ class Runtime:
         self.last_reload_error: str | None = None  # why the last reload failed, if it did
         self.admin: AdminServer | None = None
         self.metrics = Metrics(self)  # read at scrape time; nothing per request
+        self.access: AccessLog | None = None  # the access log's writer, when it is on
 
     async def start(self) -> ProxyServer:
         settings = self.settings
@@ -431,11 +492,17 @@ class Runtime:
             # The lock tells the CLI a server runs here and will finish its drains.
             self._exit.enter_context(hold_server_lock(self.inventory_path))
         snap = load_snapshot(settings, self.base, self.entries)
+        access = open_access_log(settings, self.base)
         self.tls = None if snap.certificates is None else CertificateSelector(snap.certificates)
         ctx = None if self.tls is None else self.tls.context
         server = ProxyServer(settings, build_pool(settings, snap.entries), ctx)
         server.error_pages = snap.error_pages
-        await server.listen()
+        self._use_access_log(server, access)  # before the first connection is accepted
+        try:
+            await server.listen()
+        except BaseException:
+            self._use_access_log(server, None)
+            raise
         self.server = server
         if self.config_file is not None and settings.admin.enable:
             # A taken admin address stops the start, as a taken traffic port does.
@@ -444,6 +511,7 @@ class Runtime:
                 await admin.start()
             except BaseException:
                 await server.shutdown()
+                self._use_access_log(server, None)
                 self._exit.close()
                 raise
             self.admin = admin
@@ -459,6 +527,9 @@ class Runtime:
                 self.start_autoscaler(made_of=snap.provider)
         if self.config_file is not None:
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
+            # logrotate's `postrotate kill -USR1`, as for nginx. Handled even with the access
+            # log off: SIGUSR1's default action would end the process.
+            loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
             if settings.watch_config:
                 ready = asyncio.Event()
                 self._tasks.append(loop.create_task(self._watch(ready)))
@@ -521,7 +592,11 @@ class Runtime:
             try:
                 entries = await asyncio.to_thread(load_inventory, self.inventory_path)
             except (ConfigError, OSError) as e:
-                log.error("inventory not applied, keeping the running pool: %s", e)
+                log.error(
+                    "inventory not applied, keeping the running pool: %s; fix the inventory "
+                    "and save it again",
+                    e,
+                )
                 return False
             added, removed = self._apply_pool(
                 build_pool(self.settings, entries, reuse=server.pool.backends)
@@ -595,7 +670,12 @@ class Runtime:
                         set_state, self.inventory_path, str(b.entry.id), "disabled"
                     )
                 except (OSError, ConfigError) as e:
-                    log.error("cannot record the drain of %s in the inventory: %s", b.name, e)
+                    log.error(
+                        "cannot record the drain of %s in the inventory: %s; make the inventory "
+                        "writable (retried)",
+                        b.name,
+                        e,
+                    )
                     continue
                 b.entry = b.entry.model_copy(update={"state": "disabled"})
                 del self._draining_since[b]
@@ -642,6 +722,27 @@ class Runtime:
     def _reload_soon(self) -> None:
         log.info("SIGHUP: reloading")
         self._spawn(self.reload())
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: reopen the access log file at its configured path (after logrotate renamed
+        the old one). Synchronous: the signal's callback runs on the loop."""
+        access = self.access
+        if access is None or access.path is None:
+            log.info("SIGUSR1: no access log file to reopen")
+            return
+        if access.reopen():
+            log.info("SIGUSR1: access log reopened at %s", access.path)
+
+    def _use_access_log(self, server: ProxyServer, access: AccessLog | None) -> None:
+        """Make `access` the running access log; flush and close the one it replaces."""
+        old = self.access
+        if access is old:
+            return
+        install(access)
+        server.access = access
+        self.access = access
+        if old is not None:
+            old.close()
 
     def _watched(self) -> set[Path]:
         """Every file doproxy reads, so a change to any of them reloads (and nothing else)."""
@@ -694,10 +795,18 @@ class Runtime:
                 ok = await self._reload()
             except ConfigError as e:
                 for problem in e.problems:
-                    log.error("reload failed, keeping the running configuration: %s", problem)
+                    log.error(
+                        "reload failed, keeping the running configuration: %s; fix it, then "
+                        "save again or send SIGHUP",
+                        problem,
+                    )
                 error = "; ".join(str(p) for p in e.problems)
             except (OSError, ssl.SSLError, ProviderError, DoproxyError) as e:
-                log.error("reload failed, keeping the running configuration: %s", e)
+                log.error(
+                    "reload failed, keeping the running configuration: %s; fix it, then save "
+                    "again or send SIGHUP",
+                    e,
+                )
                 error = str(e)
             else:
                 self.last_reload_error = None
@@ -713,10 +822,27 @@ class Runtime:
             return False
 
     async def _reload(self) -> bool:
-        assert self.server is not None and self.config_file is not None
-        server = self.server
+        assert self.config_file is not None
         # The whole new configuration, read and validated before anything is applied.
         snap = load_snapshot(load_settings(self.config_file), self.base)
+        # The access log: opened now when it changes (an unwritable file fails the reload and
+        # the running one carries on), kept open when it does not.
+        access = self.access
+        if access_log_identity(snap.settings, self.base) != access_log_identity(
+            self.settings, self.base
+        ):
+            access = open_access_log(snap.settings, self.base)
+        try:
+            return await self._reload_snapshot(snap, access)
+        except BaseException:
+            if access is not None and access is not self.access:
+                access.close()  # not swapped in: nothing was written to it
+            raise
+
+    async def _reload_snapshot(self, snap: Snapshot, access: AccessLog | None) -> bool:
+        """The rest of a reload: check what is left to check, then apply `snap` and `access`."""
+        assert self.server is not None
+        server = self.server
         settings, entries = snap.settings, snap.entries
         old = self.settings
         listen_changed = settings.bind != old.bind or settings.https != old.https
@@ -760,6 +886,7 @@ class Runtime:
             # (connections already open keep the certificate they shook hands with).
             self.tls.certificates = certificates
         server.set_settings(settings)
+        self._use_access_log(server, access)
         assert self.checker is not None
         self.checker.settings = settings
         added, removed = self._apply_pool(pool)
@@ -818,8 +945,9 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         if self.config_file is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            for sig in (signal.SIGHUP, signal.SIGUSR1):
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_signal_handler(sig)
         if self.autoscaler is not None:
             await self.autoscaler.stop()
         self._exit.close()
@@ -827,3 +955,5 @@ class Runtime:
             await self.checker.stop()
         if self.server is not None:
             await self.server.shutdown()
+            # After the last response: every line is in, flushed and closed.
+            self._use_access_log(self.server, None)

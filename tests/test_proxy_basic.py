@@ -1,9 +1,8 @@
 from __future__ import annotations
 
-import logging
+import io
 
-import pytest
-
+from doproxy.proxy.access import AccessLog
 from tests.conftest import StartProxy, port_of
 from tests.support import Client, RawBackend, get, request
 
@@ -36,10 +35,11 @@ async def test_keep_alive_reuses_backend_connection(
 
 
 async def test_access_log_one_line_per_request(
-    start_proxy: StartProxy, echo_backend: RawBackend, caplog: pytest.LogCaptureFixture
+    start_proxy: StartProxy, echo_backend: RawBackend
 ) -> None:
-    caplog.set_level(logging.INFO, logger="doproxy.access")
+    out = io.StringIO()
     proxy = await start_proxy([echo_backend.port], {"access-log": True})
+    proxy.access = AccessLog("combined", stream=out)
     c = await Client.connect(port_of(proxy))
     await c.send(get("/a?b=1"))
     await c.response()
@@ -47,19 +47,24 @@ async def test_access_log_one_line_per_request(
     await c.response()
     await c.close()
     empty = await start_proxy([], {"access-log": True})
+    empty.access = proxy.access
     await request(port_of(empty), get("/none"))
-    lines = [r.getMessage() for r in caplog.records if r.name == "doproxy.access"]
+    lines = out.getvalue().splitlines()
     assert len(lines) == 3
-    assert lines[0].startswith('127.0.0.1 "GET /a?b=1 HTTP/1.1" 200 ')
-    assert lines[0].endswith(" b1")
-    assert lines[1].startswith('127.0.0.1 "POST /p HTTP/1.1" 200 ')
-    assert lines[2].startswith('127.0.0.1 "GET /none HTTP/1.1" 503 ')
+    backend = f"127.0.0.1:{echo_backend.port}"
+    assert lines[0].startswith("127.0.0.1 - - [")
+    assert '] "GET /a?b=1 HTTP/1.1" 200 ' in lines[0]
+    assert lines[0].endswith(" " + backend)
+    assert '] "POST /p HTTP/1.1" 200 ' in lines[1]
+    assert '] "GET /none HTTP/1.1" 503 ' in lines[2]
+    assert lines[2].endswith(" -")
 
 
 async def test_access_log_is_off_by_default(
-    start_proxy: StartProxy, echo_backend: RawBackend, caplog: pytest.LogCaptureFixture
+    start_proxy: StartProxy, echo_backend: RawBackend
 ) -> None:
-    caplog.set_level(logging.INFO, logger="doproxy.access")
+    out = io.StringIO()
     proxy = await start_proxy([echo_backend.port])
+    proxy.access = AccessLog("combined", stream=out)  # off: the connection never calls it
     await request(port_of(proxy), get())
-    assert not [r for r in caplog.records if r.name == "doproxy.access"]
+    assert out.getvalue() == ""

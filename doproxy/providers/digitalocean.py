@@ -265,7 +265,8 @@ class DigitalOceanProvider:
                 found = await self._find_ours(name)
                 if found is not None:
                     log.warning(
-                        "droplet %s (%s) exists although its create answered: %s",
+                        "droplet %s (%s) exists although its create answered: %s; using it, "
+                        "nothing to do",
                         name,
                         found.id,
                         uncertain,
@@ -277,7 +278,13 @@ class DigitalOceanProvider:
                     doing, self._client.droplets.create, body=body, idempotent=False
                 )
             except UncertainOutcome as exc:
-                log.warning("%s (attempt %d of %d)", exc, attempt, self._attempts)
+                log.warning(
+                    "%s (attempt %d of %d; the droplet is looked for before another try, "
+                    "nothing to do)",
+                    exc,
+                    attempt,
+                    self._attempts,
+                )
                 uncertain = exc
                 continue
             machine = _machine(_field(reply, "droplet", doing))
@@ -376,7 +383,12 @@ class DigitalOceanProvider:
             d for d in await self._list_droplets(name=name) if ours <= set(d.get("tags") or ())
         ]
         if len(found) > 1:
-            log.warning("%d droplets are called %s; using the oldest", len(found), name)
+            log.warning(
+                "%d droplets are called %s; using the oldest. `doproxy sanitize` lists the "
+                "others: destroy those you do not want",
+                len(found),
+                name,
+            )
         found.sort(key=lambda d: int(d["id"]))
         return _machine(found[0]) if found else None
 
@@ -434,7 +446,12 @@ class DigitalOceanProvider:
                 if failures >= self._attempts:
                     raise ProviderError(what) from exc
                 error = ProviderError(what)
-                log.warning("%s: %s; trying again", doing, error)
+                log.warning(
+                    "%s: %s; trying again (if it persists, check this machine's network and "
+                    "api-url)",
+                    doing,
+                    error,
+                )
                 await self._sleep(_backoff(failures))
                 continue
             self._note_rate_limit(reply.headers)
@@ -450,7 +467,12 @@ class DigitalOceanProvider:
                         f"a row) while {doing}; wait a few minutes, or make fewer API calls"
                     )
                 wait = self._retry_after(reply.headers, rate_limited)
-                log.warning("%s: rate-limited (429); waiting %.0fs", doing, wait)
+                log.warning(
+                    "%s: rate-limited (429); waiting %.0fs. Nothing to do unless it recurs: "
+                    "then make fewer API calls with this token",
+                    doing,
+                    wait,
+                )
                 await self._sleep(wait)
                 continue
             if status == 401:
@@ -476,7 +498,9 @@ class DigitalOceanProvider:
                 if failures >= self._attempts:
                     raise ProviderError(what)
                 error = ProviderError(what)
-                log.warning("%s; trying again", error)
+                log.warning(
+                    "%s; trying again (if it persists, see DigitalOcean's status page)", error
+                )
                 await self._sleep(_backoff(failures))
                 continue
             raise ProviderRefused(
@@ -490,7 +514,10 @@ class DigitalOceanProvider:
         wait = min(self._blocked_until - self._wall_clock(), MAX_WAIT)
         if wait > 0:
             log.warning(
-                "%s: no API requests left until the rate limit resets; waiting %.0fs", doing, wait
+                "%s: no API requests left until the rate limit resets; waiting %.0fs. Nothing "
+                "to do unless it recurs: then make fewer API calls with this token",
+                doing,
+                wait,
             )
             await self._sleep(wait)
 

@@ -266,7 +266,13 @@ def _reap() -> None:
         if name in _stopping:
             log.debug("local machine %s (pid %d) exited with status %d", name, pid, status)
         else:
-            log.warning("local machine %s (pid %d) exited with status %d", name, pid, status)
+            log.warning(
+                "local machine %s (pid %d) exited with status %d; its output is in "
+                "[local-provisioner] log-dir (set one to keep it)",
+                name,
+                pid,
+                status,
+            )
 
 
 # A machine's processes. (Inside LocalProvider, `list` is the method.)
@@ -509,7 +515,12 @@ class LocalProvider:
         deadline = time.monotonic() + 5.0
         while read_proc(popen.pid) is None and popen.poll() is None:
             if time.monotonic() > deadline:
-                log.warning("local machine %s (pid %d) shows no marker yet", name, popen.pid)
+                log.warning(
+                    "local machine %s (pid %d) shows no marker in /proc yet; a later scan finds "
+                    "it, nothing to do",
+                    name,
+                    popen.pid,
+                )
                 break
             await asyncio.sleep(0.001)
         return popen.pid
@@ -579,7 +590,9 @@ class LocalProvider:
                         if sent and p.pid not in killed:
                             killed.add(p.pid)
                             log.warning(
-                                "local machine %s (pid %d) ignored SIGTERM for %.1fs: SIGKILL",
+                                "local machine %s (pid %d) ignored SIGTERM for %.1fs: SIGKILL. "
+                                "Make it exit on SIGTERM, or raise [local-provisioner] "
+                                "stop-timeout",
                                 name,
                                 p.pid,
                                 elapsed,

@@ -99,7 +99,6 @@ if TYPE_CHECKING:
     from doproxy.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("doproxy.access")  # one line per request, when enabled
 
 # Reasons reading from the client is paused (bit flags).
 _PAUSE_BACKEND: Final = 1  # the backend's write buffer is full
@@ -173,6 +172,7 @@ class Exchange:
     kept: list[bytes] | None = None
     kept_size = 0
     status = 0  # the status answered to the client (access log, per-class counts)
+    body_sent = 0  # response body bytes handed to the client (counted while the access log is on)
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
@@ -233,6 +233,15 @@ def flush_writes() -> None:
 
 _CLOSE_LINE: Final = b"Connection: close\r\n"
 _LEAN_MAX: Final = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
+
+
+def _header_value(head: bytes, low: str, name: str) -> bytes | None:
+    """The value of the first header `name` ("\\r\\nreferer:") in a validated head, `low` being
+    the head decoded as latin-1 and lower-cased; None when absent."""
+    i = low.find(name)
+    if i < 0:
+        return None
+    return head[i + len(name) : low.find("\r\n", i + 2)].strip(b" \t")
 
 
 def _switches(low: str) -> bool:
@@ -355,7 +364,8 @@ class ClientConnection(asyncio.Protocol):
         self._proxy_buf = b""
         if n == PROXY_BAD:
             log.warning(
-                "closing connection from %s: no valid PROXY protocol header",
+                "closing connection from %s: no valid PROXY protocol header; that trusted "
+                "proxy must send one (v1 or v2): fix its setting, or set proxy-protocol = false",
                 self.peer_ip.decode("latin-1"),
             )
             self._close()
@@ -468,6 +478,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connection_closed(self)
+        if self._access_log and self.queue and self.queue[0].begun:
+            self._log_unfinished(self.queue[0])
         tunnel = self._tunnel
         if tunnel is not None:
             self._tunnel = None
@@ -631,7 +643,7 @@ class ClientConnection(asyncio.Protocol):
         if self._hash_header:
             self._set_hash_key(ex, split_head(data[:-2])[1])
         if self._max_body and self._body_left > self._max_body:
-            self._reject(ContentTooLarge())
+            self._reject(ContentTooLarge(), ex)
             return
         if self._body_left > 0:
             self.parsing = ex  # the body follows in later chunks (see _lean_body)
@@ -1061,6 +1073,8 @@ class ClientConnection(asyncio.Protocol):
         if not keep:
             ex.keep_alive = False
         ex.status = int(code)  # counted by class in _finish
+        if self._access_log:
+            ex.body_sent = length
         self.server.express_responses += 1
         self._finish(ex, up, reusable=backend_keep_alive)
         return True
@@ -1185,11 +1199,16 @@ class ClientConnection(asyncio.Protocol):
     def response_body(self, body: bytes) -> None:
         if self.deadline_kind == DEADLINE_BACKEND_READ:
             self.deadline = self._now() + self._t_backend_read
-        mode = self.queue[0].out_mode
+        ex = self.queue[0]
+        mode = ex.out_mode
         if mode == _OUT_RAW:
             self._write(body)
         elif mode == _OUT_CHUNKED:
             self._write(chunk(body))
+        else:
+            return
+        if self._access_log:
+            ex.body_sent += len(body)
 
     def response_complete(self, up: UpstreamConnection) -> None:
         if not self.queue:
@@ -1220,7 +1239,11 @@ class ClientConnection(asyncio.Protocol):
                 self._finish(ex, up, reusable=False)
                 return
             # The response was cut short: the client must see a broken response, not a hang.
-            log.warning("backend %s closed mid-response", ex.backend)
+            log.warning(
+                "backend %s closed mid-response (the client got it cut short); see that "
+                "backend's logs",
+                ex.backend,
+            )
             self._finish(ex, up, reusable=False, abort=True)
             return
         ex.upstream = None
@@ -1239,7 +1262,12 @@ class ClientConnection(asyncio.Protocol):
             self._fail(ex, err)
 
     def backend_protocol_error(self, up: UpstreamConnection, detail: str) -> None:
-        log.warning("invalid response from backend %s: %s", up.backend, detail)
+        log.warning(
+            "invalid response from backend %s: %s; fix the backend (docs/http.md says what "
+            "doproxy accepts)",
+            up.backend,
+            detail,
+        )
         up.backend.protocol_errors += 1
         ex = self.queue[0] if self.queue else None
         up.client = None
@@ -1274,6 +1302,9 @@ class ClientConnection(asyncio.Protocol):
             self._write(rest)
         # The 101 is this exchange's answer (a tunnel never reaches _finish): its class count.
         up.backend.responses[1] += 1
+        if self._access_log:
+            ex.status = 101  # logged when the tunnel closes (connection_lost)
+            ex.body_sent = len(rest)
         up.tunnel = True
         self._tunnel = up
         t = up.transport
@@ -1288,6 +1319,8 @@ class ClientConnection(asyncio.Protocol):
         if self.deadline_kind == DEADLINE_TUNNEL:
             self.deadline = self._now() + self._t_tunnel
         self._write(data)
+        if self._access_log and self.queue:
+            self.queue[0].body_sent += len(data)  # as nginx counts a tunnel's bytes
 
     # --- retries ----------------------------------------------------------------------------
 
@@ -1339,7 +1372,11 @@ class ClientConnection(asyncio.Protocol):
         if not any(b not in tried for b in server.pool.eligible):
             return False  # nowhere else to go
         if not server.retry_budget.withdraw(self._now()):
-            log.warning("retry budget exhausted: not retrying after %s", err.detail)
+            log.warning(
+                "retry budget exhausted: not retrying after %s; backends are failing, check "
+                "them ([retries] budget-percent caps the extra load retries may add)",
+                err.detail,
+            )
             return False
         return True
 
@@ -1388,7 +1425,9 @@ class ClientConnection(asyncio.Protocol):
         now = self._now()
         backend = ex.backend
         if self._access_log:
-            self._log_access(ex, now, abort)
+            # A response cut short is logged with the status its head carried and the body
+            # bytes that got out, as nginx does; the warning that cut it says why.
+            self._log_access(ex, now, backend)
         # Latency is the time to the response head: a streamed body or a tunnel says nothing
         # about how long the backend made the user wait.
         head_at = ex.head_at or now
@@ -1437,21 +1476,58 @@ class ClientConnection(asyncio.Protocol):
         elif self._plain_upgrade is ex:
             self._plain_upgrade = None
 
-    def _log_access(self, ex: Exchange, now: float, aborted: bool) -> None:
-        """One line per request on the "doproxy.access" logger (only when access-log is on)."""
-        first = ex.head[: ex.head.find(b"\r\n")].decode("latin-1")
-        target = first.split(" ")[1] if first.count(" ") >= 2 else "-"
-        backend = ex.backend
-        access_log.info(
-            '%s "%s %s HTTP/%s" %s %.1fms %s',
-            self.peer_ip.decode(),
-            ex.method.decode(),
+    def _log_access(self, ex: Exchange, now: float, backend: Backend | None) -> None:
+        """One access log line for `ex`, answered by `backend` (called only when access-log is
+        on, so none of this costs anything when it is off)."""
+        sink = self.server.access
+        if sink is None:
+            return  # a reload turned the log off after this connection opened
+        # The head as forwarded: its request line is "METHOD target HTTP/1.1", and Referer and
+        # User-Agent pass unchanged (they are end-to-end headers). No head: a request refused
+        # before it was understood, logged as "-".
+        head = ex.head
+        method = target = b""
+        referer: bytes | None = None
+        agent: bytes | None = None
+        if head:
+            method = ex.method
+            first = head[: head.find(b"\r\n")]
+            target = first[len(method) + 1 : first.rfind(b" ")]
+            low = head.decode("latin-1").lower()
+            referer = _header_value(head, low, "\r\nreferer:")
+            agent = _header_value(head, low, "\r\nuser-agent:")
+        sink.request(
+            self.peer_ip,
+            method,
             target,
-            ex.version.decode(),
-            "cut" if aborted else (ex.status or "-"),
-            (now - ex.started) * 1000.0 if ex.started else 0.0,
-            backend.name if backend is not None else "-",
+            ex.version,
+            ex.status,
+            ex.body_sent,
+            referer,
+            agent,
+            now - ex.begun if ex.begun else 0.0,  # from the first dispatch, retries included
+            backend.entry.server_host if backend is not None else None,
+            len(ex.tried),
         )
+
+    def _log_refused(self, bad: Exchange | None, err: ClientError, is_head: bool) -> None:
+        """The access log line of a request refused as the client's fault (_reject): with its
+        request line once its head was parsed, else "-"."""
+        ex = bad if bad is not None else Exchange()
+        if not ex.response_started:
+            ex.status = err.status
+            out = error_response(err.status, self.server.error_body(err.status), head=is_head)
+            ex.body_sent = len(out) - out.find(b"\r\n\r\n") - 4
+        # (Otherwise the backend's answer had begun: its status and the bytes sent stand.)
+        self._log_access(ex, self._now(), ex.backend)
+
+    def _log_unfinished(self, ex: Exchange) -> None:
+        """The connection closed with `ex` unfinished: a WebSocket tunnel that ended (101),
+        a response cut short (the status its head carried), or a client that left before any
+        answer (499, nginx's "client closed request")."""
+        if not ex.status:
+            ex.status = 499
+        self._log_access(ex, self._now(), ex.backend)
 
     def _continue(self, now: float) -> None:
         """After an exchange: start the next pipelined request, or wait for one."""
@@ -1498,7 +1574,7 @@ class ClientConnection(asyncio.Protocol):
             self._finish(ex, ex.upstream, reusable=False, abort=True)
             return
         server = self.server
-        failed = ex.backend
+        failed = ex.backend  # (and the backend the access log names)
         if failed is not None:
             failed.in_flight -= 1
             failed.failures += 1
@@ -1520,26 +1596,29 @@ class ClientConnection(asyncio.Protocol):
             up.client = None
             up.close()
         log.debug("answering %d: %s", err.status, err.detail)
-        if self._access_log:
-            ex.status = err.status
-            self._log_access(ex, self._now(), False)
         # Keep the connection only when the request is fully read and nothing else is odd.
         keep = ex.keep_alive and ex.request_done and not ex.upgrade and not self.server.draining
         page = self.server.error_body(err.status)
-        self._write(error_response(err.status, page, close=not keep, head=ex.is_head))
+        out = error_response(err.status, page, close=not keep, head=ex.is_head)
+        if self._access_log:
+            ex.status = err.status
+            ex.body_sent = 0 if ex.is_head else len(out) - out.find(b"\r\n\r\n") - 4
+            self._log_access(ex, self._now(), failed)
+        self._write(out)
         self.queue.popleft()
         if not keep:
             self._close(linger=True)
         else:
             self._continue(self._now())
 
-    def _reject(self, err: ClientError) -> None:
+    def _reject(self, err: ClientError, refused: Exchange | None = None) -> None:
         """The client's fault: a malformed request, a stalled or cut body, a body too large.
 
         Nothing of a malformed request was forwarded; a request whose body went wrong while
         being forwarded is aborted at its backend (which is not blamed). Requests accepted
         before it on this connection are answered first, in order; then the error, and the
-        connection closes.
+        connection closes. `refused`: the express lane's request, for the access log (the
+        general path's is `parsing`).
         """
         if self.closed or self.transport is None:
             self.closed = True
@@ -1549,6 +1628,12 @@ class ClientConnection(asyncio.Protocol):
         # Was the refused request a HEAD? Known once its head was parsed (llhttp's method of
         # a head it refused midway may be the previous request's: not asked).
         head = bad is not None and bad.is_head
+        if self._access_log and (
+            bad is not None or self._in_head or not isinstance(err, RequestTimeout)
+        ):
+            # (A connection that sent nothing at all before client-header passed is no
+            # request, and not logged, as nginx does not.)
+            self._log_refused(refused or bad, err, head)
         self.parsing = None
         self._in_head = False
         self.body_deadline = 0.0
@@ -1585,7 +1670,11 @@ class ClientConnection(asyncio.Protocol):
         elif kind == DEADLINE_BACKEND_READ:
             if self.queue:
                 ex = self.queue[0]
-                log.warning("backend %s: response stalled for backend-read; cut", ex.backend)
+                log.warning(
+                    "backend %s: response stalled for backend-read; cut. Check the backend, "
+                    "or raise [timeouts] backend-read for slow streams",
+                    ex.backend,
+                )
                 if ex.backend is not None:
                     self.server.backend_failed(ex.backend)
                 self._finish(ex, ex.upstream, reusable=False, abort=True)
@@ -1605,7 +1694,9 @@ class ClientConnection(asyncio.Protocol):
             ex = self.queue[0]
             if not ex.response_started:
                 log.warning(
-                    "backend %s: no response within the response-header timeout", ex.backend
+                    "backend %s: no response within the response-header timeout; check the "
+                    "backend, or raise [timeouts] response-header",
+                    ex.backend,
                 )
                 err = GatewayTimeout("backend did not answer in time")
                 if ex.backend is not None:
@@ -1628,7 +1719,11 @@ class ClientConnection(asyncio.Protocol):
             # proxy_send_timeout has it.
             self.body_deadline = 0.0
             ex = self.queue[0]
-            log.warning("backend %s read nothing of a request body; giving up", ex.backend)
+            log.warning(
+                "backend %s read nothing of a request body for client-body; giving up. Check "
+                "the backend, or raise [timeouts] client-body",
+                ex.backend,
+            )
             if ex.backend is not None:
                 self.server.backend_failed(ex.backend)
             self._fail(ex, GatewayTimeout("backend stopped reading the request body"))

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import ssl
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from doproxy.core.health import ejection_duration, may_eject
 from doproxy.core.histogram import REQUEST_BOUNDS
@@ -31,6 +31,9 @@ from doproxy.errors import BadGateway, ClientError, GatewayTimeout
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.client import ClientConnection, Exchange, flush_writes
 from doproxy.proxy.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from doproxy.proxy.access import AccessLog
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ class ProxyServer:
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self.error_pages: dict[int, ErrorPage] = {}  # loaded by the runtime from [error-pages]
+        # Where access lines go, set by the runtime when access-log is on. Read per line, so
+        # a reload that turns the log off or moves it takes effect on open connections too.
+        self.access: AccessLog | None = None
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._dials: set[asyncio.Task[None]] = set()
@@ -172,10 +178,18 @@ class ProxyServer:
                 )
             up = proto
         except TimeoutError:
-            log.warning("backend %s: connect timed out", backend)
+            log.warning(
+                "backend %s: connect timed out; check that it is up and reachable, or raise "
+                "[backend] dial-timeout",
+                backend,
+            )
             err = GatewayTimeout("backend connect timed out")
         except OSError as e:
-            log.warning("backend %s: cannot connect: %s", backend, e.strerror or e)
+            log.warning(
+                "backend %s: cannot connect: %s; check that it runs and listens at its server-host",
+                backend,
+                e.strerror or e,
+            )
             err = BadGateway("backend unreachable")
         client.dial_done(ex, up, err)
 
@@ -217,7 +231,8 @@ class ProxyServer:
             self.ejections += 1
             backend.passive_failures = 0
             log.warning(
-                "backend %s ejected for %.0fs after %d failed requests in a row",
+                "backend %s ejected for %.0fs after %d failed requests in a row; check it "
+                "(it gets traffic again after that)",
                 backend.name,
                 duration,
                 ph.consecutive_failures,
@@ -278,7 +293,8 @@ class ProxyServer:
                 pass
         if self.connections:
             log.warning(
-                "%d connection(s) still busy after the grace period: closing them",
+                "%d connection(s) still busy after the grace period: closing them (raise "
+                "[timeouts] shutdown-grace to let long requests finish)",
                 len(self.connections),
             )
         for conn in list(self.connections):

@@ -261,7 +261,12 @@ class UpstreamConnection(asyncio.Protocol):
             client.backend_protocol_error(self, detail)
             return
         self.backend.protocol_errors += 1
-        log.warning("backend %s: %s; closing that connection", self.backend.name, detail)
+        log.warning(
+            "backend %s: %s; closing that connection. Fix the backend: those bytes answer no "
+            "request",
+            self.backend.name,
+            detail,
+        )
         self.abort()
 
     def reset_for_reuse(self) -> None:
