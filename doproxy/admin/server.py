@@ -565,6 +565,7 @@ def status_view(runtime: Served, started: float) -> dict[str, Any]:
     server = runtime.server
     settings = runtime.settings
     sig = runtime.stats.signal if runtime.stats is not None else None
+    measured = server is not None and server.exchanges > 0  # else "0 ms" would mislead
     listener: dict[str, Any] = {
         "addresses": [f"{h}:{p}" for h, p in server.addresses] if server else [],
         "https": settings.https,
@@ -573,8 +574,8 @@ def status_view(runtime: Served, started: float) -> dict[str, Any]:
         "requests": server.exchanges if server else 0,
         "requests_per_second": _round(sig.requests_per_second if sig else None, 3),
         "latency": {
-            "average": _round(sig.latency.value if sig else None),
-            "p95": _round(sig.p95 if sig else None),
+            "average": _round(sig.latency.value if sig and measured else None),
+            "p95": _round(sig.p95 if sig and measured else None),
         },
         "balancing": settings.loadbalancing.type,
     }
