@@ -442,3 +442,37 @@ async def test_metrics_are_served_and_a_scrape_reads_the_counters(
         if s.name == "doproxy_requests_total" and s.labels["code_class"] == "2xx"
     )
     assert total == 6
+
+
+async def test_a_loopback_listener_refuses_other_host_names(
+    start: Start, two: tuple[RawBackend, RawBackend]
+) -> None:
+    """DNS rebinding: a page of evil.example resolving to 127.0.0.1 reads nothing."""
+    a, _ = two
+    _rt, admin = await start(config(), inventory(a.port))
+    for host in ("evil.example", "evil.example:8001", "127.0.0.1.evil.example", "10.0.0.1"):
+        status, body = await admin.call("GET", "/api/status", token=None, headers={"Host": host})
+        assert status == 421 and "loopback" in body["error"], host
+    for host in ("localhost", "localhost:8001", "127.0.0.1:9", "[::1]:8001", "127.0.0.2"):
+        status, _ = await admin.call("GET", "/healthz", token=None, headers={"Host": host})
+        assert status == 200, host
+
+
+async def test_event_streams_are_bounded(
+    start: Start, two: tuple[RawBackend, RawBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import doproxy.admin.server as admin_server
+
+    monkeypatch.setattr(admin_server, "MAX_STREAMS", 2)
+    a, _ = two
+    _rt, admin = await start(config(), inventory(a.port))
+    opened = [await admin.session.get(admin.url + "/api/events/stream") for _ in range(2)]
+    try:
+        for r in opened:
+            assert r.status == 200
+            await r.content.readuntil(b"\n\n")
+        status, body = await admin.call("GET", "/api/events/stream", token=None)
+        assert status == 503 and "poll /api/events" in body["error"]
+    finally:
+        for r in opened:
+            r.close()

@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SSE_KEEPALIVE = 15.0  # seconds between comments on an idle event stream (proxies time out)
 DECISIONS_SHOWN = 50
+MAX_STREAMS = 64  # event streams open at once: each holds a connection and a task
 
 
 class Served(Protocol):
@@ -122,6 +123,15 @@ def is_loopback(host: str | None) -> bool:
         return False  # a name: it may resolve anywhere
 
 
+def _loopback_host(host: str) -> bool:
+    """Is a Host header a loopback name or address (with or without a port)?"""
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return is_loopback(name.lower()) if name else False
+
+
 def configured_token(admin: Admin, base: Path) -> str | None:
     """The token the config gives (token, else token-file), or None: one is generated."""
     if admin.token:
@@ -157,6 +167,7 @@ class AdminServer:
         self.started = time.time()
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
+        self._streams = 0  # open event streams, bounded by MAX_STREAMS
 
     @property
     def loopback(self) -> bool:
@@ -260,6 +271,15 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.loopback and not _loopback_host(request.host):
+            # DNS rebinding: a web page on another origin whose name now resolves to
+            # 127.0.0.1 would otherwise read the token-free GET endpoints from the browser.
+            # A loopback listener answers only requests addressed to a loopback name.
+            return _json_error(
+                421,
+                "this admin listener serves loopback names only (127.0.0.1, [::1], "
+                "localhost); bind it beyond loopback, with the token, to reach it by another",
+            )
         mutating = request.method not in ("GET", "HEAD", "OPTIONS")
         needs_token = mutating or not self.loopback
         if needs_token and not self._authorized(request.headers.get("Authorization", "")):
@@ -336,6 +356,17 @@ class AdminServer:
         Last-Event-ID (or ?since=); a comment every 15 s keeps idle connections open."""
         header = request.headers.get("Last-Event-ID", "")
         since = int(header) if header.isdigit() else _int_query(request, "since", 0)
+        if self._streams >= MAX_STREAMS:
+            return _json_error(
+                503, f"{MAX_STREAMS} event streams are open already; poll /api/events instead"
+            )
+        self._streams += 1
+        try:
+            return await self._stream(request, since)
+        finally:
+            self._streams -= 1
+
+    async def _stream(self, request: web.Request, since: int) -> web.StreamResponse:
         resp = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
