@@ -13,7 +13,7 @@ import uvloop
 
 from doproxy.config import load_settings, resolve_relative
 from doproxy.core.inventory_model import InventoryEntry
-from doproxy.core.settings import Settings
+from doproxy.core.settings import Settings, parse_bind
 from doproxy.inventory import load_inventory
 from doproxy.proxy.server import ProxyServer
 from doproxy.runtime import Runtime, build_pool
@@ -28,17 +28,20 @@ async def run_proxy(
     entries: list[InventoryEntry],
     config_file: Path | None = None,
     stop: asyncio.Event | None = None,
-    on_ready: Callable[[ProxyServer], None] | None = None,
+    on_ready: Callable[[Runtime], None] | None = None,
 ) -> None:
-    """Serve until `stop` is set or SIGTERM/SIGINT arrives, then shut down gracefully."""
+    """Serve until `stop` is set or SIGTERM/SIGINT arrives, then shut down gracefully.
+
+    `on_ready` gets the started runtime: its server's addresses, and its admin listener's URL
+    (runtime.admin, when enabled)."""
     runtime = Runtime(settings, entries, config_file)
-    server = await runtime.start()
+    await runtime.start()
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if on_ready is not None:
-        on_ready(server)
+        on_ready(runtime)
     try:
         await stop.wait()
     finally:
@@ -85,6 +88,11 @@ interval = "1s"
 drain-timeout = "5s"
 orphans = "destroy"
 
+[admin]
+# The status page and the admin API. Loopback only, whatever the proxy's bind: read-only on
+# loopback needs no token.
+bind = "{admin}"
+
 [local-provisioner]
 enable = true
 # Each backend serves at most 4 requests at once, 50 ms each: latency rises with concurrency.
@@ -109,15 +117,29 @@ async def _demo(bind: str, load: bool, ports: str = "9100-9199") -> None:
     folder = Path(tempfile.mkdtemp(prefix="doproxy-demo-"))
     config = folder / "doproxy.toml"
     run = f"demo-{os.getpid()}"
-    config.write_text(DEMO_CONFIG.format(bind=bind, ports=ports, run=run), encoding="utf-8")
+    # The status page on the port after the proxy's (8001 for `make run`'s 8000: a URL that
+    # stays the same from run to run); a proxy on port 0 gets an admin port 0 too, so demos
+    # started by tests never collide.
+    try:
+        proxy_port = parse_bind(bind)[1]
+    except ValueError:
+        proxy_port = 0  # load_settings says what is wrong with it, with the config's words
+    admin = f"127.0.0.1:{proxy_port + 1 if 0 < proxy_port < 65535 else 0}"
+    config.write_text(
+        DEMO_CONFIG.format(bind=bind, ports=ports, run=run, admin=admin), encoding="utf-8"
+    )
     settings = load_settings(config)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
-    def ready(server: ProxyServer) -> None:
+    def ready(runtime: Runtime) -> None:
+        server = runtime.server
+        assert server is not None
         host, port = server.addresses[0]
         print(f"doproxy demo: proxy on http://{host}:{port}, autoscaling 1-4 local demo backends")
         print(f"  config and inventory: {folder}")
+        if runtime.admin is not None:
+            print(f"  status page: {runtime.admin.url()}")
         print(f"try:  curl -s http://{host}:{port}/hello")
         if load:
             tasks.append(asyncio.get_running_loop().create_task(_drive(host, port, server)))

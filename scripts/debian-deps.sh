@@ -3,7 +3,8 @@
 # otherwise it only says what is missing and how to get it.
 set -eu
 case "${1:-test}" in
-  test)  pkgs="" ; cmds="" ;;
+  # chromium: the status page's test drives it with Playwright (never a downloaded browser).
+  test)  pkgs="chromium" ; cmds="chromium" ;;
   bench) pkgs="haproxy nginx wrk util-linux" ; cmds="haproxy nginx wrk taskset" ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from doproxy import __version__
@@ -218,6 +220,13 @@ async def test_demo_autoscales_local_backends_and_cleans_up() -> None:
         assert name.startswith(b"local-")
         log = proxy.log.decode()
         assert "autoscaler on (local, 1-4 backends" in log
+        # Its status page: on loopback, on a port of its own choosing when the proxy's is 0
+        # (8001 would collide with another demo or a server).
+        found = re.search(r"admin listener on (http://127\.0\.0\.1:(\d+)/)", log)
+        assert found is not None and found.group(2) != "8001"
+        async with aiohttp.ClientSession() as s, s.get(found.group(1)) as page:
+            assert page.status == 200
+            assert "<title>doproxy status</title>" in await page.text()
         assert await proxy.stop() == 0
         # The demo destroys its backends when it stops: nothing answers on their ports.
         for port in range(base, base + 21):

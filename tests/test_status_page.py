@@ -1,0 +1,387 @@
+"""The status page (issue 11) in a real browser: Playwright driving Debian's chromium against a
+running doproxy with two real backends, its admin API over real sockets.
+
+Every plotted point names the /api/status answer it was drawn from (data-t is that answer's
+`time`), so the test records the answers the page itself received and checks each point against
+its own answer exactly, rather than hoping a second request sees the same numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from doproxy.admin.server import addr_path, token_path
+from doproxy.config import load_settings
+from doproxy.core.inventory_model import InventoryEntry
+from doproxy.inventory import load_inventory, update_inventory
+from doproxy.runtime import Runtime
+from tests.support import RawBackend, RequestReader, get, request, respond
+
+pytestmark = pytest.mark.timeout(120)
+
+CHROMIUM = "/usr/bin/chromium"
+
+# A backend name is user-controlled: the page must show it as text, never run it.
+HOSTILE = '<img src=x onerror="window.pwned=1">web-<b>1</b>'
+# When set, the screenshot is also written where the README shows it. Not by default: a test
+# run should not rewrite a committed file (make test runs the suite twice).
+SCREENSHOT_ENV = "DOPROXY_UPDATE_SCREENSHOT"
+README_SCREENSHOT = Path(__file__).parent.parent / "docs" / "img" / "status-page.png"
+
+
+class Flaky:
+    """A keep-alive backend whose health path answers 503 while `sick` is set."""
+
+    def __init__(self) -> None:
+        self.sick = False
+
+    async def __call__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
+    ) -> None:
+        rr = RequestReader(reader)
+        while (req := await rr.next()) is not None:
+            if req.url == b"/health" and self.sick:
+                writer.write(respond(503, b"sick"))
+            else:
+                writer.write(respond(200, b"ok"))
+            await writer.drain()
+
+
+CONFIG = """\
+bind = "127.0.0.1:0"
+watch-config = false
+inventory-file = "inventory.toml"
+
+[health]
+path = "/health"
+interval = "200ms"
+down-interval = "200ms"
+rise = 1
+fall = 1
+jitter = 0
+
+[admin]
+bind = "127.0.0.1:0"
+"""
+
+
+def inventory(a: int, b: int) -> str:
+    return "".join(
+        f'[[droplet]]\nid = {p}\nname = "web-{i}"\nserver-host = "127.0.0.1:{p}"\n'
+        for i, p in enumerate((a, b), 1)
+    )
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> None:
+    """Poll an async or sync condition until it holds (a bound, not a sleep-as-readiness)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                ok = predicate()
+                if asyncio.iscoroutine(ok):
+                    ok = await ok
+                if ok:
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[tuple[RawBackend, RawBackend, Flaky]]:
+    flaky = Flaky()
+    a = await RawBackend(Flaky()).start()
+    b = await RawBackend(flaky).start()
+    yield a, b, flaky
+    await a.close()
+    await b.close()
+
+
+@pytest.fixture
+async def runtime(
+    tmp_path: Path, backends: tuple[RawBackend, RawBackend, Flaky]
+) -> AsyncIterator[Runtime]:
+    a, b, _ = backends
+    cfg = tmp_path / "doproxy.toml"
+    cfg.write_text(CONFIG)
+    (tmp_path / "inventory.toml").write_text(inventory(a.port, b.port))
+    rt = Runtime(load_settings(cfg), load_inventory(tmp_path / "inventory.toml"), cfg)
+    await rt.start()
+    yield rt
+    await rt.stop()
+
+
+def value_of(series: str, answer: dict[str, Any]) -> Any:
+    """What the page plots for `series`, from one /api/status answer (the autoscaler is off:
+    no desired size; actual is what the inventory keeps active)."""
+    listener = answer["listener"]
+    return {
+        "avg": lambda: listener["latency"]["average"],
+        "p95": lambda: listener["latency"]["p95"],
+        "rps": lambda: listener["requests_per_second"],
+        "actual": lambda: sum(1 for b in answer["backends"] if b["state"] == "active"),
+        "serving": lambda: sum(1 for b in answer["backends"] if b["eligible"]),
+    }[series]()
+
+
+POINTS_JS = """els => els.map(e => [e.dataset.series, +e.dataset.t, e.dataset.value,
+                                    parseFloat(e.getAttribute('cy'))])"""
+ROWS_JS = """els => els.map(tr => [tr.dataset.id,
+    tr.querySelector('td[data-col=name]').textContent,
+    tr.querySelector('td[data-col=state]').textContent])"""
+
+
+class Watched:
+    """The page in chromium, and what it did: the /api/status answers it got (by `time`), any
+    request beyond its own origin, and every console error."""
+
+    def __init__(self, page: Any, url: str) -> None:
+        self.page = page
+        self.url = url
+        self.answers: dict[float, dict[str, Any]] = {}
+        self.foreign: list[str] = []
+        self.problems: list[str] = []
+        page.on("response", self._response)
+        page.on("request", self._request)
+        page.on("console", self._console)
+        page.on("pageerror", lambda e: self.problems.append(str(e)))
+
+    async def _response(self, resp: Any) -> None:
+        if resp.url.endswith("/api/status") and resp.ok:
+            body = await resp.json()
+            self.answers[body["time"]] = body
+
+    def _request(self, req: Any) -> None:
+        if not req.url.startswith(self.url) and not req.url.startswith("data:"):
+            self.foreign.append(req.url)
+
+    def _console(self, msg: Any) -> None:
+        if msg.type == "error":
+            self.problems.append(msg.text)
+
+    async def points(self) -> list[tuple[str, float, str, float]]:
+        """Every plotted point: (series, data-t, data-value, cy)."""
+        found = await self.page.locator("circle[data-series]").evaluate_all(POINTS_JS)
+        return [(s, t, v, cy) for s, t, v, cy in found]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(
+            f"no {CHROMIUM}: `make test` installs Debian's chromium when run as root "
+            "(scripts/debian-deps.sh); otherwise: sudo apt-get install chromium"
+        )
+    pw_api = pytest.importorskip(
+        "playwright.async_api", reason="playwright is in the dev extra: pip install -e '.[dev]'"
+    )
+    async with pw_api.async_playwright() as pw:
+        launched = await pw.chromium.launch(
+            executable_path=CHROMIUM,  # Debian's: never a browser downloaded from a CDN
+            headless=True,
+            # Chromium's sandbox refuses to start as root (as `make test` may run).
+            args=["--no-sandbox"] if os.geteuid() == 0 else [],
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@pytest.fixture
+async def traffic(runtime: Runtime) -> AsyncIterator[None]:
+    """Steady requests through the proxy, so the plots have latency and req/s to show."""
+    assert runtime.server is not None
+    port = runtime.server.addresses[0][1]
+    stop = asyncio.Event()
+
+    async def send() -> None:
+        while not stop.is_set():
+            await request(port, get("/hello"))
+            await asyncio.sleep(0.01)  # pacing, not waiting for readiness
+
+    task = asyncio.get_running_loop().create_task(send())
+    yield
+    stop.set()
+    await task
+
+
+async def check_points(watched: Watched) -> set[str]:
+    """Each plotted point is the value of the /api/status answer its data-t names, exactly,
+    and drawn where its value says. Returns the series seen."""
+    points = await watched.points()
+    await until(lambda: all(t in watched.answers for _, t, _, _ in points), "the answers")
+    for s, t, v, _ in points:
+        assert json.loads(v) == value_of(s, watched.answers[t]), (s, t)
+    series = {s for s, *_ in points}
+    for s in series:  # a larger value is never drawn lower
+        mine = sorted((float(v), cy) for k, _, v, cy in points if k == s)
+        assert all(c1 >= c2 for (_, c1), (_, c2) in itertools.pairwise(mine))
+    return series
+
+
+async def test_status_page_in_chromium(
+    runtime: Runtime,
+    backends: tuple[RawBackend, RawBackend, Flaky],
+    browser: Any,
+    traffic: None,
+    tmp_path: Path,
+) -> None:
+    from playwright.async_api import expect
+
+    a, b, flaky = backends
+    inv = runtime.inventory_path
+    url = "http://" + addr_path(inv).read_text().strip()
+    session = aiohttp.ClientSession()
+
+    async def api(path: str) -> Any:
+        async with session.get(url + path) as r:
+            assert r.status == 200
+            return await r.json()
+
+    page = await browser.new_page(viewport={"width": 1400, "height": 700})
+    watched = Watched(page, url)
+    try:
+        await page.goto(url)
+
+        # The table is /api/status's backends.
+        rows = page.locator("#backends tbody tr[data-id]")
+        await expect(rows).to_have_count(2)
+        status = await api("/api/status")
+        want = [[x["id"], x["name"], x["state"]] for x in status["backends"]]
+        assert await rows.evaluate_all(ROWS_JS) == want
+        assert [name for _, name, _ in want] == ["web-1", "web-2"]
+
+        # The plotted points are the answers the page got, exactly.
+        async def traffic_plotted() -> bool:
+            points = await watched.points()
+            rps = any(s == "rps" and float(v) > 0 for s, _, v, _ in points)
+            return rps and any(s == "p95" for s, *_ in points)
+
+        await until(traffic_plotted, "a point with traffic on the plots")
+        series = await check_points(watched)
+        assert {"avg", "p95", "rps", "actual", "serving"} <= series
+        assert "desired" not in series  # no autoscaler, no desired size
+        latest = max(watched.answers)
+
+        async def latest_plotted() -> bool:
+            return any(s == "rps" and t == latest for s, t, _, _ in await watched.points())
+
+        await until(latest_plotted, "the latest answer on the plot")
+
+        # Health transitions are marked on the time axis, at their events' times.
+        flaky.sick = True
+        down = page.locator("#plot-rps line.marker.m-health-down")
+        await expect(down).to_have_count(1, timeout=10_000)
+        flaky.sick = False
+        up = page.locator("#plot-rps line.marker.m-health-up")
+        await expect(up).to_have_count(1, timeout=10_000)
+        health = [e for e in (await api("/api/events"))["events"] if e["kind"] == "health"]
+        assert [e["level"] for e in health] == ["warning", "info"]
+        assert float(await down.get_attribute("data-t") or "") == health[0]["time"]
+        assert float(await up.get_attribute("data-t") or "") == health[1]["time"]
+        for e in health:  # and listed, from the event stream
+            await expect(page.locator(f'#events li[data-id="{e["id"]}"]')).to_contain_text(
+                e["message"]
+            )
+
+        # Drain: refused without a token and with a wrong one (the API's 401 shown), done with
+        # the right one.
+        row_a = page.locator(f'#backends tr[data-id="{a.port}"]')
+        drain = row_a.locator("button[data-action=drain]")
+        message = page.locator("#message")
+        await drain.click()
+        await expect(message).to_contain_text("set the admin token first")
+        await page.fill("#token", "not-the-token")
+        await page.click("#token-save")
+        await drain.click()
+        await expect(message).to_contain_text("unauthorized: send Authorization: Bearer")
+        await expect(message).to_have_class("error")
+        assert load_inventory(inv)[0].state == "active"
+        await page.fill("#token", token_path(inv).read_text().strip())
+        await page.click("#token-save")
+        await drain.click()
+        await expect(message).to_have_class("ok")
+        state = row_a.locator("td[data-col=state]")
+        await expect(state).to_have_text(re.compile("^(draining|disabled)$"))
+        now = {x["id"]: x for x in (await api("/api/status"))["backends"]}
+        assert now[str(a.port)]["state"] in ("draining", "disabled")
+        # Nothing in flight: the drain finishes, and the page and the API both say so.
+        await expect(state).to_have_text("disabled", timeout=10_000)
+
+        async def api_disabled() -> bool:
+            found = [x["state"] for x in (await api("/api/status"))["backends"]]
+            return found == ["disabled", "active"]
+
+        await until(api_disabled, "the API to say disabled")
+        await expect(row_a.locator("button[data-action=enable]")).to_be_visible()
+        await expect(drain).to_be_hidden()
+        await expect(page.locator("#events li[data-kind=membership]").first).to_contain_text(
+            "drain (admin API)"
+        )
+        # The pool plot follows: one backend serving, and every point still exact.
+        await until(
+            lambda: page.locator("circle[data-series=serving][data-value='1']").count(),
+            "the pool plot to show one backend serving",
+        )
+        await check_points(watched)
+
+        shot = await page.screenshot(full_page=True)
+        (tmp_path / "status-page.png").write_bytes(shot)
+        if os.environ.get(SCREENSHOT_ENV):
+            README_SCREENSHOT.write_bytes(shot)
+
+        # A hostile name (names are user-controlled) is shown as text everywhere, never run:
+        # rename web-2, enable web-1 and drain web-2 from the page.
+        def rename(entries: list[InventoryEntry]) -> list[InventoryEntry]:
+            return [
+                e.model_copy(update={"name": HOSTILE}) if e.name == "web-2" else e for e in entries
+            ]
+
+        await asyncio.to_thread(update_inventory, inv, rename)
+        assert await runtime.apply_inventory()
+        row_b = page.locator(f'#backends tr[data-id="{b.port}"]')
+        await expect(row_b.locator("td[data-col=name]")).to_have_text(HOSTILE)
+        await row_a.locator("button[data-action=enable]").click()
+        await expect(state).to_have_text("active")
+        await row_b.locator("button[data-action=drain]").click()
+        await expect(message).to_have_text(re.compile(f"^drain {re.escape(HOSTILE)}: done"))
+        await expect(page.locator("#events li[data-kind=membership]").first).to_contain_text(
+            f"{HOSTILE}: drain (admin API)"
+        )
+        assert await page.evaluate("window.pwned") is None
+        assert await page.locator("body img, body b").count() == 0
+    finally:
+        await page.close()
+        await session.close()
+
+    # Nothing from anywhere else (it works offline), and nothing the page or its CSP complained
+    # of but the one 401 the wrong token earned.
+    assert watched.foreign == []
+    assert watched.problems == [
+        "Failed to load resource: the server responded with a status of 401 (Unauthorized)"
+    ]
+
+
+async def test_the_page_is_served_self_contained(runtime: Runtime) -> None:
+    """No browser needed: the page is served with its CSP and names nothing elsewhere."""
+    url = "http://" + addr_path(runtime.inventory_path).read_text().strip()
+    async with aiohttp.ClientSession() as s, s.get(url + "/") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert "default-src 'self'" in r.headers["Content-Security-Policy"]
+        page = await r.text()
+    # The only absolute URL is SVG's namespace, an identifier that is never fetched.
+    assert re.findall(r"https?://[^\s\"'`]+", page) == ["http://www.w3.org/2000/svg"]
+    # Text from the API goes in as text: nothing in the script parses strings as HTML.
+    assert not re.search(r"\.(inner|outer)HTML|insertAdjacentHTML|document\.write", page)
