@@ -30,6 +30,7 @@ autoscaler itself, so they survive a restart.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import ipaddress
@@ -283,22 +284,36 @@ class AdminServer:
         mutating = request.method not in ("GET", "HEAD", "OPTIONS")
         needs_token = mutating or not self.loopback
         if needs_token and not self._authorized(request.headers.get("Authorization", "")):
+            # The page itself asks a browser for the token as a Basic password (the browser
+            # then sends it with every request of the page, the event stream included); the
+            # API's own 401s do not, or a wrong token typed into the page would pop a dialog.
+            challenge = 'Basic realm="doproxy admin", charset="UTF-8"'
+            if request.path != "/":
+                challenge = 'Bearer realm="doproxy"'
             return web.json_response(
                 {
                     "error": "unauthorized: send Authorization: Bearer <token> (the "
                     "[admin] token, or the one in <inventory>.admin.token)"
                 },
                 status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="doproxy"'},
+                headers={"WWW-Authenticate": challenge},
             )
         return await handler(request)
 
     def _authorized(self, header: str) -> bool:
+        """`Bearer <token>`, or `Basic` with the token as the password (any user name): what a
+        browser sends for the status page beyond loopback."""
         scheme, _, given = header.partition(" ")
+        given = given.strip()
+        if scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(given, validate=True).decode().partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                given = ""
         # Compared in constant time, and compared even when the scheme is wrong, so a wrong
         # token and a missing one take the same path.
-        ok = hmac.compare_digest(given.strip().encode(), self.token.encode())
-        return ok and scheme.lower() == "bearer" and bool(self.token)
+        ok = hmac.compare_digest(given.encode(), self.token.encode())
+        return ok and scheme.lower() in ("bearer", "basic") and bool(self.token)
 
     # --- read-only ----------------------------------------------------------------------------
 
