@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
+import struct
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from math import exp, gcd
@@ -369,17 +370,29 @@ class LeastLatency(_TwoChoices):
 
 POINTS = 160  # ring points per backend (ketama's number): about ±10 % spread in key share
 _PER_DIGEST = 8  # points from one 64-byte digest
+# A ring entry is one int: the point's position in its high bits, then the point's rank among
+# its backend's points (RANK_BITS), then its backend's slot (SLOT_BITS), so the ring is a plain
+# sorted list of ints (sorting ints is several times faster than sorting pairs).
+SLOT_BITS = 20
+SLOTS = 1 << SLOT_BITS  # backends a ring can tell apart
+SLOT_MASK = SLOTS - 1
+RANK_BITS = 8  # POINTS <= 256
+RANK_MASK = (1 << RANK_BITS) - 1
+_HIGH = ((1 << 64) - 1) ^ ((1 << (SLOT_BITS + RANK_BITS)) - 1)
+_RANKS = [rank << SLOT_BITS for rank in range(POINTS)]
+_EIGHT = struct.Struct(">8Q")  # a 64-byte digest as eight 64-bit points
 
 
 def ring_points(backend_key: str) -> list[int]:
-    """A backend's POINTS positions on the ring, fixed by its key (64-bit integers)."""
+    """A backend's POINTS positions on the ring, fixed by its key, in the order they are made
+    (a ramping backend holds a prefix of them): 64-bit integers with the low bits that hold
+    the rank and the slot left zero."""
     out: list[int] = []
-    raw = backend_key.encode()
+    raw = backend_key.encode() + b"#"
     for d in range(POINTS // _PER_DIGEST):
-        digest = hashlib.blake2b(raw + b"#" + str(d).encode(), digest_size=64).digest()
-        for k in range(0, 64, 8):
-            out.append(int.from_bytes(digest[k : k + 8], "big"))
-    return out
+        digest = hashlib.blake2b(raw + str(d).encode(), digest_size=64).digest()
+        out.extend(_EIGHT.unpack(digest))
+    return [p & _HIGH for p in out]
 
 
 def key_point(key: bytes) -> int:
@@ -390,10 +403,15 @@ class Hash:
     """Consistent hashing on a ketama ring: the same key goes to the same backend, and adding or
     removing one of N backends moves only about 1/N of the keys. No key: round robin.
 
-    The ring is built when membership changes (each backend's points are computed once and
-    kept); a pick hashes the key once and bisects. Before issue 12 this was rendezvous hashing, one
-    hash per backend per request: after that upgrade, keys map to other backends than before,
-    once.
+    The ring holds the points of every backend seen (each backend's points are computed once),
+    and is re-sorted only when a backend it has never seen arrives. Eligibility and the
+    slow-start ramp are a per-backend limit instead: a pick takes the first point at or after
+    the key whose rank is under its backend's limit (0 for a backend that is not eligible,
+    POINTS for a full one). Skipping a backend's points maps its keys exactly as removing them
+    from the ring would, so a health flap at 2,000 backends costs O(n), not a ring rebuild.
+
+    Before issue 12 this was rendezvous hashing, one hash per backend per request: after that
+    upgrade, keys map to other backends than before, once.
     """
 
     name = "hash"
@@ -402,9 +420,10 @@ class Hash:
         self._fallback = RoundRobin()
         self._members: Sequence[Any] | None = None
         self._updated = False
-        self._ring: list[int] = []  # sorted points
-        self._owners: list[Any] = []  # the backend at each point
-        self._points: dict[str, list[int]] = {}  # cache: backend key -> its points
+        self._ring: list[int] = []  # sorted entries: position | rank | slot
+        self._slots: dict[str, int] = {}  # backend key -> slot
+        self._by_slot: list[Any] = []  # slot -> the backend (its latest object)
+        self._limit: list[int] = []  # slot -> how many of its points are live
         # The last key and its point: a keep-alive connection sends request after request
         # with the same key (its client address), and hashing is most of a pick's cost.
         self._last_key = b""
@@ -417,22 +436,33 @@ class Hash:
 
     def _prepare(self, backends: Sequence[B], ramp: Sequence[int] | None) -> None:
         self._members = backends
-        cache = self._points
-        pairs: list[tuple[int, int]] = []
+        slots = self._slots
+        if len(slots) > 2 * len(backends) + 16 or len(slots) + len(backends) > SLOTS:
+            # Forget backends that left long ago: start the ring over from these.
+            slots = self._slots = {}
+            self._ring = []
+            self._by_slot = []
+        fresh: list[int] = []
+        for b in backends:
+            k = b.key
+            if k not in slots:
+                slot = slots[k] = len(slots)
+                self._by_slot.append(b)
+                fresh.extend([p | r | slot for p, r in zip(ring_points(k), _RANKS, strict=True)])
+        if fresh:
+            fresh.sort()
+            ring = self._ring + fresh
+            ring.sort()  # two sorted runs: a merge
+            self._ring = ring
+        by_slot = self._by_slot
+        limit = [0] * len(by_slot)
         for i, b in enumerate(backends):
-            pts = cache.get(b.key)
-            if pts is None:
-                pts = cache[b.key] = ring_points(b.key)
-            if ramp is not None and ramp[i] < RAMP_STEPS:
-                # A ramping backend holds a prefix of its points: keys only ever move onto it.
-                pts = pts[: max(1, POINTS * ramp[i] // RAMP_STEPS)]
-            pairs.extend((p, i) for p in pts)
-        pairs.sort()
-        self._ring = [p for p, _ in pairs]
-        self._owners = [backends[i] for _, i in pairs]
-        if len(cache) > 2 * len(backends) + 16:  # forget backends that left long ago
-            keep = {b.key for b in backends}
-            self._points = {k: v for k, v in cache.items() if k in keep}
+            slot = slots[b.key]
+            by_slot[slot] = b
+            step = ramp[i] if ramp is not None else RAMP_STEPS
+            # A ramping backend holds a prefix of its points: keys only ever move onto it.
+            limit[slot] = POINTS if step >= RAMP_STEPS else max(1, POINTS * step // RAMP_STEPS)
+        self._limit = limit
 
     def pick(self, backends: Sequence[B], request_key: object = None) -> B | None:
         if not backends:
@@ -444,31 +474,30 @@ class Hash:
         if not isinstance(request_key, bytes | str) or not request_key:
             return self._fallback.pick(backends)
         key = request_key.encode() if isinstance(request_key, str) else request_key
-        ring = self._ring
-        size = len(ring)
-        if not size:
-            return None
         if key == self._last_key:
             point = self._last_point
         else:
             point = key_point(key)
             self._last_key = key
             self._last_point = point
+        ring = self._ring
+        size = len(ring)
         at = bisect_right(ring, point)
-        if at == size:
-            at = 0
-        if not other:
-            chosen: B = self._owners[at]
-            return chosen
-        # A retry's list: the next point on the ring whose backend is in it, as if the
-        # backends not in it had left.
-        allowed = {id(b) for b in backends}
-        owners = self._owners
-        for step in range(size):
-            owner: B = owners[(at + step) % size]
-            if id(owner) in allowed:
-                return owner
-        return backends[0]
+        limit = self._limit
+        by_slot = self._by_slot
+        # A retry's list: as if the backends not in it had left.
+        allowed = {id(b) for b in backends} if other else None
+        for _ in range(size):
+            if at >= size:
+                at = 0
+            entry = ring[at]
+            slot = entry & SLOT_MASK
+            if (entry >> SLOT_BITS) & RANK_MASK < limit[slot]:
+                chosen: B = by_slot[slot]
+                if allowed is None or id(chosen) in allowed:
+                    return chosen
+            at += 1
+        return backends[0]  # a retry's list of backends the ring does not know
 
 
 Balancer = RoundRobin | LeastConn | Weighted | Random2 | LeastLatency | Hash
