@@ -235,6 +235,8 @@ class ProxyServer:
                 if body and body <= now and not conn.closed:
                     conn.on_body_deadline(now)
             self._end_ejections(now)
+            if now >= self.pool.ramp_due:  # a backend's slow start moved a step
+                self.pool.refresh()
             samples = self.pool.samples
             if len(samples) > _MAX_SAMPLES:  # nobody collects them (no statistics running)
                 del samples[: len(samples) - _MAX_SAMPLES // 2]
