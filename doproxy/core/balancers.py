@@ -23,9 +23,11 @@ the slow-start ramp moving a step), so every structure a pick needs is built the
   constant of the least loaded of all and keeps a herd from piling onto one backend between
   updates.
 - hash looks the key up on a consistent-hash ring (ketama: POINTS points per backend, from the
-  backend's key), built when membership changes: one hash of the request key and a bisect,
-  instead of one hash per backend. A backend that leaves takes its points with it and only its
-  keys move, each to the next point on the ring; one that joins takes only keys from others.
+  backend's key): one hash of the request key and a bisect, instead of one hash per backend.
+  The ring grows (a merge) when a backend it has never seen arrives; who is eligible is a
+  per-backend limit the lookup skips over. A backend that leaves has its points skipped and
+  only its keys move, each to the next point on the ring; one that joins takes only keys from
+  others.
 
 The Pool calls `update` when its eligible list changes and passes that same list object to
 `pick`. A caller that never calls `update` (a test, a simple user) still works: a list the
