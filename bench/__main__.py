@@ -13,9 +13,11 @@ from pathlib import Path
 from types import FrameType
 
 from bench.procs import BenchError
-from bench.report import REPO, generated_block, machine_info, table, write_doc
+from bench.report import REPO, generated_block, machine_info, pool_table, table, write_doc
 from bench.runner import Options, RunResult, estimated_seconds, run
-from bench.servers import HAPROXY, PROXY_KEYS
+from bench.servers import DOPROXY, HAPROXY, NONE, PROXY_KEYS, parse_key, variant_key
+from bench.wrk import WORKLOADS, Workload
+from doproxy.core.balancers import BALANCERS
 
 RESULTS = Path(__file__).resolve().parent / "results"  # gitignored
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -46,6 +48,20 @@ def _parser() -> argparse.ArgumentParser:
         default=5.0,
         help="before each run, wait up to this many seconds for unrelated CPU load to stop (5)",
     )
+    p.add_argument(
+        "--pool-sizes",
+        metavar="N[,N]",
+        help="the pool-size dimension (issue 12), e.g. 2,20,200: every proxy balances over N "
+        "inventory entries (the two backend ports repeated), doproxy once per --balancers, "
+        "health checks off, the 2 B c50 workload only; adds a table of doproxy's CPU per "
+        "request by balancer and size",
+    )
+    p.add_argument(
+        "--balancers",
+        default="all",
+        metavar="NAME[,NAME]",
+        help=f"with --pool-sizes: doproxy's balancers to measure, or all ({', '.join(BALANCERS)})",
+    )
     p.add_argument("--proxy-cpu", default="0", help="taskset CPU list for the proxy (0)")
     p.add_argument("--load-cpu", default="1", help="taskset CPU list for wrk + backends (1)")
     return p
@@ -62,15 +78,58 @@ def _proxies(only: str | None) -> tuple[str, ...]:
     return tuple(k for k in PROXY_KEYS if k in wanted)
 
 
+def _sizes(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        sizes = tuple(sorted({int(n) for n in text.split(",") if n.strip()}))
+    except ValueError:
+        raise SystemExit(f"--pool-sizes: {text!r} is not a list of numbers") from None
+    if not sizes or sizes[0] < 1:
+        raise SystemExit("--pool-sizes: sizes must be at least 1")
+    return sizes
+
+
+def _balancers(text: str) -> tuple[str, ...]:
+    if text.strip() == "all":
+        return BALANCERS
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in BALANCERS]
+    if unknown or not names:
+        raise SystemExit(f"--balancers: unknown {', '.join(unknown) or 'empty list'}")
+    return names
+
+
+def _pool_proxies(
+    base: tuple[str, ...], sizes: tuple[int, ...], balancers: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Every proxy at every size (no "no proxy": it has no pool), doproxy once per balancer."""
+    keys: list[str] = []
+    for size in sizes:
+        for proxy in base:
+            if proxy == DOPROXY:
+                keys += [variant_key(DOPROXY, b, size) for b in balancers]
+            elif proxy != NONE:
+                keys.append(variant_key(proxy, "", size))
+    return tuple(keys)
+
+
 def options(args: argparse.Namespace) -> Options:
     pin = (os.cpu_count() or 1) >= 2
     if not pin:
         print("warning: fewer than 2 CPUs, running without taskset pinning", file=sys.stderr)
+    proxies = _proxies(args.only)
+    workloads: tuple[Workload, ...] = WORKLOADS
+    sizes = _sizes(args.pool_sizes)
+    if sizes:
+        proxies = _pool_proxies(proxies, sizes, _balancers(args.balancers))
+        workloads = (WORKLOADS[0],)  # 2 B, c50: where a proxy's own cost shows most
     return Options(
         reps=1 if args.quick else max(1, args.reps),
         duration=2 if args.quick else max(1, args.duration),
         warmup=max(0, args.warmup),
-        proxies=_proxies(args.only),
+        proxies=proxies,
+        workloads=workloads,
         proxy_cpus=args.proxy_cpu if pin else None,
         load_cpus=args.load_cpu if pin else None,
         quiet_wait=max(0.0, args.quiet_wait),
@@ -83,7 +142,15 @@ def _method(opts: Options) -> str:
         if opts.proxy_cpus
         else "no CPU pinning"
     )
-    return (
+    pools = ""
+    if any(parse_key(k)[2] is not None for k in opts.proxies):
+        pools = (
+            "pool-size dimension: each proxy's inventory repeats the two backend ports to the "
+            "pool size (HAProxy `server` lines, nginx `upstream` servers, doproxy "
+            "`[[droplet]]` entries), doproxy with health checks off; ratios are to HAProxy "
+            "with the same pool size; "
+        )
+    return pools + (
         f"`wrk -t1 --latency`, {opts.reps} run{'s' if opts.reps > 1 else ''} of "
         f"{opts.duration} s per (proxy, workload), "
         f"interleaved, medians reported; {pinning}; two nginx backends on 127.0.0.1 with "
@@ -142,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; every process started was stopped", file=sys.stderr)
         return 130
     body = table(result.samples, opts.proxies, opts.workloads)
+    if pools := pool_table(result.samples, opts.proxies, opts.workloads[0]):
+        body += "\n\ndoproxy by balancer and pool size:\n\n" + pools
     block = generated_block(body, info, _command(argv), _method(opts), result.problems)
     _save(result, block)
     print(block)

@@ -22,7 +22,16 @@ from bench.procs import (
     stop,
 )
 from bench.report import NOISY_PCT, Sample
-from bench.servers import HAPROXY, NONE, PROXY_KEYS, Target, start_backends, start_target
+from bench.servers import (
+    BACKEND_PORTS,
+    HAPROXY,
+    NONE,
+    PROXY_KEYS,
+    Target,
+    parse_key,
+    start_backends,
+    start_target,
+)
 from bench.wrk import WORKLOADS, Workload, run_wrk, write_script
 
 Progress = Callable[[str], None]
@@ -117,7 +126,7 @@ def measure(
 def _describe(sample: Sample) -> str:
     w = sample.wrk
     text = f"{w.rps:10,.0f} req/s  p99 {w.p99_us / 1000:6.2f} ms"
-    if sample.proxy != NONE:
+    if parse_key(sample.proxy)[0] != NONE:
         text += f"  cpu {sample.user_us:5.1f} + {sample.sys_us:5.1f} µs/req"
     if sample.other_load_pct > NOISY_PCT:
         text += f"  (other load {sample.other_load_pct:.0f} % of a CPU)"
@@ -170,7 +179,7 @@ def _measure_all(
                 try:
                     sample = measure(target, backends, workload, rep, opts, script)
                 except BenchError as e:
-                    if target.key == HAPROXY or target.key == NONE:
+                    if parse_key(target.key)[0] in (HAPROXY, NONE):
                         raise
                     why = f"{e}{_exit_note(target)}"
                     out.failed.append(target.label)
@@ -207,8 +216,9 @@ def _noise_note(samples: Sequence[Sample]) -> str | None:
 def _start_all(
     base: Path, opts: Options, stack: contextlib.ExitStack, progress: Progress
 ) -> tuple[list[Target], list[ProcStat]]:
-    *backend_ports, p_haproxy, p_nginx, p_doproxy = free_ports(5)
-    ports = {HAPROXY: p_haproxy, "nginx": p_nginx, "doproxy": p_doproxy, NONE: 0}
+    found = free_ports(BACKEND_PORTS + len(opts.proxies))
+    backend_ports = found[:BACKEND_PORTS]
+    ports = dict(zip(opts.proxies, found[BACKEND_PORTS:], strict=True))
     progress(f"starting backends on ports {backend_ports}")
     backends = start_backends(base, backend_ports, opts.load_cpus)
     stack.callback(stop, backends)

@@ -29,6 +29,39 @@ LABELS = {
 }
 
 
+BACKEND_PORTS = 2  # the nginx backend listens on this many ports
+
+
+def parse_key(key: str) -> tuple[str, str, int | None]:
+    """A target key: "haproxy", or with the pool-size dimension "haproxy@200" or
+    "doproxy:leastconn@200" -> (proxy, doproxy's balancer or "", pool size or None)."""
+    head, _, size = key.partition("@")
+    proxy, _, balancer = head.partition(":")
+    return proxy, balancer, int(size) if size else None
+
+
+def variant_key(proxy: str, balancer: str, size: int) -> str:
+    return f"{proxy}{':' + balancer if balancer else ''}@{size}"
+
+
+def label_of(key: str) -> str:
+    proxy, balancer, size = parse_key(key)
+    text = LABELS[proxy] + (f" {balancer}" if balancer else "")
+    return text + (f", {size} backends" if size is not None else "")
+
+
+def reference_of(key: str) -> str:
+    """The row a target's ratios are taken against: HAProxy with the same pool."""
+    _, _, size = parse_key(key)
+    return HAPROXY if size is None else variant_key(HAPROXY, "", size)
+
+
+def pool_ports(ports: list[int], size: int | None) -> list[int]:
+    """The inventory for a pool of `size`: the backend ports repeated (as issue 12 measured:
+    the same two servers, many entries)."""
+    return list(ports) if size is None else [ports[i % len(ports)] for i in range(size)]
+
+
 class Scraper:
     """Scrapes doproxy's admin /metrics once a second while the benchmark runs, as Prometheus
     would: the admin listener is on by default, so its cost belongs in the numbers."""
@@ -75,7 +108,7 @@ class Target:
 
     @property
     def label(self) -> str:
-        return LABELS[self.key]
+        return label_of(self.key)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -148,7 +181,9 @@ def haproxy_conf(port: int, backends: list[int]) -> str:
     )
 
 
-def doproxy_files(port: int, backends: list[int]) -> dict[str, str]:
+def doproxy_files(
+    port: int, backends: list[int], balancer: str = "", health_checks: bool = True
+) -> dict[str, str]:
     inventory = "".join(
         f'[[droplet]]\nid = {i}\nname = "b{i}"\nserver-host = "127.0.0.1:{p}"\n\n'
         for i, p in enumerate(backends, 1)
@@ -158,6 +193,10 @@ def doproxy_files(port: int, backends: list[int]) -> dict[str, str]:
         # The admin listener is on, as by default; port 0 so runs side by side never collide.
         '[admin]\nbind = "127.0.0.1:0"\n'
     )
+    if balancer:
+        config += f'[loadbalancing]\ntype = "{balancer}"\n'
+    if not health_checks:
+        config += "[backend]\ndisable-health-check = true\n"
     return {"doproxy.toml": config, "inventory.toml": inventory}
 
 
@@ -191,27 +230,32 @@ def start_backends(base: Path, ports: list[int], cpus: str | None) -> Service:
     return service
 
 
-def _start_proxy(key: str, base: Path, port: int, backends: list[int], cpus: str | None) -> Service:
+def _start_proxy(key: str, base: Path, port: int, ports: list[int], cpus: str | None) -> Service:
     workdir = _workdir(base, key)
-    if key == HAPROXY:
+    proxy, balancer, size = parse_key(key)
+    backends = pool_ports(ports, size)
+    if proxy == HAPROXY:
         (workdir / "haproxy.cfg").write_text(haproxy_conf(port, backends))
         cmd = ["haproxy", "-db", "-f", str(workdir / "haproxy.cfg")]
-    elif key == NGINX:
+    elif proxy == NGINX:
         (workdir / "nginx.conf").write_text(nginx_proxy_conf(workdir, port, backends))
         cmd = _nginx_cmd(workdir)
-    elif key == DOPROXY:
-        for name, text in doproxy_files(port, backends).items():
+    elif proxy == DOPROXY:
+        # With the pool-size dimension, health checks are off, as in issue 12's measurement:
+        # the balancers' cost is measured, not that of checking the same two servers 200 times.
+        files = doproxy_files(port, backends, balancer, health_checks=size is None)
+        for name, text in files.items():
             (workdir / name).write_text(text)
         config = str(workdir / "doproxy.toml")
         cmd = [sys.executable, "-m", "doproxy", "--config", config, "--log-level", "warning"]
     else:
         raise ValueError(key)
-    return start(LABELS[key], pinned(cmd, cpus), workdir / "log", cwd=workdir)
+    return start(label_of(key), pinned(cmd, cpus), workdir / "log", cwd=workdir)
 
 
 def start_target(key: str, base: Path, port: int, backends: list[int], cpus: str | None) -> Target:
     """Start proxy `key` (or, for "none", point at the first backend) and wait until it serves."""
-    if key == NONE:
+    if parse_key(key)[0] == NONE:
         return Target(key, backends[0])
     service = _start_proxy(key, base, port, backends, cpus)
     try:
@@ -220,6 +264,6 @@ def start_target(key: str, base: Path, port: int, backends: list[int], cpus: str
         stop(service)
         raise
     scraper = None
-    if key == DOPROXY:
+    if parse_key(key)[0] == DOPROXY:
         scraper = Scraper(base / key / "inventory.toml.admin.addr")
     return Target(key, port, service, process_tree(service.pid), scraper)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ import pytest
 
 from doproxy.core.balancers import (
     BALANCERS,
+    MAX_SCHEDULE,
+    RAMP_STEPS,
     Hash,
     LeastConn,
     LeastLatency,
@@ -17,6 +20,8 @@ from doproxy.core.balancers import (
     RoundRobin,
     Weighted,
     make_balancer,
+    ramp_step,
+    schedule,
 )
 from doproxy.core.health import Health, State
 from doproxy.core.stats import Ewma, PeakEwma, percentile
@@ -64,8 +69,24 @@ def test_weighted_is_smooth() -> None:
     bs = [B("a", weight=5), B("b", weight=1), B("c", weight=1)]
     w = Weighted()
     seq = [w.pick(bs).key for _ in range(7)]  # type: ignore[union-attr]
-    assert seq == ["a", "a", "b", "a", "c", "a", "a"]
+    # The light backends land in the middle of the cycle, not after five a's.
+    assert seq == ["a", "a", "a", "b", "c", "a", "a"]
     assert Counter(w.pick(bs).key for _ in range(700)) == {"a": 500, "b": 100, "c": 100}  # type: ignore[union-attr]
+
+
+def test_schedule_interleaves_in_proportion() -> None:
+    assert schedule([1, 1]) == [0, 1]
+    assert schedule([2, 2, 0]) == [0, 1]  # the common divisor goes; weight 0 never appears
+    assert schedule([0, 0]) == []
+    seq = schedule([3, 1])
+    assert seq == [0, 1, 0, 0] or seq == [0, 0, 1, 0]
+    big = schedule([100, 1, 7])
+    assert Counter(big) == {0: 100, 1: 1, 2: 7}
+    # Evenly spread: in every window of 16 turns, backend 2 (7 of 108) has one or two.
+    assert all(1 <= big[k : k + 16].count(2) <= 2 for k in range(len(big) - 16))
+    # Weights too large for one cycle are scaled down, keeping every backend in it.
+    huge = schedule([10**6, 1])
+    assert len(huge) <= MAX_SCHEDULE + 1 and 1 in huge
 
 
 def test_weighted_zero_weight_gets_nothing() -> None:
@@ -92,7 +113,8 @@ def test_least_latency_avoids_slow_and_failing_backends() -> None:
     fast.latency.observe(0.010, 100.0)
     slow.latency.observe(0.200, 100.0)
     failing.latency.observe(0.001, 100.0)  # fast errors...
-    failing.failure_rate = 0.9  # ...must not attract traffic
+    # ...must not attract traffic (0.9 scored exactly as `fast`: a coin flip, not a test)
+    failing.failure_rate = 0.95
     picks = Counter(bal.pick([fast, slow, failing]).key for _ in range(3000))  # type: ignore[union-attr]
     assert picks["fast"] > picks["slow"] and picks["fast"] > picks["failing"]
     assert picks["slow"] < picks["fast"] / 5
@@ -135,9 +157,98 @@ def test_hash_without_key_falls_back_to_round_robin() -> None:
 
 
 def test_least_conn_is_fair_on_ties() -> None:
-    lc = LeastConn()
+    lc = LeastConn(random.Random(2))
     bs = pool(3)
-    assert Counter(lc.pick(bs).key for _ in range(300)) == {"b0": 100, "b1": 100, "b2": 100}  # type: ignore[union-attr]
+    picks = Counter(lc.pick(bs).key for _ in range(3000))  # type: ignore[union-attr]
+    assert all(900 < picks[k] < 1100 for k in ("b0", "b1", "b2"))
+    # Two backends: both are compared on every pick, so ties strictly take turns.
+    two = pool(2)
+    assert [lc.pick(two).key for _ in range(6)] in (  # type: ignore[union-attr]
+        ["b0", "b1"] * 3,
+        ["b1", "b0"] * 3,
+    )
+
+
+@pytest.mark.parametrize("kind", ["leastconn", "random2"])
+def test_two_choices_with_two_backends_is_exact(kind: str) -> None:
+    bal = make_balancer(kind, rng=random.Random(4))
+    bs = pool(2)
+    bs[1].in_flight = 1
+    assert {bal.pick(bs).key for _ in range(200)} == {"b0"}  # type: ignore[union-attr]
+
+
+def test_least_conn_at_scale_avoids_the_loaded_half() -> None:
+    lc = LeastConn(random.Random(9))
+    bs = pool(200)
+    for b in bs[:100]:
+        b.in_flight = 5
+    picks = Counter(lc.pick(bs).key for _ in range(4000))  # type: ignore[union-attr]
+    loaded = sum(picks[b.key] for b in bs[:100])
+    # A loaded backend wins only against another loaded one: 1/4 of the pairs.
+    assert 0.2 < loaded / 4000 < 0.3
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_a_retry_list_is_served_without_disturbing_the_prepared_one(kind: str) -> None:
+    """After update(), a different list (the eligible backends a retry has not tried) is
+    served from that list alone; the prepared list keeps its state."""
+    bal = make_balancer(kind, clock=lambda: 0.0, rng=random.Random(3))
+    bs = pool(4)
+    bal.update(bs)
+    first = [bal.pick(bs, b"k") for _ in range(3)]
+    narrowed = [b for b in bs if b is not first[-1]]
+    for _ in range(50):
+        assert bal.pick(narrowed, b"k") in narrowed
+    assert bal.pick(bs, b"k") in bs
+    if kind == "roundrobin":
+        assert [b.key for b in first] == ["b0", "b1", "b2"]
+        assert bal.pick(bs).key == "b0"  # type: ignore[union-attr]  # the turn went on from b2 (b3 above)
+    if kind == "hash":
+        # The retry goes to the next backend on the ring, the one the key would move to if
+        # its backend left.
+        gone = bal.pick(bs, b"k")
+        assert gone is not None
+        rest = [b for b in bs if b is not gone]
+        assert bal.pick(rest, b"k") is make_balancer("hash").pick(rest, b"k")
+
+
+def test_ramp_step() -> None:
+    assert ramp_step(0.0, 30.0) == 1  # the floor: a little traffic at once
+    assert ramp_step(15.0, 30.0) == RAMP_STEPS // 2
+    assert ramp_step(29.99, 30.0) == RAMP_STEPS - 1
+    assert ramp_step(30.0, 30.0) == RAMP_STEPS
+    assert ramp_step(5.0, 0.0) == RAMP_STEPS  # slow start off
+
+
+def _share(kind: str, ramp_of_new: int, picks: int = 4000) -> float:
+    """The share of picks that go to one backend (of 4) whose ramp is at `ramp_of_new`."""
+    bal = make_balancer(kind, clock=lambda: 0.0, rng=random.Random(11))
+    bs = pool(4)
+    bal.update(bs, [RAMP_STEPS, RAMP_STEPS, RAMP_STEPS, ramp_of_new])
+    keys = [f"10.1.{i // 256}.{i % 256}".encode() for i in range(picks)]
+    return sum(bal.pick(bs, k) is bs[3] for k in keys) / picks
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_slow_start_ramps_every_balancer(kind: str) -> None:
+    fair = 0.25
+    shares = [_share(kind, step) for step in (1, RAMP_STEPS // 2, RAMP_STEPS)]
+    assert shares[0] < fair / 4  # at the floor: a little
+    assert shares[0] > 0 if kind != "hash" else True  # (hash: only keys near its few points)
+    assert shares[0] < shares[1] < shares[2]
+    assert shares[2] > fair * 0.8  # ramp over: its full share
+
+
+def test_slow_start_on_the_ring_only_moves_keys_onto_the_ramping_backend() -> None:
+    bs = pool(5)
+    keys = [f"c{i}".encode() for i in range(3000)]
+    owners = []
+    for step in range(1, RAMP_STEPS + 1):
+        h = Hash()
+        h.update(bs, [RAMP_STEPS] * 4 + [step])
+        owners.append({k: h.pick(bs, k).key for k in keys})  # type: ignore[union-attr]
+    for before, after in itertools.pairwise(owners):
+        assert all(after[k] == "b4" for k in keys if before[k] != after[k])
 
 
 def test_ewma_decay_and_idle_ticks() -> None:

@@ -70,6 +70,9 @@ class LoadBalancing(Section):
     )
     # What `hash` hashes: "client-ip", "header:NAME" or "cookie:NAME".
     hash_key: str = "client-ip"
+    # A backend that becomes eligible (added, enabled, healthy again, back from an ejection)
+    # ramps from 1/20 of its share to all of it over this long (HAProxy's slowstart); 0 = off.
+    slow_start: Duration = 0.0
 
     @model_validator(mode="after")
     def _hash_key(self) -> LoadBalancing:

@@ -7,10 +7,12 @@ idle timeout sweep.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from doproxy.core.balancers import Balancer, LeastLatency
+from doproxy.core.balancers import RAMP_STEPS, Balancer, LeastLatency, ramp_step
 from doproxy.core.health import Health
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.stats import PeakEwma
@@ -29,6 +31,7 @@ class Backend:
         "connections",
         "ejected_until",
         "ejections",
+        "eligible_since",
         "entry",
         "failure_rate",
         "failures",
@@ -78,6 +81,9 @@ class Backend:
         self.passive_failures = 0
         self.ejected_until = 0.0  # clock time the current ejection ends; 0 when not ejected
         self.ejections = 0
+        # Clock time it last became eligible (slow start ramps from it); None while it is not.
+        # Kept on the backend, so a reload or an inventory change does not restart a ramp.
+        self.eligible_since: float | None = None
 
     @property
     def weight(self) -> int:
@@ -95,15 +101,46 @@ class Pool:
     balancer: Balancer
     eligible: list[Backend] = field(default_factory=list)
     observe_latency: bool = False  # feed each request's latency to Backend.latency
+    slow_start: float = 0.0  # seconds; 0 = a backend gets its full share at once
+    # True for the pool built at start-up: its backends were not "just added" (HAProxy does
+    # not slow-start servers at boot either), so they start at full weight.
+    warm: bool = False
+    clock: Callable[[], float] = time.monotonic
+    # When the next slow-start step is due (the control plane calls refresh() then); inf when
+    # no backend is ramping.
+    ramp_due: float = float("inf")
 
     def __post_init__(self) -> None:
         self.refresh()
         self.observe_latency = isinstance(self.balancer, LeastLatency)
 
     def refresh(self) -> None:
-        """Recompute who may take traffic: active in the inventory, healthy, not ejected."""
-        self.eligible = [
-            b
-            for b in self.backends
-            if b.entry.state == "active" and b.health.up and not b.ejected_until
-        ]
+        """Recompute who may take traffic: active in the inventory, healthy, not ejected; note
+        when each became eligible, and hand the balancer the list and the slow-start ramp."""
+        now = self.clock()
+        eligible = []
+        for b in self.backends:
+            if b.entry.state == "active" and b.health.up and not b.ejected_until:
+                eligible.append(b)
+                if b.eligible_since is None:
+                    b.eligible_since = float("-inf") if self.warm else now
+            else:
+                b.eligible_since = None
+        self.warm = False
+        ramp: list[int] | None = None
+        due = float("inf")
+        ss = self.slow_start
+        if ss > 0:
+            steps = []
+            for b in eligible:
+                since = b.eligible_since
+                assert since is not None
+                step = ramp_step(now - since, ss)
+                steps.append(step)
+                if step < RAMP_STEPS:
+                    due = min(due, since + (step + 1) * ss / RAMP_STEPS)
+            if due != float("inf"):
+                ramp = steps
+        self.ramp_due = due
+        self.eligible = eligible
+        self.balancer.update(eligible, ramp)

@@ -265,6 +265,8 @@ class ProxyServer:
                 if body and body <= now and not conn.closed:
                     conn.on_body_deadline(now)
             self._end_ejections(now)
+            if now >= self.pool.ramp_due:  # a backend's slow start moved a step
+                self.pool.refresh()
             backends = self.pool.backends
             most = _MAX_SAMPLES // max(len(backends), 1)
             for backend in backends:
