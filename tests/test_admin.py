@@ -180,13 +180,13 @@ async def test_beyond_loopback_every_endpoint_needs_the_token(
             assert r.headers["WWW-Authenticate"].startswith("Basic ")
         async with s.get(f"http://127.0.0.1:{port}/api/status") as r:
             assert r.headers["WWW-Authenticate"].startswith("Bearer ")
-        basic = aiohttp.BasicAuth("anyone", "s3cret-admin-token")
-        async with s.get(f"http://127.0.0.1:{port}/", auth=basic) as r:
+        basic = {"Authorization": aiohttp.BasicAuth("anyone", "s3cret-admin-token").encode()}
+        async with s.get(f"http://127.0.0.1:{port}/", headers=basic) as r:
             assert r.status == 200 and "text/html" in r.headers["Content-Type"]
-        async with s.get(f"http://127.0.0.1:{port}/api/events", auth=basic) as r:
+        async with s.get(f"http://127.0.0.1:{port}/api/events", headers=basic) as r:
             assert r.status == 200
-        wrong = aiohttp.BasicAuth("anyone", "s3cret-admin-tokeN")
-        async with s.get(f"http://127.0.0.1:{port}/api/status", auth=wrong) as r:
+        wrong = {"Authorization": aiohttp.BasicAuth("anyone", "s3cret-admin-tokeN").encode()}
+        async with s.get(f"http://127.0.0.1:{port}/api/status", headers=wrong) as r:
             assert r.status == 401
     # A configured token is not written anywhere.
     assert not token_path(rt.inventory_path).exists()
