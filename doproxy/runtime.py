@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 import watchfiles
 from cryptography import x509
 
+from doproxy import service
 from doproxy.config import load_settings, resolve_in
 from doproxy.core.balancers import make_balancer
 from doproxy.core.http_rules import ErrorPage
@@ -631,14 +632,31 @@ class Runtime:
     async def reload(self) -> bool:
         """Reload config and inventory. Returns True when the new configuration is running."""
         async with self._reload_lock:
+            # Under systemd: RELOADING=1 now and READY=1 when done, whatever the outcome (the
+            # unit is running either way); `systemctl reload` waits for the pair.
+            service.reloading()
+            ok = False
             try:
-                return await self._reload()
+                ok = await self._reload()
             except ConfigError as e:
                 for problem in e.problems:
                     log.error("reload failed, keeping the running configuration: %s", problem)
             except (OSError, ssl.SSLError, ProviderError) as e:
                 log.error("reload failed, keeping the running configuration: %s", e)
-            return False
+            except Exception:
+                # A bug, not a bad file: still no READY=1 left unsent (systemd would hold the
+                # unit in "reloading"), and no dead config watcher.
+                log.exception("reload failed, keeping the running configuration")
+            failed = "" if ok else "; the last reload failed (see the log)"
+            service.notify(f"READY=1\nSTATUS={self.status()}{failed}")
+            return ok
+
+    def status(self) -> str:
+        """One line for the service manager (`systemctl status` shows it)."""
+        if self.server is None:
+            return "starting"
+        where = ", ".join(f"{host}:{port}" for host, port in self.server.addresses)
+        return f"serving on {where}"
 
     async def _reload(self) -> bool:
         assert self.server is not None and self.config_file is not None
