@@ -10,7 +10,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 LINT    = doproxy tests $(wildcard bench)
 
-.PHONY: run test check fmt fuzz bench deps clean
+.PHONY: run test check fmt fuzz bench deps dist check-packaging clean
 
 # The hot data-plane modules are compiled by the install (setup.py): reinstall when they change.
 COMPILED_SOURCES = doproxy/core/retry.py doproxy/core/balancers.py doproxy/proxy/scan.py \
@@ -56,5 +56,14 @@ bench: $(STAMP)
 	@sh scripts/debian-deps.sh bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# An sdist and a wheel in dist/ (the wheel compiled when this machine can; see setup.py).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
+# Both builds (compiled, and with no C compiler), each installed in a fresh venv and run.
+check-packaging: $(STAMP)
+	PYTHON=$(BIN)/python scripts/check-packaging.sh
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .coverage .coverage.* build *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .coverage .coverage.* build dist *.egg-info

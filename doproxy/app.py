@@ -11,6 +11,7 @@ from pathlib import Path
 
 import uvloop
 
+from doproxy import service
 from doproxy.config import load_settings, resolve_relative
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings, parse_bind
@@ -42,11 +43,15 @@ async def run_proxy(
         loop.add_signal_handler(sig, stop.set)
     if on_ready is not None:
         on_ready(runtime)
+    # Under systemd (Type=notify) the unit is "started" from here: the listener accepts, and
+    # SIGTERM drains instead of killing.
+    service.notify(f"READY=1\nSTATUS={runtime.status()}")
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+    service.notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests")
     log.info(
         "shutting down: finishing in-flight requests (grace %.1fs)",
         runtime.settings.timeouts.shutdown_grace,

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 import watchfiles
 from cryptography import x509
 
+from doproxy import service
 from doproxy.admin.server import AdminServer, configured_token
 from doproxy.config import load_settings, resolve_in
 from doproxy.core.balancers import Balancer, make_balancer
@@ -815,6 +816,10 @@ class Runtime:
     async def reload(self) -> bool:
         """Reload config and inventory. Returns True when the new configuration is running."""
         async with self._reload_lock:
+            # Under systemd: RELOADING=1 now and READY=1 when done, whatever the outcome (the
+            # unit is running either way); `systemctl reload` waits for the pair.
+            service.reloading()
+            ok = False
             try:
                 ok = await self._reload()
             except ConfigError as e:
@@ -832,9 +837,15 @@ class Runtime:
                     e,
                 )
                 error = str(e)
+            except Exception as e:
+                # A bug, not a bad file: still no READY=1 left unsent (systemd would hold the
+                # unit in "reloading"), and no dead config watcher.
+                log.exception("reload failed, keeping the running configuration")
+                error = f"unexpected {type(e).__name__}: {e} (a bug: please report it)"
             else:
                 self.last_reload_error = None
                 self.events.publish("reload", f"reloaded (generation {self.reloads})", result="ok")
+                service.notify(f"READY=1\nSTATUS={self.status()}")
                 return ok
             self.last_reload_error = error
             self.events.publish(
@@ -843,7 +854,15 @@ class Runtime:
                 "error",
                 result="failed",
             )
+            service.notify(f"READY=1\nSTATUS={self.status()}; the last reload failed (see the log)")
             return False
+
+    def status(self) -> str:
+        """One line for the service manager (`systemctl status` shows it)."""
+        if self.server is None:
+            return "starting"
+        where = ", ".join(f"{host}:{port}" for host, port in self.server.addresses)
+        return f"serving on {where}"
 
     async def _reload(self) -> bool:
         assert self.config_file is not None
