@@ -239,6 +239,9 @@ async def test_status_page_in_chromium(
 ) -> None:
     from playwright.async_api import expect
 
+    # Playwright's default of 5 s is short for a cold browser on a busy 2-core machine (the
+    # first run after a change failed that way once): every wait here may take up to 20 s.
+    expect.set_options(timeout=20_000)
     a, b, flaky = backends
     inv = runtime.inventory_path
     url = "http://" + addr_path(inv).read_text().strip()
