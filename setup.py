@@ -9,20 +9,25 @@ headers are missing, or when DOPROXY_PURE_PYTHON is set. Everything else is in p
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
+from pathlib import Path
 
 from setuptools import setup
 
-# The modules listed in doproxy/_compiled.py (which the pure-Python switch uses too).
-COMPILED = [
-    "doproxy/core/retry.py",
-    "doproxy/core/balancers.py",
-    "doproxy/proxy/scan.py",
-    "doproxy/proxy/upstream.py",
-    "doproxy/proxy/client.py",
-    "doproxy/proxy/server.py",
-]
+
+def compiled_modules() -> list[str]:
+    """The source files of doproxy/_compiled.py's COMPILED, the one list of compiled modules
+    (the pure-Python switch and the Makefile read it too). Read with `ast`: the build must not
+    import the package it is building."""
+    path = Path(__file__).resolve().parent / "doproxy" / "_compiled.py"
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "COMPILED" for t in node.targets
+        ):
+            return [name.replace(".", "/") + ".py" for name in ast.literal_eval(node.value)]
+    raise RuntimeError(f"no COMPILED in {path}")
 
 
 def compiled_extensions() -> list:  # type: ignore[type-arg]
@@ -33,7 +38,7 @@ def compiled_extensions() -> list:  # type: ignore[type-arg]
 
         # One group: calls between the modules are native C calls. The group name puts its
         # shared library inside the package instead of at the top level.
-        extensions = mypycify(COMPILED, opt_level="3", group_name="doproxy.dataplane")
+        extensions = mypycify(compiled_modules(), opt_level="3", group_name="doproxy.dataplane")
     except Exception as e:  # mypyc missing or refusing the code: ship pure Python
         print(f"doproxy: not compiling the data plane ({e}); using pure Python", file=sys.stderr)
         return []
