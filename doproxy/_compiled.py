@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-# The request path, end to end: balancing and the retry budget (pure core), head scanning,
-# both sides of a proxied exchange, and the server that pools backend connections.
+# The request path, end to end: balancing, the retry budget and the HTTP/1.1 rules (pure
+# core), both sides of a proxied exchange, and the server that pools backend connections.
 COMPILED = (
     "doproxy.core.retry",
     "doproxy.core.balancers",
-    "doproxy.proxy.scan",
+    "doproxy.core.http11",
     "doproxy.proxy.upstream",
     "doproxy.proxy.client",
     "doproxy.proxy.server",

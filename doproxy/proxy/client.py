@@ -55,17 +55,25 @@ from doproxy.core.forwarding import (
     valid_host,
 )
 from doproxy.core.histogram import REQUEST_BOUNDS
-from doproxy.core.http_rules import (
+from doproxy.core.http11 import (
     CONNECTION,
+    GENERAL,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     REQUEST_SPECIAL,
+    REWRITE,
     chunk,
     connection_named,
+    connection_options,
     connection_tokens,
     cookie_value,
     error_response,
     forwarded_fields,
+    head_text,
+    lone_connection,
+    request_head_kind,
+    response_needs_general_path,
+    scan_response,
     split_head,
 )
 from doproxy.errors import (
@@ -83,16 +91,6 @@ from doproxy.errors import (
     URITooLong,
 )
 from doproxy.proxy.backend import Backend
-from doproxy.proxy.scan import (
-    GENERAL,
-    REWRITE,
-    connection_options,
-    head_text,
-    lone_connection,
-    request_head_kind,
-    response_needs_general_path,
-    scan_response,
-)
 
 if TYPE_CHECKING:
     from doproxy.proxy.server import ProxyServer

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from doproxy.core.health import ejection_duration, may_eject
 from doproxy.core.histogram import REQUEST_BOUNDS
-from doproxy.core.http_rules import ErrorPage
+from doproxy.core.http11 import ErrorPage
 from doproxy.core.retry import RetryBudget
 from doproxy.core.settings import Settings, parse_bind
 from doproxy.errors import BadGateway, ClientError, GatewayTimeout

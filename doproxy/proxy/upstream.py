@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from doproxy.core.http11 import head_text
 from doproxy.proxy.client import flush_writes
-from doproxy.proxy.scan import head_text
 
 if TYPE_CHECKING:
     from doproxy.proxy.backend import Backend
