@@ -24,6 +24,7 @@ COMPILED = (
     "doproxy.core.retry",
     "doproxy.core.balancers",
     "doproxy.core.http11",
+    "doproxy.proxy.writes",
     "doproxy.proxy.upstream",
     "doproxy.proxy.client",
     "doproxy.proxy.server",

@@ -35,6 +35,7 @@ FORBIDDEN_IN_CORE = {
 # The data plane's modules from the bottom up: a module imports only from its own rank or
 # below (and from the core). Two modules share a rank only when they must call each other.
 DATA_PLANE = {
+    "doproxy.proxy.writes": 0,  # write batching: knows no other module
     "doproxy.proxy.access": 0,  # access log sink
     "doproxy.proxy.backend": 1,  # backends and the pool
     "doproxy.proxy.upstream": 2,  # one backend connection ...

@@ -29,8 +29,9 @@ from doproxy.core.retry import RetryBudget
 from doproxy.core.settings import Settings, parse_bind
 from doproxy.errors import BadGateway, ClientError, GatewayTimeout
 from doproxy.proxy.backend import Backend, Pool
-from doproxy.proxy.client import ClientConnection, Exchange, flush_writes
+from doproxy.proxy.client import ClientConnection, Exchange
 from doproxy.proxy.upstream import UpstreamConnection
+from doproxy.proxy.writes import flush_writes
 
 if TYPE_CHECKING:
     from doproxy.proxy.access import AccessLog

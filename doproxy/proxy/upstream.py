@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final, cast
 import httptools
 
 from doproxy.core.http11 import head_text
-from doproxy.proxy.client import flush_writes
+from doproxy.proxy.writes import flush_writes
 
 if TYPE_CHECKING:
     from doproxy.proxy.backend import Backend
