@@ -19,12 +19,14 @@ from pathlib import Path
 from types import ModuleType
 
 # The request path, end to end: balancing, the retry budget and the HTTP/1.1 rules (pure
-# core), both sides of a proxied exchange, and the server that pools backend connections.
+# core), write batching, the state every connection shares, both sides of a proxied exchange,
+# and the listener.
 COMPILED = (
     "doproxy.core.retry",
     "doproxy.core.balancers",
     "doproxy.core.http11",
     "doproxy.proxy.writes",
+    "doproxy.proxy.state",
     "doproxy.proxy.upstream",
     "doproxy.proxy.client",
     "doproxy.proxy.server",

@@ -38,7 +38,7 @@ import logging
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 
 import httptools
 
@@ -91,11 +91,9 @@ from doproxy.errors import (
     URITooLong,
 )
 from doproxy.proxy.backend import Backend
+from doproxy.proxy.state import ProxyState
+from doproxy.proxy.upstream import UpstreamConnection
 from doproxy.proxy.writes import flush_writes, write_now, write_soon
-
-if TYPE_CHECKING:
-    from doproxy.proxy.server import ProxyServer
-    from doproxy.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +210,7 @@ def _switches(low: str) -> bool:
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyState) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         # Two parsers, switched only between requests (where llhttp's state is clean):
@@ -915,21 +913,33 @@ class ClientConnection(asyncio.Protocol):
         backend.in_flight += 1
         idle = backend.idle
         while idle:
-            up = idle.pop()
+            # (The pool knows its connections only as Pooled; they are all upstream ones.)
+            up = cast(UpstreamConnection, idle.pop())
             if not up.closed:
                 up.reused = True
                 self._attach(ex, up, now)
                 return
+        self._dial(backend, ex)
+
+    def _dial(self, backend: Backend, ex: Exchange) -> None:
+        """Connect to `backend` for `ex`, reading nothing more from the client meanwhile."""
         self._pause(_PAUSE_BUFFER)
-        self.server.dial(backend, self, ex)
+        server = self.server
+        task = server.pool.dial(
+            backend,
+            server.settings.backend.dial_timeout,
+            lambda: UpstreamConnection(backend),
+            lambda proto, err: self.dial_done(ex, cast(UpstreamConnection | None, proto), err),
+        )
+        server.track_dial(task)
 
     def dial_done(
         self, ex: Exchange, up: UpstreamConnection | None, err: ClientError | None
     ) -> None:
-        """The server's dial for `ex` finished, with a connection or an error."""
+        """The pool's dial for `ex` finished, with a connection or an error."""
         if self.closed or not self.queue or self.queue[0] is not ex:
             if up is not None:
-                self.server.release(up)
+                up.release(self._now(), self.server.max_idle)
             return
         self._resume(_PAUSE_BUFFER)
         if up is None:
@@ -1214,8 +1224,7 @@ class ClientConnection(asyncio.Protocol):
             # Safe because the method is idempotent and no body byte was sent.
             backend = ex.backend
             assert backend is not None
-            self._pause(_PAUSE_BUFFER)
-            self.server.dial(backend, self, ex)
+            self._dial(backend, ex)
             return
         err = BadGateway("backend closed the connection")
         if ex.backend is not None:
@@ -1373,7 +1382,7 @@ class ClientConnection(asyncio.Protocol):
         up.client = None
         ex.upstream = None
         if reusable:
-            self.server.release(up)
+            up.release(self._now(), self.server.max_idle)
         else:
             up.abort()
         self._redispatch_now(ex, err)
@@ -1414,7 +1423,7 @@ class ClientConnection(asyncio.Protocol):
             ex.upstream = None
             up.client = None
             if reusable and not up.closed:
-                self.server.release(up, now)
+                up.release(now, self.server.max_idle)
             elif abort:
                 up.abort()
             else:
