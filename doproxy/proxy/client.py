@@ -122,6 +122,11 @@ _OUT_RAW: Final = 0  # pass bytes as they are (Content-Length, or close-delimite
 _OUT_CHUNKED: Final = 1  # re-encode as chunked
 _OUT_NONE: Final = 2  # no body (HEAD, 204, 304)
 
+# How an exchange lets go of its backend connection (_let_go).
+_REUSE: Final = 0  # back to the backend's idle stack (closed instead if it already is)
+_CLOSE: Final = 1  # close it: it is not at a clean message boundary, or it asked to close
+_ABORT: Final = 2  # abort it: its late answer must reach no one
+
 _BUFFER_LIMIT: Final = (
     256 * 1024
 )  # bytes of request body held while a backend connection is dialled
@@ -1241,11 +1246,11 @@ class ClientConnection(asyncio.Protocol):
         )
         up.backend.protocol_errors += 1
         ex = self.queue[0] if self.queue else None
-        up.client = None
-        up.abort()
         if ex is None:
+            up.client = None
+            up.abort()
             return
-        ex.upstream = None
+        self._let_go(ex, up, _ABORT)
         if ex.response_started:
             self._finish(ex, up, reusable=False, abort=True)
         else:
@@ -1379,12 +1384,7 @@ class ClientConnection(asyncio.Protocol):
         err = _STATUS_ERRORS.get(status, BadGateway)(f"backend answered {status}")
         if not self._retry_allowed(ex, err):
             return False
-        up.client = None
-        ex.upstream = None
-        if reusable:
-            up.release(self._now(), self.server.max_idle)
-        else:
-            up.abort()
+        self._let_go(ex, up, _REUSE if reusable else _ABORT)
         self._redispatch_now(ex, err)
         return True
 
@@ -1420,14 +1420,7 @@ class ClientConnection(asyncio.Protocol):
                     backend.latency.observe(latency, now)
             ex.backend = None
         if up is not None:
-            ex.upstream = None
-            up.client = None
-            if reusable and not up.closed:
-                up.release(now, self.server.max_idle)
-            elif abort:
-                up.abort()
-            else:
-                up.close()
+            self._let_go(ex, up, _REUSE if reusable else _ABORT if abort else _CLOSE, now)
         if abort:
             self._held = None
             self.queue.popleft()
@@ -1563,9 +1556,7 @@ class ClientConnection(asyncio.Protocol):
             server.durations[bisect_left(REQUEST_BOUNDS, waited)] += 1
         up = ex.upstream
         if up is not None:
-            ex.upstream = None
-            up.client = None
-            up.close()
+            self._let_go(ex, up, _CLOSE)
         log.debug("answering %d: %s", err.status, err.detail)
         # Keep the connection only when the request is fully read and nothing else is odd.
         keep = ex.keep_alive and ex.request_done and not ex.upgrade and not self.server.draining
@@ -1674,9 +1665,7 @@ class ClientConnection(asyncio.Protocol):
                     self.server.backend_failed(ex.backend)
                 up = ex.upstream
                 if self._may_resend(ex) and up is not None:
-                    ex.upstream = None
-                    up.client = None
-                    up.abort()  # its late answer must not reach anyone
+                    self._let_go(ex, up, _ABORT)
                     if self._redispatch(ex, err):
                         return
                 self._fail(ex, err)
@@ -1738,12 +1727,22 @@ class ClientConnection(asyncio.Protocol):
         mid-message) and its in-flight count released. Blames nobody."""
         up = ex.upstream
         if up is not None:
-            ex.upstream = None
-            up.client = None
-            up.abort()
+            self._let_go(ex, up, _ABORT)
         if ex.backend is not None:
             ex.backend.in_flight -= 1
             ex.backend = None
+
+    def _let_go(self, ex: Exchange, up: UpstreamConnection, how: int, now: float = 0.0) -> None:
+        """The one way an exchange parts from its backend connection: detached from both
+        sides, then pooled (_REUSE, at `now` if the caller has the time), closed or aborted."""
+        ex.upstream = None
+        up.client = None
+        if how == _REUSE and not up.closed:
+            up.release(now or self._now(), self.server.max_idle)
+        elif how == _ABORT:
+            up.abort()
+        else:
+            up.close()
 
     def shutdown(self) -> None:
         """Graceful shutdown: idle connections close now, busy ones after their response."""
