@@ -13,8 +13,8 @@ LINT    = doproxy tests $(wildcard bench)
 .PHONY: run test check fmt fuzz bench deps dist check-packaging clean
 
 # The hot data-plane modules are compiled by the install (setup.py): reinstall when they change.
-COMPILED_SOURCES = doproxy/core/retry.py doproxy/core/balancers.py doproxy/proxy/scan.py \
-                   doproxy/proxy/upstream.py doproxy/proxy/client.py doproxy/proxy/server.py
+# Their list is doproxy/_compiled.py's COMPILED (setup.py reads it too).
+COMPILED_SOURCES := $(shell $(PYTHON) scripts/compiled-sources)
 $(STAMP): pyproject.toml setup.py $(COMPILED_SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

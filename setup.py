@@ -17,6 +17,7 @@ setup.py runs for metadata: each mypyc pass type-checks the data plane.
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 import sysconfig
@@ -27,15 +28,18 @@ from pathlib import Path
 from setuptools import Distribution, Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# The modules listed in doproxy/_compiled.py (which the pure-Python switch uses too).
-COMPILED = [
-    "doproxy/core/retry.py",
-    "doproxy/core/balancers.py",
-    "doproxy/proxy/scan.py",
-    "doproxy/proxy/upstream.py",
-    "doproxy/proxy/client.py",
-    "doproxy/proxy/server.py",
-]
+
+def compiled_modules() -> list[str]:
+    """The source files of doproxy/_compiled.py's COMPILED, the one list of compiled modules
+    (the pure-Python switch and the Makefile read it too). Read with `ast`: the build must not
+    import the package it is building."""
+    path = Path(__file__).resolve().parent / "doproxy" / "_compiled.py"
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "COMPILED" for t in node.targets
+        ):
+            return [name.replace(".", "/") + ".py" for name in ast.literal_eval(node.value)]
+    raise RuntimeError(f"no COMPILED in {path}")
 
 
 def _say(message: str) -> None:
@@ -103,7 +107,7 @@ def mypyc_extensions() -> list[Extension]:
 
         # One group: calls between the modules are native C calls. The group name puts its
         # shared library inside the package instead of at the top level.
-        extensions = mypycify(COMPILED, opt_level="3", group_name="doproxy.dataplane")
+        extensions = mypycify(compiled_modules(), opt_level="3", group_name="doproxy.dataplane")
     except Exception as e:  # mypyc refusing the code: ship pure Python
         _say(f"not compiling the data plane ({e}); using pure Python")
         return []

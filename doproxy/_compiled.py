@@ -1,6 +1,8 @@
 """Which modules the install compiles with mypyc, and how to run their source instead.
 
-setup.py compiles COMPILED (one mypyc group, so calls between them are native C calls). With
+COMPILED is the one list of them: setup.py compiles it (one mypyc group, so calls between them
+are native C calls) and the Makefile reinstalls when one of them changes, both reading it with
+`ast` (scripts/compiled-sources), so it stays a plain tuple of string literals. With
 DOPROXY_PURE_PYTHON set, `use_source()` puts a finder first on sys.meta_path that loads these
 modules from their .py files even where a compiled module sits next to them: the test suite
 measures coverage that way, and it is a quick way to rule the compiler out when debugging.
@@ -16,12 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-# The request path, end to end: balancing and the retry budget (pure core), head scanning,
-# both sides of a proxied exchange, and the server that pools backend connections.
+# The request path, end to end: balancing, the retry budget and the HTTP/1.1 rules (pure
+# core), write batching, the state every connection shares, both sides of a proxied exchange,
+# and the listener.
 COMPILED = (
     "doproxy.core.retry",
     "doproxy.core.balancers",
-    "doproxy.proxy.scan",
+    "doproxy.core.http11",
+    "doproxy.proxy.writes",
+    "doproxy.proxy.state",
     "doproxy.proxy.upstream",
     "doproxy.proxy.client",
     "doproxy.proxy.server",

@@ -65,7 +65,7 @@ from doproxy.admin.server import AdminServer, configured_token
 from doproxy.config import load_settings, resolve_in
 from doproxy.core.balancers import Balancer, make_balancer
 from doproxy.core.health import State
-from doproxy.core.http_rules import ErrorPage
+from doproxy.core.http11 import ErrorPage
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
 from doproxy.errors import ConfigError, DoproxyError, Problem, ProviderError

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from doproxy.core.balancers import LeastConn, RoundRobin, make_balancer
 from doproxy.core.durations import format_duration, parse_duration
-from doproxy.core.http_rules import chunk, connection_tokens, error_response
+from doproxy.core.http11 import chunk, connection_tokens, error_response
 from doproxy.core.settings import Settings, parse_bind
 
 
@@ -114,7 +114,7 @@ def test_bad_hash_key_is_refused(key: str) -> None:
 
 
 def test_cookie_value() -> None:
-    from doproxy.core.http_rules import cookie_value
+    from doproxy.core.http11 import cookie_value
 
     assert cookie_value(b"a=1; sid=xyz; b=2", b"sid") == b"xyz"
     assert cookie_value(b"sidx=1", b"sid") is None

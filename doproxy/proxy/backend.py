@@ -1,24 +1,40 @@
-"""A backend as the data plane sees it: where to connect, its idle connection pool, its counters.
+"""A backend as the data plane sees it, and the pool: who may take traffic, dialling, ejection.
 
 The idle pool is LIFO: the most recently used connection is the warmest (its TCP window is open
 and the backend has not timed it out yet), and the cold ones at the bottom age out through the
-idle timeout sweep.
+idle timeout sweep. A connection goes back onto its backend's idle stack itself
+(UpstreamConnection.release): only it knows when it is clean, and that runs on every request,
+in the compiled group. This module knows connections only as `Pooled`: it sits below both
+sides of an exchange (client and upstream), which are the only modules that refer to each
+other.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from doproxy.core.balancers import RAMP_STEPS, Balancer, LeastLatency, ramp_step
-from doproxy.core.health import Health
+from doproxy.core.health import Health, ejection_duration, may_eject
 from doproxy.core.inventory_model import InventoryEntry
+from doproxy.core.settings import PassiveHealth
 from doproxy.core.stats import PeakEwma
+from doproxy.errors import BadGateway, ClientError, GatewayTimeout
 
-if TYPE_CHECKING:
-    from doproxy.proxy.upstream import UpstreamConnection
+log = logging.getLogger(__name__)
+
+
+class Pooled(Protocol):
+    """What the pool needs of a backend connection in an idle stack (UpstreamConnection)."""
+
+    closed: bool
+    idle_since: float
+
+    def close(self) -> None: ...
 
 
 PEAK_EWMA_TAU = 10.0  # seconds; how fast a backend that turned fast earns its traffic back
@@ -58,7 +74,7 @@ class Backend:
         self.name = entry.name or entry.server_host
         self.host, self.port = entry.address()
         self.host_header = entry.server_host.encode()
-        self.idle: list[UpstreamConnection] = []
+        self.idle: list[Pooled] = []
         self.in_flight = 0
         self.requests = 0
         # Responses sent to clients for this backend, by status class: index status // 100
@@ -144,3 +160,88 @@ class Pool:
         self.ramp_due = due
         self.eligible = eligible
         self.balancer.update(eligible, ramp)
+
+    # --- passive health ---------------------------------------------------------------------
+
+    def eject_after_failure(self, backend: Backend, ph: PassiveHealth) -> bool:
+        """A real request failed at `backend` (connect failure, reset, timeout or 5xx): count
+        it, and eject the backend after `ph.consecutive_failures` in a row, unless that would
+        eject more than `ph.max-ejection-percent` of the pool. True when it ejected it."""
+        backend.passive_failures += 1
+        if (
+            not ph.consecutive_failures
+            or backend.passive_failures < ph.consecutive_failures
+            or backend.ejected_until
+        ):
+            return False
+        ejected = sum(1 for b in self.backends if b.ejected_until)
+        if not may_eject(ejected, len(self.backends), ph.max_ejection_percent):
+            return False
+        duration = ejection_duration(ph.ejection_time, backend.ejections, ph.max_ejection_time)
+        backend.ejected_until = self.clock() + duration
+        backend.ejections += 1
+        backend.passive_failures = 0
+        log.warning(
+            "backend %s ejected for %.0fs after %d failed requests in a row; check it "
+            "(it gets traffic again after that)",
+            backend.name,
+            duration,
+            ph.consecutive_failures,
+        )
+        self.refresh()
+        return True
+
+    def end_ejections(self, now: float) -> None:
+        """Give back their traffic to the backends whose ejection is over."""
+        ended = False
+        for b in self.backends:
+            if b.ejected_until and now >= b.ejected_until:
+                b.ejected_until = 0.0
+                ended = True
+                log.info("backend %s returns after its ejection", b.name)
+        if ended:
+            self.refresh()
+
+    # --- dialling ---------------------------------------------------------------------------
+
+    def dial(
+        self,
+        backend: Backend,
+        timeout: float,
+        factory: Callable[[], asyncio.Protocol],
+        done: Callable[[asyncio.Protocol | None, ClientError | None], None],
+    ) -> asyncio.Task[None]:
+        """Open a connection to `backend` with the protocol `factory` makes, within `timeout`;
+        then call `done` with the protocol, or with the error to answer (504 for a timeout,
+        502 when refused or unreachable)."""
+        return asyncio.get_running_loop().create_task(_dial(backend, timeout, factory, done))
+
+
+async def _dial(
+    backend: Backend,
+    limit: float,
+    factory: Callable[[], asyncio.Protocol],
+    done: Callable[[asyncio.Protocol | None, ClientError | None], None],
+) -> None:
+    err: ClientError | None = None
+    proto: asyncio.Protocol | None = None
+    try:
+        async with asyncio.timeout(limit):
+            _, proto = await asyncio.get_running_loop().create_connection(
+                factory, backend.host, backend.port
+            )
+    except TimeoutError:
+        log.warning(
+            "backend %s: connect timed out; check that it is up and reachable, or raise "
+            "[backend] dial-timeout",
+            backend,
+        )
+        err = GatewayTimeout("backend connect timed out")
+    except OSError as e:
+        log.warning(
+            "backend %s: cannot connect: %s; check that it runs and listens at its server-host",
+            backend,
+            e.strerror or e,
+        )
+        err = BadGateway("backend unreachable")
+    done(proto, err)

@@ -38,7 +38,7 @@ import logging
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 
 import httptools
 
@@ -55,17 +55,25 @@ from doproxy.core.forwarding import (
     valid_host,
 )
 from doproxy.core.histogram import REQUEST_BOUNDS
-from doproxy.core.http_rules import (
+from doproxy.core.http11 import (
     CONNECTION,
+    GENERAL,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     REQUEST_SPECIAL,
+    REWRITE,
     chunk,
     connection_named,
+    connection_options,
     connection_tokens,
     cookie_value,
     error_response,
     forwarded_fields,
+    head_text,
+    lone_connection,
+    request_head_kind,
+    response_needs_general_path,
+    scan_response,
     split_head,
 )
 from doproxy.errors import (
@@ -83,20 +91,9 @@ from doproxy.errors import (
     URITooLong,
 )
 from doproxy.proxy.backend import Backend
-from doproxy.proxy.scan import (
-    GENERAL,
-    REWRITE,
-    connection_options,
-    head_text,
-    lone_connection,
-    request_head_kind,
-    response_needs_general_path,
-    scan_response,
-)
-
-if TYPE_CHECKING:
-    from doproxy.proxy.server import ProxyServer
-    from doproxy.proxy.upstream import UpstreamConnection
+from doproxy.proxy.state import ProxyState
+from doproxy.proxy.upstream import UpstreamConnection
+from doproxy.proxy.writes import flush_writes, write_now, write_soon
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +121,11 @@ LINGER_TIME: Final = 5.0
 _OUT_RAW: Final = 0  # pass bytes as they are (Content-Length, or close-delimited for HTTP/1.0)
 _OUT_CHUNKED: Final = 1  # re-encode as chunked
 _OUT_NONE: Final = 2  # no body (HEAD, 204, 304)
+
+# How an exchange lets go of its backend connection (_let_go).
+_REUSE: Final = 0  # back to the backend's idle stack (closed instead if it already is)
+_CLOSE: Final = 1  # close it: it is not at a clean message boundary, or it asked to close
+_ABORT: Final = 2  # abort it: its late answer must reach no one
 
 _BUFFER_LIMIT: Final = (
     256 * 1024
@@ -194,43 +196,6 @@ class _LeanCallbacks:
         self.on_body = on_body
 
 
-# Write batching
-# ---------------
-# The express lanes queue their writes (a whole response to a client, a request head to a
-# backend) and hand them to the transports together at the end of the event loop's iteration,
-# as HAProxy does. A write made inside each read callback wakes the peer (wrk, nginx, a
-# browser's kernel socket) once per write while it sleeps; a burst of writes at the end of the
-# iteration wakes it once. On a two-core machine that halved the kernel time spent waking
-# peers and took doproxy from 0.75x to 0.92x HAProxy's requests per second. Every other write,
-# close or abort of a transport first flushes the queue (flush_writes), so nothing queued is
-# overtaken or lost.
-_PENDING: list[tuple[asyncio.Transport, bytes]] = []
-
-
-def write_soon(t: asyncio.Transport, data: bytes) -> None:
-    """Queue a write for the end of this loop iteration."""
-    if not _PENDING:
-        asyncio.get_running_loop().call_soon(flush_writes)
-    _PENDING.append((t, data))
-
-
-def write_now(t: asyncio.Transport, data: bytes) -> None:
-    """Write at once, after anything queued (so nothing is overtaken)."""
-    flush_writes()
-    t.write(data)
-
-
-def flush_writes() -> None:
-    """Hand every queued write to its transport, in the order they were queued."""
-    if not _PENDING:
-        return
-    items = _PENDING[:]
-    _PENDING.clear()
-    for t, data in items:
-        if not t.is_closing():
-            t.write(data)
-
-
 _CLOSE_LINE: Final = b"Connection: close\r\n"
 _LEAN_MAX: Final = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
 
@@ -250,7 +215,7 @@ def _switches(low: str) -> bool:
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyState) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         # Two parsers, switched only between requests (where llhttp's state is clean):
@@ -953,21 +918,33 @@ class ClientConnection(asyncio.Protocol):
         backend.in_flight += 1
         idle = backend.idle
         while idle:
-            up = idle.pop()
+            # (The pool knows its connections only as Pooled; they are all upstream ones.)
+            up = cast(UpstreamConnection, idle.pop())
             if not up.closed:
                 up.reused = True
                 self._attach(ex, up, now)
                 return
+        self._dial(backend, ex)
+
+    def _dial(self, backend: Backend, ex: Exchange) -> None:
+        """Connect to `backend` for `ex`, reading nothing more from the client meanwhile."""
         self._pause(_PAUSE_BUFFER)
-        self.server.dial(backend, self, ex)
+        server = self.server
+        task = server.pool.dial(
+            backend,
+            server.settings.backend.dial_timeout,
+            lambda: UpstreamConnection(backend),
+            lambda proto, err: self.dial_done(ex, cast(UpstreamConnection | None, proto), err),
+        )
+        server.track_dial(task)
 
     def dial_done(
         self, ex: Exchange, up: UpstreamConnection | None, err: ClientError | None
     ) -> None:
-        """The server's dial for `ex` finished, with a connection or an error."""
+        """The pool's dial for `ex` finished, with a connection or an error."""
         if self.closed or not self.queue or self.queue[0] is not ex:
             if up is not None:
-                self.server.release(up)
+                up.release(self._now(), self.server.max_idle)
             return
         self._resume(_PAUSE_BUFFER)
         if up is None:
@@ -1252,8 +1229,7 @@ class ClientConnection(asyncio.Protocol):
             # Safe because the method is idempotent and no body byte was sent.
             backend = ex.backend
             assert backend is not None
-            self._pause(_PAUSE_BUFFER)
-            self.server.dial(backend, self, ex)
+            self._dial(backend, ex)
             return
         err = BadGateway("backend closed the connection")
         if ex.backend is not None:
@@ -1270,11 +1246,11 @@ class ClientConnection(asyncio.Protocol):
         )
         up.backend.protocol_errors += 1
         ex = self.queue[0] if self.queue else None
-        up.client = None
-        up.abort()
         if ex is None:
+            up.client = None
+            up.abort()
             return
-        ex.upstream = None
+        self._let_go(ex, up, _ABORT)
         if ex.response_started:
             self._finish(ex, up, reusable=False, abort=True)
         else:
@@ -1408,12 +1384,7 @@ class ClientConnection(asyncio.Protocol):
         err = _STATUS_ERRORS.get(status, BadGateway)(f"backend answered {status}")
         if not self._retry_allowed(ex, err):
             return False
-        up.client = None
-        ex.upstream = None
-        if reusable:
-            self.server.release(up)
-        else:
-            up.abort()
+        self._let_go(ex, up, _REUSE if reusable else _ABORT)
         self._redispatch_now(ex, err)
         return True
 
@@ -1449,14 +1420,7 @@ class ClientConnection(asyncio.Protocol):
                     backend.latency.observe(latency, now)
             ex.backend = None
         if up is not None:
-            ex.upstream = None
-            up.client = None
-            if reusable and not up.closed:
-                self.server.release(up, now)
-            elif abort:
-                up.abort()
-            else:
-                up.close()
+            self._let_go(ex, up, _REUSE if reusable else _ABORT if abort else _CLOSE, now)
         if abort:
             self._held = None
             self.queue.popleft()
@@ -1592,9 +1556,7 @@ class ClientConnection(asyncio.Protocol):
             server.durations[bisect_left(REQUEST_BOUNDS, waited)] += 1
         up = ex.upstream
         if up is not None:
-            ex.upstream = None
-            up.client = None
-            up.close()
+            self._let_go(ex, up, _CLOSE)
         log.debug("answering %d: %s", err.status, err.detail)
         # Keep the connection only when the request is fully read and nothing else is odd.
         keep = ex.keep_alive and ex.request_done and not ex.upgrade and not self.server.draining
@@ -1703,9 +1665,7 @@ class ClientConnection(asyncio.Protocol):
                     self.server.backend_failed(ex.backend)
                 up = ex.upstream
                 if self._may_resend(ex) and up is not None:
-                    ex.upstream = None
-                    up.client = None
-                    up.abort()  # its late answer must not reach anyone
+                    self._let_go(ex, up, _ABORT)
                     if self._redispatch(ex, err):
                         return
                 self._fail(ex, err)
@@ -1767,12 +1727,22 @@ class ClientConnection(asyncio.Protocol):
         mid-message) and its in-flight count released. Blames nobody."""
         up = ex.upstream
         if up is not None:
-            ex.upstream = None
-            up.client = None
-            up.abort()
+            self._let_go(ex, up, _ABORT)
         if ex.backend is not None:
             ex.backend.in_flight -= 1
             ex.backend = None
+
+    def _let_go(self, ex: Exchange, up: UpstreamConnection, how: int, now: float = 0.0) -> None:
+        """The one way an exchange parts from its backend connection: detached from both
+        sides, then pooled (_REUSE, at `now` if the caller has the time), closed or aborted."""
+        ex.upstream = None
+        up.client = None
+        if how == _REUSE and not up.closed:
+            up.release(now or self._now(), self.server.max_idle)
+        elif how == _ABORT:
+            up.abort()
+        else:
+            up.close()
 
     def shutdown(self) -> None:
         """Graceful shutdown: idle connections close now, busy ones after their response."""

@@ -1,12 +1,14 @@
-"""The listener and everything shared by all client connections of one proxy.
+"""The listener: listening sockets, the sweep of deadlines, shutdown.
 
 Theory of operation
 -------------------
-`ProxyServer` owns the listening sockets, the set of live client connections, and one periodic
+`ProxyServer` owns the listening sockets and one periodic
 sweep (every `SWEEP_INTERVAL`) that enforces every deadline and closes backend connections idle
 for longer than `upstream-idle`. One sweep instead of a timer per request keeps per-request work
 at a few attribute writes; the price is that timeouts fire up to one interval late.
 
+What its connections share (settings, the pool, the counters, the set of live client
+connections) is its base class, state.ProxyState, which sits below client and upstream.
 The backend pool (`Pool`) is an immutable snapshot swapped as a whole on reload; each new client
 connection takes the snapshot current at accept time, so one request never sees half a reload.
 
@@ -19,21 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, cast
 
-from doproxy.core.health import ejection_duration, may_eject
-from doproxy.core.histogram import REQUEST_BOUNDS
-from doproxy.core.http_rules import ErrorPage
-from doproxy.core.retry import RetryBudget
 from doproxy.core.settings import Settings, parse_bind
-from doproxy.errors import BadGateway, ClientError, GatewayTimeout
-from doproxy.proxy.backend import Backend, Pool
-from doproxy.proxy.client import ClientConnection, Exchange, flush_writes
-from doproxy.proxy.upstream import UpstreamConnection
-
-if TYPE_CHECKING:
-    from doproxy.proxy.access import AccessLog
+from doproxy.proxy.backend import Pool
+from doproxy.proxy.client import ClientConnection
+from doproxy.proxy.state import ProxyState
+from doproxy.proxy.writes import flush_writes
 
 log = logging.getLogger(__name__)
 
@@ -43,57 +37,17 @@ SWEEP_INTERVAL: Final = 0.1
 _MAX_SAMPLES: Final = 200_000
 
 
-class ProxyServer:
+class ProxyServer(ProxyState):
     def __init__(
         self,
         settings: Settings,
         pool: Pool,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.settings = settings
-        self.timeouts = settings.timeouts
-        self.pool = pool
+        super().__init__(settings, pool, ssl_context is not None)
         self.ssl_context = ssl_context
-        self.tls = ssl_context is not None
-        self.loop = asyncio.get_running_loop()
-        # The data plane's clock, for latencies and deadlines. Not loop.time(): uvloop's is
-        # cached per loop iteration at millisecond resolution, too coarse to time a request.
-        self.clock = time.monotonic
-        self.connections: set[ClientConnection] = set()
-        self.draining = False
-        self.error_pages: dict[int, ErrorPage] = {}  # loaded by the runtime from [error-pages]
-        # Where access lines go, set by the runtime when access-log is on. Read per line, so
-        # a reload that turns the log off or moves it takes effect on open connections too.
-        self.access: AccessLog | None = None
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
-        self._dials: set[asyncio.Task[None]] = set()
-        self._all_closed = asyncio.Event()
-        self._max_idle = settings.limits.max_idle_per_backend
-        retries = settings.retries
-        self.retry_budget = RetryBudget(
-            ratio=retries.budget_percent / 100.0, min_per_second=retries.budget_min_per_second
-        )
-        self.retried = 0  # requests redispatched to another backend
-        # What the autoscaler reads: exchanges finished or failed by a backend, and the time
-        # users waited for their response heads. Totals of the listener, so a backend leaving
-        # the pool (or a reload) never makes them go back.
-        self.exchanges = 0
-        self.exchange_time = 0.0
-        # The same exchanges' durations in fixed buckets (core.histogram.REQUEST_BOUNDS, +Inf
-        # last): its count is `exchanges` and its sum `exchange_time`, so each exchange adds
-        # one bisect and one increment (doproxy.metrics reads them as a histogram).
-        self.durations = [0] * (len(REQUEST_BOUNDS) + 1)
-        # Responses doproxy wrote itself with no backend to blame, by status class (index
-        # status // 100): 503 with no backend available, 400/408/413/414/431/501 refusals.
-        # A gateway error a backend caused (502, 504) counts under that backend instead.
-        self.generated = [0] * 10
-        # Passive ejections ever made: a total of the listener, so a backend leaving the pool
-        # does not take its ejections out of the count (Backend.ejections does).
-        self.ejections = 0
-        # How many requests and responses took the express lanes (see client.py).
-        self.express_requests = 0
-        self.express_responses = 0
 
     # --- listening --------------------------------------------------------------------------
 
@@ -129,10 +83,10 @@ class ProxyServer:
     def _new_connection(self) -> ClientConnection:
         return ClientConnection(self)
 
-    def connection_closed(self, conn: ClientConnection) -> None:
-        self.connections.discard(conn)
-        if self.draining and not self.connections:
-            self._all_closed.set()
+    def _live(self) -> list[ClientConnection]:
+        """The live client connections, as a list (closing one removes it from the set)."""
+        # ProxyState keeps them as objects: it sits below client.py and cannot name the class.
+        return [cast(ClientConnection, c) for c in self.connections]
 
     def set_pool(self, pool: Pool) -> None:
         self.pool = pool
@@ -141,7 +95,7 @@ class ProxyServer:
         """New connections use the new settings; open ones keep theirs until they close."""
         self.settings = settings
         self.timeouts = settings.timeouts
-        self._max_idle = settings.limits.max_idle_per_backend
+        self.max_idle = settings.limits.max_idle_per_backend
         self.retry_budget.ratio = settings.retries.budget_percent / 100.0
         self.retry_budget.min_per_second = settings.retries.budget_min_per_second
 
@@ -161,95 +115,6 @@ class ProxyServer:
         for server in old:
             server.close()
 
-    # --- upstream connections ---------------------------------------------------------------
-
-    def dial(self, backend: Backend, client: ClientConnection, ex: Exchange) -> None:
-        task = self.loop.create_task(self._dial(backend, client, ex))
-        self._dials.add(task)
-        task.add_done_callback(self._dials.discard)
-
-    async def _dial(self, backend: Backend, client: ClientConnection, ex: Exchange) -> None:
-        err: ClientError | None = None
-        up: UpstreamConnection | None = None
-        try:
-            async with asyncio.timeout(self.settings.backend.dial_timeout):
-                _, proto = await self.loop.create_connection(
-                    lambda: UpstreamConnection(backend), backend.host, backend.port
-                )
-            up = proto
-        except TimeoutError:
-            log.warning(
-                "backend %s: connect timed out; check that it is up and reachable, or raise "
-                "[backend] dial-timeout",
-                backend,
-            )
-            err = GatewayTimeout("backend connect timed out")
-        except OSError as e:
-            log.warning(
-                "backend %s: cannot connect: %s; check that it runs and listens at its server-host",
-                backend,
-                e.strerror or e,
-            )
-            err = BadGateway("backend unreachable")
-        client.dial_done(ex, up, err)
-
-    def release(self, up: UpstreamConnection, now: float | None = None) -> None:
-        """Return a healthy keep-alive connection to its backend's idle pool (LIFO), once it is
-        clean: called from inside the parser, the pooling waits until the parser has seen
-        every byte of the read (see upstream.py)."""
-        if up.closed:
-            return
-        if up.feeding:
-            up.release_to = self
-            return
-        up.reset_for_reuse()
-        idle = up.backend.idle
-        if len(idle) >= self._max_idle:
-            up.close()
-            return
-        up.idle_since = self.clock() if now is None else now
-        idle.append(up)
-
-    # --- passive health ---------------------------------------------------------------------
-
-    def backend_failed(self, backend: Backend) -> None:
-        """A real request failed at `backend` (connect failure, reset, timeout or 5xx)."""
-        backend.passive_failures += 1
-        ph = self.settings.passive_health
-        if (
-            ph.consecutive_failures
-            and backend.passive_failures >= ph.consecutive_failures
-            and not backend.ejected_until
-        ):
-            pool = self.pool
-            ejected = sum(1 for b in pool.backends if b.ejected_until)
-            if not may_eject(ejected, len(pool.backends), ph.max_ejection_percent):
-                return
-            duration = ejection_duration(ph.ejection_time, backend.ejections, ph.max_ejection_time)
-            backend.ejected_until = self.clock() + duration
-            backend.ejections += 1
-            self.ejections += 1
-            backend.passive_failures = 0
-            log.warning(
-                "backend %s ejected for %.0fs after %d failed requests in a row; check it "
-                "(it gets traffic again after that)",
-                backend.name,
-                duration,
-                ph.consecutive_failures,
-            )
-            pool.refresh()
-
-    def _end_ejections(self, now: float) -> None:
-        pool = self.pool
-        ended = False
-        for b in pool.backends:
-            if b.ejected_until and now >= b.ejected_until:
-                b.ejected_until = 0.0
-                ended = True
-                log.info("backend %s returns after its ejection", b.name)
-        if ended:
-            pool.refresh()
-
     # --- deadlines --------------------------------------------------------------------------
 
     async def _sweep(self) -> None:
@@ -257,14 +122,14 @@ class ProxyServer:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = self.clock()
-            for conn in list(self.connections):
+            for conn in self._live():
                 kind = conn.deadline_kind
                 if kind and conn.deadline <= now:
                     conn.on_deadline(kind)
                 body = conn.body_deadline
                 if body and body <= now and not conn.closed:
                     conn.on_body_deadline(now)
-            self._end_ejections(now)
+            self.pool.end_ejections(now)
             if now >= self.pool.ramp_due:  # a backend's slow start moved a step
                 self.pool.refresh()
             backends = self.pool.backends
@@ -285,12 +150,12 @@ class ProxyServer:
         self.draining = True
         for server in self._servers:
             server.close()
-        for conn in list(self.connections):
+        for conn in self._live():
             conn.shutdown()
         if self.connections:
             try:
                 async with asyncio.timeout(grace):
-                    await self._all_closed.wait()
+                    await self.all_closed.wait()
             except TimeoutError:
                 pass
         if self.connections:
@@ -299,23 +164,19 @@ class ProxyServer:
                 "[timeouts] shutdown-grace to let long requests finish)",
                 len(self.connections),
             )
-        for conn in list(self.connections):
+        for conn in self._live():
             if conn.transport is not None:
                 flush_writes()
                 conn.transport.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for task in list(self._dials):
+        for task in list(self.dials):
             task.cancel()
         for backend in self.pool.backends:
             while backend.idle:
                 backend.idle.pop().close()
         for server in self._servers:
             await server.wait_closed()
-
-    def error_body(self, status: int) -> ErrorPage | None:
-        """The configured error page for `status`, if any ([error-pages])."""
-        return self.error_pages.get(status)
 
 
 def make_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:

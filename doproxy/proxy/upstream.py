@@ -32,17 +32,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
-from doproxy.proxy.client import flush_writes
-from doproxy.proxy.scan import head_text
+from doproxy.core.http11 import head_text
+from doproxy.proxy.backend import Backend
+from doproxy.proxy.writes import flush_writes
 
 if TYPE_CHECKING:
-    from doproxy.proxy.backend import Backend
     from doproxy.proxy.client import ClientConnection
-    from doproxy.proxy.server import ProxyServer
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,10 @@ class UpstreamConnection(asyncio.Protocol):
         "last_head",
         "lean_parser",
         "max_head",
+        "max_idle",
         "parser",
         "paused",
-        "release_to",
+        "release_pending",
         "reused",
         "transport",
         "tunnel",
@@ -113,7 +114,8 @@ class UpstreamConnection(asyncio.Protocol):
         # Clean-state bookkeeping (see the module docstring).
         self.done = False  # the response of the current exchange is complete
         self.feeding = False  # inside parser.feed_data: pooling waits until it returns
-        self.release_to: ProxyServer | None = None  # pool it there once feed_data returns
+        self.release_pending = False  # release() once feed_data returns
+        self.max_idle = 0  # idle connections its backend may keep (release's argument)
         self.paused = False  # reading paused for the client's backpressure
 
     # --- asyncio.Protocol -------------------------------------------------------------------
@@ -172,10 +174,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self.client.backend_protocol_error(self, str(e))
         finally:
             self.feeding = False
-        server = self.release_to
-        if server is not None:
-            self.release_to = None
-            server.release(self)
+        if self.release_pending:
+            self.release_pending = False
+            self.release(time.monotonic(), self.max_idle)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too; connection_lost follows
@@ -255,7 +256,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Bytes that belong to no request: close, and count one protocol error."""
         if self.closed:
             return
-        self.release_to = None
+        self.release_pending = False
         client = self.client
         if client is not None:
             client.backend_protocol_error(self, detail)
@@ -269,12 +270,27 @@ class UpstreamConnection(asyncio.Protocol):
         )
         self.abort()
 
-    def reset_for_reuse(self) -> None:
-        """Called as the connection goes back to the pool: clean, and reading again."""
+    def release(self, now: float, max_idle: int) -> None:
+        """Go back onto the backend's idle stack (LIFO; closed instead when it already holds
+        `max_idle`), reading again and clean. Called with the exchange complete; from inside
+        the parser, the pooling waits until the parser has seen every byte of the read (see
+        the module docstring)."""
+        if self.closed:
+            return
+        if self.feeding:
+            self.release_pending = True
+            self.max_idle = max_idle
+            return
         self.done = False
         self._after_head = 0
         if self.paused:
             self.resume_reading()
+        idle = self.backend.idle
+        if len(idle) >= max_idle:
+            self.close()
+            return
+        self.idle_since = now
+        idle.append(self)
 
     def close(self) -> None:
         self.closed = True

@@ -1,4 +1,4 @@
-"""The one-walk head scanners agree with the plain searches they replaced, on any head."""
+"""core/http11: the one-walk head scanners agree with the plain searches they replaced."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from doproxy.proxy.scan import (
+from doproxy.core.http11 import (
     GENERAL,
     PLAIN,
     REWRITE,

@@ -1,0 +1,87 @@
+"""What every connection of one proxy shares: settings, the pool, the counters the metrics read.
+
+`ProxyState` is the part of the listener (server.ProxyServer, which adds listening, the sweep
+and shutdown) that client and upstream connections see. It sits below them, so the only
+modules of the data plane that refer to each other are client and upstream; it is compiled
+with them, so a connection reads a counter or the current pool as a native attribute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from doproxy.core.histogram import REQUEST_BOUNDS
+from doproxy.core.http11 import ErrorPage
+from doproxy.core.retry import RetryBudget
+from doproxy.core.settings import Settings
+from doproxy.proxy.backend import Backend, Pool
+
+if TYPE_CHECKING:
+    from doproxy.proxy.access import AccessLog
+
+
+class ProxyState:
+    def __init__(self, settings: Settings, pool: Pool, tls: bool) -> None:
+        self.settings = settings
+        self.timeouts = settings.timeouts
+        self.pool = pool
+        self.tls = tls
+        self.loop = asyncio.get_running_loop()
+        # The data plane's clock, for latencies and deadlines. Not loop.time(): uvloop's is
+        # cached per loop iteration at millisecond resolution, too coarse to time a request.
+        self.clock = time.monotonic
+        # The client connections, as objects: their class (client.py) sits above this module.
+        self.connections: set[object] = set()
+        self.draining = False
+        self.error_pages: dict[int, ErrorPage] = {}  # loaded by the runtime from [error-pages]
+        # Where access lines go, set by the runtime when access-log is on. Read per line, so
+        # a reload that turns the log off or moves it takes effect on open connections too.
+        self.access: AccessLog | None = None
+        self.dials: set[asyncio.Task[None]] = set()  # connects in progress (shutdown cancels)
+        self.all_closed = asyncio.Event()
+        self.max_idle = settings.limits.max_idle_per_backend
+        retries = settings.retries
+        self.retry_budget = RetryBudget(
+            ratio=retries.budget_percent / 100.0, min_per_second=retries.budget_min_per_second
+        )
+        self.retried = 0  # requests redispatched to another backend
+        # What the autoscaler reads: exchanges finished or failed by a backend, and the time
+        # users waited for their response heads. Totals of the listener, so a backend leaving
+        # the pool (or a reload) never makes them go back.
+        self.exchanges = 0
+        self.exchange_time = 0.0
+        # The same exchanges' durations in fixed buckets (core.histogram.REQUEST_BOUNDS, +Inf
+        # last): its count is `exchanges` and its sum `exchange_time`, so each exchange adds
+        # one bisect and one increment (doproxy.metrics reads them as a histogram).
+        self.durations = [0] * (len(REQUEST_BOUNDS) + 1)
+        # Responses doproxy wrote itself with no backend to blame, by status class (index
+        # status // 100): 503 with no backend available, 400/408/413/414/431/501 refusals.
+        # A gateway error a backend caused (502, 504) counts under that backend instead.
+        self.generated = [0] * 10
+        # Passive ejections ever made: a total of the listener, so a backend leaving the pool
+        # does not take its ejections out of the count (Backend.ejections does).
+        self.ejections = 0
+        # How many requests and responses took the express lanes (see client.py).
+        self.express_requests = 0
+        self.express_responses = 0
+
+    def connection_closed(self, conn: object) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections:
+            self.all_closed.set()
+
+    def track_dial(self, task: asyncio.Task[None]) -> None:
+        """Keep a connect in progress (Pool.dial) until it ends, so shutdown can cancel it."""
+        self.dials.add(task)
+        task.add_done_callback(self.dials.discard)
+
+    def backend_failed(self, backend: Backend) -> None:
+        """A real request failed at `backend` (connect failure, reset, timeout or 5xx)."""
+        if self.pool.eject_after_failure(backend, self.settings.passive_health):
+            self.ejections += 1
+
+    def error_body(self, status: int) -> ErrorPage | None:
+        """The configured error page for `status`, if any ([error-pages])."""
+        return self.error_pages.get(status)
