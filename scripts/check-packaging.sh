@@ -65,7 +65,7 @@ if unzip -Z1 "$PURE_WHEEL" | grep -q '\.so$'; then fail "the pure wheel holds co
 
 # The smallest configuration that serves: one backend (started by the smoke test), loopback.
 mkdir -p "$TMP/conf"
-printf 'bind = "127.0.0.1:0"\ninventory-file = "inventory.toml"\n' >"$TMP/conf/doproxy.toml"
+printf 'bind = "127.0.0.1:0"\ninventory-file = "inventory.toml"\n[admin]\nbind = "127.0.0.1:0"  # port 0: never collides with a doproxy already on 8001\n' >"$TMP/conf/doproxy.toml"
 printf '[[backend]]\nid = 1\nname = "smoke"\nserver-host = "127.0.0.1:1"\n' >"$TMP/conf/inventory.toml"
 cat >"$TMP/smoke.py" <<'EOF'
 """Serve through the installed doproxy: a backend, the proxy, one request, SIGTERM."""
