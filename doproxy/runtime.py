@@ -63,10 +63,10 @@ from cryptography import x509
 from doproxy.admin.server import AdminServer, configured_token
 from doproxy.config import load_settings, resolve_in
 from doproxy.core.balancers import Balancer, make_balancer
-from doproxy.core.health import State
+from doproxy.core.health import State, may_eject
 from doproxy.core.http_rules import ErrorPage
 from doproxy.core.inventory_model import InventoryEntry
-from doproxy.core.settings import Settings
+from doproxy.core.settings import Settings, worker_count
 from doproxy.errors import ConfigError, DoproxyError, Problem, ProviderError
 from doproxy.events import EventLog
 from doproxy.health import HealthChecker
@@ -77,6 +77,7 @@ from doproxy.proxy.access import AccessLog, install
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
 from doproxy.statistics import StatsCollector
+from doproxy.workers import Fleet, WorkerState
 
 if TYPE_CHECKING:
     import builtins
@@ -497,6 +498,9 @@ class Runtime:
         self.admin: AdminServer | None = None
         self.metrics = Metrics(self)  # read at scrape time; nothing per request
         self.access: AccessLog | None = None  # the access log's writer, when it is on
+        # The worker processes (workers > 1; docs/workers.md), else None: this process serves.
+        self.fleet: Fleet | None = None
+        self.worker_total = worker_count(settings.workers, os.cpu_count())
 
     async def start(self) -> ProxyServer:
         settings = self.settings
@@ -512,11 +516,27 @@ class Runtime:
         server.error_pages = snap.error_pages
         self._use_access_log(server, access)  # before the first connection is accepted
         try:
-            await server.listen()
+            if self.worker_total == 1:
+                await server.listen()
+            else:
+                # Bound here, served by the workers: see doproxy.workers.
+                await server.rebind(
+                    settings.bind, ctx, listeners=self.worker_total, start_serving=False
+                )
         except BaseException:
             self._use_access_log(server, None)
             raise
         self.server = server
+        if self.worker_total > 1:
+            self.fleet = Fleet(self, self.worker_total)
+            try:
+                await self.fleet.start()
+            except BaseException:
+                await self.fleet.stop(0.0)
+                await server.shutdown(0.0)
+                self._use_access_log(server, None)
+                self._exit.close()
+                raise
         if self.config_file is not None and settings.admin.enable:
             # A taken admin address stops the start, as a taken traffic port does.
             admin = AdminServer(self, self.metrics.exposition)
@@ -552,7 +572,41 @@ class Runtime:
         for host, port in server.addresses:
             log.info("listening on %s:%d (%s)", host, port, "https" if ctx else "http")
         log.info("%d backend(s), balancing %s", len(self.entries), settings.loadbalancing.type)
+        if self.fleet is not None:
+            log.info("%d workers serve the listener", self.fleet.count)
         return server
+
+    # --- workers (doproxy.workers.Control) ------------------------------------------------------
+
+    def worker_state(self) -> WorkerState:
+        server = self.server
+        assert server is not None
+        return WorkerState(
+            settings=self.settings,
+            base=str(self.base),
+            pool=server.pool,
+            server=server,
+            error_pages=server.error_pages,
+            sockets=server.listening_sockets(),
+        )
+
+    def worker_ejected(self, backend: Backend, until: float) -> bool:
+        """A worker ejected `backend`: every worker gets it, within the pool's limit."""
+        server = self.server
+        assert server is not None
+        pool = server.pool
+        ejected = sum(1 for b in pool.backends if b.ejected_until)
+        if not may_eject(
+            ejected, len(pool.backends), self.settings.passive_health.max_ejection_percent
+        ):
+            return False
+        backend.ejected_until = until
+        pool.refresh()
+        return True
+
+    def workers_status(self) -> list[dict[str, Any]]:
+        """Each worker's process, generation and counts (empty without workers)."""
+        return [] if self.fleet is None else self.fleet.status()
 
     def start_autoscaler(
         self, provider: Provider | None = None, made_of: tuple[object, ...] | None = None
@@ -621,6 +675,8 @@ class Runtime:
             )
             self.entries = entries
             self.reloads += 1  # an applied change, as a reload is
+            if self.fleet is not None:
+                await self.fleet.apply()
             log.info(
                 "inventory applied: %d backend(s) (%d new, %d removed)",
                 len(server.pool.backends),
@@ -703,10 +759,14 @@ class Runtime:
                     continue
                 b.entry = b.entry.model_copy(update={"state": "disabled"})
                 del self._draining_since[b]
+                if self.fleet is not None:
+                    self.fleet.push()
 
     def _refresh(self) -> None:
         if self.server is not None:
             self.server.pool.refresh()
+        if self.fleet is not None:
+            self.fleet.push()
 
     def _health_changed(self, backend: Backend, state: State) -> None:
         self._refresh()
@@ -756,6 +816,8 @@ class Runtime:
             return
         if access.reopen():
             log.info("SIGUSR1: access log reopened at %s", access.path)
+        if self.fleet is not None:
+            self.fleet.signal(signal.SIGUSR1)  # each worker writes to its own open file
 
     def _use_access_log(self, server: ProxyServer, access: AccessLog | None) -> None:
         """Make `access` the running access log; flush and close the one it replaces."""
@@ -895,10 +957,23 @@ class Runtime:
         if admin_changed and settings.admin.enable:
             configured_token(settings.admin, self.base)  # a token-file that cannot be read fails
         # Everything is valid: apply.
+        if settings.workers != old.workers:
+            log.warning(
+                "workers changed from %s to %s: a reload keeps the running %d; it takes effect "
+                "on an upgrade (doproxy upgrade, see docs/deploy.md) or a restart",
+                old.workers,
+                settings.workers,
+                self.worker_total,
+            )
         if listen_changed:
             tls = None if certificates is None else CertificateSelector(certificates)
             try:
-                await server.rebind(settings.bind, None if tls is None else tls.context)
+                await server.rebind(
+                    settings.bind,
+                    None if tls is None else tls.context,
+                    listeners=self.worker_total,
+                    start_serving=self.fleet is None,
+                )
             except BaseException:
                 for unused in (new_provider, changed_provider):
                     if unused is not None:
@@ -919,6 +994,9 @@ class Runtime:
         server.error_pages = error_pages
         self.settings, self.entries = settings, entries
         self.reloads += 1
+        if self.fleet is not None:
+            # Every worker switches to the new table (and listeners) before this returns.
+            await self.fleet.apply(listeners_changed=listen_changed)
         if scaler is not None and (not settings.provisioning.enable or new_provider is not None):
             self.autoscaler = None
             self._spawn(scaler.stop())
@@ -979,6 +1057,8 @@ class Runtime:
         self._exit.close()
         if self.checker is not None:
             await self.checker.stop()
+        if self.fleet is not None:
+            await self.fleet.stop(self.settings.timeouts.shutdown_grace)
         if self.server is not None:
             await self.server.shutdown()
             # After the last response: every line is in, flushed and closed.

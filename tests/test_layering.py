@@ -37,7 +37,7 @@ def layer_of(module: str) -> int:
         return 0
     if sub == "proxy":
         return 1
-    if sub in ("app", "runtime"):
+    if sub in ("app", "runtime", "worker"):  # worker: a worker process's composition root
         return 3
     if sub in ("cli", "__main__"):
         return 4
