@@ -350,6 +350,11 @@ class ProxyServer:
         self.draining = True
         for server in self._servers:
             server.close()
+        # A connection accepted just before the close has its connection_made (which adds
+        # it to self.connections) scheduled, not run: let it run, or it would be left out of
+        # the wait below and cut when the process exits.
+        for _ in range(2):
+            await asyncio.sleep(0)
         if close_idle:
             for conn in list(self.connections):
                 conn.shutdown()
