@@ -558,14 +558,21 @@ class Fleet:
     def connections(self) -> int:
         return sum(w.connections for w in self.workers)
 
-    async def stop(self, grace: float, close_idle: bool = True) -> None:
-        """Tell every worker to drain (stop accepting, finish what is in flight within `grace`)
-        and wait for them to exit; one still running a few seconds after that is killed."""
+    def begin_drain(self, grace: float, close_idle: bool = True) -> None:
+        """Tell every worker to stop accepting and drain (once); see stop()."""
+        if self.stopping:
+            return
         self.stopping = True
-        procs = []
         for w in self.workers:
             if w.channel is not None:
                 w.channel.send({"type": "drain", "grace": grace, "close_idle": close_idle})
+
+    async def stop(self, grace: float, close_idle: bool = True) -> None:
+        """Tell every worker to drain (stop accepting, finish what is in flight within `grace`)
+        and wait for them to exit; one still running a few seconds after that is killed."""
+        self.begin_drain(grace, close_idle)
+        procs = []
+        for w in self.workers:
             if w.proc is not None and w.proc.returncode is None:
                 procs.append((w, w.proc))
         for w, proc in procs:
