@@ -133,13 +133,8 @@ class WorkerProcess:
             new = Settings.model_validate(message["settings"])
             certificates = load_certificates(new, self.base)
             if fds:
-                tls = None if certificates is None else CertificateSelector(certificates)
-                await server.rebind(
-                    new.bind,
-                    None if tls is None else tls.context,
-                    socks=[socket.socket(fileno=fd) for fd in fds],
-                )
-                self.tls = tls
+                # New listeners (bind or https changed): the TLS context goes with them.
+                self.tls = None if certificates is None else CertificateSelector(certificates)
             elif certificates is not None and self.tls is not None:
                 self.tls.certificates = certificates
             server.set_settings(new)
@@ -147,9 +142,12 @@ class WorkerProcess:
             if access_log_identity(new, self.base) != access_log_identity(settings, self.base):
                 self._use_access_log(server, open_access_log(new, self.base))
             self.settings = settings = new
-        else:
-            for fd in fds:
-                os.close(fd)
+        if fds:
+            await server.rebind(
+                settings.bind,
+                None if self.tls is None else self.tls.context,
+                socks=[socket.socket(fileno=fd) for fd in fds],
+            )
         old = server.pool
         pool = self._pool(message["table"], settings, old)
         server.set_pool(pool)

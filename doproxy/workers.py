@@ -64,6 +64,7 @@ from typing import Any, Final, Protocol
 
 from doproxy.core.health import State
 from doproxy.core.settings import Settings
+from doproxy.errors import DoproxyError
 from doproxy.proxy.backend import Backend, Pool
 
 log = logging.getLogger(__name__)
@@ -384,8 +385,14 @@ class Fleet:
                 channel._readable()
             channel.close()
         self._forget_in_flight(w)
+        w.acked.set()  # a reload waiting for its acknowledgement looks again
         if w.ready is not None and not w.ready.done():
-            w.ready.set_exception(RuntimeError(f"worker {w.slot} exited with {code} at start"))
+            w.ready.set_exception(
+                DoproxyError(
+                    f"worker {w.slot} exited with {_exit_status(code)} before it served; the "
+                    "lines above say why"
+                )
+            )
             w.ready.exception()  # retrieved here: start() may not be waiting on it any more
         if self.stopping:
             return
@@ -425,6 +432,7 @@ class Fleet:
         kind = message.get("type")
         if kind == "ready":
             w.generation = int(message["generation"])
+            w.acked.set()
             if w.ready is not None and not w.ready.done():
                 w.ready.set_result(None)
             log.info("worker %d serving (pid %d)", w.slot, w.pid)
@@ -488,6 +496,8 @@ class Fleet:
         asyncio.get_running_loop().call_soon(self._push_now)
 
     def _push_now(self, fds_for: Callable[[int], list[int]] | None = None) -> None:
+        """Send the table now; `fds_for(slot)`: new listeners for each worker, which go with
+        the settings they belong to (bind, https)."""
         self._push_pending = False
         state = self.control.worker_state()
         message: dict[str, Any] = {
@@ -495,7 +505,7 @@ class Fleet:
             "generation": self.control.reloads,
             "table": table(state.pool),
         }
-        if state.settings is not self._sent_settings:
+        if state.settings is not self._sent_settings or fds_for is not None:
             self._sent_settings = state.settings
             message["settings"] = worker_settings(state.settings)
             message["error_pages"] = _pages(state.error_pages)
@@ -515,10 +525,11 @@ class Fleet:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(ACK_TIMEOUT):
                 for w in self.workers:
-                    while w.generation < generation and w.channel is not None:
+                    # A worker that died is skipped: its replacement starts with this table.
+                    while w.generation < generation and self._alive(w):
                         await w.acked.wait()
                         w.acked.clear()
-        lagging = [w for w in self.workers if w.generation < generation]
+        lagging = [w for w in self.workers if w.generation < generation and self._alive(w)]
         for w in lagging:
             log.warning(
                 "worker %d (pid %d) has not taken generation %d after %.0fs (it serves "
@@ -530,6 +541,10 @@ class Fleet:
                 w.generation,
             )
         return lagging
+
+    @staticmethod
+    def _alive(w: Worker) -> bool:
+        return w.proc is not None and w.proc.returncode is None and w.ready is not None
 
     # --- status and stopping ----------------------------------------------------------------
 

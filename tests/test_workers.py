@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -228,5 +229,35 @@ async def test_a_killed_worker_is_replaced_and_no_connection_is_refused(tmp_path
             assert b"worker 0 (pid %d) exited with signal SIGKILL" % victim in proxy.log
     finally:
         running = False
+        await stop(proxy)
+        await a.close()
+
+
+async def test_a_reload_that_moves_the_listener_moves_every_worker(tmp_path: Path) -> None:
+    a = await backend()
+    cfg = write_config(tmp_path, [a.port], "workers = 2\n")
+    proxy = await start_proxy_process(cfg)
+    try:
+        async with asyncio.timeout(60):
+            spare = socket.socket()
+            spare.bind(("127.0.0.1", 0))
+            port = spare.getsockname()[1]
+            spare.close()  # free again: the reload binds it
+            cfg.write_text(
+                cfg.read_text().replace('bind = "127.0.0.1:0"', f'bind = "127.0.0.1:{port}"', 1)
+            )
+            proxy.proc.send_signal(signal.SIGHUP)
+            st = await until(
+                tmp_path,
+                lambda s: all(w["generation"] == 1 for w in s["workers"]),
+            )
+            assert st["listener"]["addresses"] == [f"127.0.0.1:{port}"]
+            before = [w["requests"] for w in st["workers"]]
+            assert await burst(port, 100) == [200] * 100
+            st = await until(tmp_path, lambda s: s["listener"]["requests"] == 100)
+            assert all(w["requests"] > n for w, n in zip(st["workers"], before, strict=True))
+            with pytest.raises(ConnectionRefusedError):
+                await request(proxy.port, get())  # the old listener is closed everywhere
+    finally:
         await stop(proxy)
         await a.close()
