@@ -30,41 +30,51 @@ async def run_proxy(
     config_file: Path | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[Runtime], None] | None = None,
+    upgrade: bool = False,
 ) -> None:
     """Serve until `stop` is set or SIGTERM/SIGINT arrives, then shut down gracefully.
 
     `on_ready` gets the started runtime: its server's addresses, and its admin listener's URL
-    (runtime.admin, when enabled)."""
-    runtime = Runtime(settings, entries, config_file)
+    (runtime.admin, when enabled). `upgrade`: take over from the doproxy running on the
+    config's inventory (doproxy.upgrade); a runtime that hands over to a successor stops too.
+    """
+    runtime = Runtime(settings, entries, config_file, upgrade=upgrade)
     await runtime.start()
     stop = stop or asyncio.Event()
+    runtime.on_handed_over = stop.set
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if on_ready is not None:
         on_ready(runtime)
     # Under systemd (Type=notify) the unit is "started" from here: the listener accepts, and
-    # SIGTERM drains instead of killing.
-    service.notify(f"READY=1\nSTATUS={runtime.status()}")
+    # SIGTERM drains instead of killing. MAINPID: after an upgrade the new process (a child of
+    # the old one) is the service's main process (NotifyAccess=all lets it say so).
+    service.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={runtime.status()}")
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    service.notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests")
+    if not runtime.handed_over:
+        # Not after a handover: the successor is the service's main process now, and with
+        # NotifyAccess=all systemd would take our STOPPING=1 as the whole service stopping.
+        service.notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests")
     log.info(
-        "shutting down: finishing in-flight requests (grace %.1fs)",
+        "%s: finishing in-flight requests (grace %.1fs)",
+        "handed over, draining" if runtime.handed_over else "shutting down",
         runtime.settings.timeouts.shutdown_grace,
     )
     await runtime.stop()
     log.info("stopped")
 
 
-def serve(config_file: str) -> None:
-    """`doproxy --config FILE`: load the config and inventory, serve until told to stop."""
+def serve(config_file: str, upgrade: bool = False) -> None:
+    """`doproxy --config FILE`: load the config and inventory, serve until told to stop.
+    `doproxy upgrade --config FILE`: the same, taking over from the running doproxy."""
     settings = load_settings(config_file)
     inventory = load_inventory(resolve_relative(config_file, settings.inventory_file))
-    uvloop.run(run_proxy(settings, inventory, Path(config_file)))
+    uvloop.run(run_proxy(settings, inventory, Path(config_file), upgrade=upgrade))
 
 
 DEMO_CONFIG = """\

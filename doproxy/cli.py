@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     _global_options(p, defaults=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("serve", help="run the proxy (the default)")
+    sub.add_parser(
+        "upgrade",
+        help="run the proxy, taking the listeners and the control plane over from the one "
+        "running on this config's inventory, which then drains and exits (docs/deploy.md)",
+    )
     d = sub.add_parser(
         "demo", help="run the proxy in front of autoscaling local demo backends (1 to 4)"
     )
@@ -197,8 +202,8 @@ def main(argv: list[str] | None = None) -> None:
 def _run(args: argparse.Namespace) -> int:
     from doproxy import app
 
-    if args.command in (None, "serve"):
-        app.serve(args.config)
+    if args.command in (None, "serve", "upgrade"):
+        app.serve(args.config, upgrade=args.command == "upgrade")
         return 0
     if args.command == "demo":
         app.demo(args.bind, args.load, args.ports)

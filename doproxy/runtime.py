@@ -50,7 +50,9 @@ import logging
 import mimetypes
 import os
 import signal
+import socket
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -64,10 +66,10 @@ from doproxy import service
 from doproxy.admin.server import AdminServer, configured_token
 from doproxy.config import load_settings, resolve_in
 from doproxy.core.balancers import Balancer, make_balancer
-from doproxy.core.health import State
+from doproxy.core.health import State, may_eject
 from doproxy.core.http11 import ErrorPage
 from doproxy.core.inventory_model import InventoryEntry
-from doproxy.core.settings import Settings
+from doproxy.core.settings import Settings, parse_bind, worker_count
 from doproxy.errors import ConfigError, DoproxyError, Problem, ProviderError
 from doproxy.events import EventLog
 from doproxy.health import HealthChecker
@@ -78,6 +80,15 @@ from doproxy.proxy.access import AccessLog, install
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
 from doproxy.statistics import StatsCollector
+from doproxy.upgrade import (
+    Link,
+    Predecessor,
+    UpgradeListener,
+    hand_over_sockets,
+    trace,
+    upgrade_socket_path,
+)
+from doproxy.workers import Fleet, WorkerState
 
 if TYPE_CHECKING:
     import builtins
@@ -472,9 +483,19 @@ def _only(names: set[str]) -> Callable[[watchfiles.Change, str], bool]:
 
 class Runtime:
     def __init__(
-        self, settings: Settings, entries: list[InventoryEntry], config_file: Path | None = None
+        self,
+        settings: Settings,
+        entries: list[InventoryEntry],
+        config_file: Path | None = None,
+        upgrade: bool = False,
     ) -> None:
         self.config_file = config_file
+        # Take the sockets and the control plane over from the doproxy running on this
+        # inventory (doproxy.upgrade) instead of binding and locking ourselves.
+        self.upgrade = upgrade and config_file is not None
+        self.upgrade_listener: UpgradeListener | None = None
+        self.handed_over = False  # this one handed over to a successor and drains
+        self.on_handed_over: Callable[[], None] = lambda: None  # run_proxy's stop
         self.base = config_file.resolve().parent if config_file else Path.cwd()
         self.settings = settings
         self.entries = entries
@@ -498,13 +519,20 @@ class Runtime:
         self.admin: AdminServer | None = None
         self.metrics = Metrics(self)  # read at scrape time; nothing per request
         self.access: AccessLog | None = None  # the access log's writer, when it is on
+        # The worker processes (workers > 1; docs/workers.md), else None: this process serves.
+        self.fleet: Fleet | None = None
+        self.worker_total = worker_count(settings.workers, os.cpu_count())
 
     async def start(self) -> ProxyServer:
         settings = self.settings
-        if self.config_file is not None:
+        predecessor: Predecessor | None = None
+        if self.upgrade:
+            # The lock stays with the running doproxy until it released its control plane.
+            predecessor = await Predecessor.connect(upgrade_socket_path(self.inventory_path))
+        elif self.config_file is not None:
             # First of all: a second server on this inventory is refused before it listens.
             # The lock tells the CLI a server runs here and will finish its drains.
-            self._exit.enter_context(hold_server_lock(self.inventory_path))
+            self._lock()
         snap = load_snapshot(settings, self.base, self.entries)
         access = open_access_log(settings, self.base)
         self.tls = None if snap.certificates is None else CertificateSelector(snap.certificates)
@@ -513,11 +541,33 @@ class Runtime:
         server.error_pages = snap.error_pages
         self._use_access_log(server, access)  # before the first connection is accepted
         try:
-            await server.listen()
+            if predecessor is not None and predecessor.bind == settings.bind:
+                await self._listen_inherited(server, predecessor.groups)
+            elif self.worker_total == 1:
+                await server.listen()
+            else:
+                # Bound here, served by the workers: see doproxy.workers.
+                await server.rebind(
+                    settings.bind, ctx, listeners=self.worker_total, start_serving=False
+                )
         except BaseException:
             self._use_access_log(server, None)
             raise
         self.server = server
+        if self.worker_total > 1:
+            self.fleet = Fleet(self, self.worker_total)
+            try:
+                await self.fleet.start()
+            except BaseException:
+                await self.fleet.stop(0.0)
+                await server.shutdown(0.0)
+                self._use_access_log(server, None)
+                self._exit.close()
+                raise
+        if predecessor is not None:
+            # We serve: the old one stops accepting, hands the control plane over and drains.
+            await predecessor.serving()
+            await self._take_lock()
         if self.config_file is not None and settings.admin.enable:
             # A taken admin address stops the start, as a taken traffic port does.
             admin = AdminServer(self, self.metrics.exposition)
@@ -544,6 +594,7 @@ class Runtime:
             # logrotate's `postrotate kill -USR1`, as for nginx. Handled even with the access
             # log off: SIGUSR1's default action would end the process.
             loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+            loop.add_signal_handler(signal.SIGUSR2, self._upgrade_soon)
             if settings.watch_config:
                 ready = asyncio.Event()
                 self._tasks.append(loop.create_task(self._watch(ready)))
@@ -553,7 +604,161 @@ class Runtime:
         for host, port in server.addresses:
             log.info("listening on %s:%d (%s)", host, port, "https" if ctx else "http")
         log.info("%d backend(s), balancing %s", len(self.entries), settings.loadbalancing.type)
+        if self.fleet is not None:
+            log.info("%d workers serve the listener", self.fleet.count)
+        if self.config_file is not None:
+            self.upgrade_listener = UpgradeListener(
+                upgrade_socket_path(self.inventory_path), self._hand_over
+            )
+            self.upgrade_listener.start()
+        if predecessor is not None:
+            log.info("upgrade: this doproxy (pid %d) has taken over", os.getpid())
         return server
+
+    async def _listen_inherited(
+        self, server: ProxyServer, groups: list[list[socket.socket]]
+    ) -> None:
+        """Serve the listening sockets a predecessor handed over: ourselves (workers = 1), or
+        hold them for our workers, with more listeners on the same port when we run more
+        workers than it did."""
+        serving = self.worker_total == 1
+        for group in groups:
+            for sock in group:
+                await server.listen(sock=sock, start_serving=serving)
+        if not serving and len(groups) < self.worker_total:
+            host, _ = parse_bind(self.settings.bind)
+            port = server.addresses[0][1]
+            for _ in range(self.worker_total - len(groups)):
+                await server.listen(f"{host or ''}:{port}", start_serving=False)
+
+    def _lock(self) -> None:
+        """Take the inventory lock (DoproxyError while another server holds it), held until
+        self._exit closes."""
+        self._exit.enter_context(hold_server_lock(self.inventory_path))
+        trace("lock")
+        self._exit.callback(trace, "unlock")  # LIFO: written while the lock is still held
+
+    async def _take_lock(self, every: float = 0.05) -> None:
+        """Take the inventory lock once the predecessor released it (it is releasing it now)."""
+        waited = 0.0
+        while True:
+            try:
+                # In a thread: hold_server_lock retries for an instant with time.sleep.
+                await asyncio.to_thread(self._lock)
+                return
+            except DoproxyError as e:
+                if waited == 0.0 or int(waited) // 10 != int(waited + every) // 10:
+                    log.warning("upgrade: waiting for the inventory lock: %s", e)
+            await asyncio.sleep(every)
+            waited += every
+
+    # --- upgrade: the running side (doproxy.upgrade) ---------------------------------------
+
+    def _upgrade_soon(self) -> None:
+        if self.handed_over:
+            log.info("SIGUSR2: ignored, this doproxy has handed over and drains")
+            return
+        log.info("SIGUSR2: starting a new doproxy to take over (doproxy upgrade)")
+        self._spawn(self._start_successor())
+
+    async def _start_successor(self) -> None:
+        """Run `doproxy upgrade` with our config: the program installed now (a new version),
+        our config file as it is now. It outlives us; its exit is logged if it ends first."""
+        assert self.config_file is not None
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "doproxy",
+            "upgrade",
+            "--config",
+            str(self.config_file),
+            "--log-level",
+            level if level in ("debug", "info", "warning", "error") else "info",
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        code = await proc.wait()
+        if not self.handed_over:
+            log.error(
+                "upgrade: the new doproxy (pid %d) exited with %d before taking over (the "
+                "lines above say why); this one carries on",
+                proc.pid,
+                code,
+            )
+
+    async def _hand_over(self, link: Link) -> None:
+        """A successor connected to the upgrade socket: give it the sockets; once it serves,
+        stop accepting, release the control plane (the lock last), then drain."""
+        server = self.server
+        assert server is not None
+        async with self._reload_lock:  # no reload or inventory change half-way through
+            pid = await hand_over_sockets(link, self.settings.bind, server.listening_sockets())
+            log.info(
+                "upgrade: the new doproxy (pid %d) serves; this one stops accepting, hands the "
+                "control plane over and drains",
+                pid,
+            )
+            self.handed_over = True
+            grace = self.settings.timeouts.shutdown_grace
+            if self.fleet is not None:
+                self.fleet.begin_drain(grace, close_idle=False)
+            server.stop_accepting()
+            await self._release_control_plane()
+            link.send({"type": "released"})
+            await link.flush()
+        self.on_handed_over()
+
+    async def _release_control_plane(self) -> None:
+        """Stop everything that acts on the inventory or the provider, then release the lock."""
+        if self.upgrade_listener is not None:
+            self.upgrade_listener.close()
+            self.upgrade_listener = None
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self.autoscaler is not None:
+            await self._stop_scaler(self.autoscaler)
+            self.autoscaler = None
+        self._exit.close()  # the inventory lock: the successor takes it now
+        log.info("upgrade: inventory lock and control plane released")
+
+    # --- workers (doproxy.workers.Control) ------------------------------------------------------
+
+    def worker_state(self) -> WorkerState:
+        server = self.server
+        assert server is not None
+        return WorkerState(
+            settings=self.settings,
+            base=str(self.base),
+            pool=server.pool,
+            server=server,
+            error_pages=server.error_pages,
+            sockets=server.listening_sockets(),
+        )
+
+    def worker_ejected(self, backend: Backend, until: float) -> bool:
+        """A worker ejected `backend`: every worker gets it, within the pool's limit."""
+        server = self.server
+        assert server is not None
+        pool = server.pool
+        ejected = sum(1 for b in pool.backends if b.ejected_until)
+        if not may_eject(
+            ejected, len(pool.backends), self.settings.passive_health.max_ejection_percent
+        ):
+            return False
+        backend.ejected_until = until
+        pool.refresh()
+        return True
+
+    def workers_status(self) -> list[dict[str, Any]]:
+        """Each worker's process, generation and counts (empty without workers)."""
+        return [] if self.fleet is None else self.fleet.status()
 
     def start_autoscaler(
         self, provider: Provider | None = None, made_of: tuple[object, ...] | None = None
@@ -568,6 +773,7 @@ class Runtime:
         self._provider_config = made_of
         self.autoscaler = Autoscaler(self, self.provider, events=self.events)
         self.autoscaler.start()
+        trace("scaler-on")
         p = self.settings.provisioning
         log.info(
             "autoscaler on (%s, %d-%d backends, %s)%s",
@@ -577,6 +783,10 @@ class Runtime:
             p.mode,
             " in dry-run" if p.dry_run else "",
         )
+
+    async def _stop_scaler(self, scaler: Autoscaler) -> None:
+        await scaler.stop()
+        trace("scaler-off")
 
     @property
     def backends(self) -> list[Backend]:
@@ -622,6 +832,8 @@ class Runtime:
             )
             self.entries = entries
             self.reloads += 1  # an applied change, as a reload is
+            if self.fleet is not None:
+                await self.fleet.apply()
             log.info(
                 "inventory applied: %d backend(s) (%d new, %d removed)",
                 len(server.pool.backends),
@@ -704,10 +916,14 @@ class Runtime:
                     continue
                 b.entry = b.entry.model_copy(update={"state": "disabled"})
                 del self._draining_since[b]
+                if self.fleet is not None:
+                    self.fleet.push()
 
     def _refresh(self) -> None:
         if self.server is not None:
             self.server.pool.refresh()
+        if self.fleet is not None:
+            self.fleet.push()
 
     def _health_changed(self, backend: Backend, state: State) -> None:
         self._refresh()
@@ -745,6 +961,9 @@ class Runtime:
         task.add_done_callback(self._pending.discard)
 
     def _reload_soon(self) -> None:
+        if self.handed_over:
+            log.info("SIGHUP: ignored, this doproxy has handed over and drains")
+            return
         log.info("SIGHUP: reloading")
         self._spawn(self.reload())
 
@@ -757,6 +976,8 @@ class Runtime:
             return
         if access.reopen():
             log.info("SIGUSR1: access log reopened at %s", access.path)
+        if self.fleet is not None:
+            self.fleet.signal(signal.SIGUSR1)  # each worker writes to its own open file
 
     def _use_access_log(self, server: ProxyServer, access: AccessLog | None) -> None:
         """Make `access` the running access log; flush and close the one it replaces."""
@@ -914,10 +1135,23 @@ class Runtime:
         if admin_changed and settings.admin.enable:
             configured_token(settings.admin, self.base)  # a token-file that cannot be read fails
         # Everything is valid: apply.
+        if settings.workers != old.workers:
+            log.warning(
+                "workers changed from %s to %s: a reload keeps the running %d; it takes effect "
+                "on an upgrade (doproxy upgrade, see docs/deploy.md) or a restart",
+                old.workers,
+                settings.workers,
+                self.worker_total,
+            )
         if listen_changed:
             tls = None if certificates is None else CertificateSelector(certificates)
             try:
-                await server.rebind(settings.bind, None if tls is None else tls.context)
+                await server.rebind(
+                    settings.bind,
+                    None if tls is None else tls.context,
+                    listeners=self.worker_total,
+                    start_serving=self.fleet is None,
+                )
             except BaseException:
                 for unused in (new_provider, changed_provider):
                     if unused is not None:
@@ -938,9 +1172,12 @@ class Runtime:
         server.error_pages = error_pages
         self.settings, self.entries = settings, entries
         self.reloads += 1
+        if self.fleet is not None:
+            # Every worker switches to the new table (and listeners) before this returns.
+            await self.fleet.apply(listeners_changed=listen_changed)
         if scaler is not None and (not settings.provisioning.enable or new_provider is not None):
             self.autoscaler = None
-            self._spawn(scaler.stop())
+            self._spawn(self._stop_scaler(scaler))
             log.info("autoscaler off")
         if scaler is None or new_provider is not None or not settings.provisioning.enable:
             self.provider = None
@@ -989,16 +1226,24 @@ class Runtime:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.upgrade_listener is not None:
+            self.upgrade_listener.close()
+            self.upgrade_listener = None
         if self.config_file is not None:
-            for sig in (signal.SIGHUP, signal.SIGUSR1):
+            for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
                 with contextlib.suppress(Exception):
                     asyncio.get_running_loop().remove_signal_handler(sig)
         if self.autoscaler is not None:
-            await self.autoscaler.stop()
+            await self._stop_scaler(self.autoscaler)
         self._exit.close()
         if self.checker is not None:
             await self.checker.stop()
+        # Handed over: idle keep-alive connections get their next response with Connection:
+        # close rather than a close that may race their next request (doproxy.upgrade).
+        close_idle = not self.handed_over
+        if self.fleet is not None:
+            await self.fleet.stop(self.settings.timeouts.shutdown_grace, close_idle=close_idle)
         if self.server is not None:
-            await self.server.shutdown()
+            await self.server.shutdown(close_idle=close_idle)
             # After the last response: every line is in, flushed and closed.
             self._use_access_log(self.server, None)

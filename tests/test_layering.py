@@ -60,7 +60,7 @@ def layer_of(module: str) -> tuple[int, int]:
         return 0, 0
     if sub == "proxy":
         return 1, DATA_PLANE[module]
-    if sub in ("app", "runtime"):
+    if sub in ("app", "runtime", "worker"):  # worker: a worker process's composition root
         return 3, 0
     if sub in ("cli", "__main__"):
         return 4, 0

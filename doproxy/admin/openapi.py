@@ -122,7 +122,23 @@ SPEC: dict[str, Any] = {
                             "balancing": {"type": "string"},
                         },
                     },
+                    # Empty when the main process serves itself (workers = 1).
+                    "workers": {"type": "array", "items": _ref("Worker")},
                     "backends": {"type": "array", "items": _ref("Backend")},
+                },
+            },
+            "Worker": {
+                "type": "object",
+                "required": ["slot", "pid", "alive", "generation", "restarts", "requests"],
+                "properties": {
+                    "slot": {"type": "integer"},
+                    "pid": {"type": "integer"},
+                    "alive": {"type": "boolean"},
+                    "generation": {"type": "integer"},
+                    "restarts": {"type": "integer"},
+                    "requests": {"type": "integer"},
+                    "connections": {"type": "integer"},
+                    "in_flight": {"type": "integer"},
                 },
             },
             "Decision": {

@@ -104,6 +104,10 @@ class Served(Protocol):
 
     async def apply_inventory(self) -> bool: ...
 
+    def workers_status(self) -> list[dict[str, Any]]:
+        """Each worker process (workers > 1): pid, generation, restarts, counts."""
+        ...
+
 
 def token_path(inventory: Path) -> Path:
     return inventory.with_name(inventory.name + ".admin.token")
@@ -612,10 +616,12 @@ def status_view(runtime: Served, started: float) -> dict[str, Any]:
     settings = runtime.settings
     sig = runtime.stats.signal if runtime.stats is not None else None
     measured = server is not None and server.exchanges > 0  # else "0 ms" would mislead
+    workers = runtime.workers_status()
     listener: dict[str, Any] = {
         "addresses": [f"{h}:{p}" for h, p in server.addresses] if server else [],
         "https": settings.https,
-        "connections": len(server.connections) if server else 0,
+        "connections": (len(server.connections) if server else 0)
+        + sum(w["connections"] for w in workers),
         "in_flight": sum(b.in_flight for b in runtime.backends),
         "requests": server.exchanges if server else 0,
         "requests_per_second": _round(sig.requests_per_second if sig else None, 3),
@@ -632,6 +638,9 @@ def status_view(runtime: Served, started: float) -> dict[str, Any]:
         "time": time.time(),
         "config_generation": runtime.reloads,
         "listener": listener,
+        # The worker processes and the configuration generation each serves (docs/workers.md);
+        # empty when this process serves itself (workers = 1).
+        "workers": workers,
         "backends": [backend_view(runtime, b) for b in runtime.backends],
     }
 

@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -395,6 +396,9 @@ class Settings(Section):
     access_log_file: str = ""
     watch_config: bool = True
     inventory_file: str = "inventory.toml"
+    # Data-plane processes (docs/workers.md): 1 serves in the main process itself, as always;
+    # N > 1 starts N worker processes behind the main one; "auto" one per CPU.
+    workers: StrictInt | Literal["auto"] = 1
     loadbalancing: LoadBalancing = Field(default_factory=LoadBalancing)
     backend: BackendSettings = Field(default_factory=BackendSettings)
     do_provisioner: DOProvisioner = Field(default_factory=DOProvisioner)
@@ -409,6 +413,13 @@ class Settings(Section):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: Limits = Field(default_factory=Limits)
     admin: Admin = Field(default_factory=Admin)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError('workers must be between 1 and 256, or "auto"')
+        return value
 
     @model_validator(mode="after")
     def _error_codes(self) -> Settings:
@@ -453,6 +464,13 @@ class Settings(Section):
                 "the PROXY header"
             )
         return self
+
+
+def worker_count(workers: int | str, cpus: int | None) -> int:
+    """How many data-plane processes `workers` asks for on a machine with `cpus` CPUs."""
+    if workers == "auto":
+        return max(cpus or 1, 1)
+    return int(workers)
 
 
 def parse_bind(bind: str) -> tuple[str | None, int]:

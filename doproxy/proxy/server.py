@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from typing import Any, Final, cast
 
@@ -51,22 +52,56 @@ class ProxyServer(ProxyState):
 
     # --- listening --------------------------------------------------------------------------
 
-    async def listen(self, bind: str | None = None) -> None:
-        """Start accepting on `bind` (doproxy's ":8000" form), by default the config's."""
-        host, port = parse_bind(bind or self.settings.bind)
-        server = await self.loop.create_server(
-            self._new_connection,
-            host=host,
-            port=port,
-            ssl=self.ssl_context,
-            reuse_address=True,
-            # Lets a reload open the new listener on the same port before closing the old.
-            reuse_port=True,
-            backlog=1024,
-        )
+    async def listen(
+        self,
+        bind: str | None = None,
+        *,
+        sock: socket.socket | None = None,
+        start_serving: bool = True,
+    ) -> None:
+        """Start accepting on `bind` (doproxy's ":8000" form), by default the config's, or on
+        `sock`, a listening socket opened elsewhere (a worker's, handed over by its main
+        process or by the doproxy being upgraded). `start_serving=False` binds and holds the
+        socket without accepting: the main process of several workers keeps the listeners
+        open that way, so a worker that dies loses none (see doproxy.workers)."""
+        if sock is not None:
+            server = await self.loop.create_server(
+                self._new_connection,
+                sock=sock,
+                ssl=self.ssl_context,
+                backlog=1024,
+                start_serving=start_serving,
+            )
+        else:
+            host, port = parse_bind(bind or self.settings.bind)
+            server = await self.loop.create_server(
+                self._new_connection,
+                host=host,
+                port=port,
+                ssl=self.ssl_context,
+                reuse_address=True,
+                # Lets a reload open the new listener on the same port before closing the old.
+                reuse_port=True,
+                backlog=1024,
+                start_serving=start_serving,
+            )
         self._servers.append(server)
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep())
+
+    def listening_sockets(self) -> list[list[socket.socket]]:
+        """The listening sockets, one list per listener (an address of several families has
+        several), for handing them to workers or to a new doproxy."""
+        out = []
+        for server in self._servers:
+            sockets: Any = getattr(server, "sockets")  # noqa: B009 - see addresses
+            out.append(list(sockets))
+        return out
+
+    def stop_accepting(self) -> None:
+        """Close the listeners (another process may keep serving the same sockets)."""
+        for server in self._servers:
+            server.close()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -78,7 +113,8 @@ class ProxyServer(ProxyState):
             for s in sockets:
                 name = s.getsockname()
                 out.append((name[0], name[1]))
-        return out
+        # Several listeners on one port (one per worker, SO_REUSEPORT) are one address.
+        return list(dict.fromkeys(out))
 
     def _new_connection(self) -> ClientConnection:
         return ClientConnection(self)
@@ -99,16 +135,38 @@ class ProxyServer(ProxyState):
         self.retry_budget.ratio = settings.retries.budget_percent / 100.0
         self.retry_budget.min_per_second = settings.retries.budget_min_per_second
 
-    async def rebind(self, bind: str, ssl_context: ssl.SSLContext | None) -> None:
+    async def rebind(
+        self,
+        bind: str,
+        ssl_context: ssl.SSLContext | None,
+        *,
+        socks: list[socket.socket] | None = None,
+        listeners: int = 1,
+        start_serving: bool = True,
+    ) -> None:
         """Listen on `bind` with `ssl_context` instead: the new listener opens before the old
-        ones close, so nothing is refused in between; open connections carry on."""
+        ones close, so nothing is refused in between; open connections carry on. `socks`:
+        serve these sockets instead of binding (a worker); `listeners`: how many listeners
+        to bind on the same port (SO_REUSEPORT, one per worker)."""
         old = self._servers
         self._servers = []
         previous_ctx, previous_tls = self.ssl_context, self.tls
         self.ssl_context, self.tls = ssl_context, ssl_context is not None
         try:
-            await self.listen(bind)
+            if socks is not None:
+                for sock in socks:
+                    await self.listen(sock=sock, start_serving=start_serving)
+            else:
+                await self.listen(bind, start_serving=start_serving)
+                if listeners > 1:
+                    # Port 0 picked a port for the first: the others share it.
+                    host, _ = parse_bind(bind)
+                    port = self.addresses[0][1]
+                    for _ in range(listeners - 1):
+                        await self.listen(f"{host or ''}:{port}", start_serving=start_serving)
         except BaseException:
+            for server in self._servers:
+                server.close()
             self._servers = old
             self.ssl_context, self.tls = previous_ctx, previous_tls
             raise
@@ -145,26 +203,44 @@ class ProxyServer(ProxyState):
 
     # --- shutdown ---------------------------------------------------------------------------
 
-    async def shutdown(self, grace: float | None = None) -> None:
+    async def shutdown(self, grace: float | None = None, close_idle: bool = True) -> None:
+        """Stop accepting, let in-flight exchanges finish within `grace`, then close.
+
+        `close_idle=False` (an upgrade's or a worker's drain) keeps idle keep-alive
+        connections open instead of closing them now: closing one races with a request the
+        client is sending on it at that moment, which the client sees as a reset. Each one's
+        next request is answered with `Connection: close`; what is still idle when the grace
+        ends is closed then."""
         grace = self.timeouts.shutdown_grace if grace is None else grace
         self.draining = True
         for server in self._servers:
             server.close()
-        for conn in self._live():
-            conn.shutdown()
+        # A connection accepted just before the close has its connection_made (which adds
+        # it to self.connections) scheduled, not run: let it run, or it would be left out of
+        # the wait below and cut when the process exits.
+        for _ in range(2):
+            await asyncio.sleep(0)
+        if close_idle:
+            for conn in self._live():
+                conn.shutdown()
         if self.connections:
             try:
                 async with asyncio.timeout(grace):
                     await self.all_closed.wait()
             except TimeoutError:
                 pass
-        if self.connections:
+        live = self._live()
+        lingering = {conn for conn in live if conn.closed}
+        for conn in live:
+            conn.shutdown()  # the idle ones close cleanly; the busy ones are aborted below
+        busy = [conn for conn in self._live() if not conn.closed or conn in lingering]
+        if busy:
             log.warning(
                 "%d connection(s) still busy after the grace period: closing them (raise "
                 "[timeouts] shutdown-grace to let long requests finish)",
-                len(self.connections),
+                len(busy),
             )
-        for conn in self._live():
+        for conn in busy:
             if conn.transport is not None:
                 flush_writes()
                 conn.transport.abort()
