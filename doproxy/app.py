@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -69,9 +70,28 @@ async def run_proxy(
     log.info("stopped")
 
 
+def raise_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one, and return it.
+
+    Each proxied connection holds two descriptors (client and backend) and the idle pool more;
+    the usual soft limit of 1,024 would cap a proxy at a few hundred connections. Go's runtime,
+    HAProxy (from maxconn) and nginx (worker_rlimit_nofile) raise it the same way; the hard
+    limit stays the administrator's (systemd's LimitNOFILE=, ulimit -Hn)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.debug("open files limit stays %d: %s", soft, e)
+            return soft
+        return hard
+    return soft
+
+
 def serve(config_file: str, upgrade: bool = False) -> None:
     """`doproxy --config FILE`: load the config and inventory, serve until told to stop.
     `doproxy upgrade --config FILE`: the same, taking over from the running doproxy."""
+    raise_file_limit()
     settings = load_settings(config_file)
     inventory = load_inventory(resolve_relative(config_file, settings.inventory_file))
     uvloop.run(run_proxy(settings, inventory, Path(config_file), upgrade=upgrade))
