@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def test_serve_raises_the_soft_limit_to_the_hard_one() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard <= 256:
         pytest.skip(f"needs a finite hard limit above 256 (it is {hard})")
 
