@@ -114,13 +114,14 @@ class Target:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
-def _nginx_main(workdir: Path) -> str:
+def _nginx_main(workdir: Path, max_conns: int = 4096) -> str:
     """The top of an nginx.conf that runs in the foreground with everything in `workdir`."""
     user = "user root;\n" if os.geteuid() == 0 else ""
     return (
         f"{user}daemon off;\nmaster_process on;\nworker_processes 1;\n"
+        f"worker_rlimit_nofile {2 * max_conns + 64};\n"
         f"error_log stderr warn;\npid {workdir}/nginx.pid;\n"
-        "events { worker_connections 4096; }\n"
+        f"events {{ worker_connections {max_conns}; }}\n"
     )
 
 
@@ -149,10 +150,10 @@ def backend_nginx_conf(workdir: Path, ports: list[int], docroot: Path) -> str:
     )
 
 
-def nginx_proxy_conf(workdir: Path, port: int, backends: list[int]) -> str:
+def nginx_proxy_conf(workdir: Path, port: int, backends: list[int], max_conns: int = 4096) -> str:
     servers = "".join(f"        server 127.0.0.1:{p};\n" for p in backends)
     return (
-        _nginx_main(workdir)
+        _nginx_main(workdir, max_conns)
         + "http {\n"
         + _nginx_http_common(workdir)
         + "    upstream backends {\n"
@@ -169,10 +170,10 @@ def nginx_proxy_conf(workdir: Path, port: int, backends: list[int]) -> str:
     )
 
 
-def haproxy_conf(port: int, backends: list[int]) -> str:
+def haproxy_conf(port: int, backends: list[int], max_conns: int = 4096) -> str:
     servers = "".join(f"    server b{i} 127.0.0.1:{p}\n" for i, p in enumerate(backends, 1))
     return (
-        "global\n    nbthread 1\n    maxconn 4096\n\n"
+        f"global\n    nbthread 1\n    maxconn {max_conns}\n\n"
         "defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n"
         "    timeout server 30s\n    option http-keep-alive\n    http-reuse always\n"
         "    option forwardfor\n\n"
@@ -230,15 +231,17 @@ def start_backends(base: Path, ports: list[int], cpus: str | None) -> Service:
     return service
 
 
-def _start_proxy(key: str, base: Path, port: int, ports: list[int], cpus: str | None) -> Service:
+def _start_proxy(
+    key: str, base: Path, port: int, ports: list[int], cpus: str | None, max_conns: int = 4096
+) -> Service:
     workdir = _workdir(base, key)
     proxy, balancer, size = parse_key(key)
     backends = pool_ports(ports, size)
     if proxy == HAPROXY:
-        (workdir / "haproxy.cfg").write_text(haproxy_conf(port, backends))
+        (workdir / "haproxy.cfg").write_text(haproxy_conf(port, backends, max_conns))
         cmd = ["haproxy", "-db", "-f", str(workdir / "haproxy.cfg")]
     elif proxy == NGINX:
-        (workdir / "nginx.conf").write_text(nginx_proxy_conf(workdir, port, backends))
+        (workdir / "nginx.conf").write_text(nginx_proxy_conf(workdir, port, backends, max_conns))
         cmd = _nginx_cmd(workdir)
     elif proxy == DOPROXY:
         # With the pool-size dimension, health checks are off, as in issue 12's measurement:
@@ -253,11 +256,20 @@ def _start_proxy(key: str, base: Path, port: int, ports: list[int], cpus: str | 
     return start(label_of(key), pinned(cmd, cpus), workdir / "log", cwd=workdir)
 
 
-def start_target(key: str, base: Path, port: int, backends: list[int], cpus: str | None) -> Target:
-    """Start proxy `key` (or, for "none", point at the first backend) and wait until it serves."""
+def start_target(
+    key: str,
+    base: Path,
+    port: int,
+    backends: list[int],
+    cpus: str | None,
+    max_conns: int = 4096,
+) -> Target:
+    """Start proxy `key` (or, for "none", point at the first backend) and wait until it serves.
+    `max_conns`: the client connections HAProxy and nginx are configured for (doproxy has no
+    such limit; it raises its open-files limit at start)."""
     if parse_key(key)[0] == NONE:
         return Target(key, backends[0])
-    service = _start_proxy(key, base, port, backends, cpus)
+    service = _start_proxy(key, base, port, backends, cpus, max_conns)
     try:
         wait_ready(service, port, READY_PATH)
     except BaseException:
