@@ -19,13 +19,16 @@ from pathlib import Path
 from types import ModuleType
 
 # The request path, end to end: balancing, the retry budget and the HTTP/1.1 rules (pure
-# core), write batching, the state every connection shares, both sides of a proxied exchange,
-# and the listener.
+# core), write batching, the backends and their pool (every response adds to a backend's
+# counters: from compiled code, an interpreted Backend's attributes were generic getattr and
+# setattr calls with boxed numbers), the state every connection shares, both sides of a proxied
+# exchange, and the listener.
 COMPILED = (
     "doproxy.core.retry",
     "doproxy.core.balancers",
     "doproxy.core.http11",
     "doproxy.proxy.writes",
+    "doproxy.proxy.backend",
     "doproxy.proxy.state",
     "doproxy.proxy.upstream",
     "doproxy.proxy.client",

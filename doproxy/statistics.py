@@ -8,17 +8,18 @@ turns them into what the balancers, the autoscaler and the status page read:
   doproxy's "round-trip timing"), a failure-rate EWMA, requests per second over the last tick,
   p95 over a sliding window, in flight and totals;
 - for the pool: a request-weighted latency EWMA, requests per second, and p95 over the same
-  window (one quantile sketch per second, see doproxy.core.quantiles.WindowedQuantile: no
-  sample list is kept or sorted, so a tick costs the same few milliseconds whatever the window
-  holds).
+  window (log-bucketed counts per second, see doproxy.core.quantiles.WindowedQuantile: no
+  sample list is kept or sorted, and the window keeps the running sum of its seconds' counts).
 
-Each backend's samples of a tick go into that backend's sketch; the pool's tick is the merge of
-those sketches (exact), so a sample is added once. Above SAMPLES_PER_TICK samples in a tick,
-every backend keeps the same share of its own, each kept sample weighing for those left out:
-the pool's p95 stays request-weighted and the tick's cost stays bounded however many backends
-there are. A backend's p95 merges its window's sketches only when somebody reads it (about
-2 ms for a busy minute), once per tick at most: the pool's is needed every tick, a backend's
-only while the status page or the admin API looks.
+Each backend's samples of a tick are bucketed once, into that backend's window; the pool's tick
+is the sum of those buckets (exact). Above SAMPLES_PER_TICK samples in a tick, every backend
+keeps the same share of its own, each kept sample weighing for those left out: the pool's p95
+stays request-weighted and the tick's cost stays bounded however many backends there are. What
+a tick costs is the data plane's too (one event loop): bucketing is a few hundred instructions
+a sample, all at C level, and the rest is per bucket, not per sample (docs/benchmarks.md,
+"Instructions per request"). A backend's p95 walks its window's buckets only when somebody
+reads it, once per tick at most: the pool's is needed every tick, a backend's only while the
+status page or the admin API looks.
 
 A second without requests leaves every average where it was (the Go version pulled it toward
 zero). The statistics belong to the Backend objects, so they survive a reload of the config.
@@ -94,7 +95,7 @@ class StatsCollector:
         total_requests = 0
         total_latency = 0.0
         sampled = self._sample(pool.backends)
-        sketches = []
+        ticks = []
         for b in pool.backends:
             st = self.stats.get(b)
             samples, weight = sampled[b]
@@ -106,9 +107,9 @@ class StatsCollector:
                 st._last_latency_sum = b.latency_sum
                 # First sight: its counters are only a baseline, but its samples are of
                 # this tick's requests (the pool's p95 counted them before they moved here).
-                sketches.append(st.window.add_tick(samples, weight))
+                ticks.append(st.window.add_tick(samples, weight))
                 continue
-            sketches.append(st.window.add_tick(samples, weight))
+            ticks.append(st.window.add_tick(samples, weight))
             st._p95 = None
             n = b.requests - st._last_requests
             failed = b.failures - st._last_failures
@@ -133,25 +134,29 @@ class StatsCollector:
         sig.requests_per_second = total_requests / TICK
         if total_requests:
             sig.latency.add(total_latency / total_requests, now)
-        sig.window.add_merged(sketches)
+        sig.window.add_merged(ticks)
         sig.p95 = sig.window.quantile(0.95)
 
     def _sample(self, backends: list[Backend]) -> dict[Backend, tuple[list[float], float]]:
         """Take each backend's samples of this tick (emptying its list): all of them, or
-        above SAMPLES_PER_TICK in all the same share of each, with the weight each kept
-        sample carries."""
+        above SAMPLES_PER_TICK in all the same share of each (1 in `step`), with the weight
+        each kept sample carries."""
         taken = {}
         for b in backends:
             taken[b] = b.samples
             b.samples = []
         total = sum(len(s) for s in taken.values())
         out: dict[Backend, tuple[list[float], float]] = {}
+        # Every step-th sample from a random start: the same share of every backend, taken
+        # by a C-level slice (random.sample cost more per kept sample, in Python, than
+        # bucketing all of them does).
+        step = -(-total // SAMPLES_PER_TICK)
         for b, samples in taken.items():
-            if total <= SAMPLES_PER_TICK or not samples:
+            if step <= 1 or not samples:
                 out[b] = (samples, 1.0)
                 continue
-            keep = max(round(len(samples) * SAMPLES_PER_TICK / total), 1)
-            out[b] = (self._rng.sample(samples, keep), len(samples) / keep)
+            kept = samples[self._rng.randrange(min(step, len(samples))) :: step]
+            out[b] = (kept, len(samples) / len(kept))
         return out
 
     async def run(self, clock: Callable[[], float]) -> None:

@@ -6,7 +6,9 @@ idle timeout sweep. A connection goes back onto its backend's idle stack itself
 (UpstreamConnection.release): only it knows when it is clean, and that runs on every request,
 in the compiled group. This module knows connections only as `Pooled`: it sits below both
 sides of an exchange (client and upstream), which are the only modules that refer to each
-other.
+other. It is compiled with them (doproxy/_compiled.py): every response adds to its backend's
+counters, which compiled code reads and writes as native attributes only when Backend is
+compiled too.
 """
 
 from __future__ import annotations

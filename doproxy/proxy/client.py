@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from typing import Final, cast
@@ -54,7 +53,6 @@ from doproxy.core.forwarding import (
     parse_proxy_header,
     valid_host,
 )
-from doproxy.core.histogram import REQUEST_BOUNDS
 from doproxy.core.http11 import (
     CONNECTION,
     GENERAL,
@@ -1403,11 +1401,7 @@ class ClientConnection(asyncio.Protocol):
         # about how long the backend made the user wait.
         head_at = ex.head_at or now
         if ex.begun:
-            server = self.server
-            waited = head_at - ex.begun
-            server.exchanges += 1
-            server.exchange_time += waited
-            server.durations[bisect_left(REQUEST_BOUNDS, waited)] += 1
+            self.server.count_exchange(head_at - ex.begun)
         if backend is not None:
             backend.in_flight -= 1
             backend.requests += 1
@@ -1550,10 +1544,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.begun and err.status != 503:
             # A backend failed it (refused, reset, timed out, broke HTTP): the user waited all
             # that time, so the autoscaler's signal counts it. (503: no backend to ask.)
-            waited = self._now() - ex.begun
-            server.exchanges += 1
-            server.exchange_time += waited
-            server.durations[bisect_left(REQUEST_BOUNDS, waited)] += 1
+            server.count_exchange(self._now() - ex.begun)
         up = ex.upstream
         if up is not None:
             self._let_go(ex, up, _CLOSE)
