@@ -41,6 +41,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
@@ -103,6 +104,15 @@ class Link:
         self.channel.close()
 
 
+def peer_uid(conn: socket.socket) -> int | None:
+    """The user id of the process at the other end of a unix socket (Linux SO_PEERCRED)."""
+    opt = getattr(socket, "SO_PEERCRED", None)
+    if opt is None:
+        return None
+    raw = conn.getsockopt(socket.SOL_SOCKET, opt, struct.calcsize("3i"))
+    return int(struct.unpack("3i", raw)[1])
+
+
 class UpgradeListener:
     """The running server's side: accepts one successor at a time on the upgrade socket."""
 
@@ -139,6 +149,17 @@ class UpgradeListener:
         loop = asyncio.get_running_loop()
         while self._sock is not None:  # None once handed over
             conn, _ = await loop.sock_accept(self._sock)
+            uid = peer_uid(conn)
+            if uid is not None and uid not in (os.geteuid(), 0):
+                # The file's mode already keeps others out; this holds even if it was changed.
+                log.warning(
+                    "upgrade socket: refused a process of uid %d (only uid %d may take this "
+                    "server's sockets over)",
+                    uid,
+                    os.geteuid(),
+                )
+                conn.close()
+                continue
             link = Link(conn)
             try:
                 await self._hand_over(link)

@@ -253,3 +253,17 @@ async def test_systemd_hears_the_new_main_pid(
                 await p.stop()
         notify.close()
         await a.close()
+
+
+def test_peer_uid_names_the_process_at_the_other_end() -> None:
+    """The upgrade socket refuses a process of another user (beside the file's 0600 mode)."""
+    import os
+
+    from doproxy.upgrade import peer_uid
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        assert peer_uid(a) == os.geteuid()
+    finally:
+        a.close()
+        b.close()
