@@ -59,9 +59,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import watchfiles
-from cryptography import x509
-
 from doproxy import service
 from doproxy.admin.server import AdminServer, configured_token
 from doproxy.config import load_settings, resolve_in
@@ -92,6 +89,8 @@ from doproxy.workers import Fleet, WorkerState
 
 if TYPE_CHECKING:
     import builtins
+
+    import watchfiles
 
     from doproxy.autoscaler import Autoscaler
     from doproxy.provisioning import Machine, Provider
@@ -206,6 +205,10 @@ def certificate_names(pem: bytes) -> list[str]:
     """The DNS names a PEM certificate (the first of a chain) is for: its subjectAltName DNS
     entries, else its subject's common name (what clients stopped checking, but a certificate
     without SANs names nothing else)."""
+    # Imported here, not at the top: cryptography costs ~8 MiB of resident memory, and only a
+    # configuration with certificates (https) ever reads one.
+    from cryptography import x509
+
     cert = x509.load_pem_x509_certificate(pem)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -1006,6 +1009,10 @@ class Runtime:
         return files
 
     async def _watch(self, ready: asyncio.Event) -> None:
+        # Imported here: watchfiles (and the anyio it brings) costs ~1.3 MiB of resident memory,
+        # and only watch-config = true runs this task.
+        import watchfiles
+
         while True:
             files = self._watched()
             folders = {str(f.parent) for f in files}

@@ -237,3 +237,34 @@ async def test_express_head_then_body_then_pipelined_request(
     assert (await c.response()).body == b"GET /next len=0"
     await c.close()
     assert b"\r\n\r\nhelloworldGET /next HTTP/1.1\r\n" in echo_backend.all_received
+
+
+async def test_lean_parsers_are_shared_between_idle_connections(
+    start_proxy: StartProxy, echo_backend: RawBackend
+) -> None:
+    # An idle keep-alive connection holds no lean parser (memory: most connections are idle);
+    # it takes one for a request and gives it back once idle. One connection's body in
+    # progress must never reach another's parser.
+    proxy = await start_proxy([echo_backend.port])
+    a = await Client.connect(port_of(proxy))
+    b = await Client.connect(port_of(proxy))
+    # Heads alone take the express lane; each body follows in its own writes.
+    await a.send(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\n")
+    await wait_for(lambda: proxy.express_requests == 1)
+    await a.send(b"abc")
+    await wait_for(lambda: echo_backend.all_received.endswith(b"abc"))
+    await b.send(b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n")
+    await wait_for(lambda: proxy.express_requests == 2)
+    await b.send(b"xyz")
+    assert (await b.response()).body == b"POST /b len=3"
+    await a.send(b"def")
+    assert (await a.response()).body == b"POST /a len=6"
+    for c in (a, b):
+        await c.send(b"GET /again HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert (await c.response()).body == b"GET /again len=0"
+    await wait_for(lambda: len(proxy.connections) == 2)
+    assert all(conn._lean is None for conn in proxy._live())
+    await a.close()
+    await b.close()
+    assert b"\r\n\r\nabcdef" in echo_backend.all_received
+    assert b"\r\n\r\nxyz" in echo_backend.all_received
