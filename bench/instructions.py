@@ -177,7 +177,10 @@ def main() -> None:
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         args.keep = args.keep.resolve()
-    per_request = measure(args.python, args.requests, args.keep)
+    # Absolute: valgrind runs it from a temporary directory, where `.venv/bin/python` (as the
+    # docs write it) would name nothing.
+    python = str(Path(args.python).absolute()) if os.sep in args.python else args.python
+    per_request = measure(python, args.requests, args.keep)
     print(f"{per_request:,.0f} instructions per request ({args.python})")
 
 
