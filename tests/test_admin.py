@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import stat
@@ -180,12 +181,16 @@ async def test_beyond_loopback_every_endpoint_needs_the_token(
             assert r.headers["WWW-Authenticate"].startswith("Basic ")
         async with s.get(f"http://127.0.0.1:{port}/api/status") as r:
             assert r.headers["WWW-Authenticate"].startswith("Bearer ")
-        basic = {"Authorization": aiohttp.BasicAuth("anyone", "s3cret-admin-token").encode()}
+        basic = {
+            "Authorization": "Basic " + base64.b64encode(b"anyone:s3cret-admin-token").decode()
+        }
         async with s.get(f"http://127.0.0.1:{port}/", headers=basic) as r:
             assert r.status == 200 and "text/html" in r.headers["Content-Type"]
         async with s.get(f"http://127.0.0.1:{port}/api/events", headers=basic) as r:
             assert r.status == 200
-        wrong = {"Authorization": aiohttp.BasicAuth("anyone", "s3cret-admin-tokeN").encode()}
+        wrong = {
+            "Authorization": "Basic " + base64.b64encode(b"anyone:s3cret-admin-tokeN").decode()
+        }
         async with s.get(f"http://127.0.0.1:{port}/api/status", headers=wrong) as r:
             assert r.status == 401
     # A configured token is not written anywhere.
