@@ -15,7 +15,15 @@ from types import FrameType
 from bench.procs import BenchError
 from bench.report import REPO, generated_block, machine_info, pool_table, table, write_doc
 from bench.runner import Options, RunResult, estimated_seconds, run
-from bench.servers import DOPROXY, HAPROXY, NONE, PROXY_KEYS, parse_key, variant_key
+from bench.servers import (
+    DOPROXY,
+    HAPROXY,
+    NONE,
+    PROXY_KEYS,
+    parse_key,
+    set_workers,
+    variant_key,
+)
 from bench.wrk import WORKLOADS, Workload
 from doproxy.core.balancers import BALANCERS
 
@@ -61,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
         default="all",
         metavar="NAME[,NAME]",
         help=f"with --pool-sizes: doproxy's balancers to measure, or all ({', '.join(BALANCERS)})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes (doproxy workers, nginx worker_processes) or threads (HAProxy "
+        "nbthread) of every proxy (1); with 2, give them both CPUs: --proxy-cpu 0,1 "
+        "--load-cpu 0,1",
     )
     p.add_argument("--proxy-cpu", default="0", help="taskset CPU list for the proxy (0)")
     p.add_argument("--load-cpu", default="1", help="taskset CPU list for wrk + backends (1)")
@@ -115,6 +131,7 @@ def _pool_proxies(
 
 
 def options(args: argparse.Namespace) -> Options:
+    set_workers(args.workers)
     pin = (os.cpu_count() or 1) >= 2
     if not pin:
         print("warning: fewer than 2 CPUs, running without taskset pinning", file=sys.stderr)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.procs import BenchError, free_ports, process_tree, stop
-from bench.servers import DOPROXY, HAPROXY, LABELS, NGINX, start_backends, start_target
+from bench.servers import DOPROXY, HAPROXY, NGINX, base_label, start_backends, start_target
 
 REQUEST = b"GET /2b HTTP/1.1\r\nHost: bench\r\n\r\n"
 
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 if target.scraper is not None:
                     target.scraper.stop()
                 stop(target.service)
-            rows.append(Row(LABELS[key], before, after, args.connections))
-            print(f"{LABELS[key]}: {before} KiB -> {after} KiB", file=sys.stderr)
+            rows.append(Row(base_label(key), before, after, args.connections))
+            print(f"{base_label(key)}: {before} KiB -> {after} KiB", file=sys.stderr)
     print(f"{args.connections} idle keep-alive connections (resident memory of all processes)\n")
     print("| proxy | before the first | with them all | per connection |")
     print("|---|---|---|---|")

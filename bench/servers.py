@@ -21,12 +21,23 @@ READY_PATH = "/2b"
 # Proxy keys, in table order. "none" is wrk straight at one backend (the ceiling).
 NONE, HAPROXY, NGINX, DOPROXY = "none", "haproxy", "nginx", "doproxy"
 PROXY_KEYS = (NONE, HAPROXY, NGINX, DOPROXY)
-LABELS = {
-    NONE: "no proxy",
-    HAPROXY: "HAProxy, nbthread 1",
-    NGINX: "nginx, 1 worker",
-    DOPROXY: "doproxy",
-}
+# Processes (nginx, doproxy) or threads (HAProxy) of every proxy under test: `--workers`.
+WORKERS = 1
+
+
+def set_workers(count: int) -> None:
+    global WORKERS
+    WORKERS = max(count, 1)
+
+
+def base_label(proxy: str) -> str:
+    n = WORKERS
+    return {
+        NONE: "no proxy",
+        HAPROXY: f"HAProxy, nbthread {n}",
+        NGINX: f"nginx, {n} worker{'s' if n > 1 else ''}",
+        DOPROXY: "doproxy" if n == 1 else f"doproxy, {n} workers",
+    }[proxy]
 
 
 BACKEND_PORTS = 2  # the nginx backend listens on this many ports
@@ -46,7 +57,7 @@ def variant_key(proxy: str, balancer: str, size: int) -> str:
 
 def label_of(key: str) -> str:
     proxy, balancer, size = parse_key(key)
-    text = LABELS[proxy] + (f" {balancer}" if balancer else "")
+    text = base_label(proxy) + (f" {balancer}" if balancer else "")
     return text + (f", {size} backends" if size is not None else "")
 
 
@@ -114,11 +125,11 @@ class Target:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
-def _nginx_main(workdir: Path, max_conns: int = 4096) -> str:
+def _nginx_main(workdir: Path, max_conns: int = 4096, processes: int = 1) -> str:
     """The top of an nginx.conf that runs in the foreground with everything in `workdir`."""
     user = "user root;\n" if os.geteuid() == 0 else ""
     return (
-        f"{user}daemon off;\nmaster_process on;\nworker_processes 1;\n"
+        f"{user}daemon off;\nmaster_process on;\nworker_processes {processes};\n"
         f"worker_rlimit_nofile {2 * max_conns + 64};\n"
         f"error_log stderr warn;\npid {workdir}/nginx.pid;\n"
         f"events {{ worker_connections {max_conns}; }}\n"
@@ -153,7 +164,7 @@ def backend_nginx_conf(workdir: Path, ports: list[int], docroot: Path) -> str:
 def nginx_proxy_conf(workdir: Path, port: int, backends: list[int], max_conns: int = 4096) -> str:
     servers = "".join(f"        server 127.0.0.1:{p};\n" for p in backends)
     return (
-        _nginx_main(workdir, max_conns)
+        _nginx_main(workdir, max_conns, WORKERS)
         + "http {\n"
         + _nginx_http_common(workdir)
         + "    upstream backends {\n"
@@ -173,7 +184,7 @@ def nginx_proxy_conf(workdir: Path, port: int, backends: list[int], max_conns: i
 def haproxy_conf(port: int, backends: list[int], max_conns: int = 4096) -> str:
     servers = "".join(f"    server b{i} 127.0.0.1:{p}\n" for i, p in enumerate(backends, 1))
     return (
-        f"global\n    nbthread 1\n    maxconn {max_conns}\n\n"
+        f"global\n    nbthread {WORKERS}\n    maxconn {max_conns}\n\n"
         "defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n"
         "    timeout server 30s\n    option http-keep-alive\n    http-reuse always\n"
         "    option forwardfor\n\n"
@@ -191,8 +202,9 @@ def doproxy_files(
     )
     config = (
         f'bind = "127.0.0.1:{port}"\nwatch-config = false\ninventory-file = "inventory.toml"\n'
+        + (f"workers = {WORKERS}\n" if WORKERS > 1 else "")
         # The admin listener is on, as by default; port 0 so runs side by side never collide.
-        '[admin]\nbind = "127.0.0.1:0"\n'
+        + '[admin]\nbind = "127.0.0.1:0"\n'
     )
     if balancer:
         config += f'[loadbalancing]\ntype = "{balancer}"\n'
