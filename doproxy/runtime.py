@@ -73,7 +73,7 @@ from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
 from doproxy.machines import hold_server_lock, open_provider, provider_kind, set_state
 from doproxy.metrics import Metrics
-from doproxy.proxy.access import AccessLog, install
+from doproxy.proxy.access import AccessLog, switch
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
 from doproxy.statistics import StatsCollector
@@ -984,14 +984,7 @@ class Runtime:
 
     def _use_access_log(self, server: ProxyServer, access: AccessLog | None) -> None:
         """Make `access` the running access log; flush and close the one it replaces."""
-        old = self.access
-        if access is old:
-            return
-        install(access)
-        server.access = access
-        self.access = access
-        if old is not None:
-            old.close()
+        switch((self, server), access)
 
     def _watched(self) -> set[Path]:
         """Every file doproxy reads, so a change to any of them reloads (and nothing else)."""

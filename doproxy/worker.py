@@ -32,7 +32,7 @@ from doproxy.core.balancers import make_balancer
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
 from doproxy.errors import DoproxyError
-from doproxy.proxy.access import AccessLog, install
+from doproxy.proxy.access import AccessLog, switch
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer
 from doproxy.runtime import (
@@ -193,14 +193,8 @@ class WorkerProcess:
         return pool
 
     def _use_access_log(self, server: ProxyServer, access: AccessLog | None) -> None:
-        old = self.access
-        if access is old:
-            return
-        install(access)
-        server.access = access
-        self.access = access
-        if old is not None:
-            old.close()
+        """Make `access` the running access log; flush and close the one it replaces."""
+        switch((self, server), access)
 
     def reopen_logs(self) -> None:
         if self.access is not None and self.access.path is not None:

@@ -32,7 +32,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Final, Protocol, TextIO
 
 from doproxy.core.access_log import Timestamps, as_json, combined, escape
 
@@ -213,6 +213,25 @@ class AccessLog(logging.Handler):
             stream.close()  # flushes first
         except (OSError, ValueError) as e:
             self._failed(e)
+
+
+class Served(Protocol):
+    """What writes access lines: a listener (ProxyServer) and who runs it keep the same one."""
+
+    access: AccessLog | None
+
+
+def switch(holders: tuple[Served, ...], access: AccessLog | None) -> None:
+    """Make `access` the running access log of every holder (the first one's is the one it
+    replaces) and of the "doproxy.access" logger; flush and close the one it replaces."""
+    old = holders[0].access
+    if access is old:
+        return
+    install(access)
+    for holder in holders:
+        holder.access = access
+    if old is not None:
+        old.close()
 
 
 def install(access: AccessLog | None) -> None:
