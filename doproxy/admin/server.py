@@ -205,13 +205,10 @@ class AdminServer:
             # is never readable by others, not even for an instant.
             write_atomically(token_path(inventory), token + "\n")
         self.token = token
-        host_s = self.address[0]
-        shown = f"[{host_s}]" if ":" in host_s else host_s
-        write_atomically(addr_path(inventory), f"{shown}:{self.address[1]}\n")
+        write_atomically(addr_path(inventory), self._host_port() + "\n")
         log.info(
-            "admin listener on http://%s:%d/ (status page, API, metrics)%s",
-            shown,
-            self.address[1],
+            "admin listener on %s (status page, API, metrics)%s",
+            self.url(),
             "" if self.loopback else "; every endpoint needs the token",
         )
 
@@ -227,10 +224,14 @@ class AdminServer:
             with contextlib.suppress(OSError):
                 token_path(inventory).unlink()
 
-    def url(self) -> str:
+    def _host_port(self) -> str:
+        """ "127.0.0.1:8001", or "[::1]:8001": how a client names the bound address."""
         assert self.address is not None
         host, port = self.address
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def url(self) -> str:
+        return f"http://{self._host_port()}/"
 
     # --- the app ----------------------------------------------------------------------------
 
