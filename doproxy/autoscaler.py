@@ -190,7 +190,9 @@ class Autoscaler:
         # Live overrides from the admin API (pause, min/max), kept beside the inventory.
         self._overrides_file = overrides_path(runtime.inventory_path)
         self._overrides = load_overrides(self._overrides_file)
-        self._limited: tuple[int, Provisioning] | None = None  # (id of config's, with limits)
+        # (the config's [provisioning], it with the limits): the config object itself, not its
+        # id, which a new object may reuse once a reload freed the old one.
+        self._limited: tuple[Provisioning, Provisioning] | None = None
         self._bad_overrides: str | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -218,7 +220,7 @@ class Autoscaler:
         if not limits:
             return config
         cached = self._limited
-        if cached is not None and cached[0] == id(config):
+        if cached is not None and cached[0] is config:
             return cached[1]
         try:
             limited = with_limits(config, limits)
@@ -234,7 +236,7 @@ class Autoscaler:
                     e,
                 )
             limited = config
-        self._limited = (id(config), limited)
+        self._limited = (config, limited)
         return limited
 
     @property
