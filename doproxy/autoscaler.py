@@ -43,13 +43,11 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -67,15 +65,14 @@ from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Provisioning, Settings
 from doproxy.errors import DoproxyError, MachineNotFound, ProvisionTimeout
 from doproxy.events import EventLog
-from doproxy.inventory import load_inventory, write_atomically
-from doproxy.journal import Journal, journal_path
+from doproxy.journal import LIMITS, Journal, load_overrides, overrides_path  # noqa: F401
 from doproxy.machines import (
+    InventoryStore,
     adopt,
     create_machine,
     drop_intent,
     find_entry,
     managed_by,
-    owner_tag,
     provisioner,
     remove_entry,
     set_state,
@@ -95,7 +92,12 @@ class Proxy(Protocol):
     def backends(self) -> list[Backend]: ...
 
     @property
-    def inventory_path(self) -> Path: ...
+    def store(self) -> InventoryStore: ...
+
+    @property
+    def owner(self) -> str:
+        """This installation's owner tag (doproxy.machines.owner_tag), read at start."""
+        ...
 
     def traffic(self) -> tuple[int, float]:
         """Exchanges so far (finished, or failed by a backend) and the seconds users waited
@@ -146,6 +148,7 @@ class Autoscaler:
         wall: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         events: EventLog | None = None,
+        store: InventoryStore | None = None,
     ) -> None:
         self.runtime = runtime
         self.events = events or EventLog()
@@ -156,7 +159,7 @@ class Autoscaler:
         self.state = ScalerState()
         self.history: deque[Record] = deque(maxlen=runtime.settings.provisioning.history)
         # Who we are: only machines and entries with this tag are ours to adopt/destroy/forget.
-        self.owner = owner_tag(runtime.inventory_path)
+        self.owner = runtime.owner
         # The task's health: the last error (None once it works again) and how many in a row.
         self.last_error: str | None = None
         self.errors = 0
@@ -175,9 +178,9 @@ class Autoscaler:
         self._creating_names: set[str] = set()  # intents our own create tasks work on
         self.desired: int | None = None  # the last decision's size_after
         self._last_state: dict[str, Any] | None = None
-        self.journal = Journal(
-            journal_path(runtime.inventory_path), 2 * runtime.settings.provisioning.history
-        )
+        # Where it writes: the inventory's store (in a cluster, the leader's guarded view).
+        self.store = store or runtime.store
+        self.journal: Journal = self.store.journal(2 * runtime.settings.provisioning.history)
         self._restore()
         self.creating: set[asyncio.Task[Any]] = set()
         self.retiring: dict[str, asyncio.Task[Any]] = {}  # machine id -> its retire task
@@ -187,9 +190,10 @@ class Autoscaler:
         self._task: asyncio.Task[None] | None = None
         self.reconciled = asyncio.Event()
         self.last_latency: float | None = None  # the last observation's, for the admin API
-        # Live overrides from the admin API (pause, min/max), kept beside the inventory.
-        self._overrides_file = overrides_path(runtime.inventory_path)
-        self._overrides = load_overrides(self._overrides_file)
+        # Live overrides from the admin API (pause, min/max), kept beside the inventory (or
+        # in etcd, for the whole cluster).
+        self._kept_overrides = self.store.overrides()
+        self._overrides = self._kept_overrides.load()
         # (the config's [provisioning], it with the limits): the config object itself, not its
         # id, which a new object may reuse once a reload freed the old one.
         self._limited: tuple[Provisioning, Provisioning] | None = None
@@ -264,7 +268,7 @@ class Autoscaler:
         log.info("autoscaler limits overridden by the admin API: %s", chosen or "none")
 
     def _save_overrides(self, overrides: dict[str, Any]) -> None:
-        write_atomically(self._overrides_file, json.dumps(overrides, sort_keys=True) + "\n")
+        self._kept_overrides.save(overrides)
         self._overrides = overrides
 
     async def _run(self) -> None:
@@ -379,8 +383,7 @@ class Autoscaler:
 
     async def reconcile(self) -> None:
         rt = self.runtime
-        path = rt.inventory_path
-        entries = await asyncio.to_thread(load_inventory, path)
+        entries = await self.store.load()
         found = await survey(self.provider, entries, self.owner)
         self._reconcile_due = False
         self._next_reconcile = self.clock() + self.settings.reconcile_every
@@ -398,7 +401,7 @@ class Autoscaler:
                 _dry(dry),
             )
             if not dry:
-                await asyncio.to_thread(remove_entry, path, str(e.id))
+                await remove_entry(self.store, str(e.id))
                 changed = True
         for e in found.foreign_gone:
             self._report(
@@ -432,7 +435,7 @@ class Autoscaler:
                 _dry(dry),
             )
             if not dry:
-                await asyncio.to_thread(drop_intent, path, e.name)
+                await drop_intent(self.store, e.name)
                 changed = True
         for _e, m in found.intents_found:
             if m.name in self._creating_names:
@@ -711,7 +714,7 @@ class Autoscaler:
         started = self.clock()
         try:
             entry = await create_machine(
-                self.provider, name, rt.settings, rt.inventory_path, self._timeout()
+                self.provider, name, rt.settings, self.store, self._timeout()
             )
         except ProvisionTimeout:
             await self._give_up(name)
@@ -724,19 +727,14 @@ class Autoscaler:
     async def _give_up(self, name: str) -> None:
         """A machine that did not come up in time is destroyed and its intent dropped, so it
         neither costs money nor blocks the pool; the next decision may try again."""
-        path = self.runtime.inventory_path
         intent = next(
-            (
-                e
-                for e in await asyncio.to_thread(load_inventory, path)
-                if e.state == "provisioning" and e.name == name
-            ),
+            (e for e in await self.store.load() if e.state == "provisioning" and e.name == name),
             None,
         )
         if intent is not None and intent.id not in (0, ""):
             with contextlib.suppress(MachineNotFound):
                 await self.provider.destroy(str(intent.id))
-        await asyncio.to_thread(drop_intent, path, name)
+        await drop_intent(self.store, name)
         log.error(
             "autoscaler: %s did not come up in time; destroyed it. Check that new machines boot "
             "and answer their health path, or allow more time ([local-provisioner] "
@@ -746,7 +744,7 @@ class Autoscaler:
 
     async def _adopt(self, machine: Machine) -> None:
         rt = self.runtime
-        entry = await adopt(self.provider, machine, rt.settings, rt.inventory_path, self._timeout())
+        entry = await adopt(self.provider, machine, rt.settings, self.store, self._timeout())
         log.info("autoscaler: adopted %s (%s) at %s", entry.name, entry.id, entry.server_host)
         await rt.apply_inventory()
 
@@ -760,18 +758,17 @@ class Autoscaler:
     async def _retire(self, key: str) -> None:
         """Drain, destroy, forget: the victim takes no new requests, in-flight ones finish."""
         rt = self.runtime
-        path = rt.inventory_path
-        entry = find_entry(await asyncio.to_thread(load_inventory, path), key)
+        entry = find_entry(await self.store.load(), key)
         if entry is None:
             return
         if entry.state == "active" or not entry.retiring:
             # Marked before anything happens: a crash from here on leaves a `retiring` entry
             # whose destroy the next reconcile finishes.
-            await asyncio.to_thread(set_state, path, key, "draining", True)
+            await set_state(self.store, key, "draining", True)
         await rt.apply_inventory()  # stops new requests to it now; the runtime finishes the drain
         deadline = self.clock() + self.settings.drain_timeout + 5.0
         while self.clock() < deadline:
-            current = find_entry(await asyncio.to_thread(load_inventory, path), key)
+            current = find_entry(await self.store.load(), key)
             if current is None or current.state != "draining":
                 break
             await asyncio.sleep(0.1)
@@ -794,7 +791,7 @@ class Autoscaler:
                 f"destroying {entry.name} ({key}) failed: {e}; it stays in the inventory, "
                 f"disabled: run `doproxy destroy {key}` once {self.provider.kind} answers"
             ) from e
-        await asyncio.to_thread(remove_entry, path, key)
+        await remove_entry(self.store, key)
         log.info("autoscaler: %s (%s) destroyed", entry.name, key)
         await rt.apply_inventory()
 
@@ -803,32 +800,6 @@ def _dry(dry: bool, paused: bool = False) -> str:
     if not dry:
         return ""
     return " (paused: not acted on)" if paused else " (dry-run: not acted on)"
-
-
-LIMITS = ("min-backends", "max-backends")
-
-
-def overrides_path(inventory: Path) -> Path:
-    return inventory.with_name(inventory.name + ".overrides")
-
-
-def load_overrides(path: Path) -> dict[str, Any]:
-    """The admin API's overrides of an earlier run; a damaged file is reported and ignored."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        log.warning("ignoring the autoscaler overrides in %s (%s): set them again", path, e)
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    out: dict[str, Any] = {"paused": bool(data.get("paused", False))}
-    for key in LIMITS:
-        value = data.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            out[key] = value
-    return out
 
 
 def with_limits(config: Provisioning, limits: dict[str, Any]) -> Provisioning:

@@ -26,17 +26,17 @@ from doproxy.config import load_settings, resolve_relative
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.errors import DoproxyError, MachineNotFound, ProviderError
 from doproxy.health import probe, probe_target
-from doproxy.inventory import dump_inventory, load_inventory, update_inventory
+from doproxy.inventory import dump_inventory
 from doproxy.machines import (
+    InventoryStore,
     Survey,
     adopt,
     create_machine,
     drain,
     drop_intent,
     find_entry,
-    nudge_server,
     open_provider,
-    owner_tag,
+    open_store,
     provisioner,
     remove_entry,
     set_state,
@@ -64,16 +64,24 @@ class Context:
         self.settings = load_settings(config_file, environ)
         self.base = Path(config_file).resolve().parent
         self.inventory = resolve_relative(config_file, self.settings.inventory_file)
+        self.store: InventoryStore = open_store(self.settings, self.base)
         self.out = Console(file=out or sys.stdout, highlight=False, soft_wrap=True)
         self.err = Console(file=err or sys.stderr, highlight=False, soft_wrap=True)
         self.confirm = confirm or _ask
         self._environ = environ
         self._provider = provider
+        self._owner: str | None = None  # the store's owner tag, once read (prepare)
+
+    async def prepare(self) -> None:
+        """Read what the provider needs from the store (its owner tag) before a command."""
+        self._owner = await self.store.owner_tag()
 
     @property
     def provider(self) -> Provider:
         if self._provider is None:
-            self._provider = open_provider(self.settings, self.base, self._environ)
+            self._provider = open_provider(
+                self.settings, self.base, self._environ, owner=self._owner
+            )
         return self._provider
 
     @property
@@ -86,6 +94,7 @@ class Context:
     async def close(self) -> None:
         if self._provider is not None:
             await self._provider.close()
+        await self.store.close()
 
 
 def _ask(question: str) -> str:
@@ -167,19 +176,19 @@ async def create(ctx: Context, name: str | None) -> int:
             ctx.provider,
             name,
             settings,
-            ctx.inventory,
+            ctx.store,
             ctx.create_timeout,
             _progress(ctx, waiting),
         )
-    nudge_server(ctx.inventory, settings)
+    await ctx.store.nudge()
     ctx.out.print(f"created {entry.name} (id {entry.id}) serving at {entry.server_host}")
     return 0
 
 
 async def add(ctx: Context, machine_id: str) -> int:
-    entries = load_inventory(ctx.inventory)
+    entries = await ctx.store.load()
     if find_entry(entries, machine_id) is not None:
-        raise DoproxyError(f"{machine_id} is already in the inventory ({ctx.inventory.name})")
+        raise DoproxyError(f"{machine_id} is already in the inventory ({ctx.store.where})")
     m = await ctx.provider.get(machine_id)
     if not m.private_ip:
         raise DoproxyError(
@@ -192,20 +201,20 @@ async def add(ctx: Context, machine_id: str) -> int:
 
     def change(current: list[InventoryEntry]) -> list[InventoryEntry]:
         if find_entry(current, machine_id) is not None:  # added meanwhile: refuse, change nothing
-            raise DoproxyError(f"{machine_id} is already in the inventory ({ctx.inventory.name})")
+            raise DoproxyError(f"{machine_id} is already in the inventory ({ctx.store.where})")
         return [*current, entry]
 
-    update_inventory(ctx.inventory, change)
-    nudge_server(ctx.inventory, ctx.settings)
+    await ctx.store.update(change)
+    await ctx.store.nudge()
     ctx.out.print(f"added {m.name} (id {m.id}) at {entry.server_host}")
     return 0
 
 
 async def delete(ctx: Context, machine_id: str) -> int:
-    removed = remove_entry(ctx.inventory, machine_id)
+    removed = await remove_entry(ctx.store, machine_id)
     if removed is None:
-        raise DoproxyError(f"{machine_id} is not in the inventory ({ctx.inventory.name})")
-    nudge_server(ctx.inventory, ctx.settings)
+        raise DoproxyError(f"{machine_id} is not in the inventory ({ctx.store.where})")
+    await ctx.store.nudge()
     ctx.out.print(
         f"removed {removed.name or machine_id} from the inventory; the machine keeps running"
     )
@@ -216,7 +225,7 @@ async def delete(ctx: Context, machine_id: str) -> int:
 
 
 async def destroy(ctx: Context, machine_id: str, yes: bool) -> int:
-    entry = find_entry(load_inventory(ctx.inventory), machine_id)
+    entry = find_entry(await ctx.store.load(), machine_id)
     label = f"{entry.name} ({machine_id})" if entry and entry.name else machine_id
     if not yes:
         answer = ctx.confirm(f"destroy {label}? This cannot be undone. [y/N] ")
@@ -236,16 +245,16 @@ async def destroy(ctx: Context, machine_id: str, yes: bool) -> int:
             ctx.say(f"  {label} stays in the inventory, disabled; run this again to finish")
         raise
     if entry is not None:
-        remove_entry(ctx.inventory, machine_id)
-        nudge_server(ctx.inventory, ctx.settings)
+        await remove_entry(ctx.store, machine_id)
+        await ctx.store.nudge()
     ctx.out.print(f"destroyed {label}")
     return 0
 
 
 async def reboot(ctx: Context, machine_id: str, within: float | None = None) -> int:
-    entry = find_entry(load_inventory(ctx.inventory), machine_id)
+    entry = find_entry(await ctx.store.load(), machine_id)
     if entry is None:
-        raise DoproxyError(f"{machine_id} is not in the inventory ({ctx.inventory.name})")
+        raise DoproxyError(f"{machine_id} is not in the inventory ({ctx.store.where})")
     label = f"{entry.name} ({machine_id})" if entry.name else machine_id
     outcome = await drain_shown(ctx, machine_id, label)
     ctx.say(f"  drain: {outcome}")
@@ -256,8 +265,8 @@ async def reboot(ctx: Context, machine_id: str, within: float | None = None) -> 
     except (ProviderError, TimeoutError) as e:
         ctx.say(f"  {label} stays disabled in the inventory: {e or 'not healthy in time'}")
         raise
-    set_state(ctx.inventory, machine_id, "active")
-    nudge_server(ctx.inventory, ctx.settings)
+    await set_state(ctx.store, machine_id, "active")
+    await ctx.store.nudge()
     ctx.out.print(f"rebooted {label}; it takes traffic again")
     return 0
 
@@ -272,9 +281,7 @@ async def drain_shown(
         def show(elapsed: float) -> None:
             waiting.update("waiting for the server to finish it", elapsed)
 
-        return await drain(
-            ctx.inventory, machine_id, ctx.settings, retiring=retiring, progress=show
-        )
+        return await drain(ctx.store, machine_id, ctx.settings, retiring=retiring, progress=show)
 
 
 async def _wait_healthy(ctx: Context, entry: InventoryEntry, within: float) -> None:
@@ -299,7 +306,7 @@ async def _wait_healthy(ctx: Context, entry: InventoryEntry, within: float) -> N
 
 async def list_machines(ctx: Context, output: str) -> int:
     machines = sorted(await ctx.provider.list(), key=lambda m: (m.created or _EPOCH, m.name))
-    known = {str(e.id) for e in load_inventory(ctx.inventory)}
+    known = {str(e.id) for e in await ctx.store.load()}
     if output == "json":
         rows = [
             {
@@ -377,7 +384,7 @@ async def sanitize(ctx: Context, apply: bool, orphans: str | None) -> int:
     `orphans` answers the question asked for each orphan: "adopt", "destroy" or "keep"; None
     means ask (and keep when there is nobody to ask).
     """
-    found = await survey(ctx.provider, load_inventory(ctx.inventory), owner_tag(ctx.inventory))
+    found = await survey(ctx.provider, await ctx.store.load(), await ctx.store.owner_tag())
     for line in _describe(found):
         ctx.out.print(line)
     if found.clean:
@@ -388,9 +395,9 @@ async def sanitize(ctx: Context, apply: bool, orphans: str | None) -> int:
         return 0
     for e in [*found.gone, *found.intents_lost]:
         if e.id not in (0, ""):
-            remove_entry(ctx.inventory, str(e.id))
+            await remove_entry(ctx.store, str(e.id))
         else:
-            drop_intent(ctx.inventory, e.name)
+            await drop_intent(ctx.store, e.name)
         ctx.out.print(f"removed {e.name or e.id} from the inventory")
     for _, m in found.intents_found:
         with Waiting(ctx.err, f"waiting for {m.name}") as waiting:
@@ -398,7 +405,7 @@ async def sanitize(ctx: Context, apply: bool, orphans: str | None) -> int:
                 ctx.provider,
                 m,
                 ctx.settings,
-                ctx.inventory,
+                ctx.store,
                 ctx.create_timeout,
                 _progress(ctx, waiting),
             )
@@ -406,7 +413,7 @@ async def sanitize(ctx: Context, apply: bool, orphans: str | None) -> int:
     for e in found.retiring:
         with contextlib.suppress(MachineNotFound):
             await ctx.provider.destroy(str(e.id))
-        remove_entry(ctx.inventory, str(e.id))
+        await remove_entry(ctx.store, str(e.id))
         ctx.out.print(f"destroyed {e.name} ({e.id}), whose destroy was interrupted")
     for m in found.orphans:
         choice = (
@@ -422,7 +429,7 @@ async def sanitize(ctx: Context, apply: bool, orphans: str | None) -> int:
             if not (m.private_ip or m.active):
                 ctx.out.print(f"kept {m.name}: no private address yet")
                 continue
-            entry = await adopt(ctx.provider, m, ctx.settings, ctx.inventory, ctx.create_timeout)
+            entry = await adopt(ctx.provider, m, ctx.settings, ctx.store, ctx.create_timeout)
             ctx.out.print(f"adopted {entry.name} ({entry.id}) at {entry.server_host}")
         elif choice == "destroy":
             with contextlib.suppress(MachineNotFound):
@@ -430,13 +437,14 @@ async def sanitize(ctx: Context, apply: bool, orphans: str | None) -> int:
             ctx.out.print(f"destroyed {m.name} ({m.id})")
         else:
             ctx.out.print(f"kept {m.name} ({m.id}) out of the inventory")
-    nudge_server(ctx.inventory, ctx.settings)
+    await ctx.store.nudge()
     return 0
 
 
 async def run(ctx: Context, command: Awaitable[int]) -> int:
     """Run a command and always close the provider's connections."""
     try:
+        await ctx.prepare()
         return await command
     finally:
         await ctx.close()

@@ -135,3 +135,8 @@ class RateLimited(ProviderError):
 
 class ProvisionTimeout(ProviderError):
     """A machine did not become active (or an action did not complete) in time."""
+
+
+class NotLeader(DoproxyError):
+    """Cluster mode: this node is not (or no longer) the leader, so it may not act on the
+    provider or write as the scaler (doproxy.cluster)."""

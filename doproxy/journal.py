@@ -15,7 +15,7 @@ import json
 import logging
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from doproxy.inventory import write_atomically
 
@@ -82,3 +82,59 @@ class Journal:
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("kind") == kind]
+
+
+# --- the admin API's overrides of the scaler (pause, min/max) ---------------------------------
+
+LIMITS = ("min-backends", "max-backends")
+
+
+def overrides_path(inventory: Path) -> Path:
+    return inventory.with_name(inventory.name + ".overrides")
+
+
+def load_overrides(path: Path) -> dict[str, Any]:
+    """The admin API's overrides of an earlier run; a damaged file is reported and ignored."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        log.warning("ignoring the autoscaler overrides in %s (%s): set them again", path, e)
+        return {}
+    return parse_overrides(text, str(path))
+
+
+def parse_overrides(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        log.warning("ignoring the autoscaler overrides in %s (%s): set them again", where, e)
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, Any] = {"paused": bool(data.get("paused", False))}
+    for key in LIMITS:
+        value = data.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+class Overrides(Protocol):
+    """Where the admin API's overrides are kept (a file beside the inventory, or etcd)."""
+
+    def load(self) -> dict[str, Any]: ...
+
+    def save(self, overrides: dict[str, Any]) -> None: ...
+
+
+class OverridesFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, Any]:
+        return load_overrides(self.path)
+
+    def save(self, overrides: dict[str, Any]) -> None:
+        write_atomically(self.path, json.dumps(overrides, sort_keys=True) + "\n")

@@ -53,6 +53,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from doproxy.config import resolve_in
 from doproxy.core.inventory_model import InventoryEntry
@@ -66,6 +67,7 @@ from doproxy.errors import (
     ProviderRefused,
 )
 from doproxy.inventory import inventory_lock, load_inventory, update_inventory, write_atomically
+from doproxy.journal import Journal, Overrides, OverridesFile, journal_path, overrides_path
 from doproxy.provisioning import Machine, Provider, entry_for, wait_active
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,99 @@ def owned(e: InventoryEntry, owner: str) -> bool:
     return owner in e.tags
 
 
+# --- where the inventory lives ---------------------------------------------------------------
+
+Change = Callable[[list[InventoryEntry]], list[InventoryEntry]]
+
+
+class InventoryStore(Protocol):
+    """Where the inventory lives: a file beside the config (FileStore, the default) or etcd
+    (cluster mode, doproxy.cluster.store.EtcdStore). Every change is a function of the latest
+    entries, applied whole (read, change, validate, write, with no other write in between); a
+    change whose result does not validate writes nothing."""
+
+    @property
+    def where(self) -> str:
+        """The inventory's location, for messages (a path, or etcd's endpoints and prefix)."""
+        ...
+
+    async def load(self) -> list[InventoryEntry]: ...
+
+    async def update(self, change: Change) -> list[InventoryEntry]: ...
+
+    async def owner_tag(self) -> str:
+        """This installation's owner tag (`doproxy-owner-<id>`), made on first need."""
+        ...
+
+    async def server_running(self) -> bool:
+        """Does a server run on this inventory (one that finishes drains)?"""
+        ...
+
+    async def nudge(self) -> None:
+        """Make running servers apply a change now (a no-op where they watch it anyway)."""
+        ...
+
+    def journal(self, limit: int) -> Journal:
+        """The scaler's journal (doproxy.journal), kept with the inventory."""
+        ...
+
+    def overrides(self) -> Overrides:
+        """The admin API's overrides of the scaler (pause, min/max), kept with the inventory."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class FileStore:
+    """The inventory file (doproxy.inventory), locked and written atomically. Its blocking
+    lock, reads and fsyncs run in a thread, so a server's event loop keeps serving."""
+
+    def __init__(self, path: Path, watched: bool = True) -> None:
+        self.path = path
+        self.watched = watched  # does a running server watch its files (watch-config)?
+
+    @property
+    def where(self) -> str:
+        return self.path.name  # messages name the file as the user wrote it in the config
+
+    async def load(self) -> list[InventoryEntry]:
+        return await asyncio.to_thread(load_inventory, self.path)
+
+    async def update(self, change: Change) -> list[InventoryEntry]:
+        return await asyncio.to_thread(update_inventory, self.path, change)
+
+    async def owner_tag(self) -> str:
+        return await asyncio.to_thread(owner_tag, self.path)
+
+    async def server_running(self) -> bool:
+        return running_server(self.path) is not None
+
+    async def nudge(self) -> None:
+        pid = running_server(self.path)
+        if pid and not self.watched:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGHUP)
+
+    def journal(self, limit: int) -> Journal:
+        return Journal(journal_path(self.path), limit)
+
+    def overrides(self) -> Overrides:
+        return OverridesFile(overrides_path(self.path))
+
+    async def close(self) -> None:
+        pass
+
+
+def open_store(settings: Settings, base: Path) -> InventoryStore:
+    """The configured store: the inventory file, or etcd in cluster mode (`[cluster] store`).
+    `base` is the config file's folder (relative paths start there)."""
+    if settings.cluster.store == "etcd":
+        from doproxy.cluster.store import EtcdStore
+
+        return EtcdStore.from_settings(settings.cluster, base)
+    return FileStore(resolve_in(base, settings.inventory_file), watched=settings.watch_config)
+
+
 # --- the provider ---------------------------------------------------------------------------
 
 
@@ -142,12 +237,16 @@ def provider_kind(settings: Settings) -> str:
 
 
 def open_provider(
-    settings: Settings, base: Path, environ: Mapping[str, str] | None = None
+    settings: Settings,
+    base: Path,
+    environ: Mapping[str, str] | None = None,
+    owner: str | None = None,
 ) -> Provider:
     """The configured provider: local processes when [local-provisioner] is enabled, else
     DigitalOcean (the CLI commands work with a token even when [do-provisioner] enable is
-    false, as the 2015 doproxy's did)."""
-    owner = owner_tag(resolve_in(base, settings.inventory_file))
+    false, as the 2015 doproxy's did). `owner` is the store's owner tag (read from the
+    inventory file's `.owner` when not given)."""
+    owner = owner or owner_tag(resolve_in(base, settings.inventory_file))
     if settings.local_provisioner.enable:
         from doproxy.providers.local import LocalProvider
 
@@ -166,17 +265,19 @@ def open_provider(
 # --- inventory edits ------------------------------------------------------------------------
 
 
-def record_intent(path: Path, name: str, provider: str, tags: tuple[str, ...]) -> None:
+async def record_intent(
+    store: InventoryStore, name: str, provider: str, tags: tuple[str, ...]
+) -> None:
     """Step 1: write down that we are about to create `name`, before asking the provider."""
     intent = InventoryEntry(name=name, state="provisioning", provider=provider, tags=tags)
-    update_inventory(path, lambda entries: [*entries, intent])
+    await store.update(lambda entries: [*entries, intent])
 
 
 def _is_intent(e: InventoryEntry, name: str) -> bool:
     return e.state == "provisioning" and e.name == name
 
 
-def note_machine_id(path: Path, name: str, machine_id: str) -> None:
+async def note_machine_id(store: InventoryStore, name: str, machine_id: str) -> None:
     """Step 2 done: the provider gave the machine an id; keep it with the intent."""
 
     def change(entries: list[InventoryEntry]) -> list[InventoryEntry]:
@@ -184,21 +285,21 @@ def note_machine_id(path: Path, name: str, machine_id: str) -> None:
             e.model_copy(update={"id": machine_id}) if _is_intent(e, name) else e for e in entries
         ]
 
-    update_inventory(path, change)
+    await store.update(change)
 
 
-def complete_intent(path: Path, name: str, entry: InventoryEntry) -> None:
+async def complete_intent(store: InventoryStore, name: str, entry: InventoryEntry) -> None:
     """Step 3: replace the intent with the machine's real entry (added when the intent is gone)."""
 
     def change(entries: list[InventoryEntry]) -> list[InventoryEntry]:
         rest = [e for e in entries if not _is_intent(e, name) and e.key != entry.key]
         return [*rest, entry]
 
-    update_inventory(path, change)
+    await store.update(change)
 
 
-def drop_intent(path: Path, name: str) -> None:
-    update_inventory(path, lambda entries: [e for e in entries if not _is_intent(e, name)])
+async def drop_intent(store: InventoryStore, name: str) -> None:
+    await store.update(lambda entries: [e for e in entries if not _is_intent(e, name)])
 
 
 def find_entry(entries: list[InventoryEntry], machine_id: str) -> InventoryEntry | None:
@@ -208,11 +309,12 @@ def find_entry(entries: list[InventoryEntry], machine_id: str) -> InventoryEntry
     return None
 
 
-def remove_entry(path: Path, machine_id: str) -> InventoryEntry | None:
+async def remove_entry(store: InventoryStore, machine_id: str) -> InventoryEntry | None:
     """Remove the entry with this id; returns it (None when there was none)."""
     removed: list[InventoryEntry] = []
 
     def change(entries: list[InventoryEntry]) -> list[InventoryEntry]:
+        removed.clear()  # a store may run the change again (etcd, after a conflict)
         keep = []
         for e in entries:
             if e.id not in (0, "") and str(e.id) == machine_id:
@@ -221,11 +323,13 @@ def remove_entry(path: Path, machine_id: str) -> InventoryEntry | None:
                 keep.append(e)
         return keep
 
-    update_inventory(path, change)
+    await store.update(change)
     return removed[0] if removed else None
 
 
-def set_state(path: Path, machine_id: str, state: str, retiring: bool | None = None) -> bool:
+async def set_state(
+    store: InventoryStore, machine_id: str, state: str, retiring: bool | None = None
+) -> bool:
     """Set the state of the entry with this id (and its `retiring` mark, when given); False
     when there is no such entry."""
     found = False
@@ -235,6 +339,7 @@ def set_state(path: Path, machine_id: str, state: str, retiring: bool | None = N
 
     def change(entries: list[InventoryEntry]) -> list[InventoryEntry]:
         nonlocal found
+        found = False  # a store may run the change again (etcd, after a conflict)
         out = []
         for e in entries:
             if e.id not in (0, "") and str(e.id) == machine_id:
@@ -243,7 +348,7 @@ def set_state(path: Path, machine_id: str, state: str, retiring: bool | None = N
             out.append(e)
         return out
 
-    update_inventory(path, change)
+    await store.update(change)
     return found
 
 
@@ -328,7 +433,7 @@ async def adopt(
     provider: Provider,
     machine: Machine,
     settings: Settings,
-    path: Path,
+    store: InventoryStore,
     within: float,
     progress: Callable[[Machine, float], None] | None = None,
 ) -> InventoryEntry:
@@ -337,7 +442,7 @@ async def adopt(
         provider, machine.id, within, provisioner(settings).poll_interval, progress
     )
     entry = entry_for(m, settings, provider.kind)
-    await asyncio.to_thread(complete_intent, path, m.name, entry)
+    await complete_intent(store, m.name, entry)
     return entry
 
 
@@ -345,7 +450,7 @@ async def create_machine(
     provider: Provider,
     name: str,
     settings: Settings,
-    path: Path,
+    store: InventoryStore,
     within: float,
     progress: Callable[[Machine, float], None] | None = None,
 ) -> InventoryEntry:
@@ -355,14 +460,13 @@ async def create_machine(
     provider cannot tell whether the machine exists), the intent stays for the next survey.
     A machine that does not become active in time stays recorded as "provisioning" with its id.
     """
-    tags = (*provisioner(settings).tags, await asyncio.to_thread(owner_tag, path))
-    # The inventory's lock and fsync run in a thread: the server's event loop keeps serving.
-    await asyncio.to_thread(record_intent, path, name, provider.kind, tags)
+    tags = (*provisioner(settings).tags, await store.owner_tag())
+    await record_intent(store, name, provider.kind, tags)
     try:
         machine = await provider.create(name)
     except ProviderRefused:
         # Refused outright (401, 403, 422): nothing was created, so nothing is left to find.
-        await asyncio.to_thread(drop_intent, path, name)
+        await drop_intent(store, name)
         raise
     except ProviderError:
         try:
@@ -375,11 +479,11 @@ async def create_machine(
             )
             raise
         if not found:
-            await asyncio.to_thread(drop_intent, path, name)
+            await drop_intent(store, name)
             raise
         machine = found[0]
-    await asyncio.to_thread(note_machine_id, path, name, machine.id)
-    return await adopt(provider, machine, settings, path, within, progress)
+    await note_machine_id(store, name, machine.id)
+    return await adopt(provider, machine, settings, store, within, progress)
 
 
 # --- the server lock and drains ---------------------------------------------------------------
@@ -448,7 +552,7 @@ def nudge_server(inventory: Path, settings: Settings) -> None:
 
 
 async def drain(
-    path: Path,
+    store: InventoryStore,
     machine_id: str,
     settings: Settings,
     clock: Callable[[], float] | None = None,
@@ -461,23 +565,23 @@ async def drain(
 
     Returns what happened, for the user: "drained", "no server running" or "not in inventory".
     """
-    if not set_state(path, machine_id, "draining", retiring):
+    if not await set_state(store, machine_id, "draining", retiring):
         return "not in inventory"
-    if running_server(path) is None:
-        set_state(path, machine_id, "disabled")
+    if not await store.server_running():
+        await set_state(store, machine_id, "disabled")
         return "no server running"
-    nudge_server(path, settings)
+    await store.nudge()
     loop = asyncio.get_running_loop()
     now = clock or loop.time
     start = now()
     deadline = start + settings.provisioning.drain_timeout + 10.0
     while now() < deadline:
-        e = find_entry(load_inventory(path), machine_id)
+        e = find_entry(await store.load(), machine_id)
         if e is None or e.state != "draining":
             return "drained"
         if progress is not None:
             progress(now() - start)
         await asyncio.sleep(0.1)
     # The server did not answer (stuck or gone): the drain timeout has passed in any case.
-    set_state(path, machine_id, "disabled")
+    await set_state(store, machine_id, "disabled")
     return "drain timed out"

@@ -71,7 +71,14 @@ from doproxy.errors import ConfigError, DoproxyError, Problem, ProviderError
 from doproxy.events import EventLog
 from doproxy.health import HealthChecker
 from doproxy.inventory import load_inventory
-from doproxy.machines import hold_server_lock, open_provider, provider_kind, set_state
+from doproxy.machines import (
+    InventoryStore,
+    hold_server_lock,
+    open_provider,
+    open_store,
+    provider_kind,
+    set_state,
+)
 from doproxy.metrics import Metrics
 from doproxy.proxy.access import AccessLog, switch
 from doproxy.proxy.backend import Backend, Pool
@@ -93,6 +100,8 @@ if TYPE_CHECKING:
     import watchfiles
 
     from doproxy.autoscaler import Autoscaler
+    from doproxy.cluster.node import ClusterNode
+    from doproxy.cluster.store import EtcdStore
     from doproxy.provisioning import Machine, Provider
 
 log = logging.getLogger(__name__)
@@ -525,6 +534,11 @@ class Runtime:
         # The worker processes (workers > 1; docs/workers.md), else None: this process serves.
         self.fleet: Fleet | None = None
         self.worker_total = worker_count(settings.workers, os.cpu_count())
+        # Where the inventory lives: the file, or etcd in cluster mode (doproxy.cluster).
+        self.store: InventoryStore = open_store(settings, self.base)
+        self.owner = ""  # the store's owner tag, read at start (the scaler's and the CLI's)
+        self.cluster: ClusterNode | None = None  # this node's part in a cluster (store etcd)
+        self._leader_store: InventoryStore | None = None  # the guarded store while we lead
 
     async def start(self) -> ProxyServer:
         settings = self.settings
@@ -536,6 +550,8 @@ class Runtime:
             # First of all: a second server on this inventory is refused before it listens.
             # The lock tells the CLI a server runs here and will finish its drains.
             self._lock()
+        if settings.cluster.store == "etcd" and self.config_file is not None:
+            await self._join_cluster()
         snap = load_snapshot(settings, self.base, self.entries)
         access = open_access_log(settings, self.base)
         self.tls = None if snap.certificates is None else CertificateSelector(snap.certificates)
@@ -590,7 +606,10 @@ class Runtime:
         self._tasks.append(loop.create_task(self._watch_ejections()))
         if self.config_file is not None:
             self._tasks.append(loop.create_task(self._finish_drains()))
-            if settings.provisioning.enable:
+            if self.cluster is not None:
+                self.cluster.start()  # the leader, once elected, starts the scaler
+            elif settings.provisioning.enable:
+                self.owner = await self.store.owner_tag()
                 self.start_autoscaler(made_of=snap.provider)
         if self.config_file is not None:
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
@@ -771,10 +790,16 @@ class Runtime:
         if made_of is None:
             with contextlib.suppress(ProviderError):
                 made_of = provider_config(self.settings, self.base)
-        provider = provider or open_provider(self.settings, self.base)
+        provider = provider or open_provider(self.settings, self.base, owner=self.owner)
+        if self.cluster is not None:
+            from doproxy.cluster.node import LeaderOnly
+
+            provider = LeaderOnly(provider, self.cluster)
         self.provider = SwappableProvider(provider)
         self._provider_config = made_of
-        self.autoscaler = Autoscaler(self, self.provider, events=self.events)
+        self.autoscaler = Autoscaler(
+            self, self.provider, events=self.events, store=self._leader_store
+        )
         self.autoscaler.start()
         trace("scaler-on")
         p = self.settings.provisioning
@@ -805,8 +830,9 @@ class Runtime:
         server = self.server
         return server is not None and any(b.key == key for b in server.pool.eligible)
 
-    async def apply_inventory(self) -> bool:
-        """Apply the inventory file to the running pool, with the running settings.
+    async def apply_inventory(self, entries: list[InventoryEntry] | None = None) -> bool:
+        """Apply the inventory (read from its store, unless given) to the running pool, with
+        the running settings.
 
         Membership changes (add, drain, disable, remove) take this path, never a config
         reload: they must not depend on doproxy.toml being valid at that moment (a drain that
@@ -817,8 +843,9 @@ class Runtime:
             if server is None:
                 return False
             try:
-                entries = await asyncio.to_thread(load_inventory, self.inventory_path)
-            except (ConfigError, OSError) as e:
+                if entries is None:
+                    entries = await self.store.load()
+            except (DoproxyError, OSError) as e:
                 log.error(
                     "inventory not applied, keeping the running pool: %s; fix the inventory "
                     "and save it again",
@@ -873,9 +900,62 @@ class Runtime:
         return added, removed
 
     def traffic(self) -> tuple[int, float]:
-        """The listener's exchange totals (see ProxyServer.exchanges), for the autoscaler."""
+        """The exchange totals the autoscaler decides on: this listener's (see
+        ProxyServer.exchanges), or in a cluster the sum of every node's."""
+        if self.cluster is not None:
+            return self.cluster.traffic()
+        return self.local_traffic()
+
+    def local_traffic(self) -> tuple[int, float]:
+        """This node's listener's exchange totals."""
         server = self.server
         return (server.exchanges, server.exchange_time) if server is not None else (0, 0.0)
+
+    # --- cluster mode (doproxy.cluster.node) -------------------------------------------------
+
+    async def _join_cluster(self) -> None:
+        """Cluster mode: the inventory comes from etcd; when etcd does not answer, from the
+        local copy the node keeps (the inventory file), and the node keeps trying."""
+        from doproxy.cluster.node import ClusterNode
+        from doproxy.cluster.store import EtcdStore
+
+        assert isinstance(self.store, EtcdStore)
+        c = self.settings.cluster
+        self.cluster = ClusterNode(self, c, self.store, cache=self.inventory_path)
+        entries = await self.cluster.connect(within=c.timeout * len(c.endpoints) + 1.0)
+        if entries is not None:
+            self.entries = entries
+        else:
+            log.warning(
+                "cluster: starting with the local copy of the inventory (%d backend(s)) from "
+                "%s; etcd is read again as soon as it answers",
+                len(self.entries),
+                self.inventory_path,
+            )
+
+    async def lead(self, store: EtcdStore) -> None:
+        """This node was elected: it runs the scaler, writing through the guarded `store`."""
+        self._leader_store = store
+        if not self.settings.provisioning.enable or self.autoscaler is not None:
+            return
+        self.owner = await store.owner_tag()
+        made_of = None
+        with contextlib.suppress(ProviderError):
+            made_of = provider_config(self.settings, self.base)
+        try:
+            self.start_autoscaler(made_of=made_of)
+        except DoproxyError as e:
+            log.error("cluster: this leader cannot start its autoscaler: %s", e)
+
+    async def follow(self) -> None:
+        """This node leads no more: its scaler stops at once (what it was doing is left as
+        intents and draining entries that the next leader reconciles)."""
+        self._leader_store = None
+        scaler, self.autoscaler = self.autoscaler, None
+        self.provider = None
+        if scaler is not None:
+            await self._stop_scaler(scaler)
+            log.info("autoscaler off (not the leader)")
 
     async def _finish_drains(self, every: float = 0.1) -> None:
         """Turn "draining" backends "disabled" once nothing is in flight (or time is up).
@@ -905,11 +985,13 @@ class Runtime:
                     b.name,
                     f" (timeout, {b.in_flight} request(s) still in flight)" if b.in_flight else "",
                 )
+                if self.cluster is not None and not self.cluster.drained_everywhere(b, timed_out):
+                    # Other nodes may still have requests in flight to it: the leader marks
+                    # it once every node reports it drained (doproxy.cluster.node).
+                    continue
                 try:
-                    await asyncio.to_thread(
-                        set_state, self.inventory_path, str(b.entry.id), "disabled"
-                    )
-                except (OSError, ConfigError) as e:
+                    await set_state(self.store, str(b.entry.id), "disabled")
+                except (OSError, DoproxyError) as e:
                     log.error(
                         "cannot record the drain of %s in the inventory: %s; make the inventory "
                         "writable (retried)",
@@ -992,7 +1074,8 @@ class Runtime:
         files = set()
         if self.config_file is not None:
             files.add(self.config_file.resolve())
-        files.add(resolve_in(self.base, s.inventory_file))
+        if s.cluster.store == "file":  # in a cluster it is etcd's local copy, not the source
+            files.add(resolve_in(self.base, s.inventory_file))
         if s.https:
             files |= tls_files(s, self.base)
         files |= {resolve_in(self.base, name) for name in s.error_pages.values()}
@@ -1088,7 +1171,22 @@ class Runtime:
     async def _reload(self) -> bool:
         assert self.config_file is not None
         # The whole new configuration, read and validated before anything is applied.
-        snap = load_snapshot(load_settings(self.config_file), self.base)
+        settings = load_settings(self.config_file)
+        if settings.cluster != self.settings.cluster:
+            raise ConfigError(
+                [
+                    Problem(
+                        str(self.config_file),
+                        "cluster",
+                        "[cluster] changes take effect on a restart, not a reload; the running "
+                        "configuration stays",
+                    )
+                ]
+            )
+        # In a cluster the inventory is etcd's (applied by the watch), not the local copy.
+        snap = load_snapshot(
+            settings, self.base, self.entries if self.cluster is not None else None
+        )
         # The access log: opened now when it changes (an unwritable file fails the reload and
         # the running one carries on), kept open when it does not.
         access = self.access
@@ -1125,12 +1223,13 @@ class Runtime:
         changed_provider: Provider | None = None
         made_of: tuple[object, ...] | None = None
         scaler = self.autoscaler
-        if settings.provisioning.enable:
+        # In a cluster only the leader runs a scaler (it starts one when elected).
+        if settings.provisioning.enable and (self.cluster is None or self.cluster.leading):
             made_of = snap.provider
             if scaler is None or provider_kind(settings) != scaler.provider.kind:
-                new_provider = open_provider(settings, self.base)
+                new_provider = open_provider(settings, self.base, owner=self.owner or None)
             elif made_of != self._provider_config:
-                changed_provider = open_provider(settings, self.base)
+                changed_provider = open_provider(settings, self.base, owner=self.owner or None)
         admin_changed = settings.admin != old.admin
         if admin_changed and settings.admin.enable:
             configured_token(settings.admin, self.base)  # a token-file that cannot be read fails
@@ -1235,6 +1334,10 @@ class Runtime:
                     asyncio.get_running_loop().remove_signal_handler(sig)
         if self.autoscaler is not None:
             await self._stop_scaler(self.autoscaler)
+        if self.cluster is not None:
+            await self.cluster.stop()
+        else:
+            await self.store.close()
         self._exit.close()
         if self.checker is not None:
             await self.checker.stop()

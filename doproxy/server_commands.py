@@ -28,8 +28,7 @@ from doproxy.admin.client import AdminClient, ApiError, Found, NoServer, TokenRe
 from doproxy.commands import Context, Waiting
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.errors import DoproxyError
-from doproxy.inventory import load_inventory
-from doproxy.machines import drain, nudge_server, running_server, set_state
+from doproxy.machines import drain, set_state
 
 EVENTS_SHOWN = 10  # in `status`
 DECISIONS_SHOWN = 5
@@ -353,9 +352,9 @@ async def _through_api(ctx: Context, client: AdminClient, verb: str, row: dict[s
     return 0
 
 
-def _entry(ctx: Context, ident: str) -> InventoryEntry:
+async def _entry(ctx: Context, ident: str) -> InventoryEntry:
     """The inventory entry with this id, else the one with this name (as the API finds one)."""
-    entries = load_inventory(ctx.inventory)
+    entries = await ctx.store.load()
     for e in entries:
         if e.id not in (0, "") and str(e.id) == ident:
             return e
@@ -363,7 +362,7 @@ def _entry(ctx: Context, ident: str) -> InventoryEntry:
     if len(named) > 1:
         raise DoproxyError(f"{len(named)} backends are named {ident}: use the id")
     if not named:
-        raise DoproxyError(f"{ident} is not in the inventory ({ctx.inventory.name})")
+        raise DoproxyError(f"{ident} is not in the inventory ({ctx.store.where})")
     if named[0].id in (0, ""):
         raise DoproxyError(
             f"{ident} has no id in the inventory; only a running server can change it"
@@ -372,7 +371,7 @@ def _entry(ctx: Context, ident: str) -> InventoryEntry:
 
 
 async def _through_inventory(ctx: Context, verb: str, ident: str) -> int:
-    e = _entry(ctx, ident)
+    e = await _entry(ctx, ident)
     machine_id = str(e.id)
     label = _label(e.name, machine_id)
     if e.retiring:
@@ -385,7 +384,7 @@ async def _through_inventory(ctx: Context, verb: str, ident: str) -> int:
             def show(elapsed: float) -> None:
                 waiting.update("waiting for the server to finish it", elapsed)
 
-            outcome = await drain(ctx.inventory, machine_id, ctx.settings, progress=show)
+            outcome = await drain(ctx.store, machine_id, ctx.settings, progress=show)
         said = {
             "no server running": f"no server running: marked {label} disabled in the inventory "
             "(nothing was in flight)",
@@ -397,12 +396,12 @@ async def _through_inventory(ctx: Context, verb: str, ident: str) -> int:
         ctx.out.print(said.get(outcome, f"{label}: {outcome}"), markup=False)
         return 0
     state = "active" if verb == "enable" else "disabled"
-    if not set_state(ctx.inventory, machine_id, state):
-        raise DoproxyError(f"{ident} is not in the inventory ({ctx.inventory.name})")
-    nudge_server(ctx.inventory, ctx.settings)
+    if not await set_state(ctx.store, machine_id, state):
+        raise DoproxyError(f"{ident} is not in the inventory ({ctx.store.where})")
+    await ctx.store.nudge()
     who = (
         "a running server picks it up from there"
-        if running_server(ctx.inventory) is not None
+        if await ctx.store.server_running()
         else "no server is running"
     )
     ctx.out.print(f"{verb}d {label} in the inventory ({who}); it is now {state}", markup=False)

@@ -422,10 +422,10 @@ async def test_concurrent_cli_and_server_writes_lose_nothing(setup: Setup) -> No
         creates = [doproxy(setup, "create", f"web-c{i}") for i in range(4)]
 
         async def drain_all() -> None:
-            from doproxy.machines import set_state
+            from doproxy.machines import FileStore, set_state
 
             for i in range(6):
-                await asyncio.to_thread(set_state, setup.inventory, f"hand-{i}", "draining")
+                await set_state(FileStore(setup.inventory), f"hand-{i}", "draining")
 
         results = await asyncio.gather(*creates, drain_all())
         for r in results[:4]:

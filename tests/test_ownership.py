@@ -19,7 +19,7 @@ from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
 from doproxy.errors import MachineNotFound
 from doproxy.inventory import load_inventory, update_inventory
-from doproxy.machines import open_provider, owner_tag
+from doproxy.machines import FileStore, open_provider, owner_tag
 from doproxy.provisioning import Machine, Provider
 from doproxy.proxy.backend import Backend
 from doproxy.runtime import Runtime
@@ -68,6 +68,14 @@ class FakeProxy:
     @property
     def inventory_path(self) -> Path:
         return self.folder / "inventory.toml"
+
+    @property
+    def store(self) -> FileStore:
+        return FileStore(self.inventory_path)
+
+    @property
+    def owner(self) -> str:
+        return owner_tag(self.inventory_path)
 
     async def reload(self) -> bool:
         self.reloads += 1

@@ -51,10 +51,12 @@ from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Admin, Settings, parse_bind
 from doproxy.errors import ConfigError, DoproxyError, Problem
 from doproxy.events import EventLog
-from doproxy.inventory import update_inventory, write_atomically
+from doproxy.inventory import write_atomically
 
 if TYPE_CHECKING:
     from doproxy.autoscaler import Autoscaler
+    from doproxy.cluster.node import ClusterNode
+    from doproxy.machines import InventoryStore
     from doproxy.proxy.backend import Backend
     from doproxy.proxy.server import ProxyServer
     from doproxy.statistics import StatsCollector
@@ -96,6 +98,12 @@ class Served(Protocol):
 
     @property
     def inventory_path(self) -> Path: ...
+
+    @property
+    def store(self) -> InventoryStore: ...
+
+    @property
+    def cluster(self) -> ClusterNode | None: ...
 
     @property
     def base(self) -> Path: ...
@@ -529,9 +537,13 @@ class AdminServer:
             return out
 
         try:
-            await asyncio.to_thread(update_inventory, self.runtime.inventory_path, change)
+            await self.runtime.store.update(change)
         except (OSError, ConfigError) as e:
             raise web.HTTPInternalServerError(
+                text=f"the inventory could not be changed, nothing applied: {e}"
+            ) from None
+        except DoproxyError as e:  # etcd unreachable (cluster mode): retry when it answers
+            raise web.HTTPServiceUnavailable(
                 text=f"the inventory could not be changed, nothing applied: {e}"
             ) from None
         if not found:

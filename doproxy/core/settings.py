@@ -367,6 +367,64 @@ class Admin(Section):
         return value
 
 
+class Cluster(Section):
+    """[cluster]: where the inventory lives (docs/cluster.md). New in doproxy (Python).
+
+    "file" (the default) is the inventory file, one server per inventory. "etcd" keeps the
+    inventory, its owner id, the scaler's journal and overrides in etcd, shared by every node
+    that names the same endpoints and prefix; one elected node (the leader) scales.
+    """
+
+    store: Literal["file", "etcd"] = "file"
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    prefix: str = "/doproxy/"
+    # This node's name in the cluster (unique per node); empty: the host name.
+    node_name: str = ""
+    # Seconds: a leader (and a node's published signal) lapses this long after its process
+    # stops renewing it; leadership moves within it.
+    lease_ttl: StrictInt = Field(10, ge=2, le=300)
+    # Seconds each request to etcd may take before the next endpoint is tried.
+    timeout: PositiveDuration = 2.0
+    username: str = ""
+    password: str = Field("", repr=False)
+    password_file: str = ""  # relative to the config file
+    ca_file: str = ""  # verify etcd's certificate with this CA (https endpoints)
+    cert_file: str = ""  # client certificate, for etcd's --client-cert-auth
+    key_file: str = ""
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one etcd endpoint, e.g. http://127.0.0.1:2379")
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r}: an endpoint is an http:// or https:// URL")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/") or not value.endswith("/") or len(value) < 3:
+            raise ValueError('the prefix starts and ends with "/", e.g. "/doproxy/"')
+        return value
+
+    @field_validator("node_name")
+    @classmethod
+    def _node_name(cls, value: str) -> str:
+        if value and not all(c.isalnum() or c in "-_." for c in value):
+            raise ValueError("a node name has letters, digits, '-', '_' and '.' only")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Cluster:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert-file and key-file go together (etcd client certificate)")
+        if (self.password or self.password_file) and not self.username:
+            raise ValueError("a password needs a username")
+        return self
+
+
 class Settings(Section):
     bind: str = ":8000"
     https: bool = False
@@ -413,6 +471,7 @@ class Settings(Section):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: Limits = Field(default_factory=Limits)
     admin: Admin = Field(default_factory=Admin)
+    cluster: Cluster = Field(default_factory=Cluster)
 
     @field_validator("workers")
     @classmethod
