@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="validate the config and the inventory; contacts nothing")
     _machine_commands(sub)
     _server_commands(sub)
+    _inventory_commands(sub)
     simulate.add_parser(sub)
     # Every command, including those other modules define (simulate), takes them after its name.
     for command in sub.choices.values():
@@ -133,6 +134,21 @@ def _machine_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         choices=["adopt", "destroy", "keep"],
         help="what to do with tagged machines missing from the inventory, without asking",
     )
+
+
+def _inventory_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    i = sub.add_parser(
+        "inventory",
+        help="move the inventory between its file and etcd (cluster mode)",
+        description="push: the inventory file and its owner id into etcd ([cluster] store = "
+        '"etcd"), where every node reads it. pull: etcd\'s inventory into the file.',
+    )
+    isub = i.add_subparsers(dest="direction", required=True)
+    push = isub.add_parser("push", help="the inventory file into etcd")
+    push.add_argument(
+        "--replace", action="store_true", help="overwrite an inventory already in etcd"
+    )
+    isub.add_parser("pull", help="etcd's inventory into the inventory file")
 
 
 def _server_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -216,6 +232,8 @@ def _run(args: argparse.Namespace) -> int:
         return _machine(args)
     if args.command in _SERVER_COMMANDS:
         return _server(args)
+    if args.command == "inventory":
+        return _inventory(args)
     raise AssertionError(args.command)
 
 
@@ -273,6 +291,20 @@ def _machine(args: argparse.Namespace) -> int:
         else:
             work = c.sanitize(ctx, args.apply == "apply", args.orphans)
         return await c.run(ctx, work)
+
+    return asyncio.run(main())
+
+
+def _inventory(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from doproxy import commands as c
+
+    async def main() -> int:
+        ctx = c.Context(args.config)
+        if args.direction == "push":
+            return await c.run(ctx, c.inventory_push(ctx, args.replace), prepare=False)
+        return await c.run(ctx, c.inventory_pull(ctx), prepare=False)
 
     return asyncio.run(main())
 

@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
@@ -26,8 +26,9 @@ from doproxy.config import load_settings, resolve_relative
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.errors import DoproxyError, MachineNotFound, ProviderError
 from doproxy.health import probe, probe_target
-from doproxy.inventory import dump_inventory
+from doproxy.inventory import dump_inventory, load_inventory, update_inventory, write_atomically
 from doproxy.machines import (
+    OWNER_PREFIX,
     InventoryStore,
     Survey,
     adopt,
@@ -37,12 +38,17 @@ from doproxy.machines import (
     find_entry,
     open_provider,
     open_store,
+    owner_id_of,
+    owner_path,
     provisioner,
     remove_entry,
     set_state,
     survey,
 )
 from doproxy.provisioning import Machine, Provider, entry_for, new_name
+
+if TYPE_CHECKING:
+    from doproxy.cluster.store import EtcdStore
 
 Confirm = Callable[[str], str]  # shows a question, returns the answer ("" when there is none)
 
@@ -441,10 +447,64 @@ async def sanitize(ctx: Context, apply: bool, orphans: str | None) -> int:
     return 0
 
 
-async def run(ctx: Context, command: Awaitable[int]) -> int:
+# --- inventory push and pull (cluster mode) --------------------------------------------------
+
+
+def _etcd(ctx: Context) -> EtcdStore:
+    from doproxy.cluster.store import EtcdStore
+
+    if not isinstance(ctx.store, EtcdStore):
+        raise DoproxyError(
+            "push and pull move the inventory between its file and etcd: set [cluster] store = "
+            '"etcd" (and its endpoints) in the config first (docs/cluster.md)'
+        )
+    return ctx.store
+
+
+async def inventory_push(ctx: Context, replace: bool) -> int:
+    """The inventory file (and its owner id) into etcd, where every node of the cluster reads
+    it. An inventory already in etcd is replaced only with `replace`."""
+    store = _etcd(ctx)
+    entries = await asyncio.to_thread(load_inventory, ctx.inventory)
+    there = await store.load()
+    if there and not replace and [e.key for e in there] != [e.key for e in entries]:
+        raise DoproxyError(
+            f"{store.where} already holds an inventory of {len(there)} backend(s); pass "
+            "--replace to overwrite it with the file's, or `doproxy inventory pull` to read it"
+        )
+    mine = await asyncio.to_thread(owner_id_of, ctx.inventory)
+    if mine:
+        # The machines this installation made carry its owner tag: the cluster must keep it,
+        # or it would call them another installation's.
+        await store.adopt_owner(mine)
+    await store.replace(entries)
+    ctx.out.print(
+        f"pushed {len(entries)} backend(s) from {ctx.inventory.name} to {store.where}"
+        + (f" (owner {mine})" if mine else "")
+    )
+    return 0
+
+
+async def inventory_pull(ctx: Context) -> int:
+    """The inventory in etcd (and its owner id) into the inventory file."""
+    store = _etcd(ctx)
+    entries = await store.load()
+    owner = (await store.owner_tag()).removeprefix(OWNER_PREFIX)
+
+    def write() -> None:
+        update_inventory(ctx.inventory, lambda _: entries)
+        write_atomically(owner_path(ctx.inventory), owner + "\n")
+
+    await asyncio.to_thread(write)
+    ctx.out.print(f"pulled {len(entries)} backend(s) from {store.where} into {ctx.inventory.name}")
+    return 0
+
+
+async def run(ctx: Context, command: Awaitable[int], prepare: bool = True) -> int:
     """Run a command and always close the provider's connections."""
     try:
-        await ctx.prepare()
+        if prepare:
+            await ctx.prepare()
         return await command
     finally:
         await ctx.close()

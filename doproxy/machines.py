@@ -83,6 +83,15 @@ def owner_path(inventory: Path) -> Path:
     return inventory.with_name(inventory.name + ".owner")
 
 
+def owner_id_of(inventory: Path) -> str:
+    """The owner id kept beside the inventory file ("" when it has none yet)."""
+    try:
+        text = owner_path(inventory).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return ""
+    return text if _OWNER_ID.fullmatch(text) else ""
+
+
 def owner_tag(inventory: Path) -> str:
     """This installation's owner tag, `doproxy-owner-<id>`; the id is made on first need and
     kept in `<inventory>.owner` (written atomically under the inventory's lock, so two

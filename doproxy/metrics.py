@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence, Sized
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -122,6 +122,15 @@ class Source(Protocol):
 
     @property
     def events(self) -> EventCounts: ...
+
+    @property
+    def cluster(self) -> ClusterView | None: ...
+
+
+class ClusterView(Protocol):
+    up: bool
+    leading: bool
+    nodes: dict[str, Any]
 
 
 def backend_labels(backends: Sequence[Backend]) -> list[tuple[Backend, str]]:
@@ -248,6 +257,25 @@ class MetricsCollector:
         for result in RELOAD_RESULTS:
             reloads.add_metric([result], counts.get(("reload", result), 0))
         yield reloads
+
+        cluster = src.cluster
+        if cluster is not None:
+            yield GaugeMetricFamily(
+                "doproxy_cluster_etcd_up",
+                "Cluster mode: 1 while this node reaches etcd; at 0 it serves the last known "
+                "inventory and no node scales.",
+                value=1.0 if cluster.up else 0.0,
+            )
+            yield GaugeMetricFamily(
+                "doproxy_cluster_leader",
+                "Cluster mode: 1 on the node that leads (runs the autoscaler), else 0.",
+                value=1.0 if cluster.leading else 0.0,
+            )
+            yield GaugeMetricFamily(
+                "doproxy_cluster_nodes",
+                "Cluster mode: nodes publishing their signal (this one included).",
+                value=len(cluster.nodes),
+            )
 
         if scaler is not None:
             if scaler.desired is not None:

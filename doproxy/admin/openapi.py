@@ -125,6 +125,39 @@ SPEC: dict[str, Any] = {
                     # Empty when the main process serves itself (workers = 1).
                     "workers": {"type": "array", "items": _ref("Worker")},
                     "backends": {"type": "array", "items": _ref("Backend")},
+                    "cluster": {**_ref("Cluster"), "nullable": True},
+                },
+            },
+            "Cluster": {
+                "type": "object",
+                "required": ["store", "node", "etcd_up", "leader", "leading", "nodes"],
+                "properties": {
+                    "store": {"type": "string", "enum": ["etcd"]},
+                    "node": {"type": "string"},
+                    "prefix": {"type": "string"},
+                    "endpoints": {"type": "array", "items": {"type": "string"}},
+                    "etcd_up": {"type": "boolean"},
+                    "etcd_error": {"type": "string", "nullable": True},
+                    "down_for": _NUM,
+                    "leader": {"type": "string", "nullable": True},
+                    "leading": {"type": "boolean"},
+                    "revision": {"type": "integer"},
+                    "nodes": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["node", "leader", "exchanges"],
+                            "properties": {
+                                "node": {"type": "string"},
+                                "leader": {"type": "boolean"},
+                                "exchanges": {"type": "integer"},
+                                "wait": {"type": "number"},
+                                "in_flight": {"type": "integer"},
+                                "backends": {"type": "integer"},
+                                "at": {"type": "string", "nullable": True},
+                            },
+                        },
+                    },
                 },
             },
             "Worker": {

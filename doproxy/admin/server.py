@@ -517,6 +517,13 @@ class AdminServer:
 
     def _scaler(self) -> Autoscaler:
         scaler = self.runtime.autoscaler
+        cluster = self.runtime.cluster
+        if scaler is None and cluster is not None and not cluster.leading:
+            raise web.HTTPConflict(
+                text=f"this node ({cluster.name}) does not lead the cluster, so it runs no "
+                f"autoscaler; the leader is {cluster.leader or 'not elected yet'}: use its "
+                "admin API"
+            )
         if scaler is None:
             raise web.HTTPConflict(text="the autoscaler is off ([provisioning] enable = false)")
         return scaler
@@ -655,6 +662,9 @@ def status_view(runtime: Served, started: float) -> dict[str, Any]:
         # empty when this process serves itself (workers = 1).
         "workers": workers,
         "backends": [backend_view(runtime, b) for b in runtime.backends],
+        # Cluster mode (docs/cluster.md): this node, the leader, each node's signal; null with
+        # the file store.
+        "cluster": runtime.cluster.status() if runtime.cluster is not None else None,
     }
 
 
