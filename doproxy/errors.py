@@ -137,6 +137,47 @@ class ProvisionTimeout(ProviderError):
     """A machine did not become active (or an action did not complete) in time."""
 
 
+# --- cluster mode (etcd) ---------------------------------------------------------------------
+
+
+class EtcdError(DoproxyError):
+    """A call to etcd failed. The message names the endpoints and never carries the password
+    or the auth token."""
+
+
+class EtcdUnavailable(EtcdError):
+    """No etcd endpoint answered (connection refused, timeout, 5xx), or a watch stream broke.
+    The message names every endpoint tried and what failed at each; trying again later may
+    work."""
+
+
+class EtcdCompacted(EtcdUnavailable):
+    """The revision a watch was to start from has been compacted away: the caller must read
+    the keys again and watch from that read's revision + 1."""
+
+    def __init__(self, message: str, compact_revision: int = 0) -> None:
+        super().__init__(message)
+        self.compact_revision = compact_revision
+
+
+class EtcdAuthFailed(EtcdError):
+    """etcd refused our credentials (wrong user name or password), wants credentials we were
+    not given, or denied the user the operation."""
+
+
+class EtcdRequestError(EtcdError):
+    """etcd answered and refused the request itself (every member would answer the same):
+    `code` is the gRPC status code etcd gave."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EtcdLeaseNotFound(EtcdRequestError):
+    """The lease named by a put (or a transaction's put) has expired or been revoked."""
+
+
 class NotLeader(DoproxyError):
     """Cluster mode: this node is not (or no longer) the leader, so it may not act on the
     provider or write as the scaler (doproxy.cluster)."""

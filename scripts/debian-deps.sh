@@ -4,7 +4,8 @@
 set -eu
 case "${1:-test}" in
   # chromium: the status page's test drives it with Playwright (never a downloaded browser).
-  test)  pkgs="chromium" ; cmds="chromium" ;;
+  # etcd-server, etcd-client: the cluster tests run real etcd members (tests/etcd.py).
+  test)  pkgs="chromium etcd-server etcd-client" ; cmds="chromium etcd etcdctl" ;;
   bench) pkgs="haproxy nginx wrk util-linux" ; cmds="haproxy nginx wrk taskset" ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac

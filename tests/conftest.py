@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from doproxy.app import build_pool
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
 from doproxy.proxy.server import ProxyServer
+from tests.etcd import INSTALL, EtcdCluster, etcd_available
 from tests.support import RawBackend, echo_handler
 
 StartProxy = Callable[..., Awaitable[ProxyServer]]
@@ -75,6 +77,24 @@ async def backend_factory() -> AsyncIterator[Callable[..., Awaitable[RawBackend]
     yield _make
     for b in made:
         await b.close()
+
+
+@pytest.fixture
+async def etcd(tmp_path: Path) -> AsyncIterator[EtcdCluster]:
+    """A one-member etcd cluster of its own (tests/etcd.py), ended after the test."""
+    if not etcd_available():
+        pytest.skip(f"etcd not installed: {INSTALL}")
+    async with EtcdCluster(tmp_path / "etcd", size=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def etcd3(tmp_path: Path) -> AsyncIterator[EtcdCluster]:
+    """A three-member etcd cluster of its own, ended after the test."""
+    if not etcd_available():
+        pytest.skip(f"etcd not installed: {INSTALL}")
+    async with EtcdCluster(tmp_path / "etcd", size=3) as cluster:
+        yield cluster
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from doproxy.cluster.etcd import Compare, EtcdClient, Get, Put, WatchEvent
-
 from doproxy.cluster.store import EtcdStore
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Cluster

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from doproxy.cluster.etcd import Compare, Delete, EtcdClient, Get, KeyValue, Put
 from pydantic import ValidationError
 
+from doproxy.cluster.etcd import Compare, Delete, EtcdClient, Get, KeyValue, Put
 from doproxy.config import resolve_in
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Cluster
