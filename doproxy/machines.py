@@ -279,7 +279,15 @@ async def record_intent(
 ) -> None:
     """Step 1: write down that we are about to create `name`, before asking the provider."""
     intent = InventoryEntry(name=name, state="provisioning", provider=provider, tags=tags)
-    await store.update(lambda entries: [*entries, intent])
+
+    def change(entries: list[InventoryEntry]) -> list[InventoryEntry]:
+        # Once only, even when a store runs the change again after a write whose outcome it
+        # could not know (etcd: a retried transaction that had in fact been applied).
+        if any(_is_intent(e, name) for e in entries):
+            return entries
+        return [*entries, intent]
+
+    await store.update(change)
 
 
 def _is_intent(e: InventoryEntry, name: str) -> bool:

@@ -473,6 +473,9 @@ class FakeDigitalOcean:
         backend_service_time: float = 0.0,
     ) -> None:
         self.token = token
+        # More tokens it accepts (several clients told apart by their token, e.g. the nodes
+        # of a cluster): each exchange records the Authorization it came with.
+        self.more_tokens: set[str] = set()
         self.active_after = active_after
         self.action_after = action_after
         self.serve_backends = serve_backends
@@ -874,7 +877,7 @@ class FakeDigitalOcean:
         if fault is not None and not fault.after_effect:
             return self._fault_answer(fault)
         try:
-            if auth != f"Bearer {self.token}":
+            if auth not in {f"Bearer {t}" for t in (self.token, *self.more_tokens)}:
                 raise _ApiError(401)
             status, payload = self._route(method, path, query, raw, notes)
             result: tuple[int, Any, dict[str, str]] = (status, payload, {})

@@ -1,0 +1,399 @@
+"""Cluster mode end to end: real etcd members, real doproxy nodes (subprocesses), the fake
+DigitalOcean API. Each node has its own folder (config, local inventory copy, admin files)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from doproxy.cluster.etcd import EtcdClient
+from doproxy.cluster.store import EtcdStore
+from doproxy.core.inventory_model import InventoryEntry
+from doproxy.testing.fake_digitalocean import FakeDigitalOcean
+from tests.conftest import wait_for
+from tests.etcd import EtcdCluster
+from tests.procs import ProxyProcess, start_proxy_process
+from tests.support import RawBackend, answering, get, request
+
+PREFIX = "/doproxy-test/"
+
+
+@dataclass
+class Node:
+    name: str
+    folder: Path
+    proc: ProxyProcess
+
+    @property
+    def port(self) -> int:
+        return self.proc.port
+
+    def admin(self) -> str:
+        return "http://" + (self.folder / "inventory.toml.admin.addr").read_text().strip()
+
+    def token(self) -> str:
+        return (self.folder / "inventory.toml.admin.token").read_text().strip()
+
+
+def node_config(folder: Path, name: str, endpoints: list[str], extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = folder / "doproxy.toml"
+    quoted = ", ".join(f'"{e}"' for e in endpoints)
+    cfg.write_text(
+        f"""bind = "127.0.0.1:0"
+watch-config = false
+inventory-file = "inventory.toml"
+
+[admin]
+bind = "127.0.0.1:0"
+
+[backend]
+disable-health-check = true
+
+[cluster]
+store = "etcd"
+endpoints = [{quoted}]
+prefix = "{PREFIX}"
+node-name = "{name}"
+lease-ttl = 2
+timeout = "500ms"
+{extra}"""
+    )
+    return cfg
+
+
+async def start_nodes(
+    tmp: Path, endpoints: list[str], n: int = 3, extra: Callable[[int], str] = lambda i: ""
+) -> list[Node]:
+    nodes = []
+    for i in range(n):
+        folder = tmp / f"n{i + 1}"
+        cfg = node_config(folder, f"n{i + 1}", endpoints, extra(i))
+        nodes.append(Node(f"n{i + 1}", folder, await start_proxy_process(cfg)))
+    return nodes
+
+
+async def stop_nodes(nodes: list[Node]) -> None:
+    for node in nodes:
+        with contextlib.suppress(ProcessLookupError, TimeoutError):
+            os.kill(node.proc.pid, signal.SIGCONT)  # a frozen one must hear its SIGTERM
+            await node.proc.stop()
+
+
+async def status(node: Node) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(node.admin() + "/api/status") as r:
+        assert r.status == 200, await r.text()
+        data: dict[str, Any] = await r.json()
+        return data
+
+
+async def statuses(nodes: list[Node]) -> list[dict[str, Any]]:
+    return list(await asyncio.gather(*(status(n) for n in nodes)))
+
+
+async def until(check: Callable[[], Any], timeout: float) -> None:
+    """Poll an async condition until it holds (or the timeout ends the test)."""
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[list[RawBackend]]:
+    started = [await RawBackend(answering(200, b"ok")).start() for _ in range(2)]
+    yield started
+    for b in started:
+        await b.close()
+
+
+def entry(i: int, port: int, **kw: Any) -> InventoryEntry:
+    return InventoryEntry(id=i, name=f"b{i}", server_host=f"127.0.0.1:{port}", **kw)
+
+
+async def push(endpoints: list[str], entries: list[InventoryEntry]) -> EtcdStore:
+    store = EtcdStore(EtcdClient(endpoints), PREFIX)
+    await store.replace(entries)
+    return store
+
+
+def leaders(sts: list[dict[str, Any]]) -> list[str]:
+    return [s["cluster"]["node"] for s in sts if s["cluster"]["leading"]]
+
+
+@pytest.mark.timeout(60)
+async def test_an_inventory_change_reaches_every_node_within_a_second(
+    tmp_path: Path, etcd3: EtcdCluster, backends: list[RawBackend]
+) -> None:
+    urls = etcd3.client_urls
+    store = await push(urls, [entry(1, backends[0].port)])
+    nodes = await start_nodes(tmp_path, urls)
+    try:
+        for n in nodes:  # every node serves the inventory it read from etcd
+            r = await request(n.port, get())
+            assert r.status == 200 and r.body == b"ok"
+
+        async def one_leader() -> bool:
+            sts = await statuses(nodes)
+            return len(leaders(sts)) == 1 and all(len(s["cluster"]["nodes"]) == 3 for s in sts)
+
+        await until(one_leader, 10)
+
+        # A membership change made through the store (as the CLI does) ...
+        t0 = time.monotonic()
+        await store.update(lambda es: [*es, entry(2, backends[1].port)])
+
+        async def all_have_two() -> bool:
+            return all(len(s["backends"]) == 2 for s in await statuses(nodes))
+
+        await until(all_have_two, 5)
+        assert time.monotonic() - t0 < 1.0
+
+        # ... and one through any node's admin API reach every node within 1 s.
+        t0 = time.monotonic()
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                nodes[2].admin() + "/api/backends/1/disable",
+                headers={"Authorization": f"Bearer {nodes[2].token()}"},
+            ) as r,
+        ):
+            assert r.status == 200, await r.text()
+
+        async def all_disabled() -> bool:
+            sts = await statuses(nodes)
+            return all(
+                next(b for b in s["backends"] if str(b["id"]) == "1")["state"] == "disabled"
+                for s in sts
+            )
+
+        await until(all_disabled, 5)
+        assert time.monotonic() - t0 < 1.0
+        assert [e.state for e in await store.load()] == ["disabled", "active"]
+        # Each node keeps a local copy: what a restart serves while etcd is down.
+        for n in nodes:
+            assert "disabled" in (n.folder / "inventory.toml").read_text()
+        # An invalid inventory in etcd is refused whole: every node keeps its pool.
+        await store.client.put(PREFIX + "backends/bad", b'{"server-host": "nonsense"}')
+        await store.client.put(PREFIX + "revision", b"x")
+        await asyncio.sleep(0.5)  # nothing to wait for: nothing may change
+        for s in await statuses(nodes):
+            assert len(s["backends"]) == 2
+        await store.client.delete(PREFIX + "backends/bad")
+    finally:
+        await stop_nodes(nodes)
+        await store.close()
+
+
+@pytest.mark.timeout(60)
+async def test_one_member_down_changes_nothing_and_all_of_etcd_down_still_serves(
+    tmp_path: Path, etcd3: EtcdCluster, backends: list[RawBackend]
+) -> None:
+    urls = etcd3.client_urls
+    store = await push(urls, [entry(1, backends[0].port)])
+    nodes = await start_nodes(tmp_path, urls)
+    try:
+
+        async def settled() -> bool:
+            sts = await statuses(nodes)
+            return len(leaders(sts)) == 1 and all(s["cluster"]["etcd_up"] for s in sts)
+
+        await until(settled, 10)
+        await etcd3.stop(0)
+        await store.update(lambda es: [*es, entry(2, backends[1].port)])
+
+        async def all_have_two() -> bool:
+            return all(len(s["backends"]) == 2 for s in await statuses(nodes))
+
+        await until(all_have_two, 5)
+        await until(settled, 10)
+
+        await etcd3.stop_all()
+
+        async def all_down() -> bool:
+            sts = await statuses(nodes)
+            return not any(s["cluster"]["etcd_up"] or s["cluster"]["leading"] for s in sts)
+
+        await until(all_down, 15)
+        for n in nodes:  # traffic still flows through every node, to both backends
+            for _ in range(4):
+                r = await request(n.port, get())
+                assert r.status == 200 and r.body == b"ok"
+        async with aiohttp.ClientSession() as s, s.get(nodes[0].admin() + "/metrics") as r:
+            text = await r.text()
+        assert "doproxy_cluster_etcd_up 0.0" in text
+
+        # Back again: the nodes reconnect, elect a leader, and changes flow again.
+        await etcd3.start_all()
+        await until(settled, 20)
+        await store.update(lambda es: es[:1])
+
+        async def all_have_one() -> bool:
+            return all(len(s["backends"]) == 1 for s in await statuses(nodes))
+
+        await until(all_have_one, 5)
+    finally:
+        await stop_nodes(nodes)
+        await store.close()
+
+
+# --- the leader and the provider --------------------------------------------------------------
+
+
+@pytest.fixture
+async def fake_do() -> AsyncIterator[tuple[FakeDigitalOcean, int]]:
+    from tests.etcd import free_port
+
+    port = free_port()
+    async with FakeDigitalOcean(
+        token="dop_v1_n1", active_after=2.0, serve_backends=True, backend_port=port
+    ) as fake:
+        fake.more_tokens = {"dop_v1_n2", "dop_v1_n3"}
+        yield fake, port
+        assert fake.violations == []
+
+
+def calls_by(fake: FakeDigitalOcean, node: str, since: int = 0) -> list[str]:
+    out = []
+    for x in fake.exchanges[since:]:
+        auth = next((v for k, v in x.headers.items() if k.lower() == "authorization"), "")
+        if auth == f"Bearer dop_v1_{node}":
+            out.append(f"{x.method} {x.path}")
+    return out
+
+
+def provisioning_extra(fake: FakeDigitalOcean, port: int) -> Callable[[int], str]:
+    def extra(i: int) -> str:
+        return f"""
+[provisioning]
+enable = true
+min-backends = 2
+max-backends = 3
+interval = "200ms"
+reconcile-every = "2s"
+
+[do-provisioner]
+enable = true
+token = "dop_v1_n{i + 1}"
+api-url = "{fake.url}"
+create-timeout = "20s"
+poll-interval = "50ms"
+"""
+
+    return extra
+
+
+def node_config_new_host(port: int) -> str:
+    return f'new-host-port = {port}\nnew-host-health-path = "/health"\n'
+
+
+async def start_provisioning_nodes(
+    tmp: Path, urls: list[str], fake: FakeDigitalOcean, port: int
+) -> list[Node]:
+    nodes = []
+    for i in range(3):
+        folder = tmp / f"n{i + 1}"
+        cfg = node_config(folder, f"n{i + 1}", urls, provisioning_extra(fake, port)(i))
+        # The new droplets' port and health path belong in [backend].
+        cfg.write_text(
+            cfg.read_text().replace(
+                "disable-health-check = true\n",
+                "disable-health-check = true\n" + node_config_new_host(port),
+            )
+        )
+        nodes.append(Node(f"n{i + 1}", folder, await start_proxy_process(cfg)))
+    return nodes
+
+
+@pytest.mark.timeout(90)
+async def test_kill_9_of_the_leader_mid_scale_up_provisions_nothing_twice(
+    tmp_path: Path, etcd3: EtcdCluster, fake_do: tuple[FakeDigitalOcean, int]
+) -> None:
+    fake, port = fake_do
+    urls = etcd3.client_urls
+    store = await push(urls, [])
+    nodes = await start_provisioning_nodes(tmp_path, urls, fake, port)
+    try:
+        await wait_for(lambda: fake.created_count >= 1, timeout=20)
+        sts = await statuses(nodes)
+        (leader,) = leaders(sts)
+        victim = next(n for n in nodes if n.name == leader)
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        await victim.proc.proc.wait()
+        rest = [n for n in nodes if n is not victim]
+
+        async def converged() -> bool:
+            entries = await store.load()
+            ids = {str(e.id) for e in entries if e.state == "active"}
+            return (
+                len(ids) == 2
+                and not any(e.state == "provisioning" for e in entries)
+                and {str(i) for i in fake.droplets} == ids
+            )
+
+        await until(converged, 40)
+        sts = await statuses(rest)
+        assert len(leaders(sts)) == 1 and leaders(sts)[0] != leader
+        # 0 duplicates, 0 leaked: exactly the two machines the pool needs were ever created.
+        assert fake.created_count == 2, fake.summary()
+        assert len(fake.droplets) == 2
+        for n in rest:  # every node serves them
+            r = await request(n.port, get("/health"))
+            assert r.status == 200
+    finally:
+        await stop_nodes(nodes)
+        await store.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_leader_frozen_past_its_lease_makes_no_provider_call(
+    tmp_path: Path, etcd3: EtcdCluster, fake_do: tuple[FakeDigitalOcean, int]
+) -> None:
+    fake, port = fake_do
+    fake.active_after = 60.0  # the leader's creates stay "new": it polls them all along
+    urls = etcd3.client_urls
+    store = await push(urls, [])
+    nodes = await start_provisioning_nodes(tmp_path, urls, fake, port)
+    try:
+        await wait_for(lambda: fake.created_count == 2, timeout=20)
+        (leader,) = leaders(await statuses(nodes))
+        frozen = next(n for n in nodes if n.name == leader)
+        polls = len(calls_by(fake, leader))
+        await wait_for(lambda: len(calls_by(fake, leader)) > polls + 2, timeout=5)
+        os.kill(frozen.proc.pid, signal.SIGSTOP)
+        try:
+            rest = [n for n in nodes if n is not frozen]
+
+            async def moved() -> bool:
+                found = leaders(await statuses(rest))
+                return len(found) == 1 and found[0] != leader
+
+            await until(moved, 15)  # within the lease TTL (2 s) and a campaign round
+            mark = len(fake.exchanges)
+        finally:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+
+        # The old leader runs again: the poll of its create was due long ago.
+        async def follows() -> bool:
+            st = await status(frozen)
+            return st["cluster"]["leading"] is False and st["cluster"]["etcd_up"]
+
+        await until(follows, 15)
+        await asyncio.sleep(1.0)  # a window in which a stale leader would have acted
+        assert calls_by(fake, leader, since=mark) == []
+        # The new leader took the two creates over (it polls them) and made none of its own.
+        new = leaders(await statuses(nodes))
+        assert len(new) == 1 and calls_by(fake, new[0], since=mark)
+        assert fake.created_count == 2
+    finally:
+        await stop_nodes(nodes)
+        await store.close()
