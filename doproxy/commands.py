@@ -37,7 +37,6 @@ from doproxy.machines import (
     drop_intent,
     find_entry,
     open_provider,
-    open_store,
     owner_id_of,
     owner_path,
     provisioner,
@@ -46,6 +45,7 @@ from doproxy.machines import (
     survey,
 )
 from doproxy.provisioning import Machine, Provider, entry_for, new_name
+from doproxy.stores import open_store
 
 if TYPE_CHECKING:
     from doproxy.cluster.store import EtcdStore

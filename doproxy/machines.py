@@ -206,16 +206,6 @@ class FileStore:
         pass
 
 
-def open_store(settings: Settings, base: Path) -> InventoryStore:
-    """The configured store: the inventory file, or etcd in cluster mode (`[cluster] store`).
-    `base` is the config file's folder (relative paths start there)."""
-    if settings.cluster.store == "etcd":
-        from doproxy.cluster.store import EtcdStore
-
-        return EtcdStore.from_settings(settings.cluster, base)
-    return FileStore(resolve_in(base, settings.inventory_file), watched=settings.watch_config)
-
-
 # --- the provider ---------------------------------------------------------------------------
 
 

@@ -75,7 +75,6 @@ from doproxy.machines import (
     InventoryStore,
     hold_server_lock,
     open_provider,
-    open_store,
     provider_kind,
     set_state,
 )
@@ -84,6 +83,7 @@ from doproxy.proxy.access import AccessLog, switch
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.proxy.server import ProxyServer, make_tls_context
 from doproxy.statistics import StatsCollector
+from doproxy.stores import open_store
 from doproxy.upgrade import (
     Link,
     Predecessor,
