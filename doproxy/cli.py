@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     # Every command, including those other modules define (simulate), takes them after its name.
     for command in sub.choices.values():
         _global_options(command, defaults=False)
+        for action in command._actions:  # and the commands of a command (inventory push)
+            if isinstance(action, argparse._SubParsersAction):
+                for nested in action.choices.values():
+                    _global_options(nested, defaults=False)
     return p
 
 
