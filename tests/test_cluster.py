@@ -24,6 +24,7 @@ from tests.conftest import wait_for
 from tests.etcd import EtcdCluster
 from tests.procs import ProxyProcess, start_proxy_process
 from tests.support import RawBackend, answering, get, request
+from tests.test_status_page import browser  # noqa: F401 (a fixture)
 
 PREFIX = "/doproxy-test/"
 
@@ -394,6 +395,42 @@ async def test_a_leader_frozen_past_its_lease_makes_no_provider_call(
         new = leaders(await statuses(nodes))
         assert len(new) == 1 and calls_by(fake, new[0], since=mark)
         assert fake.created_count == 2
+    finally:
+        await stop_nodes(nodes)
+        await store.close()
+
+
+@pytest.mark.timeout(60)
+async def test_the_status_page_shows_the_nodes_and_the_leader(
+    tmp_path: Path,
+    etcd: EtcdCluster,
+    backends: list[RawBackend],
+    browser: Any,  # noqa: F811 (the fixture imported above)
+) -> None:
+    urls = etcd.client_urls
+    store = await push(urls, [entry(1, backends[0].port)])
+    nodes = await start_nodes(tmp_path, urls, n=2)
+    try:
+
+        async def settled() -> bool:
+            sts = await statuses(nodes)
+            return len(leaders(sts)) == 1 and all(len(s["cluster"]["nodes"]) == 2 for s in sts)
+
+        await until(settled, 10)
+        (leader,) = leaders(await statuses(nodes))
+        follower = next(n for n in nodes if n.name != leader)
+        page = await browser.new_page()
+        await page.goto(follower.admin() + "/")
+        await page.wait_for_selector("#nodes tbody tr:nth-child(2)", timeout=10_000)
+        summary = await page.text_content("#cluster-summary")
+        assert f"this node: {follower.name}" in summary and f"leader: {leader}" in summary
+        roles = {
+            await tr.get_attribute("data-node"): await tr.eval_on_selector(
+                "td:nth-child(2)", "td => td.textContent"
+            )
+            for tr in await page.query_selector_all("#nodes tbody tr")
+        }
+        assert roles == {leader: "leader", follower.name: "follower"}
     finally:
         await stop_nodes(nodes)
         await store.close()
