@@ -16,9 +16,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
+from cryptography import x509
 
 from tests.procs import ProxyProcess, start_proxy_process, write_config
 from tests.support import Client, RawBackend, RequestReader, dead_port, get, request, respond
+from tests.test_tls import issue, sni_client
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -427,3 +430,87 @@ async def test_the_workers_never_eject_more_than_max_ejection_percent(tmp_path: 
         await stop(proxy)
         for b in sick:
             await b.close()
+
+
+# --- TLS termination in the workers ------------------------------------------------------------
+
+HTTPS = """workers = 2
+https = true
+tls-cert-file = "default.pem"
+tls-key-file = "default.key"
+
+[[tls-certificate]]
+cert-file = "a.pem"
+key-file = "a.key"
+"""
+
+
+async def tls_get(port: int, ca: trustme.CA, name: str | None) -> int:
+    """One request over a new TLS connection with SNI `name` (None: no SNI): the serial number
+    of the certificate it was served."""
+    c = await Client.connect(port, ssl=sni_client(ca), server_hostname=name or "127.0.0.1")
+    try:
+        der = c.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        await c.send(get(host=name or "example.test"))
+        assert (await c.response()).status == 200
+        return int(x509.load_der_x509_certificate(der).serial_number)
+    finally:
+        await c.close()
+
+
+async def tls_burst(port: int, ca: trustme.CA, n: int) -> dict[str | None, set[int]]:
+    """`n` requests, each on a new TLS connection, half with SNI a.test and half without, 8 at
+    a time: the serial numbers served for each name."""
+    gate = asyncio.Semaphore(8)
+    names = [None if i % 2 else "a.test" for i in range(n)]
+
+    async def one(name: str | None) -> int:
+        async with gate:
+            return await tls_get(port, ca, name)
+
+    serials = await asyncio.gather(*(one(name) for name in names))
+    served: dict[str | None, set[int]] = {}
+    for name, serial in zip(names, serials, strict=True):
+        served.setdefault(name, set()).add(serial)
+    return served
+
+
+async def test_https_on_both_workers_and_a_reload_renews_the_certificates_of_both(
+    tmp_path: Path,
+) -> None:
+    ca = trustme.CA()
+    default = issue(ca, tmp_path, "default", "default.test")
+    a_cert = issue(ca, tmp_path, "a", "a.test")
+    b = await backend()
+    proxy = await start_proxy_process(write_config(tmp_path, [b.port], HTTPS))
+    try:
+        async with asyncio.timeout(60):
+            # Each certificate, picked by SNI, by whichever worker the connection lands on.
+            assert await tls_burst(proxy.port, ca, 40) == {
+                "a.test": {a_cert.serial},
+                None: {default.serial},
+            }
+            st = await until(tmp_path, lambda s: s["listener"]["requests"] == 40)
+            assert all(w["requests"] > 0 for w in st["workers"]), st["workers"]
+            before = [w["requests"] for w in st["workers"]]
+            # Both renewed (each file replaced by rename): a reload hands every worker the new
+            # ones, and no connection after it gets an old one, whichever worker takes it.
+            default = issue(ca, tmp_path, "default", "default.test")
+            a_cert = issue(ca, tmp_path, "a", "a.test")
+            proxy.proc.send_signal(signal.SIGHUP)
+            await until(
+                tmp_path,
+                lambda s: (
+                    s["config_generation"] == 1 and all(w["generation"] == 1 for w in s["workers"])
+                ),
+            )
+            assert await tls_burst(proxy.port, ca, 40) == {
+                "a.test": {a_cert.serial},
+                None: {default.serial},
+            }
+            st = await until(tmp_path, lambda s: s["listener"]["requests"] == 80)
+            assert all(w["requests"] > n for w, n in zip(st["workers"], before, strict=True))
+            assert served(b) == 80
+    finally:
+        await stop(proxy)
+        await b.close()
