@@ -63,7 +63,7 @@ from doproxy import service
 from doproxy.admin.server import AdminServer, configured_token
 from doproxy.config import load_settings, resolve_in
 from doproxy.core.balancers import Balancer, make_balancer
-from doproxy.core.health import State, may_eject
+from doproxy.core.health import State
 from doproxy.core.http11 import ErrorPage
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings, parse_bind, worker_count
@@ -763,20 +763,6 @@ class Runtime:
             error_pages=server.error_pages,
             sockets=server.listening_sockets(),
         )
-
-    def worker_ejected(self, backend: Backend, until: float) -> bool:
-        """A worker ejected `backend`: every worker gets it, within the pool's limit."""
-        server = self.server
-        assert server is not None
-        pool = server.pool
-        ejected = sum(1 for b in pool.backends if b.ejected_until)
-        if not may_eject(
-            ejected, len(pool.backends), self.settings.passive_health.max_ejection_percent
-        ):
-            return False
-        backend.ejected_until = until
-        pool.refresh()
-        return True
 
     def workers_status(self) -> list[dict[str, Any]]:
         """Each worker's process, generation and counts (empty without workers)."""

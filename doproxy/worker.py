@@ -76,6 +76,8 @@ class WorkerProcess:
         self._sent: dict[Backend, tuple[Any, ...]] = {}
         self._reporter: asyncio.Task[None] | None = None
         self._rng = random.Random()
+        # Passive-health news not sent yet: [key, host, ok], in order (see _passive).
+        self._news: list[list[Any]] = []
 
     # --- the channel -----------------------------------------------------------------------
 
@@ -94,6 +96,8 @@ class WorkerProcess:
                 await self._init(message, fds)
             elif kind == "table":
                 await self._table(message, fds)
+            elif kind == "failing":
+                self._failing(message["backends"])
             elif kind == "drain":
                 await self.drain(message.get("grace"), bool(message.get("close_idle", True)))
                 return
@@ -112,6 +116,7 @@ class WorkerProcess:
         pool = self._pool(message["table"], settings, None)
         server = ProxyServer(settings, pool, None if self.tls is None else self.tls.context)
         server.error_pages = pages_from(message["error_pages"])
+        server.passive = self._passive  # the main process keeps the runs of failures
         self._use_access_log(server, open_access_log(settings, self.base))
         for fd in fds:
             await server.listen(sock=socket.socket(fileno=fd))
@@ -173,11 +178,9 @@ class WorkerProcess:
                 b.entry = entry
                 b.name = entry.name or entry.server_host
             b.health.state = health_state(bool(row["up"]))
-            until = float(row["ejected_until"])
-            if until or b not in self._sent or b.ejections == self._sent[b][5]:
-                # The main process's word, unless this worker ejected it since its last
-                # report (the main process has not heard of it yet).
-                b.ejected_until = until
+            b.ejected_until = float(row["ejected_until"])  # only the main process ejects
+            if row["failing"] and not b.passive_failures:
+                b.passive_failures = 1  # its next success ends a run: tell it
             since = row["eligible_since"]
             b.eligible_since = None if since is None else float(since)
             backends.append(b)
@@ -200,6 +203,35 @@ class WorkerProcess:
         if self.access is not None and self.access.path is not None:
             self.access.reopen()
 
+    # --- passive health -----------------------------------------------------------------------
+
+    def _passive(self, backend: Backend, ok: bool) -> None:
+        """ProxyServer.passive: a request failed at `backend` (ok false) or it answered one
+        after failures (ok true). Sent at the end of this event-loop iteration, the news of
+        the iteration in one message, in order (doproxy.workers, Fleet._passive)."""
+        settings = self.settings
+        if settings is not None and not settings.passive_health.consecutive_failures:
+            return  # passive health is off: nobody keeps runs
+        if not self._news:
+            asyncio.get_running_loop().call_soon(self._send_news)
+        self._news.append([backend.key, backend.entry.server_host, ok])
+
+    def _send_news(self) -> None:
+        if self._news:
+            self.channel.send({"type": "passive", "events": self._news})
+            self._news = []
+
+    def _failing(self, keys: list[list[str]]) -> None:
+        """A run of failures opened at these backends on another worker: this worker's next
+        success at one of them ends it, and is news for the main process."""
+        server = self.server
+        if server is None or self.draining:
+            return
+        wanted = {(key, host) for key, host in keys}
+        for b in server.pool.backends:
+            if (b.key, b.entry.server_host) in wanted and not b.passive_failures:
+                b.passive_failures = 1
+
     # --- reporting --------------------------------------------------------------------------
 
     async def _report_every(self) -> None:
@@ -211,6 +243,8 @@ class WorkerProcess:
         server = self.server
         if server is None:
             return
+        # News first: what a report counts never reaches the main process before it.
+        self._send_news()
         now = _server_counters(server)
         sent = self._sent_server
         counters: dict[str, Any] = {name: now[name] - sent[name] for name in _SERVER_COUNTERS}
@@ -218,7 +252,6 @@ class WorkerProcess:
             counters[name] = [a - b for a, b in zip(now[name], sent[name], strict=True)]
         self._sent_server = now
         rows = []
-        ejected = []
         seen: dict[Backend, tuple[Any, ...]] = {}
         for b in server.pool.backends:
             totals = tuple(getattr(b, name) for name in _BACKEND_COUNTERS)
@@ -233,8 +266,6 @@ class WorkerProcess:
             b.samples = []
             if len(samples) > SAMPLES_PER_REPORT:
                 samples = self._rng.sample(samples, SAMPLES_PER_REPORT)
-            if deltas[5] and b.ejected_until:
-                ejected.append([b.key, b.entry.server_host, b.ejected_until])
             seen[b] = (*totals, responses)
             rows.append([b.key, b.entry.server_host, deltas, new_responses, b.in_flight, samples])
         self._sent = seen
@@ -245,7 +276,6 @@ class WorkerProcess:
                 "server": counters,
                 "connections": len(server.connections),
                 "backends": rows,
-                "ejected": ejected,
             }
         )
 

@@ -18,7 +18,10 @@ replacement (started at once, then with a growing pause if it keeps dying) accep
     main  <--ready {pid}------------------------------------------  worker
     main  --table {generation, table[, settings][, fds]}-------->  worker  (every change)
     main  <--ack {generation}-------------------------------------  worker
-    main  <--report {counter deltas, in flight, samples, ejections}  worker  (every REPORT_EVERY)
+    main  <--report {counter deltas, in flight, samples}------------  worker  (every REPORT_EVERY)
+    main  <--passive {[backend, ok], ...}--------------------------  worker  (at once, see below)
+    main  --failing {backends}----------------------------------->  worker  (a run of failures
+                                                                               opened elsewhere)
     main  --drain {grace, close_idle}---------------------------->  worker
     main  <--report (the last), then EOF -------------------------  worker exits
 
@@ -38,11 +41,21 @@ its replacement starts counting from zero. In-flight counts are gauges: the main
 each worker's last report and sums the live ones. Latency samples travel too (at most
 SAMPLES_PER_REPORT per backend per report, a uniform subsample above that).
 
-Passive health: a worker that sees a backend fail real requests in a row ejects it at once (as
-a single process does) and reports the ejection; the main process applies it to its table, if
-the pool's max-ejection-percent allows it, and pushes the table to every worker: an ejection
-seen by one worker applies to all (and one the main process refuses is undone in the worker
-that made it). Each worker counts its own run of failures.
+Passive health: the main process keeps each backend's run of failed requests for all the
+workers, so a backend is ejected after `consecutive-failures` failures in a row wherever they
+happened, and a success on any worker ends the run, as in one process. A worker never ejects:
+it sends each failed request at once (a failure is rare, and already costs far more than a
+message: a 5xx or a retry, often a log line), and the first success after one; the main
+process counts them with the code a single process runs (ProxyState.backend_failed,
+backend_ok), ejects within max-ejection-percent and pushes the table to every worker. A
+healthy response costs a worker one test of an integer, as it does one process: a worker tells
+a success only while a run is open, which it knows from its own failures and from the main
+process, which tells every worker when a run opens ("failing", and a flag in the table). Sent
+at once (a worker sends the news of one event-loop iteration as one message, and always before
+a report), the news of different workers reach the main process in the order they happened,
+give or take the time a message takes: with requests failing on several workers at once, a
+few more may fail between the one that completes the run and the table that ejects the
+backend reaching every worker.
 """
 
 from __future__ import annotations
@@ -223,6 +236,8 @@ def table(pool: Pool) -> list[dict[str, Any]]:
             "up": b.health.up,
             "ejected_until": b.ejected_until,
             "eligible_since": b.eligible_since,
+            # A run of failed requests is open: a worker tells the backend's next success.
+            "failing": b.passive_failures > 0,
         }
         for b in pool.backends
     ]
@@ -232,7 +247,6 @@ _SERVER_COUNTERS: Final = (
     "exchanges",
     "exchange_time",
     "retried",
-    "ejections",
     "express_requests",
     "express_responses",
 )
@@ -243,8 +257,8 @@ _BACKEND_COUNTERS: Final = (
     "latency_sum",
     "protocol_errors",
     "connections",
-    "ejections",
 )
+# Not among them: ejections. Only the main process ejects (see Fleet._passive) and counts them.
 
 
 # --- the main process's side -----------------------------------------------------------------
@@ -261,10 +275,6 @@ class Control(Protocol):
 
     def worker_state(self) -> WorkerState:
         """The table and listeners a worker serves now."""
-        ...
-
-    def worker_ejected(self, backend: Backend, until: float) -> bool:
-        """A worker ejected `backend` until `until`: apply it to the table (True) or not."""
         ...
 
 
@@ -443,6 +453,8 @@ class Fleet:
             w.acked.set()
         elif kind == "report":
             self._report(w, message)
+        elif kind == "passive":
+            self._passive(w, message["events"])
 
     def _report(self, w: Worker, report: dict[str, Any]) -> None:
         state = self.control.worker_state()
@@ -477,13 +489,46 @@ class Fleet:
                 if b is not None:
                     b.in_flight = max(b.in_flight - n, 0)
         w.in_flight = in_flight
-        for key, host, until in report.get("ejected", ()):
+
+    def _passive(self, w: Worker, events: list[list[Any]]) -> None:
+        """A worker's passive-health news, in the order it saw them: [key, host, ok] for each
+        real request that failed at a backend (ok false) and for the first one it answered
+        after failures (ok true). The runs of failures are kept here, on the main process's
+        Backend objects, by the very code a single process runs (ProxyState.backend_failed and
+        backend_ok on its ProxyServer, which serves nothing itself): so a run counts the
+        failures of every worker, a success on any worker ends it, and the ejection (within
+        max-ejection-percent of the whole pool, twice as long as the backend's last one) is
+        decided once, counted once and pushed to every worker.
+
+        A worker tells a success only when it knows a run is open (Backend.passive_failures
+        not 0; a response tests that and nothing else): its own failures open one, and for a
+        run opened by another worker the main process tells every worker at once ("failing"
+        below, and in every table). So the news cost a message per failure and a few per run,
+        never one per healthy response."""
+        state = self.control.worker_state()
+        server = state.server
+        backends = _index(state.pool)
+        ejected = False
+        opened: list[list[str]] = []
+        for key, host, ok in events:
             b = backends.get((key, host))
-            if b is not None and not b.ejected_until:
-                self.control.worker_ejected(b, float(until))
-        if report.get("ejected"):
-            # Applied: every worker gets it. Refused: the worker that ejected takes it back.
+            if b is None:
+                continue  # left the pool since
+            if ok:
+                server.backend_ok(b)
+                continue
+            ejections = b.ejections
+            server.backend_failed(b)
+            if b.ejections != ejections:
+                ejected = True
+            elif b.passive_failures == 1:
+                opened.append([key, host])
+        if ejected:
             self.push()
+        if opened:
+            for other in self.workers:
+                if other is not w and other.channel is not None:
+                    other.channel.send({"type": "failing", "backends": opened})
 
     # --- pushing tables ---------------------------------------------------------------------
 

@@ -16,9 +16,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
+from cryptography import x509
 
 from tests.procs import ProxyProcess, start_proxy_process, write_config
-from tests.support import RawBackend, RequestReader, get, request, respond
+from tests.support import Client, RawBackend, RequestReader, dead_port, get, request, respond
+from tests.test_tls import issue, sni_client
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -261,3 +264,253 @@ async def test_a_reload_that_moves_the_listener_moves_every_worker(tmp_path: Pat
     finally:
         await stop(proxy)
         await a.close()
+
+
+# --- passive health across workers -------------------------------------------------------------
+
+
+async def scripted() -> RawBackend:
+    """A keep-alive backend answering each request with the status in its `answer` attribute
+    (set by the test before each request), counting requests."""
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
+    ) -> None:
+        rr = RequestReader(reader)
+        while await rr.next() is not None:
+            backend.requests += 1  # type: ignore[attr-defined]
+            status: int = backend.answer  # type: ignore[attr-defined]
+            writer.write(respond(status, b"x"))
+            await writer.drain()
+
+    b = RawBackend(handler)
+    b.requests = 0  # type: ignore[attr-defined]
+    b.answer = 500  # type: ignore[attr-defined]
+    return await b.start()
+
+
+async def passive_config(tmp: Path, port: int, failures: int) -> Path:
+    """workers = 2 in front of backend b1 at `port`, ejected after `failures` in a row. A pool
+    of one is never ejected: b2, disabled, makes it two (so max-ejection-percent 50 lets b1
+    go) while every request still goes to b1."""
+    cfg = write_config(
+        tmp,
+        [port, await dead_port()],
+        "workers = 2\n"
+        f'[passive-health]\nconsecutive-failures = {failures}\nejection-time = "60s"\n'
+        "[retries]\nattempts = 0\n",  # so each failure reaches the client, as sent
+    )
+    inventory = tmp / "inventory.toml"
+    inventory.write_text(inventory.read_text() + 'state = "disabled"\n')  # b2, the last table
+    return cfg
+
+
+def connections(total: int) -> Callable[[dict[str, Any]], bool]:
+    """Whether the workers report `total` client connections in all."""
+    return lambda s: sum(w["connections"] for w in s["workers"]) == total
+
+
+async def one_on_each_worker(tmp: Path, port: int) -> tuple[list[Client], list[Client]]:
+    """Keep-alive connections opened one at a time until each worker serves one, each placed by
+    the worker whose connection count rose: those (index = slot), and the spare ones (that
+    landed on a worker which had one already), to close at the end."""
+    placed: dict[int, Client] = {}
+    spare: list[Client] = []
+    counts = [w["connections"] for w in (await status(tmp))["workers"]]
+    while len(placed) < len(counts):
+        c = await Client.connect(port)
+        st = await until(tmp, connections(sum(counts) + 1))
+        now = [w["connections"] for w in st["workers"]]
+        slot = next(i for i, (n, m) in enumerate(zip(now, counts, strict=True)) if n > m)
+        counts = now
+        if slot in placed:
+            spare.append(c)
+        else:
+            placed[slot] = c
+    return [placed[slot] for slot in sorted(placed)], spare
+
+
+def b1(st: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = next(x for x in st["backends"] if x["name"] == "b1")
+    return row
+
+
+async def exchange(c: Client, tmp: Path, sick: RawBackend, answer: int, n: int) -> bool:
+    """One request on `c` that b1 answers with `answer`, its `n`th; True when the main process
+    has ejected b1 after it. It waits for the worker's report to count the request in the main
+    process: a worker sends its passive-health news at once, on the same channel, so by then
+    the main process has taken it in too."""
+    sick.answer = answer  # type: ignore[attr-defined]
+    await c.send(get())
+    assert (await c.response()).status == answer
+    assert served(sick) == n
+    st = await until(tmp, lambda s: b1(s)["requests"] == n)
+    return bool(b1(st)["ejected"])
+
+
+async def refused_everywhere(clients: list[Client]) -> None:
+    """Each connection gets 503 (no backend left): its worker has the ejection too. A request
+    may reach b1 before the worker applied the table pushed with it, hence the loop."""
+    for c in clients:
+        while True:
+            await c.send(get())
+            status = (await c.response()).status
+            if status == 503:
+                break
+            assert status == 500
+
+
+async def test_failures_spread_over_both_workers_eject_after_the_configured_count(
+    tmp_path: Path,
+) -> None:
+    sick = await scripted()
+    proxy = await start_proxy_process(await passive_config(tmp_path, sick.port, 4))
+    clients: list[Client] = []
+    try:
+        async with asyncio.timeout(60):
+            (w0, w1), spare = await one_on_each_worker(tmp_path, proxy.port)
+            clients = [w0, w1, *spare]
+            # Four failures in a row, two on each worker: no worker saw four of its own.
+            for n, c in enumerate([w0, w1, w0, w1], 1):
+                assert await exchange(c, tmp_path, sick, 500, n) is (n == 4), n
+            await refused_everywhere([w0, w1])
+            assert "doproxy_ejections_total 1.0" in await metrics(tmp_path)
+    finally:
+        for c in clients:
+            await c.close()
+        await stop(proxy)
+        await sick.close()
+
+
+async def test_a_success_on_any_worker_resets_the_run_of_failures(tmp_path: Path) -> None:
+    sick = await scripted()
+    proxy = await start_proxy_process(await passive_config(tmp_path, sick.port, 3))
+    clients: list[Client] = []
+    try:
+        async with asyncio.timeout(60):
+            (w0, w1), spare = await one_on_each_worker(tmp_path, proxy.port)
+            clients = [w0, w1, *spare]
+            # Two failures on worker 1, then a success on worker 0, which has seen no failure
+            # of b1: the run starts again, on every worker.
+            steps = [(w1, 500), (w1, 500), (w0, 200), (w0, 500), (w1, 500)]
+            for n, (c, answer) in enumerate(steps, 1):
+                assert not await exchange(c, tmp_path, sick, answer, n), n
+            # The third failure since the success, the second on worker 0.
+            assert await exchange(w0, tmp_path, sick, 500, 6)
+            await refused_everywhere([w0, w1])
+    finally:
+        for c in clients:
+            await c.close()
+        await stop(proxy)
+        await sick.close()
+
+
+async def test_the_workers_never_eject_more_than_max_ejection_percent(tmp_path: Path) -> None:
+    sick = [await scripted(), await scripted()]  # both answer 500
+    cfg = write_config(
+        tmp_path,
+        [b.port for b in sick],
+        'workers = 2\n[passive-health]\nconsecutive-failures = 2\nejection-time = "60s"\n'
+        "[retries]\nattempts = 0\n",
+    )
+    proxy = await start_proxy_process(cfg)
+    try:
+        async with asyncio.timeout(60):
+            assert await burst(proxy.port, 30, concurrency=4) == [500] * 30
+            st = await until(tmp_path, lambda s: s["listener"]["requests"] == 30)
+            assert all(w["requests"] > 0 for w in st["workers"]), st["workers"]
+            # Half of a pool of two: one is ejected, the other keeps taking every request.
+            assert sorted(x["ejected"] for x in st["backends"]) == [False, True]
+            assert "doproxy_ejections_total 1.0" in await metrics(tmp_path)
+            kept = next(x["name"] for x in st["backends"] if not x["ejected"])
+            assert await burst(proxy.port, 10, concurrency=4) == [500] * 10
+            st = await until(tmp_path, lambda s: s["listener"]["requests"] == 40)
+            assert [x["name"] for x in st["backends"] if not x["ejected"]] == [kept]
+    finally:
+        await stop(proxy)
+        for b in sick:
+            await b.close()
+
+
+# --- TLS termination in the workers ------------------------------------------------------------
+
+HTTPS = """workers = 2
+https = true
+tls-cert-file = "default.pem"
+tls-key-file = "default.key"
+
+[[tls-certificate]]
+cert-file = "a.pem"
+key-file = "a.key"
+"""
+
+
+async def tls_get(port: int, ca: trustme.CA, name: str | None) -> int:
+    """One request over a new TLS connection with SNI `name` (None: no SNI): the serial number
+    of the certificate it was served."""
+    c = await Client.connect(port, ssl=sni_client(ca), server_hostname=name or "127.0.0.1")
+    try:
+        der = c.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        await c.send(get(host=name or "example.test"))
+        assert (await c.response()).status == 200
+        return int(x509.load_der_x509_certificate(der).serial_number)
+    finally:
+        await c.close()
+
+
+async def tls_burst(port: int, ca: trustme.CA, n: int) -> dict[str | None, set[int]]:
+    """`n` requests, each on a new TLS connection, half with SNI a.test and half without, 8 at
+    a time: the serial numbers served for each name."""
+    gate = asyncio.Semaphore(8)
+    names = [None if i % 2 else "a.test" for i in range(n)]
+
+    async def one(name: str | None) -> int:
+        async with gate:
+            return await tls_get(port, ca, name)
+
+    serials = await asyncio.gather(*(one(name) for name in names))
+    served: dict[str | None, set[int]] = {}
+    for name, serial in zip(names, serials, strict=True):
+        served.setdefault(name, set()).add(serial)
+    return served
+
+
+async def test_https_on_both_workers_and_a_reload_renews_the_certificates_of_both(
+    tmp_path: Path,
+) -> None:
+    ca = trustme.CA()
+    default = issue(ca, tmp_path, "default", "default.test")
+    a_cert = issue(ca, tmp_path, "a", "a.test")
+    b = await backend()
+    proxy = await start_proxy_process(write_config(tmp_path, [b.port], HTTPS))
+    try:
+        async with asyncio.timeout(60):
+            # Each certificate, picked by SNI, by whichever worker the connection lands on.
+            assert await tls_burst(proxy.port, ca, 40) == {
+                "a.test": {a_cert.serial},
+                None: {default.serial},
+            }
+            st = await until(tmp_path, lambda s: s["listener"]["requests"] == 40)
+            assert all(w["requests"] > 0 for w in st["workers"]), st["workers"]
+            before = [w["requests"] for w in st["workers"]]
+            # Both renewed (each file replaced by rename): a reload hands every worker the new
+            # ones, and no connection after it gets an old one, whichever worker takes it.
+            default = issue(ca, tmp_path, "default", "default.test")
+            a_cert = issue(ca, tmp_path, "a", "a.test")
+            proxy.proc.send_signal(signal.SIGHUP)
+            await until(
+                tmp_path,
+                lambda s: (
+                    s["config_generation"] == 1 and all(w["generation"] == 1 for w in s["workers"])
+                ),
+            )
+            assert await tls_burst(proxy.port, ca, 40) == {
+                "a.test": {a_cert.serial},
+                None: {default.serial},
+            }
+            st = await until(tmp_path, lambda s: s["listener"]["requests"] == 80)
+            assert all(w["requests"] > n for w, n in zip(st["workers"], before, strict=True))
+            assert served(b) == 80
+    finally:
+        await stop(proxy)
+        await b.close()

@@ -95,7 +95,9 @@ class Backend:
         self.latency = PeakEwma(tau=PEAK_EWMA_TAU)
         self.failure_rate = 0.0
         self.health = Health()  # fed by the health checker; stays UP when nobody checks
-        # Passive health: real requests failing in a row, and the ejection they caused.
+        # Passive health: real requests failing in a row, and the ejection they caused. In a
+        # worker process (workers = N) the run is kept by the main process: there, not 0 means
+        # that the backend's next success is news to send it (ProxyState.backend_ok).
         self.passive_failures = 0
         self.ejected_until = 0.0  # clock time the current ejection ends; 0 when not ejected
         self.ejections = 0

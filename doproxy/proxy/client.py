@@ -1079,8 +1079,8 @@ class ClientConnection(asyncio.Protocol):
                 self.server.backend_failed(backend)
             if self._retry_on_status(ex, up, int(text[9:12]), backend_keep_alive):
                 return True
-        elif backend is not None:
-            backend.passive_failures = 0
+        elif backend is not None and backend.passive_failures:
+            self.server.backend_ok(backend)
         t = self.transport
         if t is not None and not t.is_closing():
             write_soon(t, out)
@@ -1120,8 +1120,8 @@ class ClientConnection(asyncio.Protocol):
                 self.server.backend_failed(ex.backend)
             if self._retry_on_status(ex, up, status, reusable=False):
                 return
-        elif ex.backend is not None:
-            ex.backend.passive_failures = 0
+        elif ex.backend is not None and ex.backend.passive_failures:
+            self.server.backend_ok(ex.backend)
         ex.head_at = now = self._now()
         if self._writing_paused:
             # The client is not reading: a stall from here on is its own, not the backend's.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from doproxy.core.histogram import REQUEST_BOUNDS
@@ -66,6 +67,11 @@ class ProxyState:
         # Passive ejections ever made: a total of the listener, so a backend leaving the pool
         # does not take its ejections out of the count (Backend.ejections does).
         self.ejections = 0
+        # Where a worker process (doproxy.worker) sends its passive-health news, each failed
+        # request and the first success after one, as (backend, ok): its main process keeps the
+        # run of failures for every worker (doproxy.workers) and ejects. None: this process
+        # keeps the runs and ejects itself.
+        self.passive: Callable[[Backend, bool], None] | None = None
         # How many requests and responses took the express lanes (see client.py).
         self.express_requests = 0
         self.express_responses = 0
@@ -97,8 +103,21 @@ class ProxyState:
 
     def backend_failed(self, backend: Backend) -> None:
         """A real request failed at `backend` (connect failure, reset, timeout or 5xx)."""
-        if self.pool.eject_after_failure(backend, self.settings.passive_health):
+        passive = self.passive
+        if passive is not None:
+            backend.passive_failures += 1  # nonzero: its next success is news too
+            passive(backend, False)
+        elif self.pool.eject_after_failure(backend, self.settings.passive_health):
             self.ejections += 1
+
+    def backend_ok(self, backend: Backend) -> None:
+        """`backend` answered a real request, after failures (a response calls this only when
+        `backend.passive_failures` is not 0, so a healthy backend's responses cost one test):
+        the run of failures is over."""
+        backend.passive_failures = 0
+        passive = self.passive
+        if passive is not None:
+            passive(backend, True)
 
     def error_body(self, status: int) -> ErrorPage | None:
         """The configured error page for `status`, if any ([error-pages])."""
