@@ -747,6 +747,10 @@ class Runtime:
         if self.autoscaler is not None:
             await self._stop_scaler(self.autoscaler)
             self.autoscaler = None
+        if self.cluster is not None:
+            # Leadership goes now (the lease is revoked), not a TTL later: the successor is
+            # elected at once. This process leads no more, so it records no drain either.
+            await self.cluster.stop()
         self._exit.close()  # the inventory lock: the successor takes it now
         log.info("upgrade: inventory lock and control plane released")
 
@@ -1269,6 +1273,11 @@ class Runtime:
         if new_provider is not None:
             self.start_autoscaler(new_provider, made_of)
         if changed_provider is not None and self.provider is not None:
+            if self.cluster is not None:
+                from doproxy.cluster.node import LeaderOnly
+
+                # The leader's provider keeps its guard through a reconfiguration.
+                changed_provider = LeaderOnly(changed_provider, self.cluster)
             await self.provider.swap(changed_provider)
             self._provider_config = made_of
             log.info("autoscaler: %s provider reconfigured", changed_provider.kind)
@@ -1321,7 +1330,8 @@ class Runtime:
         if self.autoscaler is not None:
             await self._stop_scaler(self.autoscaler)
         if self.cluster is not None:
-            await self.cluster.stop()
+            if not self.handed_over:  # else stopped at the handover
+                await self.cluster.stop()
         else:
             await self.store.close()
         self._exit.close()

@@ -434,3 +434,64 @@ async def test_the_status_page_shows_the_nodes_and_the_leader(
     finally:
         await stop_nodes(nodes)
         await store.close()
+
+
+@pytest.mark.timeout(90)
+async def test_the_scalers_pause_and_journal_move_with_the_leadership(
+    tmp_path: Path, etcd3: EtcdCluster, fake_do: tuple[FakeDigitalOcean, int]
+) -> None:
+    fake, port = fake_do
+    fake.active_after = 0.2
+    urls = etcd3.client_urls
+    store = await push(urls, [])
+    nodes = await start_provisioning_nodes(tmp_path, urls, fake, port)
+    try:
+
+        async def two_active() -> bool:
+            return sum(e.state == "active" for e in await store.load()) == 2
+
+        await until(two_active, 30)
+        (leader,) = leaders(await statuses(nodes))
+        first = next(n for n in nodes if n.name == leader)
+        follower = next(n for n in nodes if n is not first)
+        async with aiohttp.ClientSession() as s:
+            # A follower runs no scaler: it says who does.
+            async with s.post(
+                follower.admin() + "/api/autoscaler/pause",
+                headers={"Authorization": f"Bearer {follower.token()}"},
+            ) as r:
+                assert r.status == 409 and f"the leader is {leader}" in await r.text()
+            async with s.post(
+                first.admin() + "/api/autoscaler/pause",
+                headers={"Authorization": f"Bearer {first.token()}"},
+            ) as r:
+                assert r.status == 200, await r.text()
+
+        async def kept() -> bool:
+            over, _ = await store.client.get(PREFIX + "overrides")
+            journal, _ = await store.client.get(PREFIX + "journal/", prefix=True)
+            return bool(over) and b'"paused": true' in over[0].value and len(journal) > 0
+
+        await until(kept, 5)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        await first.proc.proc.wait()
+        rest = [n for n in nodes if n is not first]
+
+        async def moved() -> bool:
+            found = leaders(await statuses(rest))
+            return len(found) == 1
+
+        await until(moved, 15)
+        (new,) = leaders(await statuses(rest))
+        successor = next(n for n in rest if n.name == new)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(successor.admin() + "/api/autoscaler") as r,
+        ):
+            scaler = await r.json()
+        # The new leader is paused as the old one was, and shows the old one's decisions.
+        assert scaler["enabled"] and scaler["paused"] is True
+        assert any(d["action"] == "up" for d in scaler["decisions"]), scaler["decisions"]
+    finally:
+        await stop_nodes(nodes)
+        await store.close()

@@ -98,3 +98,34 @@ async def test_push_with_the_file_store_and_etcd_down_say_what_to_do(tmp_path: P
     r = await cli(config(tmp_path, ["http://127.0.0.1:9"]), "inventory", "push")
     assert r.code == 1 and "127.0.0.1:9" in r.err
     assert "Traceback" not in r.err
+
+
+@pytest.mark.timeout(60)
+async def test_the_cluster_section_reaches_etcd_over_tls_with_a_password(tmp_path: Path) -> None:
+    """[cluster] ca-file and username/password-file, from the config to a real etcd."""
+    (tmp_path / "inventory.toml").write_text(INVENTORY)
+    async with EtcdCluster(tmp_path / "etcd", tls=True) as etcd:
+        password = "correct-horse-battery"
+        await etcd.etcdctl("user", "add", "root", "--interactive=false", input=password.encode())
+        await etcd.etcdctl("auth", "enable")
+        (tmp_path / "etcd.password").write_text(password + "\n")
+        cfg = config(tmp_path, etcd.client_urls)
+        ca = tmp_path / "etcd" / "tls" / "ca.pem"
+        cfg.write_text(
+            cfg.read_text()
+            + f'ca-file = "{ca}"\nusername = "root"\npassword-file = "etcd.password"\n'
+        )
+        r = await cli(cfg, "inventory", "push")
+        assert r.code == 0, r.err
+        assert password not in r.out + r.err
+        r = await cli(cfg, "disable", "2")
+        assert r.code == 0, r.err
+        # A wrong password is refused, and said without the password.
+        (tmp_path / "etcd.password").write_text("wrong-horse\n")
+        r = await cli(cfg, "disable", "1")
+        assert r.code == 1 and "wrong-horse" not in r.err and "Traceback" not in r.err
+        # Without the CA, etcd's certificate is not trusted.
+        cfg.write_text(cfg.read_text().replace(f'ca-file = "{ca}"\n', ""))
+        (tmp_path / "etcd.password").write_text(password + "\n")
+        r = await cli(cfg, "disable", "1")
+        assert r.code == 1 and "certificate" in r.err

@@ -16,6 +16,7 @@ import pytest
 
 from doproxy.autoscaler import Autoscaler
 from doproxy.core.settings import Settings
+from doproxy.machines import FileStore
 from doproxy.proxy.backend import Backend
 from tests.conftest import StartProxy, port_of
 from tests.support import RawBackend, RequestReader, get, request, silent
@@ -63,10 +64,12 @@ async def test_a_streamed_body_counts_only_until_its_head(
 class _Runtime:
     """The Proxy protocol the scaler needs, with traffic set by the test."""
 
-    def __init__(self, settings: Settings, backends: list[Backend]) -> None:
+    def __init__(self, settings: Settings, backends: list[Backend], folder: Path) -> None:
         self.settings = settings
         self.backends = backends
-        self.inventory_path = Path("inventory.toml")
+        self.inventory_path = folder / "inventory.toml"
+        self.store = FileStore(self.inventory_path)
+        self.owner = "doproxy-owner-test"
         self.totals = (0, 0.0)
 
     def traffic(self) -> tuple[int, float]:
@@ -89,7 +92,7 @@ class _Provider:
         return None
 
 
-def test_a_backend_leaving_the_pool_does_not_read_as_idle() -> None:
+def test_a_backend_leaving_the_pool_does_not_read_as_idle(tmp_path: Path) -> None:
     from doproxy.core.inventory_model import InventoryEntry
 
     settings = Settings.model_validate({"provisioning": {"enable": False}})
@@ -97,7 +100,7 @@ def test_a_backend_leaving_the_pool_does_not_read_as_idle() -> None:
         Backend(InventoryEntry(id=i, name=f"b{i}", server_host=f"127.0.0.1:{9000 + i}"))
         for i in (1, 2)
     )
-    rt = _Runtime(settings, [b1, b2])
+    rt = _Runtime(settings, [b1, b2], tmp_path)
     scaler = Autoscaler(rt, _Provider())  # type: ignore[arg-type]
     rt.totals = (100, 20.0)
     scaler.observe(0.0)

@@ -125,11 +125,13 @@ SPEC: dict[str, Any] = {
                     # Empty when the main process serves itself (workers = 1).
                     "workers": {"type": "array", "items": _ref("Worker")},
                     "backends": {"type": "array", "items": _ref("Backend")},
-                    "cluster": {**_ref("Cluster"), "nullable": True},
+                    # null with the file store (the Cluster schema is nullable).
+                    "cluster": _ref("Cluster"),
                 },
             },
             "Cluster": {
                 "type": "object",
+                "nullable": True,
                 "required": ["store", "node", "etcd_up", "leader", "leading", "nodes"],
                 "properties": {
                     "store": {"type": "string", "enum": ["etcd"]},
