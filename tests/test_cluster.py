@@ -495,3 +495,53 @@ async def test_the_scalers_pause_and_journal_move_with_the_leadership(
     finally:
         await stop_nodes(nodes)
         await store.close()
+
+
+@pytest.mark.timeout(60)
+async def test_an_upgrade_of_the_leader_hands_its_leadership_over(
+    tmp_path: Path, etcd: EtcdCluster, backends: list[RawBackend]
+) -> None:
+    from tests.test_upgrade import Load
+
+    urls = etcd.client_urls
+    store = await push(urls, [entry(1, backends[0].port)])
+    nodes = await start_nodes(tmp_path, urls, n=2)
+    load: Load | None = None
+    try:
+
+        async def one_leader() -> bool:
+            return len(leaders(await statuses(nodes))) == 1
+
+        await until(one_leader, 10)
+        (leader,) = leaders(await statuses(nodes))
+        old = next(n for n in nodes if n.name == leader)
+        load = Load(old.port)
+        load.start()
+        await wait_for(lambda: load is not None and load.ok > 50, timeout=10)
+        new = await start_proxy_process(old.folder / "doproxy.toml", args=("upgrade",))
+        assert new.port == old.port
+        assert await old.proc.proc.wait() == 0, old.proc.log.decode()
+        successor = Node(old.name, old.folder, new)
+        nodes[nodes.index(old)] = successor
+        before = load.ok
+        await wait_for(lambda: load is not None and load.ok > before + 50, timeout=10)
+        await load.stop()
+        assert load.failed == [], load.failed[:5]
+
+        async def settled() -> bool:
+            sts = await statuses(nodes)
+            return len(leaders(sts)) == 1 and all(len(s["cluster"]["nodes"]) == 2 for s in sts)
+
+        await until(settled, 10)
+        # The new process serves the cluster's inventory and follows its changes.
+        await store.update(lambda es: [*es, entry(2, backends[1].port)])
+
+        async def both_have_two() -> bool:
+            return all(len(s["backends"]) == 2 for s in await statuses(nodes))
+
+        await until(both_have_two, 5)
+    finally:
+        if load is not None and load.running:
+            await load.stop()
+        await stop_nodes(nodes)
+        await store.close()
