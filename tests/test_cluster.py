@@ -545,3 +545,22 @@ async def test_an_upgrade_of_the_leader_hands_its_leadership_over(
             await load.stop()
         await stop_nodes(nodes)
         await store.close()
+
+
+@pytest.mark.timeout(30)
+async def test_two_nodes_with_one_name_are_told(
+    tmp_path: Path, etcd: EtcdCluster, backends: list[RawBackend]
+) -> None:
+    urls = etcd.client_urls
+    store = await push(urls, [entry(1, backends[0].port)])
+    nodes = []
+    try:
+        for i in range(2):
+            cfg = node_config(tmp_path / f"n{i}", "same", urls)
+            nodes.append(Node("same", cfg.parent, await start_proxy_process(cfg)))
+        await wait_for(
+            lambda: any(b"also calls itself 'same'" in n.proc.log for n in nodes), timeout=10
+        )
+    finally:
+        await stop_nodes(nodes)
+        await store.close()

@@ -102,6 +102,8 @@ class ClusterNode:
         self.cache = cache  # the local inventory file: what a restart serves without etcd
         self.clock = clock
         self.token = f"{self.name}/{uuid.uuid4().hex}".encode()
+        self.session = uuid.uuid4().hex[:8]  # tells our own signal from a namesake's
+        self._namesake_said = False
         self.leader_key = self.prefix + "leader"
         self.lease = 0
         self.lease_until = 0.0  # clock() by which our lease may have lapsed
@@ -185,6 +187,12 @@ class ClusterNode:
 
     async def _session(self) -> None:
         ttl = self.settings.lease_ttl
+        if self.lease:
+            # The last session's lease (after a short outage it may still live, holding the
+            # leader key and our signal): gone at once, so leadership moves without a wait.
+            with contextlib.suppress(DoproxyError):
+                await self.client.lease_revoke(self.lease)
+            self.lease = 0
         sent = self.clock()
         self.lease = await self.client.lease_grant(ttl)
         self.lease_until = sent + ttl
@@ -229,6 +237,7 @@ class ClusterNode:
         }
         return {
             "node": self.name,
+            "session": self.session,
             "pid": os.getpid(),
             "leader": self.leading,
             "exchanges": n,
@@ -365,8 +374,20 @@ class ClusterNode:
             return
         with contextlib.suppress(ValueError):
             data = json.loads(ev.kv.value)
-            if isinstance(data, dict) and name != self.name:
+            if not isinstance(data, dict):
+                return
+            if name != self.name:
                 self.nodes[name] = data
+            elif data.get("session") != self.session and not self._namesake_said:
+                # Two nodes publishing under one name would hide one's traffic from the
+                # scaler (and confuse drains): said once, loudly.
+                self._namesake_said = True
+                log.error(
+                    "cluster: another node (pid %s) also calls itself %r; give every node its "
+                    "own [cluster] node-name",
+                    data.get("pid"),
+                    self.name,
+                )
 
     async def _apply(self, entries: list[InventoryEntry], revision: int) -> None:
         if await self.runtime.apply_inventory(entries):
