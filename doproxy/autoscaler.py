@@ -114,6 +114,15 @@ class Proxy(Protocol):
         """Is the backend `key` eligible for new requests right now?"""
         ...
 
+    def wake_state(self) -> tuple[int, float | None, bool]:
+        """Scale to zero: (requests waiting for a backend, seconds since the last real
+        request or None, whether a wake failed); (0, None, False) when it is off."""
+        ...
+
+    def wake_failure_handled(self) -> None:
+        """The scaler acted on a failed wake (it retires the backend that did not come up)."""
+        ...
+
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +198,7 @@ class Autoscaler:
         self._last_tick: float | None = None
         self._task: asyncio.Task[None] | None = None
         self.reconciled = asyncio.Event()
+        self._poked = asyncio.Event()  # poke(): decide now
         self.last_latency: float | None = None  # the last observation's, for the admin API
         # Live overrides from the admin API (pause, min/max), kept beside the inventory (or
         # in etcd, for the whole cluster).
@@ -292,7 +302,7 @@ class Autoscaler:
                 first = False
                 self.reconciled.set()
             self._note_state()
-            await self.sleep(backoff(self.settings.interval, max(self.errors, 1)))
+            await self._pause(backoff(self.settings.interval, max(self.errors, 1)))
 
     def _failed(self, e: Exception) -> None:
         self.errors += 1
@@ -516,6 +526,7 @@ class Autoscaler:
             and managed_by(b.entry, self.provider.kind)
             and b.key not in self.retiring
         )
+        waiting, quiet_for, wake_failed = self.runtime.wake_state()
         return Observation(
             now=now,
             latency=latency,
@@ -525,6 +536,9 @@ class Autoscaler:
             draining=len(self.retiring),
             failing=failing,
             replacing=self.replacing,
+            waiting=waiting,
+            quiet_for=quiet_for,
+            wake_failed=wake_failed,
         )
 
     def _under_manual_action(self) -> int:
@@ -599,7 +613,22 @@ class Autoscaler:
             )
         if acting:
             self._act(decision)
+            if decision.kind == "wake-failed":
+                self.runtime.wake_failure_handled()
         return decision
+
+    def poke(self) -> None:
+        """Decide now rather than at the next interval (a request waits for a sleeping pool)."""
+        self._poked.set()
+
+    async def _pause(self, seconds: float) -> None:
+        if self.sleep is not asyncio.sleep:  # a test's own sleep: its time, not ours
+            await self.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._poked.wait()
+        self._poked.clear()
 
     def _act(self, d: Decision) -> None:
         if d.action == "up":

@@ -22,10 +22,18 @@ class ClientError(DoproxyError):
 
     status: int = 500
     reason: str = "Internal Server Error"
+    retry_after: int = 0  # seconds, for a Retry-After header (0: none)
+    page: tuple[bytes, bytes] | None = None  # (content type, body) instead of the usual one
 
-    def __init__(self, detail: str = "") -> None:
+    def __init__(
+        self, detail: str = "", retry_after: int = 0, page: tuple[bytes, bytes] | None = None
+    ) -> None:
         super().__init__(detail or self.reason)
         self.detail = detail or self.reason
+        if retry_after:
+            self.retry_after = retry_after
+        if page is not None:
+            self.page = page
 
 
 class BadRequest(ClientError):

@@ -103,6 +103,7 @@ if TYPE_CHECKING:
     from doproxy.cluster.node import ClusterNode
     from doproxy.cluster.store import EtcdStore
     from doproxy.provisioning import Machine, Provider
+    from doproxy.wake import Waker
 
 log = logging.getLogger(__name__)
 
@@ -539,6 +540,7 @@ class Runtime:
         self.owner = ""  # the store's owner tag, read at start (the scaler's and the CLI's)
         self.cluster: ClusterNode | None = None  # this node's part in a cluster (store etcd)
         self._leader_store: InventoryStore | None = None  # the guarded store while we lead
+        self.waker: Waker | None = None  # scale to zero: holds requests while the pool wakes
 
     async def start(self) -> ProxyServer:
         settings = self.settings
@@ -573,6 +575,7 @@ class Runtime:
             self._use_access_log(server, None)
             raise
         self.server = server
+        self._use_waker(settings)
         if self.worker_total > 1:
             self.fleet = Fleet(self, self.worker_total)
             try:
@@ -900,6 +903,58 @@ class Runtime:
         """This node's listener's exchange totals."""
         server = self.server
         return (server.exchanges, server.exchange_time) if server is not None else (0, 0.0)
+
+    # --- scale to zero (doproxy.wake) --------------------------------------------------------
+
+    def _use_waker(self, settings: Settings) -> None:
+        """Hold requests while a sleeping pool wakes when scale-to-zero is on (else 503)."""
+        p = settings.provisioning
+        if p.enable and p.scale_to_zero:
+            if self.waker is None:
+                from doproxy.wake import Waker
+
+                self.waker = Waker(settings, self.backends_pool, poke=self._poke_scaler)
+            else:
+                self.waker.configure(settings)
+        elif self.waker is not None:
+            waker, self.waker = self.waker, None
+            self._spawn(waker.stop())  # anything held gets its 503
+        if self.server is not None:
+            self.server.waker = self.waker
+
+    def backends_pool(self) -> Pool:
+        assert self.server is not None
+        return self.server.pool
+
+    def _poke_scaler(self) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.poke()
+
+    def local_wake_state(self) -> tuple[int, float | None, bool]:
+        """This node's (requests waiting, seconds since a real request, wake failed)."""
+        w = self.waker
+        if w is None:
+            return 0, None, False
+        return w.waiting, w.quiet_for(), w.failed_at is not None
+
+    def wake_state(self) -> tuple[int, float | None, bool]:
+        """What the scaler decides on: this node's, or in a cluster every node's together
+        (the requests waiting anywhere, the most recent real request anywhere)."""
+        waiting, quiet, failed = self.local_wake_state()
+        if self.cluster is not None and self.waker is not None:
+            for name, n in self.cluster.nodes.items():
+                if name == self.cluster.name:
+                    continue
+                waiting += int(n.get("waiting", 0))
+                q = n.get("quiet_for")
+                if isinstance(q, (int, float)):
+                    quiet = q if quiet is None else min(quiet, float(q))
+                failed = failed or bool(n.get("wake_failed"))
+        return waiting, quiet, failed
+
+    def wake_failure_handled(self) -> None:
+        if self.waker is not None:
+            self.waker.failed_at = None
 
     # --- cluster mode (doproxy.cluster.node) -------------------------------------------------
 
@@ -1254,6 +1309,7 @@ class Runtime:
             # (connections already open keep the certificate they shook hands with).
             self.tls.certificates = certificates
         server.set_settings(settings)
+        self._use_waker(settings)
         self._use_access_log(server, access)
         assert self.checker is not None
         self.checker.settings = settings
@@ -1327,6 +1383,8 @@ class Runtime:
             for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
                 with contextlib.suppress(Exception):
                     asyncio.get_running_loop().remove_signal_handler(sig)
+        if self.waker is not None:
+            await self.waker.stop()
         if self.autoscaler is not None:
             await self._stop_scaler(self.autoscaler)
         if self.cluster is not None:

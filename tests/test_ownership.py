@@ -93,6 +93,12 @@ class FakeProxy:
     def traffic(self) -> tuple[int, float]:
         return (0, 0.0)
 
+    def wake_state(self) -> tuple[int, float | None, bool]:
+        return 0, None, False
+
+    def wake_failure_handled(self) -> None:
+        pass
+
 
 def posts(fake: FakeDigitalOcean) -> int:
     return sum(1 for x in fake.exchanges if x.method == "POST" and x.path == "/v2/droplets")

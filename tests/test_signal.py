@@ -75,6 +75,12 @@ class _Runtime:
     def traffic(self) -> tuple[int, float]:
         return self.totals
 
+    def wake_state(self) -> tuple[int, float | None, bool]:
+        return 0, None, False
+
+    def wake_failure_handled(self) -> None:
+        pass
+
     async def reload(self) -> bool:
         return True
 

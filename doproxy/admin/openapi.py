@@ -192,6 +192,18 @@ SPEC: dict[str, Any] = {
                 "type": "object",
                 "required": ["enabled", "paused", "config", "decisions"],
                 "properties": {
+                    "scale_to_zero": {
+                        "type": "object",
+                        "nullable": True,
+                        "properties": {
+                            "asleep": {"type": "boolean"},
+                            "waking": {"type": "boolean"},
+                            "waiting": {"type": "integer"},
+                            "quiet_for": _NUM,
+                            "idle_after": {"type": "number"},
+                            "sleeps_in": _NUM,
+                        },
+                    },
                     "enabled": {"type": "boolean"},
                     "paused": {"type": "boolean"},
                     "config": {

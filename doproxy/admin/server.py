@@ -105,6 +105,8 @@ class Served(Protocol):
     @property
     def cluster(self) -> ClusterNode | None: ...
 
+    def wake_state(self) -> tuple[int, float | None, bool]: ...
+
     @property
     def base(self) -> Path: ...
 
@@ -712,7 +714,22 @@ def autoscaler_view(runtime: Served) -> dict[str, Any]:
         "last_error": status["last_error"],
         "backoff": status["create_backoff"],
         "create_error": status["create_error"],
+        "scale_to_zero": _sleep_view(runtime, p) if p.scale_to_zero else None,
         "decisions": decisions,
+    }
+
+
+def _sleep_view(runtime: Served, p: Any) -> dict[str, Any]:
+    """Scale to zero: asleep or awake, requests held, and when it sleeps next."""
+    waiting, quiet, _ = runtime.wake_state()
+    asleep = not runtime.backends and waiting == 0
+    return {
+        "asleep": asleep,
+        "waking": waiting > 0,
+        "waiting": waiting,
+        "quiet_for": _round(quiet, 1),
+        "idle_after": p.idle_after,
+        "sleeps_in": None if asleep or quiet is None else _round(max(p.idle_after - quiet, 0), 1),
     }
 
 

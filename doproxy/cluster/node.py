@@ -69,6 +69,8 @@ class Served(Protocol):
 
     def local_traffic(self) -> tuple[int, float]: ...
 
+    def local_wake_state(self) -> tuple[int, float | None, bool]: ...
+
     async def apply_inventory(self, entries: list[InventoryEntry] | None = None) -> bool: ...
 
     async def lead(self, store: EtcdStore) -> None:
@@ -231,6 +233,7 @@ class ClusterNode:
 
     def signal(self) -> dict[str, Any]:
         n, wait = self.runtime.local_traffic()
+        waiting, quiet_for, wake_failed = self.runtime.local_wake_state()
         backends = self.runtime.backends
         self._drained = {
             str(b.entry.id) for b in backends if b.entry.state == "draining" and not b.in_flight
@@ -246,6 +249,11 @@ class ClusterNode:
             "backends": len(backends),
             "drained": sorted(self._drained),
             "revision": self.applied_revision,
+            # Scale to zero: the leader wakes the pool for requests held on any node and
+            # lets it sleep only when no node saw a real request for idle-after.
+            "waiting": waiting,
+            "quiet_for": None if quiet_for is None else round(quiet_for, 1),
+            "wake_failed": wake_failed,
             "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
 

@@ -80,7 +80,7 @@ Action = Literal["none", "up", "down", "replace"]
 # Reasons ("kinds") of a no-op decision that are worth one history entry when they begin: the
 # scaler would act but something stops it. Streaks building up, the steady state, sitting at
 # min-backends with a fast pool and waiting for a boot are routine and stay out of the history.
-NOTABLE_KINDS = frozenset({"at-max", "cooldown-up", "cooldown-down", "idle"})
+NOTABLE_KINDS = frozenset({"at-max", "cooldown-up", "cooldown-down", "idle", "asleep"})
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,12 @@ class Observation:
     # Of the `provisioning` machines, those that replace a failing one still in `serving`: the
     # pair counts once.
     replacing: int = 0
+    # Scale to zero: requests held (or asking) for a backend of a sleeping pool, the seconds
+    # since the last real request (None: not known), and whether a wake ended with no backend
+    # healthy within wake-timeout.
+    waiting: int = 0
+    quiet_for: float | None = None
+    wake_failed: bool = False
 
     @property
     def size(self) -> int:
@@ -258,6 +264,46 @@ def decide(
             desired=desired,
         )
         return d, replace(st, last_kind=kind)
+
+    # 0: scale to zero. Asleep (nothing in the pool), it wakes with exactly one machine when a
+    # request waits, whatever the cooldowns: a user is waiting. Awake, it sleeps once no real
+    # request came for idle-after, or when a wake failed (the machine never became healthy:
+    # it is not kept running for nobody). Otherwise a pool that serves keeps at least one.
+    if policy.scale_to_zero:
+        if size == 0:
+            if obs.waiting > 0:
+                after = replace(nxt, last_up=now, samples=())
+                return out(
+                    "wake",
+                    f"wake up 0→1: {obs.waiting} request(s) waiting for the sleeping pool",
+                    "up",
+                    1,
+                    after=after,
+                )
+            return out("asleep", "asleep: no backend until a request arrives (scale-to-zero)")
+        if obs.wake_failed and obs.provisioning == 0:
+            after = replace(nxt, last_down=now, samples=())
+            return out(
+                "wake-failed",
+                f"scale down {size}→0: no backend became healthy within wake-timeout "
+                f"({span(policy.wake_timeout)})",
+                "down",
+                obs.serving,
+                after=after,
+            )
+        quiet = obs.quiet_for
+        asleep_ok = obs.provisioning == 0 and obs.waiting == 0  # nobody waits for it
+        if quiet is not None and quiet >= policy.idle_after and asleep_ok:
+            after = replace(nxt, last_down=now, samples=())
+            return out(
+                "sleep",
+                f"scale down {size}→0: no request for {span(quiet)} (idle-after "
+                f"{span(policy.idle_after)}); the next request wakes it",
+                "down",
+                obs.serving,
+                after=after,
+            )
+        lo = max(lo, 1)
 
     # 1 and 2: the bounds are repairs: no window, no max-step. A repair counts as a scale
     # action for the cooldowns that follow it, and a repair downward respects downscale-every

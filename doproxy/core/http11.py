@@ -317,7 +317,11 @@ ErrorPage = tuple[bytes, bytes]  # (content type, body)
 
 
 def error_response(
-    status: int, page: ErrorPage | None = None, close: bool = True, head: bool = False
+    status: int,
+    page: ErrorPage | None = None,
+    close: bool = True,
+    head: bool = False,
+    retry_after: int = 0,
 ) -> bytes:
     """A small complete response the proxy itself answers with (a configured page, or text).
     To a HEAD request (`head`) it has the same headers and no body: a body there would be read
@@ -332,6 +336,8 @@ def error_response(
         b"Content-Length: " + str(len(body)).encode() + b"\r\n"
         b"Cache-Control: no-store\r\n"
     )
+    if retry_after:
+        out += b"Retry-After: " + str(retry_after).encode() + b"\r\n"
     if close:
         out += b"Connection: close\r\n"
     return out + b"\r\n" if head else out + b"\r\n" + body

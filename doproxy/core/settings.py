@@ -231,6 +231,19 @@ class Provisioning(Section):
     # Between two reconciliations with the provider (and one follows any provider error).
     reconcile_every: PositiveDuration = 60.0
     history: int = Field(200, ge=1)  # decisions kept in memory for the admin API/status page
+    # Scale to zero (docs/scale-to-zero.md): a pool with no real request for idle-after
+    # retires every backend; the first request to the empty pool starts one and is held until
+    # it passes its health check (up to wake-timeout), with at most wake-queue requests held.
+    scale_to_zero: bool = False
+    idle_after: PositiveDuration = 1800.0
+    wake_timeout: PositiveDuration = 120.0
+    wake_queue: int = Field(1000, ge=1)
+    # A browser (Accept: text/html) gets a small page that reloads itself instead of waiting.
+    wake_page: bool = False
+    # Requests that neither wake the pool nor keep it awake (answered 503 while it sleeps):
+    # an entry starting with "/" is a path prefix, any other a User-Agent substring
+    # (case-insensitive), e.g. ["/healthz", "UptimeRobot"].
+    wake_ignore: tuple[str, ...] = ()
 
     @property
     def stabilization(self) -> float:
@@ -243,11 +256,14 @@ class Provisioning(Section):
     def _bounds(self) -> Provisioning:
         # As in the Go version: a pool of no backend serves nothing, and an autoscaler that
         # may reach zero has no latency left to tell it when to grow again.
-        if self.min_backends < 1:
+        if self.min_backends < 0 or (self.min_backends == 0 and not self.scale_to_zero):
             raise ValueError(
                 f"provisioning.min-backends ({self.min_backends}) must be at least 1: a pool "
-                "without backends serves nothing and measures no latency to grow back from"
+                "without backends serves nothing and measures no latency to grow back from "
+                "(0 is allowed with scale-to-zero = true, which wakes it on a request)"
             )
+        if any(not p for p in self.wake_ignore):
+            raise ValueError("provisioning.wake-ignore: an entry may not be empty")
         if self.min_backends > self.max_backends:
             raise ValueError(
                 f"provisioning.min-backends ({self.min_backends}) must not exceed "
@@ -485,6 +501,15 @@ class Settings(Section):
         bad = [code for code in self.error_pages if not 400 <= code <= 599]
         if bad:
             raise ValueError(f"error-pages: {bad[0]} is not an error status (400-599)")
+        return self
+
+    @model_validator(mode="after")
+    def _scale_to_zero(self) -> Settings:
+        if self.provisioning.scale_to_zero and self.workers != 1:
+            raise ValueError(
+                "provisioning.scale-to-zero needs workers = 1: requests held while the pool "
+                "wakes wait in the process that serves them (docs/scale-to-zero.md)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -941,15 +941,26 @@ class ClientConnection(asyncio.Protocol):
         now = self._now()
         if not ex.begun:
             ex.begun = now
+        waker = server.waker
         if ex.tried:
             eligible = [b for b in pool.eligible if b not in ex.tried]
         else:
             server.retry_budget.deposit()
             eligible = pool.eligible
+            if waker is not None:
+                waker.seen(ex.head)
         # The hash key: the configured header or cookie (absent: round robin), or the client.
         backend = pool.balancer.pick(eligible, ex.hash_key if self._hash_header else self.peer_ip)
         if backend is None:
-            self._fail(ex, ServiceUnavailable("no backend available"))
+            err: ClientError = ServiceUnavailable("no backend available")
+            if waker is not None and not ex.tried:
+                # Scale to zero: held while the pool wakes (reading nothing more meanwhile).
+                held = waker.hold(self, ex)
+                if held is None:
+                    self._pause(_PAUSE_BUFFER)
+                    return
+                err = held
+            self._fail(ex, err)
             return
         ex.backend = backend
         backend.in_flight += 1
@@ -974,6 +985,16 @@ class ClientConnection(asyncio.Protocol):
             lambda proto, err: self.dial_done(ex, cast(UpstreamConnection | None, proto), err),
         )
         server.track_dial(task)
+
+    def wake_done(self, ex: Exchange, err: ClientError | None) -> None:
+        """The waker hands a held exchange back: the pool is awake (None) or it is not."""
+        if self.closed or not self.queue or self.queue[0] is not ex:
+            return
+        self._resume(_PAUSE_BUFFER)
+        if err is not None:
+            self._fail(ex, err)
+        else:
+            self._start(ex)
 
     def dial_done(
         self, ex: Exchange, up: UpstreamConnection | None, err: ClientError | None
@@ -1598,8 +1619,10 @@ class ClientConnection(asyncio.Protocol):
         log.debug("answering %d: %s", err.status, err.detail)
         # Keep the connection only when the request is fully read and nothing else is odd.
         keep = ex.keep_alive and ex.request_done and not ex.upgrade and not self.server.draining
-        page = self.server.error_body(err.status)
-        out = error_response(err.status, page, close=not keep, head=ex.is_head)
+        page = err.page or self.server.error_body(err.status)
+        out = error_response(
+            err.status, page, close=not keep, head=ex.is_head, retry_after=err.retry_after
+        )
         if self._access_log:
             ex.status = err.status
             ex.body_sent = 0 if ex.is_head else len(out) - out.find(b"\r\n\r\n") - 4

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from doproxy.core.histogram import REQUEST_BOUNDS
 from doproxy.core.http11 import ErrorPage
@@ -20,7 +20,21 @@ from doproxy.core.settings import Settings
 from doproxy.proxy.backend import Backend, Pool
 
 if TYPE_CHECKING:
+    from doproxy.errors import ClientError
     from doproxy.proxy.access import AccessLog
+
+
+class Waking(Protocol):
+    """Scale to zero (doproxy.wake.Waker): what the connections ask of it."""
+
+    def seen(self, head: bytes) -> None:
+        """Every request's first try (a real one keeps the pool awake)."""
+        ...
+
+    def hold(self, conn: Any, ex: Any) -> ClientError | None:
+        """No backend is eligible: hold the exchange (None) or the error to answer now. A
+        held exchange is handed back through `conn.wake_done(ex, error or None)`."""
+        ...
 
 
 class ProxyState:
@@ -40,6 +54,8 @@ class ProxyState:
         # Where access lines go, set by the runtime when access-log is on. Read per line, so
         # a reload that turns the log off or moves it takes effect on open connections too.
         self.access: AccessLog | None = None
+        # Set by the runtime when [provisioning] scale-to-zero is on; None costs one test.
+        self.waker: Waking | None = None
         self.dials: set[asyncio.Task[None]] = set()  # connects in progress (shutdown cancels)
         self.all_closed = asyncio.Event()
         self.max_idle = settings.limits.max_idle_per_backend
