@@ -82,6 +82,11 @@ class Waker:
     def hold(self, conn: Any, ex: Any) -> ClientError | None:
         """No backend is eligible for `ex`: hold it (None), or the error to answer now."""
         s = self.settings
+        if self.pool().backends and not self.held and self.wanted_at is None:
+            # Awake, with every backend down or out of rotation: an outage, not a sleep. It
+            # is answered as without scale to zero (holding would only delay the 503, and a
+            # "failed wake" would destroy machines that may recover).
+            return ServiceUnavailable("no backend available")
         if ignored(ex.head, self.rules):
             return ServiceUnavailable("asleep (wake-ignore)", retry_after=PAGE_REFRESH)
         now = self.clock()
@@ -91,6 +96,8 @@ class Waker:
             return ServiceUnavailable(
                 "waking (wake-page)", retry_after=PAGE_REFRESH, page=waiting_page(PAGE_REFRESH)
             )
+        # Clients that went away while held leave no place taken (nor a reason to wake).
+        self.held = [h for h in self.held if not h[0].closed]
         if len(self.held) >= s.wake_queue:
             return ServiceUnavailable(
                 "waking, and wake-queue requests already wait", retry_after=PAGE_REFRESH
@@ -133,6 +140,7 @@ class Waker:
 
     def release(self) -> None:
         """Hand held requests on once a backend is eligible; 503 those whose time is up."""
+        self.held = [h for h in self.held if not h[0].closed]
         if not self.held:
             return
         if any(self.ready(b) for b in self.pool().eligible):

@@ -264,3 +264,56 @@ async def test_a_browser_gets_a_page_that_reloads_while_the_pool_wakes(tmp_path:
     finally:
         await rt.stop()
         await destroy_all(rt.settings, tmp_path)
+
+
+class _Pool:
+    def __init__(self) -> None:
+        self.backends: list[object] = []
+        self.eligible: list[object] = []
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.closed = False
+        self.done: list[object] = []
+
+    def wake_done(self, ex: object, err: object) -> None:
+        self.done.append(err)
+
+
+class _Ex:
+    head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+@pytest.mark.timeout(10)
+async def test_the_waker_holds_only_while_asleep_or_waking_and_forgets_who_left() -> None:
+    from doproxy.core.settings import Settings
+    from doproxy.wake import Waker
+
+    settings = Settings.model_validate(
+        {
+            "provisioning": {
+                "enable": True,
+                "scale-to-zero": True,
+                "min-backends": 0,
+                "wake-queue": 2,
+            }
+        }
+    )
+    pool = _Pool()
+    pokes: list[int] = []
+    waker = Waker(settings, lambda: pool, poke=lambda: pokes.append(1))  # type: ignore[arg-type,return-value]
+    gone, c2, c3 = _Conn(), _Conn(), _Conn()
+    assert waker.hold(gone, _Ex()) is None and pokes
+    assert waker.hold(c2, _Ex()) is None
+    err = waker.hold(c3, _Ex())
+    assert err is not None and err.retry_after  # the queue is full
+    gone.closed = True  # its client left: its place is free again
+    assert waker.hold(c3, _Ex()) is None
+    assert waker.waiting == 2
+    await waker.stop()
+    # Awake, with every backend down: an outage, answered 503 at once, never held.
+    awake = Waker(settings, lambda: pool)  # type: ignore[arg-type,return-value]
+    pool.backends = [object()]
+    err = awake.hold(_Conn(), _Ex())
+    assert err is not None and err.status == 503 and not awake.held
