@@ -131,6 +131,45 @@ def leaders(sts: list[dict[str, Any]]) -> list[str]:
     return [s["cluster"]["node"] for s in sts if s["cluster"]["leading"]]
 
 
+async def settled(nodes: list[Node], timeout: float) -> None:
+    """Until one node leads, every node reaches etcd and sees every node's signal."""
+
+    async def check() -> bool:
+        sts = await statuses(nodes)
+        return len(leaders(sts)) == 1 and all(
+            s["cluster"]["etcd_up"] and len(s["cluster"]["nodes"]) == len(nodes) for s in sts
+        )
+
+    await until(check, timeout)
+
+
+async def serving(nodes: list[Node], count: int, timeout: float) -> None:
+    """Until every node's pool has `count` backends."""
+
+    async def check() -> bool:
+        return all(len(s["backends"]) == count for s in await statuses(nodes))
+
+    await until(check, timeout)
+
+
+async def new_leader(nodes: list[Node], not_: str, timeout: float) -> str:
+    """Until one of `nodes` leads, and it is not `not_`; its name."""
+
+    async def check() -> bool:
+        found = leaders(await statuses(nodes))
+        return len(found) == 1 and found[0] != not_
+
+    await until(check, timeout)
+    return leaders(await statuses(nodes))[0]
+
+
+async def active_backends(store: EtcdStore, count: int, timeout: float) -> None:
+    async def check() -> bool:
+        return sum(e.state == "active" for e in await store.load()) == count
+
+    await until(check, timeout)
+
+
 @pytest.mark.timeout(60)
 async def test_an_inventory_change_reaches_every_node_within_a_second(
     tmp_path: Path, etcd3: EtcdCluster, backends: list[RawBackend]
@@ -143,20 +182,12 @@ async def test_an_inventory_change_reaches_every_node_within_a_second(
             r = await request(n.port, get())
             assert r.status == 200 and r.body == b"ok"
 
-        async def one_leader() -> bool:
-            sts = await statuses(nodes)
-            return len(leaders(sts)) == 1 and all(len(s["cluster"]["nodes"]) == 3 for s in sts)
-
-        await until(one_leader, 10)
+        await settled(nodes, 10)
 
         # A membership change made through the store (as the CLI does) ...
         t0 = time.monotonic()
         await store.update(lambda es: [*es, entry(2, backends[1].port)])
-
-        async def all_have_two() -> bool:
-            return all(len(s["backends"]) == 2 for s in await statuses(nodes))
-
-        await until(all_have_two, 5)
+        await serving(nodes, 2, 5)
         assert time.monotonic() - t0 < 1.0
 
         # ... and one through any node's admin API reach every node within 1 s.
@@ -203,20 +234,11 @@ async def test_one_member_down_changes_nothing_and_all_of_etcd_down_still_serves
     store = await push(urls, [entry(1, backends[0].port)])
     nodes = await start_nodes(tmp_path, urls)
     try:
-
-        async def settled() -> bool:
-            sts = await statuses(nodes)
-            return len(leaders(sts)) == 1 and all(s["cluster"]["etcd_up"] for s in sts)
-
-        await until(settled, 10)
+        await settled(nodes, 10)
         await etcd3.stop(0)
         await store.update(lambda es: [*es, entry(2, backends[1].port)])
-
-        async def all_have_two() -> bool:
-            return all(len(s["backends"]) == 2 for s in await statuses(nodes))
-
-        await until(all_have_two, 5)
-        await until(settled, 10)
+        await serving(nodes, 2, 5)
+        await settled(nodes, 10)
 
         await etcd3.stop_all()
 
@@ -235,13 +257,9 @@ async def test_one_member_down_changes_nothing_and_all_of_etcd_down_still_serves
 
         # Back again: the nodes reconnect, elect a leader, and changes flow again.
         await etcd3.start_all()
-        await until(settled, 20)
+        await settled(nodes, 20)
         await store.update(lambda es: es[:1])
-
-        async def all_have_one() -> bool:
-            return all(len(s["backends"]) == 1 for s in await statuses(nodes))
-
-        await until(all_have_one, 5)
+        await serving(nodes, 1, 5)
     finally:
         await stop_nodes(nodes)
         await store.close()
@@ -373,12 +391,8 @@ async def test_a_leader_frozen_past_its_lease_makes_no_provider_call(
         os.kill(frozen.proc.pid, signal.SIGSTOP)
         try:
             rest = [n for n in nodes if n is not frozen]
-
-            async def moved() -> bool:
-                found = leaders(await statuses(rest))
-                return len(found) == 1 and found[0] != leader
-
-            await until(moved, 15)  # within the lease TTL (2 s) and a campaign round
+            # Within the lease TTL (2 s) and a campaign round.
+            await new_leader(rest, leader, 15)
             mark = len(fake.exchanges)
         finally:
             os.kill(frozen.proc.pid, signal.SIGCONT)
@@ -411,12 +425,7 @@ async def test_the_status_page_shows_the_nodes_and_the_leader(
     store = await push(urls, [entry(1, backends[0].port)])
     nodes = await start_nodes(tmp_path, urls, n=2)
     try:
-
-        async def settled() -> bool:
-            sts = await statuses(nodes)
-            return len(leaders(sts)) == 1 and all(len(s["cluster"]["nodes"]) == 2 for s in sts)
-
-        await until(settled, 10)
+        await settled(nodes, 10)
         (leader,) = leaders(await statuses(nodes))
         follower = next(n for n in nodes if n.name != leader)
         page = await browser.new_page()
@@ -446,11 +455,7 @@ async def test_the_scalers_pause_and_journal_move_with_the_leadership(
     store = await push(urls, [])
     nodes = await start_provisioning_nodes(tmp_path, urls, fake, port)
     try:
-
-        async def two_active() -> bool:
-            return sum(e.state == "active" for e in await store.load()) == 2
-
-        await until(two_active, 30)
+        await active_backends(store, 2, 30)
         (leader,) = leaders(await statuses(nodes))
         first = next(n for n in nodes if n.name == leader)
         follower = next(n for n in nodes if n is not first)
@@ -476,13 +481,7 @@ async def test_the_scalers_pause_and_journal_move_with_the_leadership(
         os.kill(first.proc.pid, signal.SIGKILL)
         await first.proc.proc.wait()
         rest = [n for n in nodes if n is not first]
-
-        async def moved() -> bool:
-            found = leaders(await statuses(rest))
-            return len(found) == 1
-
-        await until(moved, 15)
-        (new,) = leaders(await statuses(rest))
+        new = await new_leader(rest, leader, 15)
         successor = next(n for n in rest if n.name == new)
         async with (
             aiohttp.ClientSession() as s,
@@ -508,11 +507,7 @@ async def test_an_upgrade_of_the_leader_hands_its_leadership_over(
     nodes = await start_nodes(tmp_path, urls, n=2)
     load: Load | None = None
     try:
-
-        async def one_leader() -> bool:
-            return len(leaders(await statuses(nodes))) == 1
-
-        await until(one_leader, 10)
+        await settled(nodes, 10)
         (leader,) = leaders(await statuses(nodes))
         old = next(n for n in nodes if n.name == leader)
         load = Load(old.port)
@@ -528,18 +523,10 @@ async def test_an_upgrade_of_the_leader_hands_its_leadership_over(
         await load.stop()
         assert load.failed == [], load.failed[:5]
 
-        async def settled() -> bool:
-            sts = await statuses(nodes)
-            return len(leaders(sts)) == 1 and all(len(s["cluster"]["nodes"]) == 2 for s in sts)
-
-        await until(settled, 10)
+        await settled(nodes, 10)
         # The new process serves the cluster's inventory and follows its changes.
         await store.update(lambda es: [*es, entry(2, backends[1].port)])
-
-        async def both_have_two() -> bool:
-            return all(len(s["backends"]) == 2 for s in await statuses(nodes))
-
-        await until(both_have_two, 5)
+        await serving(nodes, 2, 5)
     finally:
         if load is not None and load.running:
             await load.stop()

@@ -4,11 +4,14 @@ listener, real requests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from doproxy.admin.server import autoscaler_view
+from doproxy.autoscaler import Autoscaler
 from doproxy.config import load_settings
 from doproxy.core.autoscale import Observation, ScalerState, decide
 from doproxy.core.settings import Provisioning
@@ -157,16 +160,25 @@ def test_scale_to_zero_with_workers_is_refused(tmp_path: Path) -> None:
 # --- end to end ---------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(90)
-async def test_a_sleeping_pool_wakes_once_for_50_requests_and_sleeps_again(tmp_path: Path) -> None:
-    cfg = config(tmp_path)
+@contextlib.asynccontextmanager
+async def running(cfg: Path) -> AsyncIterator[tuple[Runtime, Autoscaler, int]]:
+    """A runtime on `cfg` whose scaler has reconciled; stopped, its machines destroyed."""
     rt = Runtime(load_settings(cfg), [], cfg)
     server = await rt.start()
     try:
-        port = server.addresses[0][1]
         scaler = rt.autoscaler
         assert scaler is not None
         await asyncio.wait_for(scaler.reconciled.wait(), 10)
+        yield rt, scaler, server.addresses[0][1]
+    finally:
+        await rt.stop()
+        await destroy_all(rt.settings, cfg.parent)
+
+
+@pytest.mark.timeout(90)
+async def test_a_sleeping_pool_wakes_once_for_50_requests_and_sleeps_again(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    async with running(cfg) as (rt, scaler, port):
         # Asleep from the start (min-backends 0): an uptime checker gets 503 and wakes nothing.
         for raw in (get("/healthz"), get("/", extra="User-Agent: UptimeRobot/2.0\r\n")):
             r = await request(port, raw)
@@ -203,9 +215,6 @@ async def test_a_sleeping_pool_wakes_once_for_50_requests_and_sleeps_again(tmp_p
         # And it wakes again for the next real request.
         r = await request(port, get("/again"))
         assert r.status == 200
-    finally:
-        await rt.stop()
-        await destroy_all(rt.settings, tmp_path)
 
 
 @pytest.mark.timeout(60)
@@ -214,13 +223,7 @@ async def test_a_backend_that_never_gets_healthy_fails_the_waiters_and_is_destro
 ) -> None:
     # The health check wants 204; the demo backend answers 200: never healthy.
     cfg = config(tmp_path, wake_timeout="3s", health="expect-status = [204]")
-    rt = Runtime(load_settings(cfg), [], cfg)
-    server = await rt.start()
-    try:
-        port = server.addresses[0][1]
-        scaler = rt.autoscaler
-        assert scaler is not None
-        await asyncio.wait_for(scaler.reconciled.wait(), 10)
+    async with running(cfg) as (rt, scaler, port):
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         responses = await asyncio.gather(*(request(port, get(f"/w{i}")) for i in range(5)))
@@ -230,9 +233,6 @@ async def test_a_backend_that_never_gets_healthy_fails_the_waiters_and_is_destro
         await wait_for(lambda: entries(tmp_path) == 0, timeout=15)
         assert await machines(rt) == 0
         assert any("no backend became healthy" in r.reason for r in scaler.history)
-    finally:
-        await rt.stop()
-        await destroy_all(rt.settings, tmp_path)
 
 
 @pytest.mark.timeout(60)
@@ -241,13 +241,7 @@ async def test_a_browser_gets_a_page_that_reloads_while_the_pool_wakes(tmp_path:
     cfg.write_text(
         cfg.read_text().replace("scale-to-zero = true", "scale-to-zero = true\nwake-page = true")
     )
-    rt = Runtime(load_settings(cfg), [], cfg)
-    server = await rt.start()
-    try:
-        port = server.addresses[0][1]
-        scaler = rt.autoscaler
-        assert scaler is not None
-        await asyncio.wait_for(scaler.reconciled.wait(), 10)
+    async with running(cfg) as (_rt, _scaler, port):
         r = await request(port, get("/", extra="Accept: text/html,*/*\r\n"))
         assert r.status == 503 and b"http-equiv=refresh" in r.body
         assert (r.header("content-type") or b"").startswith(b"text/html")
@@ -261,9 +255,6 @@ async def test_a_browser_gets_a_page_that_reloads_while_the_pool_wakes(tmp_path:
         async with asyncio.timeout(15):
             while not await served():
                 await asyncio.sleep(0.1)
-    finally:
-        await rt.stop()
-        await destroy_all(rt.settings, tmp_path)
 
 
 class _Pool:
