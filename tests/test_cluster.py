@@ -459,6 +459,17 @@ async def test_the_scalers_pause_and_journal_move_with_the_leadership(
         (leader,) = leaders(await statuses(nodes))
         first = next(n for n in nodes if n.name == leader)
         follower = next(n for n in nodes if n is not first)
+
+        # Traffic through a follower alone reaches the leader's scaler (the nodes' signals
+        # are summed): its observed latency stops being "no request".
+        async def leader_sees_it() -> bool:
+            for _ in range(5):
+                assert (await request(follower.port, get())).status == 200
+            async with aiohttp.ClientSession() as s, s.get(first.admin() + "/api/autoscaler") as r:
+                return (await r.json())["signal"]["latency"] is not None
+
+        await until(leader_sees_it, 10)
+        assert (await status(first))["listener"]["requests"] == 0  # none through the leader
         async with aiohttp.ClientSession() as s:
             # A follower runs no scaler: it says who does.
             async with s.post(

@@ -129,3 +129,43 @@ async def test_the_cluster_section_reaches_etcd_over_tls_with_a_password(tmp_pat
         (tmp_path / "etcd.password").write_text(password + "\n")
         r = await cli(cfg, "disable", "1")
         assert r.code == 1 and "certificate" in r.err
+
+
+@pytest.mark.timeout(60)
+async def test_create_list_and_destroy_keep_their_records_in_etcd(
+    tmp_path: Path, etcd: EtcdCluster
+) -> None:
+    """The machine commands against the etcd store and the fake DigitalOcean API: the intent,
+    the entry and its removal are etcd's, with the cluster's owner tag on the droplet."""
+    from doproxy.testing.fake_digitalocean import FakeDigitalOcean
+
+    async with FakeDigitalOcean(token="dop_v1_cli", active_after=0.2) as fake:
+        cfg = config(tmp_path, etcd.client_urls)
+        cfg.write_text(
+            cfg.read_text()
+            + f"""
+[do-provisioner]
+token = "dop_v1_cli"
+api-url = "{fake.url}"
+create-timeout = "20s"
+poll-interval = "50ms"
+"""
+        )
+        store = EtcdStore(EtcdClient(etcd.client_urls), PREFIX)
+        try:
+            r = await cli(cfg, "create", "web-1")
+            assert r.code == 0, r.err
+            (e,) = await store.load()
+            assert e.name == "web-1" and e.state == "active"
+            owner = await store.owner_tag()
+            (droplet,) = fake.droplets.values()
+            assert owner in droplet["tags"]
+            r = await cli(cfg, "list", "--output", "json")
+            assert r.code == 0 and "web-1" in r.out
+            r = await cli(cfg, "destroy", str(e.id), "--yes")
+            assert r.code == 0, r.err
+            assert await store.load() == [] and fake.droplets == {}
+            assert not (tmp_path / "inventory.toml").exists()  # the file was never the store
+            assert fake.violations == []
+        finally:
+            await store.close()

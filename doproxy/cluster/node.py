@@ -319,10 +319,12 @@ class ClusterNode:
             await self._depose(f"{self.leader or 'nobody'} leads now")
 
     async def _elected(self) -> None:
-        self.leading = True
         log.info("cluster: %s is the leader now; it runs the autoscaler", self.name)
         await self.store.load_kept()
         await self.runtime.lead(self.store.guarded(self.leader_key, self.token))
+        # Said once the scaler exists (so the status never shows a leader without one), and
+        # before the scaler's task first runs: its provider calls ask ensure_leader().
+        self.leading = True
 
     async def _depose(self, why: str) -> None:
         self.leading = False
