@@ -286,6 +286,14 @@ async def test_fake_droplets_scale_up_under_load_and_back_down(
         assert fake.created_count >= 2
         await wait_for(lambda: len(fake.droplets) == 1, timeout=10)
         assert {str(i) for i in fake.droplets} == inventory_ids(tmp_path)
+        # A scale-down saves its victim's own price (a s-1vcpu-1gb droplet's).
+        assert rt.autoscaler is not None
+        downs = [r for r in rt.autoscaler.history if r.action == "down"]
+        assert downs and all(
+            r.cost_before is not None
+            and r.cost_after == pytest.approx(r.cost_before - round(6 / 672, 5))
+            for r in downs
+        )
     finally:
         await rt.stop()
 
