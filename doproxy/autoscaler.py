@@ -46,7 +46,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,6 +60,7 @@ from doproxy.core.autoscale import (
     decide,
     pick_victims,
 )
+from doproxy.core.cost import PoolCost, change, money, pool_cost, price_of
 from doproxy.core.histogram import PROVISION_BOUNDS, Histogram
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Provisioning, Settings
@@ -139,6 +140,21 @@ class Record:
     size_before: int
     size_after: int
     acted: bool  # False in dry-run, or when nothing needed doing
+    # The pool's cost per hour before and after the decision (None: not known).
+    cost_before: float | None = None
+    cost_after: float | None = None
+
+    def cost_words(self) -> str:
+        """ "+$0.018/h ($0.036/h → $0.054/h)" for a scale-up or down whose costs are known
+        and differ ("" for free local backends)."""
+        if self.action not in ("up", "down"):
+            return ""
+        if self.cost_before is None or self.cost_after is None:
+            return ""
+        before, after = self.cost_before, self.cost_after
+        if abs(after - before) < 1e-12:
+            return ""
+        return f"{change(before, after)} ({money(before)}/h → {money(after)}/h)"
 
 
 def backoff(interval: float, failures: int) -> float:
@@ -200,6 +216,10 @@ class Autoscaler:
         self.reconciled = asyncio.Event()
         self._poked = asyncio.Event()  # poke(): decide now
         self.last_latency: float | None = None  # the last observation's, for the admin API
+        # Prices per hour the provider reported at the last reconcile: by machine id, and by
+        # droplet size (a new machine's price, when the config does not say it).
+        self.machine_prices: dict[str, float] = {}
+        self.size_prices: dict[str, float] = {}
         # Live overrides from the admin API (pause, min/max), kept beside the inventory (or
         # in etcd, for the whole cluster).
         self._kept_overrides = self.store.overrides()
@@ -375,6 +395,8 @@ class Autoscaler:
                         size_before=int(r["size_before"]),
                         size_after=int(r["size_after"]),
                         acted=bool(r["acted"]),
+                        cost_before=_cost(r.get("cost_before")),
+                        cost_after=_cost(r.get("cost_after")),
                     )
                 )
 
@@ -395,6 +417,7 @@ class Autoscaler:
         rt = self.runtime
         entries = await self.store.load()
         found = await survey(self.provider, entries, self.owner)
+        self._learn_prices(found.seen.values())
         self._reconcile_due = False
         self._next_reconcile = self.clock() + self.settings.reconcile_every
         dry = self.settings.dry_run
@@ -496,6 +519,56 @@ class Autoscaler:
         if changed:
             await rt.apply_inventory()
 
+    # --- what the pool costs ---------------------------------------------------------------------
+
+    def _learn_prices(self, machines: Iterable[Machine]) -> None:
+        """Keep the prices the provider reported: per machine, and per droplet size."""
+        prices: dict[str, float] = {}
+        for m in machines:
+            if m.price_hourly is None:
+                continue
+            prices[m.id] = m.price_hourly
+            size = m.extra.get("size")
+            if size:
+                self.size_prices[size] = m.price_hourly
+        self.machine_prices = prices
+
+    def new_price(self) -> float | None:
+        """What one more machine costs per hour: the config's cost-per-hour (local), else the
+        configured droplet size's price as last seen on a droplet (None before any)."""
+        p = provisioner(self.runtime.settings)
+        return p.price if p.price is not None else self.size_prices.get(p.size)
+
+    def _managed(self, e: InventoryEntry) -> bool:
+        return managed_by(e, self.provider.kind)
+
+    def cost(self) -> PoolCost:
+        """The pool's cost per hour now: every machine in the pool (draining and disabled ones
+        are billed too) and every machine being created (doproxy.core.cost)."""
+        return pool_cost(
+            (b.entry for b in self.runtime.backends),
+            self._managed,
+            self.machine_prices,
+            self.new_price(),
+            creating=len(self.creating),
+        )
+
+    def _priced(self, d: Decision, victims: list[str]) -> Decision:
+        """A scale-down's cost after, from its victims' own prices (when all are known)."""
+        if d.cost_before is None or not victims:
+            return d
+        by_key = {b.key: b.entry for b in self.runtime.backends}
+        new = self.new_price()
+        prices = [
+            price_of(by_key[k], self._managed, self.machine_prices, new)
+            for k in victims
+            if k in by_key
+        ]
+        if len(prices) != len(victims) or any(p is None for p in prices):
+            return d
+        saved = sum(p for p in prices if p is not None)
+        return dataclasses.replace(d, cost_after=max(d.cost_before - saved, 0.0))
+
     # --- one decision ----------------------------------------------------------------------------
 
     def observe(self, now: float) -> Observation:
@@ -527,6 +600,7 @@ class Autoscaler:
             and b.key not in self.retiring
         )
         waiting, quiet_for, wake_failed = self.runtime.wake_state()
+        cost = self.cost()
         return Observation(
             now=now,
             latency=latency,
@@ -539,6 +613,8 @@ class Autoscaler:
             waiting=waiting,
             quiet_for=quiet_for,
             wake_failed=wake_failed,
+            cost=cost.per_hour,
+            price=cost.new_machine,
         )
 
     def _under_manual_action(self) -> int:
@@ -580,6 +656,11 @@ class Autoscaler:
                     self.create_error,
                 )
             return decision
+        victims: list[str] = []
+        if decision.action == "down":
+            # Chosen now, so the record can say what their going saves.
+            victims = pick_victims(self._candidates(), decision.count)
+            decision = self._priced(decision, victims)
         if decision.notable:
             record = Record(
                 at=self.wall(),
@@ -588,6 +669,8 @@ class Autoscaler:
                 size_before=decision.size_before,
                 size_after=decision.size_after,
                 acted=acting,
+                cost_before=_round_cost(decision.cost_before),
+                cost_after=_round_cost(decision.cost_after),
             )
             self.history.append(record)
             self._journal(
@@ -598,21 +681,30 @@ class Autoscaler:
                     "size_before": record.size_before,
                     "size_after": record.size_after,
                     "acted": record.acted,
+                    "cost_before": record.cost_before,
+                    "cost_after": record.cost_after,
                 },
             )
             suffix = _dry(dry and decision.action != "none", self.paused)
-            log.info("autoscaler: %s%s", decision.reason, suffix)
+            costs = record.cost_words()
+            said = decision.reason + (f"; {costs}" if costs else "") + suffix
+            # The cost cap binding is the operator's to know: it holds capacity back.
+            level = logging.WARNING if decision.kind == "at-max-cost" else logging.INFO
+            log.log(level, "autoscaler: %s", said)
             self.events.publish(
                 "scaling",
-                decision.reason + suffix,
+                said,
+                "warning" if level == logging.WARNING else "info",
                 result=decision.action,
                 reason=decision.kind,
                 acted=acting,
                 size_before=decision.size_before,
                 size_after=decision.size_after,
+                cost_before=record.cost_before,
+                cost_after=record.cost_after,
             )
         if acting:
-            self._act(decision)
+            self._act(decision, victims)
             if decision.kind == "wake-failed":
                 self.runtime.wake_failure_handled()
         return decision
@@ -630,13 +722,13 @@ class Autoscaler:
                 await self._poked.wait()
         self._poked.clear()
 
-    def _act(self, d: Decision) -> None:
+    def _act(self, d: Decision, victims: list[str]) -> None:
         if d.action == "up":
             for _ in range(d.count):
                 name = new_name(provisioner(self.runtime.settings).name_prefix)
                 self._spawn_create(functools.partial(self._create, name), name)
         elif d.action == "down":
-            for key in pick_victims(self._candidates(), d.count):
+            for key in victims:
                 self._spawn_retire(key)
         elif d.action == "replace":
             for key in d.replace:
@@ -749,6 +841,10 @@ class Autoscaler:
             await self._give_up(name)
             raise
         log.info("autoscaler: %s (%s) is up at %s", entry.name, entry.id, entry.server_host)
+        if entry.price_hourly is not None:
+            # Made with the configured size: now its price is known, for the cost cap.
+            self.size_prices[provisioner(rt.settings).size] = entry.price_hourly
+            self.machine_prices[str(entry.id)] = entry.price_hourly
         await rt.apply_inventory()
         self.provision_seconds.observe(self.clock() - started)
         return entry
@@ -823,6 +919,17 @@ class Autoscaler:
         await remove_entry(self.store, key)
         log.info("autoscaler: %s (%s) destroyed", entry.name, key)
         await rt.apply_inventory()
+
+
+def _cost(value: Any) -> float | None:
+    """A journaled cost: a number, or None (records of older versions have none)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _round_cost(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 def _dry(dry: bool, paused: bool = False) -> str:

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Protocol
 
 from doproxy.config import resolve_in
+from doproxy.core.cost import PoolCost, pool_cost
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
 from doproxy.errors import (
@@ -218,15 +219,32 @@ class Provisioner:
     name_prefix: str  # new machines are called this + 8 random hex digits
     boot_timeout: float  # a new (or rebooted) machine must be up within this
     poll_interval: float  # between status polls while waiting
+    size: str = ""  # what new machines are made of: a droplet size slug ("" for local ones)
+    # What a new machine costs per hour when the config says it (local: cost-per-hour); None
+    # when only the provider can tell (a droplet size's price, learned from its droplets).
+    price: float | None = None
 
 
 def provisioner(settings: Settings) -> Provisioner:
     if settings.local_provisioner.enable:
         lp = settings.local_provisioner
-        return Provisioner("local", lp.tags, "local-", lp.boot_timeout, 0.1)
+        return Provisioner("local", lp.tags, "local-", lp.boot_timeout, 0.1, "", lp.cost_per_hour)
     do = settings.do_provisioner
     return Provisioner(
-        "digitalocean", do.tags, do.hostname_prefix, do.create_timeout, do.poll_interval
+        "digitalocean", do.tags, do.hostname_prefix, do.create_timeout, do.poll_interval, do.size
+    )
+
+
+def inventory_cost(settings: Settings, entries: list[InventoryEntry]) -> PoolCost:
+    """What the inventory's machines cost per hour, from what the inventory and the config
+    say (no provider asked): a running autoscaler knows more (Autoscaler.cost)."""
+    p = provisioner(settings)
+    return pool_cost(
+        (e for e in entries if e.state != "provisioning"),
+        lambda e: managed_by(e, p.kind),
+        {},
+        p.price,
+        creating=sum(1 for e in entries if e.state == "provisioning"),
     )
 
 
@@ -385,6 +403,8 @@ class Survey:
     # machines with the shared tags but not our owner tag that the inventory does not list.
     foreign_gone: list[InventoryEntry] = field(default_factory=list)
     strangers: list[Machine] = field(default_factory=list)
+    # Every machine the survey saw (listed, or asked for by id), by id: their prices.
+    seen: dict[str, Machine] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
@@ -402,7 +422,7 @@ async def survey(provider: Provider, entries: list[InventoryEntry], owner: str) 
     machines = await provider.list()
     by_id = {m.id: m for m in machines}
     by_name = {m.name: m for m in machines}
-    result = Survey()
+    result = Survey(seen=dict(by_id))
     known: set[str] = set()
     for e in entries:
         if not managed_by(e, provider.kind):
@@ -420,7 +440,7 @@ async def survey(provider: Provider, entries: list[InventoryEntry], owner: str) 
         if mid not in by_id:
             # Not tagged (a droplet the 2015 doproxy made, or one adopted by hand): ask directly.
             try:
-                await provider.get(mid)
+                result.seen[mid] = await provider.get(mid)
             except MachineNotFound:
                 (result.gone if owned(e, owner) else result.foreign_gone).append(e)
                 continue

@@ -35,8 +35,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from doproxy.core.cost import PoolCost
 from doproxy.core.histogram import REQUEST_BOUNDS, Histogram, cumulative
 from doproxy.core.inventory_model import InventoryEntry
+from doproxy.core.settings import Settings
+from doproxy.machines import inventory_cost
 from doproxy.proxy.backend import Backend
 
 # The classic text format. prometheus_client's CONTENT_TYPE_LATEST has meant its 1.0.0 text
@@ -93,6 +96,10 @@ class Scaler(Protocol):
         """Create tasks running now: machines being provisioned."""
         ...
 
+    def cost(self) -> PoolCost:
+        """What the pool costs per hour now, with the prices the provider reported."""
+        ...
+
 
 class EventCounts(Protocol):
     """doproxy.events.EventLog: events ever published, by (kind, result)."""
@@ -103,6 +110,9 @@ class EventCounts(Protocol):
 
 class Source(Protocol):
     """What the metrics read from the running proxy (doproxy.runtime.Runtime provides it)."""
+
+    @property
+    def settings(self) -> Settings: ...
 
     @property
     def server(self) -> Listener | None: ...
@@ -239,6 +249,21 @@ class MetricsCollector:
         for state in POOL_STATES:
             pool.add_metric([state], states[state])
         yield pool
+
+        cost = (
+            scaler.cost() if scaler is not None else inventory_cost(src.settings, list(src.entries))
+        )
+        yield GaugeMetricFamily(
+            "doproxy_pool_cost_per_hour",
+            "What the pool's machines cost per hour (US dollars), those being created and "
+            "drained included; machines without a known price are not in it.",
+            value=cost.per_hour,
+        )
+        yield GaugeMetricFamily(
+            "doproxy_pool_unpriced_backends",
+            "Machines of the pool whose price is not known (not in doproxy_pool_cost_per_hour).",
+            value=cost.unpriced,
+        )
 
         scaling = CounterMetricFamily(
             "doproxy_scaling_decisions_total",

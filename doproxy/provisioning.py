@@ -37,6 +37,9 @@ class Machine:
     created: dt.datetime | None = None
     port: int | None = None  # where it serves; None means [backend] new-host-port
     pid: int = 0  # local processes only
+    # What it costs per hour (a droplet's size.price_hourly); None when the provider does not
+    # say (local processes: their price is the config's cost-per-hour).
+    price_hourly: float | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -103,6 +106,7 @@ def entry_for(machine: Machine, settings: Settings, provider: str) -> InventoryE
         provider=provider,
         tags=machine.tags,
         pid=machine.pid,
+        price_hourly=machine.price_hourly,
     )
 
 

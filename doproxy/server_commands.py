@@ -26,6 +26,7 @@ from rich.text import Text
 
 from doproxy.admin.client import AdminClient, ApiError, Found, NoServer, TokenRefused, locate
 from doproxy.commands import Context, Waiting
+from doproxy.core.cost import change, money
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.errors import DoproxyError
 from doproxy.machines import drain, set_state
@@ -138,6 +139,7 @@ def _autoscaler(a: dict[str, Any]) -> list[Table | Text]:
         ("mode", str(a.get("mode"))),
         ("backends", f"{limit('min-backends')} .. {limit('max-backends')}"),
         ("desired / actual", f"{_or_dash(a.get('desired'))} / {a.get('actual')}"),
+        ("cost", _cost(a.get("cost"))),
         ("latency", _ms((a.get("signal") or {}).get("latency"))),
         ("last error", a.get("last_error") or "-"),
     ]
@@ -155,12 +157,33 @@ def _autoscaler(a: dict[str, Any]) -> list[Table | Text]:
             table.add_row(
                 Text(_at(d["at"])),
                 Text(d["action"]),
-                Text(f"{d['size_before']} -> {d['size_after']}"),
+                Text(f"{d['size_before']} -> {d['size_after']}{_cost_change(d)}"),
                 Text("yes" if d["acted"] else "no"),
                 Text(d["reason"]),
             )
         out.append(table)
     return out
+
+
+def _cost(c: dict[str, Any] | None) -> str:
+    """ "$0.027/h (3 machines; 1 without a known price); max $0.05/h"."""
+    if not c:
+        return "-"
+    text = f"{money(c['per_hour'])}/h ({c['machines']} machine(s)"
+    text += f"; {c['unpriced']} without a known price)" if c.get("unpriced") else ")"
+    if c.get("max-cost-per-hour"):
+        text += f"; max-cost-per-hour {money(c['max-cost-per-hour'])}/h"
+    return text
+
+
+def _cost_change(d: dict[str, Any]) -> str:
+    """ ", +$0.0089/h" for a scale-up or down whose costs are known."""
+    before, after = d.get("cost_before"), d.get("cost_after")
+    if d["action"] not in ("up", "down") or before is None or after is None:
+        return ""
+    if abs(after - before) < 1e-12:
+        return ""  # free backends: nothing to say
+    return f", {change(before, after)}"
 
 
 def _events_table(events: list[dict[str, Any]]) -> Table:

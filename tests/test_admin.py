@@ -494,3 +494,33 @@ async def test_event_streams_are_bounded(
     finally:
         for r in opened:
             r.close()
+
+
+async def test_status_and_metrics_say_what_the_pool_costs(
+    start: Start, two: tuple[RawBackend, RawBackend]
+) -> None:
+    """Without an autoscaler: the prices the inventory recorded; a droplet without one (a 2015
+    entry, and no droplet of the configured size seen) is counted as unpriced."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a, b = two
+    text = inventory(a.port, b.port).replace(
+        f'server-host = "127.0.0.1:{a.port}"\n',
+        f'server-host = "127.0.0.1:{a.port}"\nprice-hourly = 0.03571\n',
+    )
+    _rt, admin = await start(config(), text)
+    status, body = await admin.call("GET", "/api/status", token=None)
+    assert status == 200
+    assert body["cost"] == {
+        "per_hour": 0.03571,
+        "machines": 2,
+        "unpriced": 1,
+        "new_backend": None,
+        "max-cost-per-hour": None,
+    }
+    status, body = await admin.call("GET", "/api/autoscaler", token=None)
+    assert body["cost"]["per_hour"] == 0.03571
+    async with admin.session.get(admin.url + "/metrics") as r:
+        families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+    assert families["doproxy_pool_cost_per_hour"].samples[0].value == 0.03571
+    assert families["doproxy_pool_unpriced_backends"].samples[0].value == 1

@@ -701,3 +701,89 @@ def test_a_latency_scale_down_waits_downscale_every_after_a_repair() -> None:
     downs = [d for d in ds if d.action == "down"]
     assert downs and downs[0].now >= 3600
     assert any(d.kind == "cooldown-down" for d in ds)
+
+
+# --- max-cost-per-hour (issue 14, part 3) ----------------------------------------------------
+
+PRICE = 0.00893  # a s-1vcpu-1gb droplet per hour ($6 a month)
+
+
+def test_max_cost_per_hour_stops_a_scale_up_as_max_backends_does() -> None:
+    # Two droplets cost $0.018/h; a third would make $0.027/h, above the $0.02/h cap.
+    p = policy(max_backends=10, max_cost_per_hour=0.02)
+    ds, _ = feed(p, (obs(t * STEP, 0.612, cost=2 * PRICE, price=PRICE) for t in range(200)))
+    assert all(d.action == "none" for d in ds)
+    capped = [d for d in ds if d.kind == "at-max-cost"]
+    assert capped and capped[0] is ds[35]  # once the upscale window is full
+    assert capped[0].reason == (
+        "mean latency 612 ms > 500 ms over 3m, but at max-cost-per-hour $0.02/h: the pool "
+        "costs $0.018/h, a backend $0.0089/h"
+    )
+    # Notable once, when it begins binding (logged and kept in the history once).
+    assert [d.notable for d in ds].count(True) == 1 and capped[0].notable
+    assert all(d.cost_before == d.cost_after == 2 * PRICE for d in capped)
+
+
+def test_max_cost_per_hour_cuts_the_step_to_what_it_allows() -> None:
+    p = policy(mode="target", target_latency="300ms", max_backends=10, max_step=4)
+    cheap = policy(
+        mode="target",
+        target_latency="300ms",
+        max_backends=10,
+        max_step=4,
+        max_cost_per_hour=4 * PRICE + 1e-6,
+    )
+    obs_ = [obs(t * STEP, 0.9, cost=2 * PRICE, price=PRICE) for t in range(36)]
+    free, _ = feed(p, obs_)
+    assert (free[-1].action, free[-1].count) == ("up", 4)
+    ds, _ = feed(cheap, obs_)
+    d = ds[-1]
+    assert (d.action, d.count, d.size_after, d.kind) == ("up", 2, 4, "scale-up")
+    assert d.reason.endswith("(max-cost-per-hour $0.036/h allows 2 more at $0.0089/h)")
+    assert d.cost_before == pytest.approx(2 * PRICE)
+    assert d.cost_after == pytest.approx(4 * PRICE)
+
+
+def test_cost_before_and_after_on_every_decision() -> None:
+    p = policy()
+    ds, _ = feed(p, (obs(t * STEP, 0.612, cost=0.05, price=0.01) for t in range(36)))
+    d = ds[-1]
+    assert d.action == "up"
+    assert (d.cost_before, d.cost_after) == (0.05, pytest.approx(0.06))
+    assert ds[0].cost_before == ds[0].cost_after == 0.05  # no action: no change
+    # Without a price for a new machine the cost after an action is unknown.
+    ds, _ = feed(p, (obs(t * STEP, 0.612, cost=0.05) for t in range(36)))
+    assert (ds[-1].cost_before, ds[-1].cost_after) == (0.05, None)
+    # Without costs at all (a task that does not measure them): None, as before.
+    ds, _ = feed(p, (obs(t * STEP, 0.612) for t in range(36)))
+    assert (ds[-1].cost_before, ds[-1].cost_after) == (None, None)
+
+
+def test_max_cost_per_hour_is_not_checked_without_a_price_and_says_so() -> None:
+    p = policy(max_cost_per_hour=0.01)
+    ds, _ = feed(p, (obs(t * STEP, 0.612, cost=0.05) for t in range(36)))
+    d = ds[-1]
+    assert d.action == "up"
+    assert d.reason.endswith(
+        "(max-cost-per-hour $0.01/h not checked: a new backend's price is unknown)"
+    )
+
+
+def test_free_backends_and_no_cap_never_bind() -> None:
+    for p, price in ((policy(max_cost_per_hour=0.01), 0.0), (policy(), PRICE)):
+        ds, _ = feed(p, (obs(t * STEP, 0.612, cost=1.0, price=price) for t in range(36)))
+        assert ds[-1].action == "up" and "max-cost" not in ds[-1].reason
+
+
+def test_the_cost_cap_holds_back_neither_the_min_backends_repair_nor_replacements() -> None:
+    p = policy(min_backends=3, max_cost_per_hour=0.01)
+    d, _ = decide(obs(0, 0.3, serving=1, cost=PRICE, price=PRICE), p, ScalerState())
+    assert (d.action, d.size_after) == ("up", 3)
+    assert d.cost_after == pytest.approx(3 * PRICE)
+    p = policy(max_cost_per_hour=0.01)
+    d, _ = decide(obs(0, 0.3, serving=2, failing=("7",), cost=0.02, price=PRICE), p, ScalerState())
+    assert d.action == "replace"
+    # Above the cap (it was lowered): no scale-down for cost, only no scale-up.
+    ds, _ = feed(p, (obs(t * STEP, 0.612, serving=2, cost=0.05, price=PRICE) for t in range(400)))
+    assert all(d.action == "none" for d in ds)
+    assert ds[-1].kind == "at-max-cost"

@@ -4,6 +4,8 @@ serve), real load. Durations are short, set in each test's config."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import signal
 import socket
@@ -284,6 +286,14 @@ async def test_fake_droplets_scale_up_under_load_and_back_down(
         assert fake.created_count >= 2
         await wait_for(lambda: len(fake.droplets) == 1, timeout=10)
         assert {str(i) for i in fake.droplets} == inventory_ids(tmp_path)
+        # A scale-down saves its victim's own price (a s-1vcpu-1gb droplet's).
+        assert rt.autoscaler is not None
+        downs = [r for r in rt.autoscaler.history if r.action == "down"]
+        assert downs and all(
+            r.cost_before is not None
+            and r.cost_after == pytest.approx(r.cost_before - round(6 / 672, 5))
+            for r in downs
+        )
     finally:
         await rt.stop()
 
@@ -314,3 +324,95 @@ async def test_kill_9_during_a_droplet_provision_leaks_and_forgets_nothing(
     finally:
         await proxy.stop()
     assert {str(i) for i in fake.droplets} == inventory_ids(tmp_path)  # 0 leaked, 0 forgotten
+
+
+@pytest.mark.timeout(90)
+async def test_fake_droplets_scale_up_stops_at_max_cost_per_hour(
+    tmp_path: Path,
+    fake_do: tuple[FakeDigitalOcean, int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A s-1vcpu-1gb droplet costs $6 a month ($0.00893/h in the fake, as in DigitalOcean's
+    list): a cap of $0.02/h allows two. Under a load that wants more, the pool stops at two,
+    says why once, and the API, the metrics and the inventory say what it costs."""
+    import aiohttp
+    from openapi_core import OpenAPI
+    from openapi_core.testing import MockRequest, MockResponse
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from doproxy.admin.openapi import SPEC
+    from doproxy.admin.server import addr_path
+
+    fake, port = fake_do
+    price = round(6 / 672, 5)
+    cfg = do_config(tmp_path, fake.url, port)
+    cfg.write_text(
+        cfg.read_text().replace("max-backends = 3", "max-backends = 5\nmax-cost-per-hour = 0.02")
+    )
+    caplog.set_level(logging.INFO, logger="doproxy.autoscaler")
+    rt = Runtime(load_settings(cfg), [], cfg)
+    await rt.start()
+    try:
+        assert rt.server is not None and rt.autoscaler is not None
+        scaler = rt.autoscaler
+        await wait_for(lambda: serving(rt) == 1, timeout=15)  # min-backends, created at start
+        host, proxy_port = rt.server.addresses[0]
+        stop = asyncio.Event()
+        # 16 clients: ~160 ms on two backends, still slow; a third would be wanted.
+        load = asyncio.create_task(run_load(host, proxy_port, 16, 30.0, stop=stop))
+        try:
+            await wait_for(
+                lambda: any("at max-cost-per-hour" in r.reason for r in scaler.history),
+                timeout=30,
+            )
+            # The load goes on: the cap keeps binding, and is said once, not every tick.
+            await asyncio.sleep(2.0)
+        finally:
+            stop.set()
+            await load
+        assert fake.created_count == 2 and len(fake.droplets) == 2
+        ups = [r for r in scaler.history if r.action == "up"]
+        assert [(r.size_before, r.size_after) for r in ups] == [(0, 1), (1, 2)]
+        assert (ups[1].cost_before, ups[1].cost_after) == (
+            pytest.approx(price),
+            pytest.approx(2 * price),
+        )
+        assert ups[1].cost_words() == "+$0.0089/h ($0.0089/h → $0.018/h)"
+        capped = [r for r in caplog.records if "at max-cost-per-hour $0.02/h" in r.getMessage()]
+        assert len(capped) == 1, [r.getMessage() for r in capped]
+        assert capped[0].levelno == logging.WARNING
+        assert "the pool costs $0.018/h, a backend $0.0089/h" in capped[0].getMessage()
+        scale_up_lines = [
+            r.getMessage() for r in caplog.records if "scale up 1→2" in r.getMessage()
+        ]
+        assert scale_up_lines and scale_up_lines[0].endswith("; +$0.0089/h ($0.0089/h → $0.018/h)")
+        # Every entry records its droplet's price.
+        assert [e.price_hourly for e in load_inventory(tmp_path / "inventory.toml")] == [price] * 2
+
+        spec = OpenAPI.from_dict(SPEC)
+        url = "http://" + addr_path(rt.inventory_path).read_text().strip()
+        async with aiohttp.ClientSession() as session:
+            answers = {}
+            for path in ("/api/autoscaler", "/api/status"):
+                async with session.get(url + path) as r:
+                    body = await r.json()
+                req = MockRequest("http://127.0.0.1", "get", path)
+                spec.validate_response(
+                    req, MockResponse(json.dumps(body).encode(), status_code=200)
+                )
+                answers[path] = body
+            async with session.get(url + "/metrics") as r:
+                text = await r.text()
+        cost = answers["/api/autoscaler"]["cost"]
+        assert cost == answers["/api/status"]["cost"]
+        assert cost["per_hour"] == pytest.approx(2 * price)
+        assert (cost["machines"], cost["unpriced"], cost["max-cost-per-hour"]) == (2, 0, 0.02)
+        assert cost["new_backend"] == pytest.approx(price)
+        decided = answers["/api/autoscaler"]["decisions"]
+        assert any(d["cost_after"] == pytest.approx(2 * price) for d in decided)
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["doproxy_pool_cost_per_hour"].samples[0].value == pytest.approx(2 * price)
+        assert families["doproxy_pool_unpriced_backends"].samples[0].value == 0
+        assert TOKEN not in text and TOKEN not in json.dumps(answers)
+    finally:
+        await rt.stop()

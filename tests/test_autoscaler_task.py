@@ -82,6 +82,30 @@ async def test_dry_run_decides_and_logs_but_never_acts(
         await rt.stop()
 
 
+async def test_local_backends_cost_the_configs_cost_per_hour(
+    tmp_path: Path, tag: str, cleanup: list[Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Dry-run, so nothing starts: the repair to min-backends 2 says what it would cost, and
+    the journal keeps it."""
+    caplog.set_level(logging.INFO, logger="doproxy.autoscaler")
+    cfg = configure(tmp_path, tag, cleanup, **{"min-backends": "2", "dry-run": "true"})
+    cfg.write_text(cfg.read_text() + "cost-per-hour = 0.05\n")  # [local-provisioner] is last
+    rt = Runtime(load_settings(cfg), [], cfg)
+    await rt.start()
+    try:
+        scaler = rt.autoscaler
+        assert scaler is not None
+        await wait_for(lambda: any(r.action == "up" for r in scaler.history), timeout=10)
+        record = next(r for r in scaler.history if r.action == "up")
+        assert (record.cost_before, record.cost_after) == (0.0, 0.1)
+        assert "scale up 0→2: below min-backends 2; +$0.10/h ($0.00/h → $0.10/h)" in caplog.text
+        assert scaler.cost().new_machine == 0.05
+        journal = (tmp_path / "inventory.toml.journal").read_text()
+        assert '"cost_after":0.1' in journal
+    finally:
+        await rt.stop()
+
+
 async def test_a_backend_that_keeps_failing_is_replaced_new_one_first(
     tmp_path: Path, tag: str, cleanup: list[Settings]
 ) -> None:

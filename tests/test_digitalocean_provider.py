@@ -161,6 +161,26 @@ async def test_create_wait_get_list_reboot_destroy() -> None:
             await stranger.close()
 
 
+async def test_every_droplet_carries_its_sizes_hourly_price(fake: FakeDigitalOcean) -> None:
+    provider = DigitalOceanProvider(settings_for(fake.url, size="s-2vcpu-4gb"), TOKEN)
+    try:
+        created = await provider.create(new_name("doproxy-"))
+        # The fake prices a size as DigitalOcean's list does: $24 a month, 672 hours.
+        price = fake.droplets[int(created.id)]["size"]["price_hourly"]
+        assert price == pytest.approx(24 / 672, abs=1e-5)
+        assert created.price_hourly == price
+        assert created.extra["size"] == "s-2vcpu-4gb"
+        assert (await provider.get(created.id)).price_hourly == price
+        assert [m.price_hourly for m in await provider.list()] == [price]
+        # ...and the entry made from it records the price (written only when known).
+        from doproxy.core.settings import Settings
+        from doproxy.provisioning import entry_for
+
+        assert entry_for(created, Settings(), "digitalocean").price_hourly == price
+    finally:
+        await provider.close()
+
+
 async def test_create_sends_every_setting(fake: FakeDigitalOcean, tmp_path: Path) -> None:
     (tmp_path / "cloud-init.yaml").write_text("#cloud-config\nruncmd:\n  - touch /ok\n")
     settings = settings_for(

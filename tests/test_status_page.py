@@ -79,10 +79,29 @@ bind = "127.0.0.1:0"
 
 
 def inventory(a: int, b: int) -> str:
+    # web-1 records its droplet's price; web-2 (a 2015 entry) has none, and no provisioner
+    # runs to tell it.
     return "".join(
         f'[[droplet]]\nid = {p}\nname = "web-{i}"\nserver-host = "127.0.0.1:{p}"\n'
+        + ("price-hourly = 0.00893\n" if i == 1 else "")
         for i, p in enumerate((a, b), 1)
     )
+
+
+# The decision list as the page draws it for an autoscaler answer (rendered and read in one
+# go, so the page's own polling cannot redraw in between).
+DECISION_JS = """() => {
+  renderScaler({enabled: true, paused: false, mode: "threshold", dry_run: false,
+                "min-backends": 1, "max-backends": 4, config: {}, overrides: {},
+                desired: 3, actual: 2, signal: {}, last_error: null, backoff: 0,
+                cost: {per_hour: 0.01786, machines: 2, unpriced: 0, new_backend: 0.00893,
+                       "max-cost-per-hour": 0.02},
+                decisions: [{at: "2026-11-30T04:00:00.000000+00:00", action: "up",
+                             reason: "scale up 2→3: ...", size_before: 2, size_after: 3,
+                             acted: true, cost_before: 0.01786, cost_after: 0.02679}]});
+  return [document.querySelector("#decisions li .kind").textContent,
+          document.querySelector('#scaler dd[data-field="pool cost"]').textContent];
+}"""
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = 15.0) -> None:
@@ -267,6 +286,16 @@ async def test_status_page_in_chromium(
         want = [[x["id"], x["name"], x["state"]] for x in status["backends"]]
         assert await rows.evaluate_all(ROWS_JS) == want
         assert [name for _, name, _ in want] == ["web-1", "web-2"]
+
+        # What the pool costs, and what a decision changed in it.
+        await expect(page.locator('#scaler dd[data-field="pool cost"]')).to_have_text(
+            "$0.0089/h for 2 machine(s) (1 without a known price, not counted)"
+        )
+        assert status["cost"]["per_hour"] == 0.00893
+        assert await page.evaluate(DECISION_JS) == [
+            "up 2→3, +$0.0089/h",
+            "$0.018/h for 2 machine(s) · max-cost-per-hour $0.02/h",
+        ]
 
         # The plotted points are the answers the page got, exactly.
         async def traffic_plotted() -> bool:

@@ -125,6 +125,7 @@ SPEC: dict[str, Any] = {
                     # Empty when the main process serves itself (workers = 1).
                     "workers": {"type": "array", "items": _ref("Worker")},
                     "backends": {"type": "array", "items": _ref("Backend")},
+                    "cost": _ref("Cost"),
                     # null with the file store (the Cluster schema is nullable).
                     "cluster": _ref("Cluster"),
                 },
@@ -186,6 +187,26 @@ SPEC: dict[str, Any] = {
                     "size_before": {"type": "integer"},
                     "size_after": {"type": "integer"},
                     "acted": {"type": "boolean"},
+                    # The pool's cost per hour before and after; null when not known.
+                    "cost_before": _NUM,
+                    "cost_after": _NUM,
+                },
+            },
+            "Cost": {
+                "type": "object",
+                "description": "What the pool costs per hour now, in US dollars "
+                "(docs/autoscaling.md, What the pool costs)",
+                "required": ["per_hour", "machines", "unpriced", "new_backend"],
+                "properties": {
+                    "per_hour": {"type": "number", "minimum": 0},
+                    "machines": {"type": "integer", "minimum": 0},
+                    "unpriced": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "machines whose price is not known, not in per_hour",
+                    },
+                    "new_backend": {**_NUM, "description": "what one more backend costs"},
+                    "max-cost-per-hour": {**_NUM, "description": "the cap; null: none"},
                 },
             },
             "Autoscaler": {
@@ -225,6 +246,7 @@ SPEC: dict[str, Any] = {
                     "backoff": {"type": "number"},
                     "create_error": {"type": "string", "nullable": True},
                     "decisions": {"type": "array", "items": _ref("Decision")},
+                    "cost": _ref("Cost"),
                 },
             },
             "Event": {

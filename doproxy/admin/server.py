@@ -97,6 +97,11 @@ class Served(Protocol):
     def backends(self) -> list[Backend]: ...
 
     @property
+    def entries(self) -> list[InventoryEntry]:
+        """The inventory as last applied (its "provisioning" intents too)."""
+        ...
+
+    @property
     def inventory_path(self) -> Path: ...
 
     @property
@@ -664,9 +669,29 @@ def status_view(runtime: Served, started: float) -> dict[str, Any]:
         # empty when this process serves itself (workers = 1).
         "workers": workers,
         "backends": [backend_view(runtime, b) for b in runtime.backends],
+        "cost": cost_view(runtime),
         # Cluster mode (docs/cluster.md): this node, the leader, each node's signal; null with
         # the file store.
         "cluster": runtime.cluster.status() if runtime.cluster is not None else None,
+    }
+
+
+def cost_view(runtime: Served) -> dict[str, Any]:
+    """What the pool costs per hour now (docs/autoscaling.md, "What the pool costs")."""
+    from doproxy.machines import inventory_cost
+
+    scaler = runtime.autoscaler
+    cost = (
+        scaler.cost() if scaler is not None else inventory_cost(runtime.settings, runtime.entries)
+    )
+    cap = runtime.settings.provisioning.max_cost_per_hour
+    return {
+        "per_hour": round(cost.per_hour, 6),
+        "machines": cost.machines,
+        # Machines whose price is not known (not in per_hour): hand-written entries, say.
+        "unpriced": cost.unpriced,
+        "new_backend": _round(cost.new_machine),
+        "max-cost-per-hour": cap or None,
     }
 
 
@@ -676,6 +701,7 @@ def autoscaler_view(runtime: Served) -> dict[str, Any]:
     base: dict[str, Any] = {
         "enabled": scaler is not None,
         "config": {"min-backends": config.min_backends, "max-backends": config.max_backends},
+        "cost": cost_view(runtime),
     }
     if scaler is None:
         return {**base, "paused": False, "decisions": []}
@@ -690,6 +716,8 @@ def autoscaler_view(runtime: Served) -> dict[str, Any]:
             "size_before": r.size_before,
             "size_after": r.size_after,
             "acted": r.acted,
+            "cost_before": r.cost_before,
+            "cost_after": r.cost_after,
         }
         for r in list(scaler.history)[-DECISIONS_SHOWN:]
     ]

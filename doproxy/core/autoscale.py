@@ -50,6 +50,13 @@ The decision, in order of precedence:
    since the last scale-down *and since the last scale-up*, and nothing is booting.
    Step: threshold mode adds or removes `max-step` machines; target mode moves toward desired
    by at most `max-step`. Both stop at min-backends and max-backends.
+   A scale-up also stops where the pool would cost more than `max-cost-per-hour` (0: no cap):
+   the observation carries the pool's cost per hour now (every machine billed, those being
+   created included) and a new machine's price; a step is cut to what the cap allows, and
+   none allowed is "at-max-cost", notable like at-max. The cap holds back scale-ups only:
+   the repair to min-backends and replacements are not capped, and a pool above the cap is
+   not shrunk for it. With the new machine's price unknown the cap cannot be checked, and the
+   scale-up's reason says so.
 
 The stabilisation window (`downscale-stabilization`, default downscale-time), from Kubernetes'
 HPA: every decision whose windows are full records the size it wants (the higher of what the
@@ -73,6 +80,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from doproxy.core.cost import money
 from doproxy.core.settings import Provisioning
 
 Action = Literal["none", "up", "down", "replace"]
@@ -80,7 +88,9 @@ Action = Literal["none", "up", "down", "replace"]
 # Reasons ("kinds") of a no-op decision that are worth one history entry when they begin: the
 # scaler would act but something stops it. Streaks building up, the steady state, sitting at
 # min-backends with a fast pool and waiting for a boot are routine and stay out of the history.
-NOTABLE_KINDS = frozenset({"at-max", "cooldown-up", "cooldown-down", "idle", "asleep"})
+NOTABLE_KINDS = frozenset(
+    {"at-max", "at-max-cost", "cooldown-up", "cooldown-down", "idle", "asleep"}
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,10 @@ class Observation:
     waiting: int = 0
     quiet_for: float | None = None
     wake_failed: bool = False
+    # What the pool costs per hour now (doproxy.core.cost: every machine billed, those being
+    # created included), and what one more machine would cost; None when not known.
+    cost: float | None = None
+    price: float | None = None
 
     @property
     def size(self) -> int:
@@ -151,12 +165,16 @@ class Decision:
     # an action (at max-backends, a cooldown, idle).
     notable: bool
     # A stable name for the reason: scale-up, scale-down, below-min, above-max, replace,
-    # steady, slow, fast, stabilizing, booting, at-max, at-min, cooldown-up, cooldown-down,
-    # idle.
+    # steady, slow, fast, stabilizing, booting, at-max, at-max-cost, at-min, cooldown-up,
+    # cooldown-down, idle.
     kind: str = ""
     now: float = 0.0
     latency: float | None = None  # this interval's latency, as observed
     desired: int | None = None  # target mode: the size the latency asks for
+    # The pool's cost per hour before and after (after: estimated at a new machine's price per
+    # machine added or removed); None when not known.
+    cost_before: float | None = None
+    cost_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +268,9 @@ def decide(
         st = after or nxt
         delta = count if action == "up" else -count if action == "down" else 0
         notable = action != "none" or (kind != state.last_kind and kind in NOTABLE_KINDS)
+        cost_after = obs.cost
+        if delta and obs.cost is not None:
+            cost_after = None if obs.price is None else max(obs.cost + delta * obs.price, 0.0)
         d = Decision(
             action=action,
             count=count,
@@ -262,6 +283,8 @@ def decide(
             now=now,
             latency=obs.latency,
             desired=desired,
+            cost_before=obs.cost,
+            cost_after=cost_after,
         )
         return d, replace(st, last_kind=kind)
 
@@ -352,6 +375,9 @@ def decide(
             return out("slow", f"{what}; scale up after {span(policy.upscale_time)}")
         if size >= hi:
             return out("at-max", f"{what}, but at max-backends {hi}")
+        afford, cost_words = _affordable(obs, policy)
+        if afford == 0:
+            return out("at-max-cost", f"{what}, but {cost_words}")
         if state.last_up is not None and now - state.last_up < policy.upscale_every:
             wait = policy.upscale_every - (now - state.last_up)
             return out(
@@ -362,7 +388,14 @@ def decide(
         if policy.mode == "threshold" and booting > 0:
             return out("booting", f"{what}; waiting for {booting} new backend(s) to boot")
         n = max(min((want or size) - size, hi - size), 1)
-        reason = f"scale up {size}→{size + n}: {what}; {_last('scale-up', state.last_up, now)}"
+        note = ""
+        if afford is None and cost_words:
+            note = f" ({cost_words})"  # the cap could not be checked
+        elif afford is not None and n > afford:
+            n, note = afford, f" ({cost_words})"  # limited by max-cost-per-hour
+        reason = (
+            f"scale up {size}→{size + n}: {what}; {_last('scale-up', state.last_up, now)}{note}"
+        )
         after = replace(nxt, last_up=now, samples=())
         return out("scale-up", reason, "up", n, after=after)
 
@@ -397,6 +430,31 @@ def decide(
         return out("scale-down", reason, "down", n, after=after)
 
     return out("steady", f"{what}; {size} backend(s)")
+
+
+def _affordable(obs: Observation, policy: Provisioning) -> tuple[int | None, str]:
+    """How many more machines max-cost-per-hour allows (None: no limit), and in words why
+    (also when the cap cannot be checked). The cap bounds what the pool would cost with them:
+    its machines' cost now (every machine billed) plus a new machine's price per machine."""
+    cap = policy.max_cost_per_hour
+    if cap <= 0:
+        return None, ""
+    if obs.price is None or obs.cost is None:
+        return (
+            None,
+            f"max-cost-per-hour {money(cap)}/h not checked: a new backend's price is unknown",
+        )
+    if obs.price <= 0:
+        return None, ""  # free machines: the cap never binds
+    room = cap - obs.cost
+    n = max(math.floor(room / obs.price + 1e-9), 0)
+    words = (
+        f"at max-cost-per-hour {money(cap)}/h: the pool costs {money(obs.cost)}/h, "
+        f"a backend {money(obs.price)}/h"
+    )
+    if n > 0:
+        words = f"max-cost-per-hour {money(cap)}/h allows {n} more at {money(obs.price)}/h"
+    return n, words
 
 
 def _idle(obs: Observation, policy: Provisioning) -> tuple[bool, str]:

@@ -37,6 +37,10 @@ class InventoryEntry(Section):
     # `doproxy destroy`: a reconcile finishes a destroy that a crash or a stop interrupted, and
     # tells such an entry from one disabled for a reboot.
     retiring: bool = False
+    # What the machine costs per hour, as its provider reported it when it was created or
+    # adopted (a droplet's size.price_hourly). Unset (and then not written) for entries that
+    # predate it and for local processes, whose price is the config's cost-per-hour.
+    price_hourly: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _needs_address(self) -> InventoryEntry:

@@ -174,6 +174,9 @@ class LocalProvisioner(Section):
     log_dir: str = ""
     # Every process we start carries them (in its environment); list() finds processes by them.
     tags: tuple[str, ...] = ("doproxy",)
+    # What one backend costs per hour (in the currency of max-cost-per-hour): local processes
+    # cost nothing unless this says otherwise (docs/autoscaling.md, "What the pool costs").
+    cost_per_hour: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> LocalProvisioner:
@@ -244,6 +247,9 @@ class Provisioning(Section):
     # an entry starting with "/" is a path prefix, any other a User-Agent substring
     # (case-insensitive), e.g. ["/healthz", "UptimeRobot"].
     wake_ignore: tuple[str, ...] = ()
+    # Scale-ups stop where the pool would cost more than this per hour (US dollars, as
+    # DigitalOcean bills droplets); 0 = no cap. See docs/autoscaling.md, "What the pool costs".
+    max_cost_per_hour: float = Field(0.0, ge=0)
 
     @property
     def stabilization(self) -> float:

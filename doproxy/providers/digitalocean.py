@@ -584,8 +584,18 @@ def _machine(droplet: JSON) -> Machine:
         public_ip=public,
         tags=tuple(droplet.get("tags") or ()),
         created=created,
+        price_hourly=_price(droplet.get("size")),
         extra=extra,
     )
+
+
+def _price(size: Any) -> float | None:
+    """A droplet's hourly price: its size's price_hourly (US dollars; the spec requires it on
+    every size). None when the answer has none."""
+    price = size.get("price_hourly") if isinstance(size, dict) else None
+    if isinstance(price, bool) or not isinstance(price, int | float) or price < 0:
+        return None
+    return float(price)
 
 
 def _field(reply: _Reply, key: str, doing: str) -> JSON:
