@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from doproxy.runtime import Runtime
 from tests.conftest import wait_for
 from tests.support import get, request
 from tests.test_autoscaler_e2e import destroy_all, port_range
+from tests.test_status_page import browser  # noqa: F401 (a fixture)
 
 CONFIG = """bind = "127.0.0.1:0"
 watch-config = false
@@ -308,3 +310,21 @@ async def test_the_waker_holds_only_while_asleep_or_waking_and_forgets_who_left(
     pool.backends = [object()]
     err = awake.hold(_Conn(), _Ex())
     assert err is not None and err.status == 503 and not awake.held
+
+
+@pytest.mark.timeout(60)
+async def test_the_status_page_shows_the_pool_asleep_then_awake(
+    tmp_path: Path,
+    browser: Any,  # noqa: F811 (the fixture imported above)
+) -> None:
+    async with running(config(tmp_path, idle_after="30s")) as (rt, _scaler, port):
+        assert rt.admin is not None
+        page = await browser.new_page()
+        await page.goto(rt.admin.url())
+        field = '#scaler dd[data-field="scale to zero"]'
+        await page.wait_for_selector(field, timeout=10_000)
+        assert "asleep" in (await page.text_content(field) or "")
+        assert (await request(port, get("/wake"))).status == 200
+        async with asyncio.timeout(10):  # the page polls the API (no eval: its CSP forbids it)
+            while not (await page.text_content(field) or "").startswith("awake"):
+                await asyncio.sleep(0.1)
