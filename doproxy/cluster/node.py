@@ -47,7 +47,7 @@ from doproxy.cluster.store import EtcdStore
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Cluster
 from doproxy.core.signal_sum import SignalSum
-from doproxy.errors import ConfigError, DoproxyError, NotLeader
+from doproxy.errors import ConfigError, DoproxyError, EtcdUnavailable, NotLeader
 from doproxy.inventory import dump_inventory, write_atomically
 
 if TYPE_CHECKING:
@@ -209,10 +209,25 @@ class ClusterNode:
             self.last_error = None
             self.down_since = None
         self._connected.set()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._keep_alive(ttl))
-            tg.create_task(self._publish_and_campaign())
-            tg.create_task(self._watch(revision + 1))
+        # Not a TaskGroup: on Python 3.11 a group that ends with an error leaves this task a
+        # pending cancellation, so a later asyncio.timeout raises CancelledError instead of
+        # TimeoutError and ends the node's retry loop (seen when etcd restarted). The first
+        # error ends the session; the others are cancelled.
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self._keep_alive(ttl)),
+            loop.create_task(self._publish_and_campaign()),
+            loop.create_task(self._watch(revision + 1)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()  # the error that ended the session
+            raise EtcdUnavailable("the watch on etcd ended")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _keep_alive(self, ttl: int) -> None:
         while True:
