@@ -82,10 +82,12 @@ class Waker:
     def hold(self, conn: Any, ex: Any) -> ClientError | None:
         """No backend is eligible for `ex`: hold it (None), or the error to answer now."""
         s = self.settings
-        if self.pool().backends and not self.held and self.wanted_at is None:
-            # Awake, with every backend down or out of rotation: an outage, not a sleep. It
-            # is answered as without scale to zero (holding would only delay the 503, and a
-            # "failed wake" would destroy machines that may recover).
+        awake = any(b.entry.state == "active" for b in self.pool().backends)
+        if awake and not self.held and self.wanted_at is None:
+            # Awake, with every backend in rotation down or ejected: an outage, not a sleep.
+            # It is answered as without scale to zero (holding would only delay the 503, and a
+            # "failed wake" would destroy machines that may recover). Backends only draining
+            # or disabled (the pool going to sleep) do not make it awake: that request wakes it.
             return ServiceUnavailable("no backend available")
         if ignored(ex.head, self.rules):
             return ServiceUnavailable("asleep (wake-ignore)", retry_after=PAGE_REFRESH)

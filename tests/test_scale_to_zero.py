@@ -15,6 +15,7 @@ from doproxy.admin.server import autoscaler_view
 from doproxy.autoscaler import Autoscaler
 from doproxy.config import load_settings
 from doproxy.core.autoscale import Observation, ScalerState, decide
+from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Provisioning
 from doproxy.core.wake import WakeRules, ignored, wants_html
 from doproxy.errors import ConfigError
@@ -265,6 +266,11 @@ class _Pool:
         self.eligible: list[object] = []
 
 
+class _Backend:
+    def __init__(self, state: str) -> None:
+        self.entry = InventoryEntry(id=1, server_host="127.0.0.1:1", state=state)
+
+
 class _Conn:
     def __init__(self) -> None:
         self.closed = False
@@ -305,11 +311,15 @@ async def test_the_waker_holds_only_while_asleep_or_waking_and_forgets_who_left(
     assert waker.hold(c3, _Ex()) is None
     assert waker.waiting == 2
     await waker.stop()
-    # Awake, with every backend down: an outage, answered 503 at once, never held.
+    # Awake, with every backend in rotation down: an outage, answered 503 at once, never held.
     awake = Waker(settings, lambda: pool)  # type: ignore[arg-type,return-value]
-    pool.backends = [object()]
+    pool.backends = [_Backend("active")]
     err = awake.hold(_Conn(), _Ex())
     assert err is not None and err.status == 503 and not awake.held
+    # Going to sleep (the last backend draining): a request is held, and wakes the pool.
+    pool.backends = [_Backend("draining")]
+    assert awake.hold(_Conn(), _Ex()) is None and awake.waiting == 1
+    await awake.stop()
 
 
 @pytest.mark.timeout(60)
