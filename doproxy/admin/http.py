@@ -652,9 +652,11 @@ class _Connection(asyncio.Protocol):
     # --- answering ---
 
     def keeps(self, request: Request) -> bool:
-        """Does the connection stay open after this request's answer?"""
+        """Does the connection stay open after this request's answer? (When nothing more is
+        read, it does while answers queued behind this one are still to be written.)"""
+        last = self.closing and not self.queue
         return (
-            request.keep_alive and not self.closing and not self.close_after and not self.lost
+            request.keep_alive and not last and not self.close_after and not self.lost
         ) and not self.server.closing
 
     def write(self, data: bytes) -> None:
