@@ -455,6 +455,39 @@ async def test_a_stop_waits_for_an_answer_being_made(
     await asyncio.wait_for(stopping, 5)
 
 
+async def test_a_client_leaving_the_event_stream_frees_it_at_once(tmp_path: Path) -> None:
+    """The admin listener's own stream: its place among MAX_STREAMS and its waiter in the event
+    log are given back when the client leaves, not at the next keep-alive (15 s later)."""
+    from doproxy.config import load_settings
+    from doproxy.inventory import load_inventory
+    from doproxy.runtime import Runtime
+    from tests.test_admin import config, inventory
+
+    cfg = tmp_path / "doproxy.toml"
+    cfg.write_text(config())
+    (tmp_path / "inventory.toml").write_text(inventory(9))
+    rt = Runtime(load_settings(cfg), load_inventory(tmp_path / "inventory.toml"), cfg)
+    await rt.start()
+    try:
+        admin = rt.admin
+        assert admin is not None and admin.address is not None
+        for _ in range(3):
+            c = await Client.connect(admin.address[1])
+            await c.send(req("GET", "/api/events/stream"))
+            head = await asyncio.wait_for(c.reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            await asyncio.wait_for(c.reader.readuntil(b"retry: 2000\n\n\r\n"), 5)
+            assert admin._streams == 1
+            await c.close()
+            for _ in range(100):
+                if admin._streams == 0 and not rt.events._waiters:
+                    break
+                await asyncio.sleep(0.02)
+            assert admin._streams == 0 and not rt.events._waiters
+    finally:
+        await rt.stop()
+
+
 PLAIN_SERVER = textwrap.dedent(
     """
     import asyncio, json, sys

@@ -403,6 +403,7 @@ class AdminServer:
         await resp.prepare(request)
         log_ = self.runtime.events
         closing = asyncio.ensure_future(self._closing.wait())
+        waiting: asyncio.Future[Any] | None = None
         try:
             await resp.write(b"retry: 2000\n\n")
             while not self._closing.is_set():
@@ -428,6 +429,9 @@ class AdminServer:
             pass
         finally:
             closing.cancel()
+            if waiting is not None:
+                # Cancelled while waiting (the client left): no waiter stays in the event log.
+                waiting.cancel()
         return resp
 
     async def config(self, request: web.Request) -> web.Response:
