@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
-import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import httptools
 import pytest
 
 from doproxy.admin import http as web
+from doproxy.admin.server import addr_path
 from tests.support import Client, Response
 
 pytestmark = pytest.mark.timeout(30)
@@ -488,45 +489,11 @@ async def test_a_client_leaving_the_event_stream_frees_it_at_once(tmp_path: Path
         await rt.stop()
 
 
-PLAIN_SERVER = textwrap.dedent(
-    """
-    import asyncio, json, sys
-    from pathlib import Path
-
-    from doproxy.config import load_settings
-    from doproxy.inventory import load_inventory
-    from doproxy.runtime import Runtime
-
-    async def get(port, path):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET {path} HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n\\r\\n".encode())
-        head = await reader.readuntil(b"\\r\\n\\r\\n")
-        writer.close()
-        return head.split(b" ", 2)[1].decode()
-
-    async def main():
-        cfg = Path("doproxy.toml")
-        rt = Runtime(load_settings(cfg), load_inventory(Path("inventory.toml")), cfg)
-        await rt.start()
-        try:
-            port = rt.admin.address[1]
-            paths = ("/", "/healthz", "/metrics", "/api/status", "/api/autoscaler",
-                     "/api/events", "/api/openapi.json", "/api/config")
-            statuses = [await get(port, p) for p in paths]
-        finally:
-            await rt.stop()
-        loaded = sorted(m for m in sys.modules if m == "aiohttp" or m.startswith("aiohttp."))
-        print(json.dumps({"statuses": statuses, "aiohttp": loaded}))
-
-    asyncio.run(main())
-    """
-)
-
-
 async def test_a_plain_server_never_imports_aiohttp(tmp_path: Path) -> None:
-    """No DigitalOcean provider, no cluster: the server, its admin listener and every read-only
-    endpoint run without aiohttp (~12 MiB resident; issue 12's memory budget). A process of its
-    own, since this one (the tests' clients) has it loaded."""
+    """No DigitalOcean provider, no cluster: `doproxy serve`, its admin listener and every
+    read-only endpoint run without aiohttp (~12 MiB resident; issue 12's memory budget).
+    The server runs as it ships, in a process of its own (this one, the tests' clients, has
+    aiohttp loaded), with `-X importtime`, which names on stderr every module it imports."""
     (tmp_path / "doproxy.toml").write_text(
         'bind = "127.0.0.1:0"\nwatch-config = false\ninventory-file = "inventory.toml"\n'
         '[admin]\nbind = "127.0.0.1:0"\n'
@@ -536,19 +503,53 @@ async def test_a_plain_server_never_imports_aiohttp(tmp_path: Path) -> None:
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-c",
-        PLAIN_SERVER,
+        "-X",
+        "importtime",
+        "-m",
+        "doproxy",
+        "serve",
+        "--config",
+        str(tmp_path / "doproxy.toml"),
         cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), 25)
+        addr = addr_path(tmp_path / "inventory.toml")
+        async with asyncio.timeout(20):
+            while not addr.exists() or not addr.read_text().strip():
+                assert proc.returncode is None, "the server stopped"
+                await asyncio.sleep(0.05)
+        port = int(addr.read_text().strip().rsplit(":", 1)[1])
+        for path in (
+            "/",
+            "/healthz",
+            "/metrics",
+            "/api/status",
+            "/api/autoscaler",
+            "/api/events",
+            "/api/openapi.json",
+            "/api/config",
+        ):
+            c = await Client.connect(port)
+            try:
+                await c.send(req("GET", path))
+                assert (await c.response()).status == 200, path
+            finally:
+                await c.close()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            _, err = await proc.communicate()
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    assert proc.returncode == 0, err.decode()
-    found = json.loads(out.decode().strip().splitlines()[-1])
-    assert found["statuses"] == ["200"] * 8
-    assert found["aiohttp"] == []
+    assert proc.returncode == 0, err.decode()[-2000:]
+    imported = [
+        line.rsplit("|", 1)[1].strip()
+        for line in err.decode().splitlines()
+        if line.startswith("import time:")
+    ]
+    assert "doproxy.admin.http" in imported  # (the listing is there)
+    assert [m for m in imported if m.split(".")[0] == "aiohttp"] == []
