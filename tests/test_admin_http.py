@@ -261,6 +261,13 @@ async def test_an_oversized_head_is_refused(served: tuple[App, web.Server, int])
     await c.send(req("GET", "/echo/a", extra=f"X-Big: {'b' * web.MAX_HEAD}\r\n"))
     r = await c.response()
     assert r.status == 431 and await c.closed()
+    # Many small headers.
+    many = "".join(f"X-{i}: {i}\r\n" for i in range(web.MAX_HEADERS + 1))
+    c = await Client.connect(port)
+    await c.send(req("GET", "/echo/a", extra=many))
+    r = await c.response()
+    assert r.status == 431 and "headers" in json.loads(r.body)["error"]
+    assert await c.closed()
     # Growing without end, header after header, never finished: refused once past the limit,
     # not held.
     c = await Client.connect(port)

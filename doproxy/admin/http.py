@@ -13,7 +13,8 @@ each imports it only when used.
 
 Bounds, so that a hostile client cannot make the listener hold unbounded memory or sockets:
 - at most MAX_CONNECTIONS connections at once: the next one is answered 503 and closed;
-- a request head (request line and headers) above MAX_HEAD bytes: 431, and closed;
+- a request head (request line and headers) above MAX_HEAD bytes, or with more than
+  MAX_HEADERS headers: 431, and closed;
 - a body above the application's client_max_size (by its Content-Length, or as chunked data
   arrives): 413, and closed;
 - a request must arrive whole within REQUEST_TIMEOUT of its first byte: else 408, and closed;
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 128
 MAX_HEAD = 32 * 1024
+MAX_HEADERS = 100  # a head of many tiny headers would cost far more as Python objects
 MAX_BODY = 64 * 1024  # the default client_max_size
 REQUEST_TIMEOUT = 10.0
 KEEPALIVE_TIMEOUT = 75.0
@@ -503,6 +505,7 @@ class _Connection(asyncio.Protocol):
         self.in_head = False  # ... its head
         self.head_bytes = 0  # bytes read while in a head
         self.head_size = 0  # the head's URL and headers
+        self.header_count = 0
         self.url = b""
         self.headers: dict[str, str] = {}
         self.body = bytearray()
@@ -590,7 +593,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.in_request = self.in_head = True
-        self.head_bytes = self.head_size = 0
+        self.head_bytes = self.head_size = self.header_count = 0
         self.url = b""
         self.headers = {}
         self.body = bytearray()
@@ -601,6 +604,9 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_grew(len(name) + len(value) + 4)
+        self.header_count += 1
+        if self.header_count > MAX_HEADERS:
+            raise _Refusal(431, f"the request has more than {MAX_HEADERS} headers")
         key = name.decode("latin-1").lower()
         if key not in self.headers:
             self.headers[key] = value.decode("utf-8", "replace")
