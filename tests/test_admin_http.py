@@ -254,6 +254,25 @@ async def test_request_smuggling_is_refused(
     assert app.seen == []
 
 
+async def test_nothing_is_upgraded(served: tuple[App, web.Server, int]) -> None:
+    """An Upgrade request is answered as any other, then closed (what follows it is not
+    HTTP/1.1 any more); CONNECT names no path: 400."""
+    app, _, port = served
+    c = await Client.connect(port)
+    await c.send(
+        req("GET", "/echo/up", extra="Upgrade: websocket\r\nConnection: Upgrade\r\n")
+        + b"\x81\x05hello"
+    )
+    r = await c.response()
+    assert r.status == 200 and r.header("Connection") == b"close"
+    assert await c.closed()
+    c = await Client.connect(port)
+    await c.send(b"CONNECT 127.0.0.1:80 HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n")
+    r = await c.response()
+    assert r.status == 400 and await c.closed()
+    assert app.seen == ["/echo/up"]
+
+
 async def test_an_oversized_head_is_refused(served: tuple[App, web.Server, int]) -> None:
     _, _, port = served
     # Whole, in one write.

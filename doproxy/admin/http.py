@@ -24,8 +24,10 @@ Bounds, so that a hostile client cannot make the listener hold unbounded memory 
 - pipelined requests are answered in order; reading pauses while they are, and at most
   MAX_PIPELINED may wait (more in one read: 400 for the rest, and closed);
 - whatever llhttp refuses, a request with both Content-Length and Transfer-Encoding among it
-  (request smuggling): 400, and closed. Nothing is upgraded (Upgrade, CONNECT): such a request
-  is answered, and the connection closed after it.
+  (request smuggling): 400, and closed. Nothing is upgraded: a request asking for it is
+  answered as any other, and the connection closed after it (CONNECT: 400).
+So a connection holds at most one head, one body and what one read brought of pipelined
+requests.
 """
 
 from __future__ import annotations
