@@ -2,10 +2,10 @@
 
 Theory of operation
 -------------------
-It runs on the proxy's own event loop (aiohttp's web server: the control plane's HTTP library
-already, and a small, well-kept one), on its own address (`[admin] bind`, loopback port 8001 by
-default). It costs the data plane nothing while nobody asks: every answer is built from counters
-and state the proxy keeps anyway, when it is asked for.
+It runs on the proxy's own event loop (a small HTTP/1.1 server on httptools, as the data plane:
+doproxy/admin/http.py, which says why it is not aiohttp's and what it bounds), on its own address
+(`[admin] bind`, loopback port 8001 by default). It costs the data plane nothing while nobody
+asks: every answer is built from counters and state the proxy keeps anyway, when it is asked for.
 
 Who may do what:
 - a token always exists: `[admin] token`, else `token-file`, else one generated at start and
@@ -43,9 +43,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from aiohttp import web
-
 from doproxy import __version__
+from doproxy.admin import http as web  # aiohttp.web's names for what the handlers use
 from doproxy.config import resolve_in
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Admin, Settings, parse_bind
@@ -185,7 +184,7 @@ class AdminServer:
         self.generated = False  # the token was made here and written beside the inventory
         self.address: tuple[str, int] | None = None
         self.started = time.time()
-        self._runner: web.AppRunner | None = None
+        self._runner: web.Server | None = None
         self._closing = asyncio.Event()
         self._streams = 0  # open event streams, bounded by MAX_STREAMS
 
@@ -198,14 +197,11 @@ class AdminServer:
     async def start(self) -> None:
         inventory = self.runtime.inventory_path
         token = configured_token(self.settings, self.runtime.base)
-        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
+        runner = web.Server(self._app())
         host, port = parse_bind(self.settings.bind)
-        site = web.TCPSite(runner, host, port, reuse_address=True)
         try:
-            await site.start()
+            await runner.start(host, port)
         except OSError as e:
-            await runner.cleanup()
             raise DoproxyError(
                 f"admin listener: cannot listen on {self.settings.bind}: {e.strerror}; "
                 "choose another [admin] bind (port 0 picks a free one) or enable = false"
@@ -230,7 +226,7 @@ class AdminServer:
     async def stop(self) -> None:
         self._closing.set()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.stop(grace=1.0)
             self._runner = None
         inventory = self.runtime.inventory_path
         with contextlib.suppress(OSError):
@@ -280,7 +276,7 @@ class AdminServer:
             given = e.text or ""
             custom = bool(given) and not given.startswith(str(e.status))
             text = given if custom else e.reason
-            # The router's own 404 and 405 (aiohttp's "404: Not Found") are said in our words;
+            # The router's own 404 and 405 (with no text) are said in our words;
             # a handler's (e.g. "no backend 7") keep theirs: they say what was not found.
             if e.status == 404 and not custom:
                 text = f"no such endpoint: {request.method} {request.path}"
@@ -412,6 +408,7 @@ class AdminServer:
         await resp.prepare(request)
         log_ = self.runtime.events
         closing = asyncio.ensure_future(self._closing.wait())
+        waiting: asyncio.Future[Any] | None = None
         try:
             await resp.write(b"retry: 2000\n\n")
             while not self._closing.is_set():
@@ -437,6 +434,9 @@ class AdminServer:
             pass
         finally:
             closing.cancel()
+            if waiting is not None:
+                # Cancelled while waiting (the client left): no waiter stays in the event log.
+                waiting.cancel()
         return resp
 
     async def config(self, request: web.Request) -> web.Response:
