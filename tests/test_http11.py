@@ -1,4 +1,5 @@
-"""core/http11: the one-walk head scanners agree with the plain searches they replaced."""
+"""core/http11: the one-walk head scanners agree with the plain searches they replaced, and the
+plans (what goes to the client, and how it is framed) are right without a socket."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from doproxy.core.http11 import (
+    BODY_CHUNKED,
+    BODY_NONE,
+    BODY_RAW,
+    BODY_REFUSED,
     GENERAL,
+    NOT_EXPRESS,
     PLAIN,
     REWRITE,
+    express_response_plan,
     lone_connection,
     request_head_kind,
+    response_plan,
     scan_response,
 )
 
@@ -137,3 +145,132 @@ def test_request_head_kind_agrees_with_the_searches(
 def test_scan_response_cases(fields: list[str], expected: tuple[object, ...]) -> None:
     low = _head("http/1.1 200 ok", fields)
     assert scan_response(low) == expected
+
+
+# --- response plans: what goes to the client, decided without sockets -----------------------
+
+OK_2 = b"HTTP/1.1 200 OK\r\nServer: b\r\nContent-Length: 2\r\n\r\nok"
+
+
+def test_express_plan_passes_a_plain_response_as_it_is() -> None:
+    assert express_response_plan(OK_2, True) == (OK_2, 200, 2, True)
+
+
+def test_express_plan_adds_connection_close_when_the_client_closes() -> None:
+    out, status, length, backend_keep = express_response_plan(OK_2, False)
+    assert (
+        out == b"HTTP/1.1 200 OK\r\nServer: b\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    )
+    assert (status, length, backend_keep) == (200, 2, True)
+
+
+@pytest.mark.parametrize(
+    ("line", "keep", "out_line", "backend_keep"),
+    [
+        (b"Connection: keep-alive\r\n", True, b"Connection: keep-alive\r\n", True),
+        (b"Connection: keep-alive\r\n", False, b"Connection: close\r\n", True),
+        (b"Connection: close\r\n", True, b"", False),
+        (b"Connection: close\r\n", False, b"Connection: close\r\n", False),
+    ],
+)
+def test_express_plan_rewrites_a_lone_connection_line(
+    line: bytes, keep: bool, out_line: bytes, backend_keep: bool
+) -> None:
+    data = b"HTTP/1.1 503 Busy\r\n" + line + b"Content-Length: 0\r\n\r\n"
+    out, status, length, backend_keep_alive = express_response_plan(data, keep)
+    assert out == b"HTTP/1.1 503 Busy\r\n" + out_line + b"Content-Length: 0\r\n\r\n"
+    assert (status, length, backend_keep_alive) == (503, 0, backend_keep)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok",  # the body continues in a later read
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1",  # bytes after it
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",  # the head is not complete
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close, x\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nServer: b\r\n\r\n",  # close-delimited
+    ],
+)
+def test_express_plan_leaves_the_rest_to_the_general_path(data: bytes) -> None:
+    assert express_response_plan(data, True) == NOT_EXPRESS
+
+
+def _plan(
+    head: bytes, version: bytes = b"1.1", is_head: bool = False, keep: bool = True
+) -> tuple[bytes, int, bool, bool]:
+    status = int(head[9:12])
+    return response_plan(status, head, head.decode("latin-1"), version, is_head, keep)
+
+
+def test_response_plan_keeps_the_head_and_drops_a_lone_connection_line() -> None:
+    head = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 5\r\n"
+    assert _plan(head) == (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", BODY_RAW, False, True)
+    assert _plan(head, keep=False) == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
+        BODY_RAW,
+        False,
+        False,
+    )
+
+
+def test_response_plan_has_no_body_for_head_and_304() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+    assert _plan(head, is_head=True) == (head + b"\r\n", BODY_NONE, False, True)
+    not_modified = b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n"
+    assert _plan(not_modified) == (not_modified + b"\r\n", BODY_NONE, False, True)
+
+
+def test_response_plan_of_a_204_drops_its_content_length() -> None:
+    head = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX: y\r\n"
+    assert _plan(head) == (b"HTTP/1.1 204 No Content\r\nX: y\r\n\r\n", BODY_NONE, False, True)
+
+
+def test_response_plan_reframes_chunked_and_close_delimited_bodies() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x\r\nX: y\r\n"
+    out = b"HTTP/1.1 200 OK\r\nX: y\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert _plan(chunked) == (out, BODY_CHUNKED, False, True)
+    # Close-delimited: re-encoded as chunked for HTTP/1.1, so the client connection stays.
+    assert _plan(b"HTTP/1.1 200 OK\r\nX: y\r\n") == (out, BODY_CHUNKED, True, True)
+    # An HTTP/1.0 client knows no chunked: the body ends when the proxy closes.
+    assert _plan(b"HTTP/1.0 200 OK\r\nX: y\r\n", version=b"1.0") == (
+        b"HTTP/1.1 200 OK\r\nX: y\r\nConnection: close\r\n\r\n",
+        BODY_RAW,
+        True,
+        False,
+    )
+
+
+def test_response_plan_for_an_http10_client_says_keep_alive() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+    assert _plan(head, version=b"1.0") == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n",
+        BODY_RAW,
+        False,
+        True,
+    )
+
+
+def test_response_plan_drops_hop_by_hop_headers_and_those_connection_names() -> None:
+    head = (
+        b"HTTP/1.1 200 OK\r\nConnection: x-secret, close\r\nX-Secret: 1\r\nKeep-Alive: 5\r\n"
+        b"Upgrade: h2c\r\nContent-Length: 2\r\nServer: b\r\n"
+    )
+    assert _plan(head) == (
+        b"HTTP/1.1 200 OK\r\nServer: b\r\nContent-Length: 2\r\n\r\n",
+        BODY_RAW,
+        False,
+        True,
+    )
+
+
+def test_response_plan_refuses_a_coding_it_cannot_relabel() -> None:
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n"
+    assert _plan(head) == (b"gzip, chunked", BODY_REFUSED, False, False)

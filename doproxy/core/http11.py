@@ -352,3 +352,146 @@ def cookie_value(cookie_header: bytes, name: bytes) -> bytes | None:
         if sep and key == name:
             return value
     return None
+
+
+# --- response plans: what the proxy sends the client, decided from the backend's head ------
+
+# How a response body goes to the client (the framing of a ResponsePlan). Final: the compiled
+# code uses the values inline.
+BODY_RAW: Final = 0  # the bytes as they are (Content-Length, or close-delimited for HTTP/1.0)
+BODY_CHUNKED: Final = 1  # re-encoded as chunked
+BODY_NONE: Final = 2  # no body (HEAD, 204, 304)
+BODY_REFUSED: Final = 3  # a Transfer-Encoding the proxy cannot relabel: answer 502 instead
+
+_CLOSE_LINE: Final = b"Connection: close\r\n"
+
+# A response plan: (head bytes to send the client, with its blank line; how the body is
+# framed, BODY_*; whether the body ends only when the backend closes; whether the client's
+# connection stays open). A plain tuple: compiled, it is returned in registers, not allocated.
+ResponsePlan = tuple[bytes, int, bool, bool]
+# An express response plan: (the bytes to send the client, head and body; the status; the
+# Content-Length; whether the backend keeps its connection open). Status 0: not for the express
+# lane (the general path decides).
+ExpressPlan = tuple[bytes, int, int, bool]
+NOT_EXPRESS: Final[ExpressPlan] = (b"", 0, 0, False)
+
+
+def express_response_plan(data: bytes, keep: bool) -> ExpressPlan:
+    """The express lane for responses: `data` is one read from the backend; is it exactly one
+    whole HTTP/1.1 Content-Length response, with nothing hop-by-hop but a lone Connection line?
+    Then it goes to the client as it is when its Connection line already says what the proxy
+    does with the client connection (`keep`: the common case, no copy), else with that line
+    dropped or replaced. Decided from the raw bytes before llhttp validates them (the caller
+    does, and sends nothing that llhttp refuses).
+
+    1xx, 204 and 304 are not for the express lane: they have no body, whatever their
+    Content-Length says, so bytes after their head are stray.
+    """
+    text, end = head_text(data)
+    code = text[9:12]
+    if (
+        end < 0
+        or not text.startswith("HTTP/1.1 ")
+        or code < "200"
+        or code == "204"
+        or code == "304"
+        or not (code.isascii() and code.isdigit())  # llhttp says what is wrong with it
+    ):
+        return NOT_EXPRESS
+    low = text[: end + 2].lower()
+    general, length, i, j, value = scan_response(low)
+    if general or length < 0 or len(data) != end + 4 + length:
+        return NOT_EXPRESS  # (a bad Content-Length: llhttp will say what is wrong with it)
+    backend_keep_alive = True
+    if i >= 0:
+        if not value:
+            return NOT_EXPRESS
+        backend_keep_alive = value == "keep-alive"
+        if backend_keep_alive == keep:
+            out = data
+        elif keep:
+            out = data[: i + 1] + data[j + 2 :]
+        else:
+            out = data[: i + 1] + _CLOSE_LINE + data[j + 2 :]
+    else:
+        out = data if keep else data[: end + 2] + _CLOSE_LINE + data[end + 2 :]
+    return out, int(code), length, backend_keep_alive
+
+
+def response_plan(
+    status: int, head: bytes, text: str, version: bytes, is_head: bool, keep: bool
+) -> ResponsePlan:
+    """The plan for a final response whose head llhttp has validated: `head` its raw bytes
+    without the blank line, `text` the same decoded as latin-1, `version` the client's HTTP
+    version, `is_head` whether it answers HEAD, `keep` whether the client's connection may stay
+    open. With BODY_REFUSED, the plan's head is the Transfer-Encoding that was refused.
+
+    The common case keeps the backend's head and drops only a lone Connection line: an
+    HTTP/1.1 exchange with Content-Length (or no body) whose only hop-by-hop header is
+    "Connection: keep-alive/close". Everything else is rebuilt header by header.
+    """
+    if version == b"1.1" and text.startswith("HTTP/1.1 "):
+        low = text.lower()
+        if not response_needs_general_path(low):
+            no_body = is_head or status == 304
+            if no_body or (status != 204 and "\ncontent-length:" in low):
+                i, j, value = lone_connection(low)
+                if value:
+                    head = head[: i + 1] + head[j + 2 :]
+                    i = -1
+                if i < 0:
+                    return (
+                        head + (b"\r\n" if keep else b"Connection: close\r\n\r\n"),
+                        BODY_NONE if no_body else BODY_RAW,
+                        False,
+                        keep,
+                    )
+    return _response_plan_general(status, head, version, is_head, keep)
+
+
+def _response_plan_general(
+    status: int, head: bytes, version: bytes, is_head: bool, keep: bool
+) -> ResponsePlan:
+    first, fields = split_head(head)
+    parts = first.split(b" ", 2)
+    reason = parts[2] if len(parts) > 2 else b""
+    # HTTP/1.1 in the status line whatever the client's version (RFC 9110 2.5), as nginx
+    # and HAProxy do; the framing below is what an HTTP/1.0 client understands.
+    lines = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
+    lines += forwarded_fields(fields)
+    length: bytes | None = None
+    te: bytes | None = None
+    for name, value in fields:
+        lname = name.lower()
+        if lname == b"content-length":
+            length = value
+        elif lname == b"transfer-encoding":
+            te = value if te is None else te + b", " + value
+    chunked = te is not None
+    if te is not None and te.replace(b" ", b"").lower() != b"chunked":
+        # A coding other than chunked cannot be relabelled (the client would decode the
+        # wrong thing) and llhttp reads such a body until close: refuse it, as nginx does.
+        return te, BODY_REFUSED, False, False
+    until_close = False
+    if is_head or status == 204 or status == 304:
+        body = BODY_NONE
+        if length is not None and status != 204:
+            lines.append(b"Content-Length: " + length + b"\r\n")
+    elif length is not None and not chunked:
+        body = BODY_RAW
+        lines.append(b"Content-Length: " + length + b"\r\n")
+    elif version == b"1.1":
+        until_close = not chunked
+        body = BODY_CHUNKED
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    else:
+        until_close = not chunked
+        body = BODY_RAW  # HTTP/1.0 client: the body ends when the proxy closes
+        keep = False
+    if not keep:
+        lines.append(b"Connection: close\r\n\r\n")
+    elif version == b"1.0":
+        lines.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        lines.append(b"\r\n")
+    return b"".join(lines), body, until_close, keep

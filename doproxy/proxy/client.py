@@ -53,6 +53,9 @@ from doproxy.core.forwarding import (
     valid_host,
 )
 from doproxy.core.http11 import (
+    BODY_CHUNKED,
+    BODY_RAW,
+    BODY_REFUSED,
     CONNECTION,
     GENERAL,
     IDEMPOTENT_METHODS,
@@ -65,12 +68,11 @@ from doproxy.core.http11 import (
     connection_tokens,
     cookie_value,
     error_response,
+    express_response_plan,
     forwarded_fields,
-    head_text,
     lone_connection,
     request_head_kind,
-    response_needs_general_path,
-    scan_response,
+    response_plan,
     split_head,
 )
 from doproxy.errors import (
@@ -114,11 +116,6 @@ DEADLINE_LINGER: Final = 7
 # lingering_timeout), so the response it was sent is not destroyed by a reset.
 LINGER_TIME: Final = 5.0
 
-# Output framing of a response body towards the client.
-_OUT_RAW: Final = 0  # pass bytes as they are (Content-Length, or close-delimited for HTTP/1.0)
-_OUT_CHUNKED: Final = 1  # re-encode as chunked
-_OUT_NONE: Final = 2  # no body (HEAD, 204, 304)
-
 # How an exchange lets go of its backend connection (_let_go).
 _REUSE: Final = 0  # back to the backend's idle stack (closed instead if it already is)
 _CLOSE: Final = 1  # close it: it is not at a clean message boundary, or it asked to close
@@ -156,7 +153,7 @@ class Exchange:
     head_at = 0.0
     response_started = False
     sent_body = False
-    out_mode = 0  # _OUT_RAW (a literal: compilers such as mypyc want literal defaults)
+    out_mode = 0  # http11.BODY_RAW (a literal: compilers such as mypyc want literal defaults)
     # Bytes after an upgrade request's head: the tunnel's first bytes if the backend agrees,
     # else parsed as the next requests once this one is answered.
     tunnel_data = b""
@@ -224,7 +221,6 @@ def _spent_parser() -> httptools.HttpRequestParser:
 _SPENT: Final = _spent_parser()
 
 
-_CLOSE_LINE: Final = b"Connection: close\r\n"
 _LEAN_MAX: Final = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
 
 
@@ -1041,43 +1037,20 @@ class ClientConnection(asyncio.Protocol):
         ex = self.queue[0]
         if ex.version != b"1.1" or ex.is_head or ex.upgrade or not ex.request_done:
             return False
-        text, end = head_text(data)
-        code = text[9:12]
-        if end < 0 or not text.startswith("HTTP/1.1 ") or code < "200" or code in ("204", "304"):
-            # 1xx, 204 and 304 take the general path: they have no body, whatever their
-            # Content-Length says, so bytes after their head are stray.
-            return False
-        low = text[: end + 2].lower()
-        general, length, i, j, value = scan_response(low)
-        if general or length < 0 or len(data) != end + 4 + length:
-            return False  # (a bad Content-Length: llhttp will say what is wrong with it)
         keep = ex.keep_alive and not self.server.draining
-        backend_keep_alive = True
-        # The client gets the backend's bytes as they are when their Connection line already
-        # states what the proxy does with the client connection (the common case: no copy),
-        # else with that line dropped or replaced.
-        if i >= 0:
-            if not value:
-                return False
-            backend_keep_alive = value == "keep-alive"
-            if backend_keep_alive == keep:
-                out = data
-            elif keep:
-                out = data[: i + 1] + data[j + 2 :]
-            else:
-                out = data[: i + 1] + _CLOSE_LINE + data[j + 2 :]
-        else:
-            out = data if keep else data[: end + 2] + _CLOSE_LINE + data[end + 2 :]
+        out, status, length, backend_keep_alive = express_response_plan(data, keep)
+        if not status:
+            return False
         try:
             up.lean_parser.feed_data(data)
         except httptools.HttpParserError as e:
             self.backend_protocol_error(up, str(e))
             return True
         backend = ex.backend
-        if text[9] == "5":
+        if status // 100 == 5:
             if backend is not None:
                 self.server.backend_failed(backend)
-            if self._retry_on_status(ex, up, int(text[9:12]), backend_keep_alive):
+            if self._retry_on_status(ex, up, status, backend_keep_alive):
                 return True
         elif backend is not None and backend.passive_failures:
             self.server.backend_ok(backend)
@@ -1086,7 +1059,7 @@ class ClientConnection(asyncio.Protocol):
             write_soon(t, out)
         if not keep:
             ex.keep_alive = False
-        ex.status = int(code)  # counted by class in _finish
+        ex.status = status  # counted by class in _finish
         if self._access_log:
             ex.body_sent = length
         self.server.express_responses += 1
@@ -1135,79 +1108,20 @@ class ClientConnection(asyncio.Protocol):
         ex.status = status
         ex.backend_keep_alive = backend_keep_alive and ex.backend_keep_alive
         keep = ex.keep_alive and ex.request_done and not self.server.draining
-        # Fast path, the common case: an HTTP/1.1 exchange with Content-Length (or no body)
-        # whose only hop-by-hop header is "Connection: keep-alive/close".
-        if ex.version == b"1.1" and text.startswith("HTTP/1.1 "):
-            low = text.lower()
-            if not response_needs_general_path(low):
-                no_body = ex.is_head or status == 304
-                if no_body or (status != 204 and "\ncontent-length:" in low):
-                    i, j, value = lone_connection(low)
-                    if value:
-                        head = head[: i + 1] + head[j + 2 :]
-                        i = -1
-                    if i < 0:
-                        ex.until_close = False
-                        ex.out_mode = _OUT_NONE if no_body else _OUT_RAW
-                        if not keep:
-                            ex.keep_alive = False
-                        self._held = head + (b"\r\n" if keep else b"Connection: close\r\n\r\n")
-                        if no_body and ex.is_head:
-                            up.stop_after_head()
-                        return
-        self._response_head_general(up, ex, status, head, keep)
-
-    def _response_head_general(
-        self, up: UpstreamConnection, ex: Exchange, status: int, head: bytes, keep: bool
-    ) -> None:
-        first, fields = split_head(head)
-        parts = first.split(b" ", 2)
-        reason = parts[2] if len(parts) > 2 else b""
-        # HTTP/1.1 in the status line whatever the client's version (RFC 9110 2.5), as nginx
-        # and HAProxy do; the framing below is what an HTTP/1.0 client understands.
-        lines = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
-        lines += forwarded_fields(fields)
-        length: bytes | None = None
-        te: bytes | None = None
-        for name, value in fields:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = value
-            elif lname == b"transfer-encoding":
-                te = value if te is None else te + b", " + value
-        chunked = te is not None
-        if te is not None and te.replace(b" ", b"").lower() != b"chunked":
-            # A coding other than chunked cannot be relabelled (the client would decode the
-            # wrong thing) and llhttp reads such a body until close: refuse it, as nginx does.
+        head, body, until_close, keep = response_plan(
+            status, head, text, ex.version, ex.is_head, keep
+        )
+        if body == BODY_REFUSED:
             # Nothing of the response has reached the client yet, so it can still get a 502.
             ex.response_started = False
-            self.backend_protocol_error(up, f"Transfer-Encoding {te.decode('latin-1')!r}")
+            self.backend_protocol_error(up, f"Transfer-Encoding {head.decode('latin-1')!r}")
             return
-        ex.until_close = False
-        if ex.is_head or status == 204 or status == 304:
-            ex.out_mode = _OUT_NONE
-            if length is not None and status != 204:
-                lines.append(b"Content-Length: " + length + b"\r\n")
-        elif length is not None and not chunked:
-            ex.out_mode = _OUT_RAW
-            lines.append(b"Content-Length: " + length + b"\r\n")
-        elif ex.version == b"1.1":
-            ex.until_close = not chunked
-            ex.out_mode = _OUT_CHUNKED
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        else:
-            ex.until_close = not chunked
-            ex.out_mode = _OUT_RAW  # HTTP/1.0 client: the body ends when we close
-            keep = False
+        ex.until_close = until_close
+        ex.out_mode = body
         if not keep:
             ex.keep_alive = False
-            lines.append(b"Connection: close\r\n\r\n")
-        elif ex.version == b"1.0":
-            lines.append(b"Connection: keep-alive\r\n\r\n")
-        else:
-            lines.append(b"\r\n")
-        self._held = b"".join(lines)
-        if ex.out_mode == _OUT_NONE and ex.is_head:
+        self._held = head
+        if ex.is_head:
             up.stop_after_head()
 
     def response_body(self, body: bytes) -> None:
@@ -1215,9 +1129,9 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self._now() + self._t_backend_read
         ex = self.queue[0]
         mode = ex.out_mode
-        if mode == _OUT_RAW:
+        if mode == BODY_RAW:
             self._write(body)
-        elif mode == _OUT_CHUNKED:
+        elif mode == BODY_CHUNKED:
             self._write(chunk(body))
         else:
             return
@@ -1230,7 +1144,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.queue[0]
         if not ex.response_started:
             return  # a 1xx interim response ended; the final one follows
-        if ex.out_mode == _OUT_CHUNKED:
+        if ex.out_mode == BODY_CHUNKED:
             self._write(LAST_CHUNK)
         # A connection offered an upgrade that the backend declined is not reused either.
         reusable = ex.request_done and ex.backend_keep_alive and not ex.upgrade
@@ -1248,7 +1162,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.response_started:
             if ex.until_close:
                 # A close-delimited response ends with the connection: that is success.
-                if ex.out_mode == _OUT_CHUNKED:
+                if ex.out_mode == BODY_CHUNKED:
                     self._write(LAST_CHUNK)
                 self._finish(ex, up, reusable=False)
                 return
