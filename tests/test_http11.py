@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from doproxy.core.forwarding import hop_for
 from doproxy.core.http11 import (
     BODY_CHUNKED,
     BODY_NONE,
@@ -16,12 +17,15 @@ from doproxy.core.http11 import (
     NOT_EXPRESS,
     PLAIN,
     REWRITE,
+    RequestPlan,
     express_response_plan,
     lone_connection,
     request_head_kind,
+    request_plan,
     response_plan,
     scan_response,
 )
+from doproxy.errors import BadRequest, ExpectationFailed, NotImplementedByProxy
 
 NAMES = [
     "content-length",
@@ -274,3 +278,99 @@ def test_response_plan_drops_hop_by_hop_headers_and_those_connection_names() -> 
 def test_response_plan_refuses_a_coding_it_cannot_relabel() -> None:
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n"
     assert _plan(head) == (b"gzip, chunked", BODY_REFUSED, False, False)
+
+
+# --- request plans: what goes to the backend ---------------------------------------------------
+
+HOP = hop_for("x-forwarded", True, False, b"10.0.0.9", b"http", b"8000")
+
+
+def _request(
+    fields: list[tuple[bytes, bytes]],
+    url: bytes = b"/a",
+    version: bytes = b"1.1",
+    trusted: bool = False,
+    underscores: bool = False,
+) -> RequestPlan:
+    return request_plan(b"GET", version, url, fields, HOP, trusted, underscores)
+
+
+def test_request_plan_of_a_plain_request() -> None:
+    plan = _request([(b"Host", b"example.com"), (b"Accept", b"*/*")])
+    assert plan.head == (
+        b"GET /a HTTP/1.1\r\nAccept: */*\r\nHost: example.com\r\n" + b"example.com".join(HOP.parts)
+    )
+    assert b"X-Forwarded-For: 10.0.0.9\r\n" in plan.head and plan.head.endswith(b"\r\n\r\n")
+    assert (plan.host, plan.valid) == (b"example.com", b"example.com")
+    assert not (plan.chunked or plan.websocket or plan.expect_continue or plan.upgrade_body)
+
+
+def test_request_plan_drops_hop_by_hop_named_and_forged_headers() -> None:
+    fields = [
+        (b"Host", b"h"),
+        (b"Connection", b"x-drop, keep-alive, content-length"),
+        (b"X-Drop", b"1"),
+        (b"Keep-Alive", b"5"),
+        (b"TE", b"trailers"),
+        (b"X-Forwarded-For", b"6.6.6.6"),
+        (b"X_Forwarded_For", b"6.6.6.6"),
+        (b"Content-Length", b"2"),
+    ]
+    plan = _request(fields)
+    assert b"6.6.6.6" not in plan.head and b"X-Drop" not in plan.head
+    assert b"Keep-Alive" not in plan.head and b"TE:" not in plan.head
+    assert b"Content-Length: 2\r\n" in plan.head  # framing is never dropped by Connection
+    # From a trusted proxy its forwarding headers are believed, and appended to.
+    trusted = _request(fields, trusted=True)
+    assert b"X-Forwarded-For: 6.6.6.6, 10.0.0.9\r\n" in trusted.head
+    assert b"X_Forwarded_For" not in trusted.head
+    assert b"X_Forwarded_For: 6.6.6.6\r\n" in _request(fields, underscores=True).head
+
+
+def test_request_plan_of_a_chunked_body() -> None:
+    plan = _request([(b"Host", b"h"), (b"Transfer-Encoding", b"chunked")])
+    assert plan.chunked and b"Transfer-Encoding: chunked\r\n" in plan.head
+    with pytest.raises(NotImplementedByProxy):
+        _request([(b"Host", b"h"), (b"Transfer-Encoding", b"gzip, chunked")])
+    with pytest.raises(BadRequest):
+        _request([(b"Host", b"h"), (b"Transfer-Encoding", b"gzip")])
+    with pytest.raises(BadRequest):
+        _request([(b"Host", b"h"), (b"Transfer-Encoding", b"chunked")], version=b"1.0")
+
+
+def test_request_plan_of_an_absolute_form_target() -> None:
+    plan = _request([(b"Host", b"other")], url=b"http://h.example/x?y")
+    assert plan.head.startswith(b"GET /x?y HTTP/1.1\r\n")
+    assert (plan.host, plan.valid) == (b"h.example", b"other")
+    assert b"Host: h.example\r\n" in plan.head
+
+
+def test_request_plan_offers_only_a_websocket_upgrade() -> None:
+    ws = [(b"Host", b"h"), (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
+    plan = _request(ws)
+    assert plan.websocket and b"Connection: upgrade\r\nUpgrade: websocket\r\n" in plan.head
+    h2c = _request(h2c_fields())
+    assert not h2c.websocket and b"pgrade" not in h2c.head
+    body = _request([*h2c_fields(), (b"Content-Length", b"3")])
+    assert body.upgrade_body == 3
+    with pytest.raises(BadRequest):
+        _request([*ws, (b"Content-Length", b"3")])
+
+
+def h2c_fields() -> list[tuple[bytes, bytes]]:
+    return [(b"Host", b"h"), (b"Connection", b"Upgrade"), (b"Upgrade", b"h2c")]
+
+
+def test_request_plan_expect_and_host_rules() -> None:
+    assert _request([(b"Host", b"h"), (b"Expect", b"100-continue")]).expect_continue
+    assert not _request([(b"Expect", b"100-continue")], version=b"1.0").expect_continue
+    with pytest.raises(ExpectationFailed):
+        _request([(b"Host", b"h"), (b"Expect", b"x")])
+    with pytest.raises(BadRequest):
+        _request([(b"Host", b"h"), (b"Host", b"h")])
+    with pytest.raises(BadRequest):
+        _request([])  # HTTP/1.1 without Host
+    with pytest.raises(BadRequest):
+        _request([(b"Host", b"a b")])
+    old = _request([], version=b"1.0")
+    assert old.host is None and old.head == b"GET /a HTTP/1.1\r\n" + HOP.no_host

@@ -15,13 +15,20 @@ Connection and every header it names, Keep-Alive, Proxy-Connection, TE, Trailer,
 (except for a WebSocket tunnel) and Transfer-Encoding (the proxy re-frames the body itself).
 Trailers are dropped in both directions: chunked bodies are re-encoded without them, as nginx
 does by default, so no field can slip past the header rules at the end of a body.
+
+Plans: the rules that decide what a message becomes return it as a small plan, and the
+connection applies it; nothing here writes into an exchange or a socket, so each is tested
+with bytes alone (tests/test_http11.py). request_plan: the head a backend gets and how the
+request's body and connection go on; express_response_plan: the bytes the client gets for a
+whole response read at once; response_plan: the head, the body's framing and keep-alive.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from doproxy.core.forwarding import FORWARDING_HEADERS
+from doproxy.core.forwarding import FORWARDING_HEADERS, Hop, origin_form, valid_host
+from doproxy.errors import BadRequest, ExpectationFailed, NotImplementedByProxy
 
 HEAD_SCAN: Final = 8192  # a response head is looked for in this many bytes first
 
@@ -495,3 +502,156 @@ def _response_plan_general(
     else:
         lines.append(b"\r\n")
     return b"".join(lines), body, until_close, keep
+
+
+# --- request plans: what goes to the backend, decided from the client's head ---------------
+
+
+class RequestPlan:
+    """What the general path makes of a parsed request head (request_plan): the head to send
+    the backend (`head`, origin-form, HTTP/1.1, ending with its blank line), the Host it names
+    (`host`, None for an HTTP/1.0 request without one), the Host header found valid (`valid`,
+    for the caller's cache), and how the body and the connection go on: `chunked` (the body is
+    chunked), `websocket` (a WebSocket upgrade is offered to the backend), `expect_continue`
+    (the client waits for 100 Continue), `upgrade_body` (the Content-Length of a request with
+    Upgrade, whose body llhttp does not read)."""
+
+    def __init__(
+        self,
+        head: bytes,
+        host: bytes | None,
+        valid: bytes | None,
+        chunked: bool,
+        websocket: bool,
+        expect_continue: bool,
+        upgrade_body: int,
+    ) -> None:
+        self.head = head
+        self.host = host
+        self.valid = valid
+        self.chunked = chunked
+        self.websocket = websocket
+        self.expect_continue = expect_continue
+        self.upgrade_body = upgrade_body
+
+
+def request_plan(
+    method: bytes,
+    version: bytes,
+    url: bytes,
+    fields: list[tuple[bytes, bytes]],
+    hop: Hop,
+    trusted: bool,
+    underscores: bool,
+    host_ok: bytes | None = None,
+) -> RequestPlan:
+    """The general path: apply every header rule to a parsed request (its method, HTTP
+    version, target and header fields). `hop` is what the proxy adds for this client,
+    `trusted` whether its forwarding headers are believed, `underscores` whether header names
+    with an underscore pass, and `host_ok` a Host value already found valid (not checked
+    again). Raises the ClientError the client gets for a request the rules refuse."""
+    lines: list[bytes] = []
+    host: bytes | None = None
+    te: bytes | None = None
+    upgrade: bytes | None = None
+    via: bytes | None = None
+    expect_continue = False
+    # Forwarding headers a trusted proxy sent (lower-case name -> values joined); from
+    # anyone else they are dropped, so a client cannot forge who it is.
+    sent: dict[bytes, bytes] | None = None
+    # Headers named by Connection are hop-by-hop too (RFC 9110 7.6.1), but the request is
+    # framed once, from what was received: a name that carries framing (Content-Length,
+    # Transfer-Encoding) or that the proxy decides itself (Host, Upgrade, Connection) is
+    # never dropped because a client named it. Known before the walk, so a dropped line is
+    # never written in the first place.
+    named = connection_named(fields)
+    for name, value in fields:
+        lname = name.lower()
+        if lname not in REQUEST_SPECIAL:
+            if named and lname in named:
+                continue
+            if 95 in name and not underscores:
+                # "_": X_Forwarded_For is X-Forwarded-For to a CGI or WSGI backend, so
+                # such names could forge what the rules above remove (nginx drops them).
+                continue
+            lines.append(name + b": " + value + b"\r\n")
+            continue
+        if lname == b"host":
+            if host is not None:
+                raise BadRequest("more than one Host header")
+            host = value
+        elif lname in FORWARDING_HEADERS:
+            if trusted:
+                if sent is None:
+                    sent = {}
+                seen = sent.get(lname)
+                sent[lname] = value if seen is None else seen + b", " + value
+        elif lname == b"via":
+            via = value if via is None else via + b", " + value
+        elif lname == b"transfer-encoding":
+            te = value if te is None else te + b", " + value
+        elif lname == b"upgrade":
+            upgrade = value
+        elif lname == b"expect":
+            if value.lower() == b"100-continue":
+                expect_continue = version == b"1.1"
+            else:
+                raise ExpectationFailed("only Expect: 100-continue is supported")
+        # Keep-Alive, Proxy-Connection, TE, Trailer and HTTP2-Settings are dropped.
+    if host is None:
+        if version == b"1.1":
+            raise BadRequest("HTTP/1.1 request without Host")
+    elif host != host_ok and not valid_host(host):
+        raise BadRequest("invalid Host")
+    valid = host
+    if url[:1] != b"/" and not (url == b"*" and method == b"OPTIONS"):
+        # Absolute-form (RFC 9112 3.2.2): the target's authority replaces Host, and the
+        # backend gets origin-form, which every server understands.
+        try:
+            url, host = origin_form(url)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+    chunked = False
+    if te is not None:
+        if version != b"1.1":
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip() for c in te.lower().split(b",")]
+        if codings[-1] != b"chunked":
+            # RFC 9112 6.3: the body length cannot be known; 400 and close.
+            raise BadRequest("Transfer-Encoding does not end in chunked")
+        if len(codings) > 1:
+            raise NotImplementedByProxy(f"Transfer-Encoding {te.decode('latin-1')!r}")
+        chunked = True
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    websocket = False
+    upgrade_body = 0
+    if upgrade is not None:
+        # llhttp treats an upgrade request as ending with its head; a body after it is the
+        # caller's to read, for Content-Length only.
+        for name, value in fields:
+            if name.lower() == b"content-length":
+                upgrade_body = int(value)
+        # Offered to the backend only as RFC 9110 7.8 and RFC 6455 have it: websocket,
+        # named in Connection, in HTTP/1.1. Any other Upgrade is dropped (hop-by-hop).
+        websocket = (
+            upgrade.strip().lower() == b"websocket"
+            and version == b"1.1"
+            and b"upgrade" in connection_tokens([v for n, v in fields if n.lower() == CONNECTION])
+        )
+        if chunked or (websocket and upgrade_body > 0):
+            raise BadRequest("a request body with Upgrade is not supported")
+        if websocket:
+            lines.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
+    if host is not None:
+        lines.append(b"Host: " + host + b"\r\n")
+    if sent is None and via is None:
+        # What the express lane adds, from the same pieces.
+        if host is not None:
+            lines.append(host.join(hop.parts if version == b"1.1" else hop.parts_10))
+        else:
+            lines.append(hop.no_host)
+    else:
+        lines.append(hop.headers(host, version, sent, via))
+        lines.append(b"\r\n")
+    head = method + b" " + url + b" HTTP/1.1\r\n" + b"".join(lines)
+    return RequestPlan(head, host, valid, chunked, websocket, expect_continue, upgrade_body)

@@ -41,14 +41,12 @@ from typing import Final, cast
 import httptools
 
 from doproxy.core.forwarding import (
-    FORWARDING_HEADERS,
     PROXY_BAD,
     PROXY_MORE,
     Hop,
     IPNetwork,
     hop_for,
     is_trusted,
-    origin_form,
     parse_proxy_header,
     valid_host,
 )
@@ -56,22 +54,19 @@ from doproxy.core.http11 import (
     BODY_CHUNKED,
     BODY_RAW,
     BODY_REFUSED,
-    CONNECTION,
     GENERAL,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
-    REQUEST_SPECIAL,
     REWRITE,
     chunk,
-    connection_named,
     connection_options,
-    connection_tokens,
     cookie_value,
     error_response,
     express_response_plan,
     forwarded_fields,
     lone_connection,
     request_head_kind,
+    request_plan,
     response_plan,
     split_head,
 )
@@ -80,11 +75,9 @@ from doproxy.errors import (
     BadRequest,
     ClientError,
     ContentTooLarge,
-    ExpectationFailed,
     GatewayTimeout,
     HeaderFieldsTooLarge,
     MethodNotAllowed,
-    NotImplementedByProxy,
     RequestTimeout,
     ServiceUnavailable,
     URITooLong,
@@ -747,112 +740,29 @@ class ClientConnection(asyncio.Protocol):
     def _build_request_head(
         self, ex: Exchange, url: bytes, fields: list[tuple[bytes, bytes]]
     ) -> None:
-        """The general path: apply every header rule to a parsed list of fields."""
-        lines: list[bytes] = []
-        host: bytes | None = None
-        te: bytes | None = None
-        upgrade: bytes | None = None
-        via: bytes | None = None
-        # Forwarding headers a trusted proxy sent (lower-case name -> values joined); from
-        # anyone else they are dropped, so a client cannot forge who it is.
-        sent: dict[bytes, bytes] | None = None
-        # Headers named by Connection are hop-by-hop too (RFC 9110 7.6.1), but the request is
-        # framed once, from what was received: a name that carries framing (Content-Length,
-        # Transfer-Encoding) or that the proxy decides itself (Host, Upgrade, Connection) is
-        # never dropped because a client named it. Known before the walk, so a dropped line is
-        # never written in the first place.
-        named = connection_named(fields)
-        for name, value in fields:
-            lname = name.lower()
-            if lname not in REQUEST_SPECIAL:
-                if named and lname in named:
-                    continue
-                if 95 in name and not self._underscores:
-                    # "_": X_Forwarded_For is X-Forwarded-For to a CGI or WSGI backend, so
-                    # such names could forge what the rules above remove (nginx drops them).
-                    continue
-                lines.append(name + b": " + value + b"\r\n")
-                continue
-            if lname == b"host":
-                if host is not None:
-                    raise BadRequest("more than one Host header")
-                host = value
-            elif lname in FORWARDING_HEADERS:
-                if self._trusted:
-                    if sent is None:
-                        sent = {}
-                    seen = sent.get(lname)
-                    sent[lname] = value if seen is None else seen + b", " + value
-            elif lname == b"via":
-                via = value if via is None else via + b", " + value
-            elif lname == b"transfer-encoding":
-                te = value if te is None else te + b", " + value
-            elif lname == b"upgrade":
-                upgrade = value
-            elif lname == b"expect":
-                if value.lower() == b"100-continue":
-                    ex.expect_continue = ex.version == b"1.1"
-                else:
-                    raise ExpectationFailed("only Expect: 100-continue is supported")
-            # Keep-Alive, Proxy-Connection, TE, Trailer and HTTP2-Settings are dropped.
-        if host is None:
-            if ex.version == b"1.1":
-                raise BadRequest("HTTP/1.1 request without Host")
-        elif host != self._host_ok:
-            if not valid_host(host):
-                raise BadRequest("invalid Host")
-            self._host_ok = host
-        if url[:1] != b"/" and not (url == b"*" and ex.method == b"OPTIONS"):
-            # Absolute-form (RFC 9112 3.2.2): the target's authority replaces Host, and the
-            # backend gets origin-form, which every server understands.
-            try:
-                url, host = origin_form(url)
-            except ValueError as e:
-                raise BadRequest(str(e)) from None
-        if te is not None:
-            if ex.version != b"1.1":
-                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-            codings = [c.strip() for c in te.lower().split(b",")]
-            if codings[-1] != b"chunked":
-                # RFC 9112 6.3: the body length cannot be known; 400 and close.
-                raise BadRequest("Transfer-Encoding does not end in chunked")
-            if len(codings) > 1:
-                raise NotImplementedByProxy(f"Transfer-Encoding {te.decode('latin-1')!r}")
+        """The general path: every header rule (http11.request_plan), applied to `ex`."""
+        plan = request_plan(
+            ex.method,
+            ex.version,
+            url,
+            fields,
+            self._hop,
+            self._trusted,
+            self._underscores,
+            self._host_ok,
+        )
+        if plan.valid is not None:
+            self._host_ok = plan.valid
+        ex.head = plan.head
+        ex.host = plan.host
+        if plan.chunked:
             ex.chunked_in = True
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        if upgrade is not None:
-            # llhttp treats an upgrade request as ending with its head; a body after it
-            # is handled by _upgrade_requested, for Content-Length only.
-            for name, value in fields:
-                if name.lower() == b"content-length":
-                    ex.upgrade_body = int(value)
-            # Offered to the backend only as RFC 9110 7.8 and RFC 6455 have it: websocket,
-            # named in Connection, in HTTP/1.1. Any other Upgrade is dropped (hop-by-hop).
-            websocket = (
-                upgrade.strip().lower() == b"websocket"
-                and ex.version == b"1.1"
-                and b"upgrade"
-                in connection_tokens([v for n, v in fields if n.lower() == CONNECTION])
-            )
-            if ex.chunked_in or (websocket and ex.upgrade_body > 0):
-                raise BadRequest("a request body with Upgrade is not supported")
-            if websocket:
-                ex.upgrade = True
-                lines.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
-        if host is not None:
-            lines.append(b"Host: " + host + b"\r\n")
-        ex.host = host
-        hop = self._hop
-        if sent is None and via is None:
-            # What the express lane adds, from the same pieces.
-            if host is not None:
-                lines.append(host.join(self._tail_parts if ex.version == b"1.1" else hop.parts_10))
-            else:
-                lines.append(hop.no_host)
-        else:
-            lines.append(hop.headers(host, ex.version, sent, via))
-            lines.append(b"\r\n")
-        ex.head = ex.method + b" " + url + b" HTTP/1.1\r\n" + b"".join(lines)
+        if plan.websocket:
+            ex.upgrade = True
+        if plan.expect_continue:
+            ex.expect_continue = True
+        if plan.upgrade_body:
+            ex.upgrade_body = plan.upgrade_body
 
     def _upgrade_requested(self, rest: bytes) -> None:
         """llhttp stopped after a request that asked to switch protocols.
