@@ -5,7 +5,9 @@ Theory of operation
 Bytes from the client go through llhttp (httptools), which calls back per request event. Each
 request becomes an `Exchange`; exchanges queue in arrival order (pipelining) and only the head of
 the queue is forwarded, so responses come back in order. Later requests wait, buffered, with
-reading paused.
+reading paused. The exchange owns the steps that end it (retry on another backend, finish with
+the backend's response, fail with the proxy's own answer); the connection drives it and goes on
+to the next one.
 
 Nothing of a request is forwarded until the parser has accepted the whole chunk of bytes it came
 in: callbacks only collect, and `data_received` forwards after `feed_data` returns. A malformed
@@ -109,7 +111,7 @@ DEADLINE_LINGER: Final = 7
 # lingering_timeout), so the response it was sent is not destroyed by a reset.
 LINGER_TIME: Final = 5.0
 
-# How an exchange lets go of its backend connection (_let_go).
+# How an exchange lets go of its backend connection (Exchange.let_go).
 _REUSE: Final = 0  # back to the backend's idle stack (closed instead if it already is)
 _CLOSE: Final = 1  # close it: it is not at a clean message boundary, or it asked to close
 _ABORT: Final = 2  # abort it: its late answer must reach no one
@@ -119,8 +121,18 @@ _BUFFER_LIMIT: Final = (
 )  # bytes of request body held while a backend connection is dialled
 
 
+_STATUS_ERRORS: dict[int, type[ClientError]] = {
+    502: BadGateway,
+    503: ServiceUnavailable,
+    504: GatewayTimeout,
+}
+
+
 class Exchange:
-    """One request and its response.
+    """One request and its response, and the steps that end it (uvicorn's per-request cycle
+    object): `retry` on another backend, `finish` with the backend's response, `fail` with the
+    proxy's own answer. Its client connection drives it, and it tells the connection when it
+    is done (`ClientConnection.finished`, `failed`) so the connection goes on to the next one.
 
     Defaults live on the class and an instance stores only what differs: a new exchange per
     request then costs one small object, not two dozen attribute writes.
@@ -163,15 +175,226 @@ class Exchange:
     status = 0  # the status answered to the client (access log, per-class counts)
     body_sent = 0  # response body bytes handed to the client (counted while the access log is on)
 
-    def __init__(self) -> None:
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
         self.body: list[bytes] = []
 
+    # --- retries ----------------------------------------------------------------------------
 
-_STATUS_ERRORS: dict[int, type[ClientError]] = {
-    502: BadGateway,
-    503: ServiceUnavailable,
-    504: GatewayTimeout,
-}
+    def may_resend(self) -> bool:
+        """May this request be sent again after some of it reached a backend? Only an
+        idempotent one, complete, whose body (if any) was kept in full for a retry."""
+        return (
+            self.method in IDEMPOTENT_METHODS
+            and self.request_done
+            and (not self.sent_body or self.kept is not None)
+        )
+
+    def keep_for_retry(self, chunks: list[bytes]) -> None:
+        """Remember body bytes being sent, while a retry could still resend them."""
+        retries = self.conn.server.settings.retries
+        if not self.sent_body and self.kept is None and not self.tried:
+            # The first body bytes of the first attempt: decide whether to keep them.
+            if self.method not in IDEMPOTENT_METHODS or not retries.attempts:
+                return
+            self.kept = []
+        kept = self.kept
+        if kept is None:
+            return
+        size = self.kept_size + sum(len(c) for c in chunks)
+        if size > retries.buffer_body_bytes:
+            self.kept = None  # too large to keep: this request will not be retried once sent
+            return
+        kept.extend(chunks)
+        self.kept_size = size
+
+    def retry(self, err: ClientError) -> bool:
+        """Send this request to a different backend, if retries, the budget and the pool
+        allow.
+
+        The caller has checked that resending is safe. Returns False (having changed nothing)
+        when it does not retry.
+        """
+        if not self.retry_allowed(err):
+            return False
+        self._retry_now(err)
+        return True
+
+    def retry_allowed(self, err: ClientError) -> bool:
+        conn = self.conn
+        server = conn.server
+        backend = self.backend
+        if backend is None or self.response_started:
+            return False
+        if len(self.tried) + 1 > server.settings.retries.attempts:
+            return False
+        tried = (*self.tried, backend)
+        if not any(b not in tried for b in server.pool.eligible):
+            return False  # nowhere else to go
+        if not server.retry_budget.withdraw(conn._now()):
+            log.warning(
+                "retry budget exhausted: not retrying after %s; backends are failing, check "
+                "them ([retries] budget-percent caps the extra load retries may add)",
+                err.detail,
+            )
+            return False
+        return True
+
+    def _retry_now(self, err: ClientError) -> None:
+        backend = self.backend
+        assert backend is not None
+        backend.in_flight -= 1
+        backend.failures += 1
+        self.tried = (*self.tried, backend)
+        self.backend = None
+        self.upstream = None
+        if self.sent_body and self.kept is not None:
+            # Send the kept body again (it is kept again as it goes out).
+            self.body = self.kept + self.body
+            self.buffered = self.kept_size
+            self.kept, self.kept_size = [], 0
+            self.sent_body = False
+        conn = self.conn
+        conn.server.retried += 1
+        log.info("retrying on another backend after %s from %s", err.detail, backend.name)
+        conn._start(self)
+
+    def retry_on_status(self, up: UpstreamConnection, status: int, reusable: bool) -> bool:
+        """A backend answered 502/503/504 (by default) to a request that may be resent, and
+        nothing of the answer reached the client yet: try another backend instead."""
+        if status not in self.conn.server.settings.retries.on_status or not self.may_resend():
+            return False
+        err = _STATUS_ERRORS.get(status, BadGateway)(f"backend answered {status}")
+        if not self.retry_allowed(err):
+            return False
+        self.let_go(up, _REUSE if reusable else _ABORT)
+        self._retry_now(err)
+        return True
+
+    # --- the end of an exchange -------------------------------------------------------------
+
+    def finish(self, up: UpstreamConnection | None, reusable: bool, abort: bool = False) -> None:
+        """The response is complete, or was cut short (`abort`): count it, let go of the
+        backend connection `up` (pooled when `reusable`), and let the client connection go on
+        to what comes next."""
+        conn = self.conn
+        now = conn._now()
+        backend = self.backend
+        if conn._access_log:
+            # A response cut short is logged with the status its head carried and the body
+            # bytes that got out, as nginx does; the warning that cut it says why.
+            self.log_access(now, backend)
+        # Latency is the time to the response head: a streamed body or a tunnel says nothing
+        # about how long the backend made the user wait.
+        head_at = self.head_at or now
+        server = conn.server
+        if self.begun:
+            server.count_exchange(head_at - self.begun)
+        if backend is not None:
+            backend.in_flight -= 1
+            backend.requests += 1
+            backend.responses[self.status // 100] += 1
+            if self.started:
+                latency = head_at - self.started
+                backend.latency_sum += latency
+                backend.samples.append(latency)
+                if server.pool.observe_latency:
+                    backend.latency.observe(latency, now)
+            self.backend = None
+        if up is not None:
+            self.let_go(up, _REUSE if reusable else _ABORT if abort else _CLOSE, now)
+        conn.finished(self, now, abort)
+
+    def fail(self, err: ClientError) -> None:
+        """Answer with an error instead of a backend's response."""
+        if self.response_started:
+            self.finish(self.upstream, reusable=False, abort=True)
+            return
+        conn = self.conn
+        server = conn.server
+        failed = self.backend  # (and the backend the access log names)
+        if failed is not None:
+            failed.in_flight -= 1
+            failed.failures += 1
+            # The gateway error this backend caused is counted as its response.
+            failed.responses[err.status // 100] += 1
+            self.backend = None
+        else:
+            server.generated[err.status // 100] += 1
+        if self.begun and err.status != 503:
+            # A backend failed it (refused, reset, timed out, broke HTTP): the user waited all
+            # that time, so the autoscaler's signal counts it. (503: no backend to ask.)
+            server.count_exchange(conn._now() - self.begun)
+        up = self.upstream
+        if up is not None:
+            self.let_go(up, _CLOSE)
+        log.debug("answering %d: %s", err.status, err.detail)
+        # Keep the connection only when the request is fully read and nothing else is odd.
+        keep = self.keep_alive and self.request_done and not self.upgrade and not server.draining
+        page = server.error_body(err.status)
+        out = error_response(err.status, page, close=not keep, head=self.is_head)
+        if conn._access_log:
+            self.status = err.status
+            self.body_sent = 0 if self.is_head else len(out) - out.find(b"\r\n\r\n") - 4
+            self.log_access(conn._now(), failed)
+        conn.failed(out, keep)
+
+    def drop(self) -> None:
+        """Let go of an unfinished exchange's backend: its connection is aborted (never reused
+        mid-message) and its in-flight count released. Blames nobody."""
+        up = self.upstream
+        if up is not None:
+            self.let_go(up, _ABORT)
+        if self.backend is not None:
+            self.backend.in_flight -= 1
+            self.backend = None
+
+    def let_go(self, up: UpstreamConnection, how: int, now: float = 0.0) -> None:
+        """The one way an exchange parts from its backend connection: detached from both
+        sides, then pooled (_REUSE, at `now` if the caller has the time), closed or aborted."""
+        self.upstream = None
+        up.client = None
+        if how == _REUSE and not up.closed:
+            up.release(now or self.conn._now(), self.conn.server.max_idle)
+        elif how == _ABORT:
+            up.abort()
+        else:
+            up.close()
+
+    def log_access(self, now: float, backend: Backend | None) -> None:
+        """One access log line for this exchange, answered by `backend` (called only when
+        access-log is on, so none of this costs anything when it is off)."""
+        conn = self.conn
+        sink = conn.server.access
+        if sink is None:
+            return  # a reload turned the log off after this connection opened
+        # The head as forwarded: its request line is "METHOD target HTTP/1.1", and Referer and
+        # User-Agent pass unchanged (they are end-to-end headers). No head: a request refused
+        # before it was understood, logged as "-".
+        head = self.head
+        method = target = b""
+        referer: bytes | None = None
+        agent: bytes | None = None
+        if head:
+            method = self.method
+            first = head[: head.find(b"\r\n")]
+            target = first[len(method) + 1 : first.rfind(b" ")]
+            low = head.decode("latin-1").lower()
+            referer = _header_value(head, low, "\r\nreferer:")
+            agent = _header_value(head, low, "\r\nuser-agent:")
+        sink.request(
+            conn.peer_ip,
+            method,
+            target,
+            self.version,
+            self.status,
+            self.body_sent,
+            referer,
+            agent,
+            now - self.begun if self.begun else 0.0,  # from the first dispatch, retries included
+            backend.entry.server_host if backend is not None else None,
+            len(self.tried),
+        )
 
 
 class _LeanParser:
@@ -472,7 +695,7 @@ class ClientConnection(asyncio.Protocol):
             tunnel.client = None
             tunnel.close()
         for ex in self.queue:
-            self._drop(ex)  # the response has no reader: never reuse its connection
+            ex.drop()  # the response has no reader: never reuse its connection
         self.queue.clear()
 
     def pause_writing(self) -> None:
@@ -496,7 +719,7 @@ class ClientConnection(asyncio.Protocol):
     # --- request parsing (llhttp callbacks) -------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.parsing = Exchange()
+        self.parsing = Exchange(self)
         self._url = b""
         self._headers = []
         self._in_head = True
@@ -625,7 +848,7 @@ class ClientConnection(asyncio.Protocol):
             self._reject(BadRequest(str(e)))
             return
         self.server.express_requests += 1
-        ex = Exchange()
+        ex = Exchange(self)
         try:
             self._rewrite_head(ex, data, low, parser.get_method(), kind)
         except ClientError as e:
@@ -834,7 +1057,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 flush_writes()  # nothing queued may be overtaken or lost
                 t.writelines(ex.body)
-            self._keep_for_retry(ex, ex.body)
+            ex.keep_for_retry(ex.body)
             ex.body = []
             ex.buffered = 0
             ex.sent_body = True
@@ -855,7 +1078,7 @@ class ClientConnection(asyncio.Protocol):
         # The hash key: the configured header or cookie (absent: round robin), or the client.
         backend = pool.balancer.pick(eligible, ex.hash_key if self._hash_header else self.peer_ip)
         if backend is None:
-            self._fail(ex, ServiceUnavailable("no backend available"))
+            ex.fail(ServiceUnavailable("no backend available"))
             return
         ex.backend = backend
         backend.in_flight += 1
@@ -895,8 +1118,8 @@ class ClientConnection(asyncio.Protocol):
             if ex.backend is not None:
                 self.server.backend_failed(ex.backend)
             # Nothing was sent: any method may go to another backend.
-            if not self._redispatch(ex, err):
-                self._fail(ex, err)
+            if not ex.retry(err):
+                ex.fail(err)
             return
         self._attach(ex, up, self._now())
 
@@ -915,7 +1138,7 @@ class ClientConnection(asyncio.Protocol):
             head = head[:-2] + b"Host: " + backend.host_header + b"\r\n\r\n"
         ex.started = now
         if ex.body:
-            self._keep_for_retry(ex, ex.body)
+            ex.keep_for_retry(ex.body)
             ex.body.insert(0, head)
             flush_writes()  # nothing queued may be overtaken or lost
             t.writelines(ex.body)
@@ -960,7 +1183,7 @@ class ClientConnection(asyncio.Protocol):
         if status // 100 == 5:
             if backend is not None:
                 self.server.backend_failed(backend)
-            if self._retry_on_status(ex, up, status, backend_keep_alive):
+            if ex.retry_on_status(up, status, backend_keep_alive):
                 return True
         elif backend is not None and backend.passive_failures:
             self.server.backend_ok(backend)
@@ -969,11 +1192,11 @@ class ClientConnection(asyncio.Protocol):
             write_soon(t, out)
         if not keep:
             ex.keep_alive = False
-        ex.status = status  # counted by class in _finish
+        ex.status = status  # counted by class in Exchange.finish
         if self._access_log:
             ex.body_sent = length
         self.server.express_responses += 1
-        self._finish(ex, up, reusable=backend_keep_alive)
+        ex.finish(up, reusable=backend_keep_alive)
         return True
 
     def response_head(
@@ -1001,7 +1224,7 @@ class ClientConnection(asyncio.Protocol):
         if status >= 500:
             if ex.backend is not None:
                 self.server.backend_failed(ex.backend)
-            if self._retry_on_status(ex, up, status, reusable=False):
+            if ex.retry_on_status(up, status, reusable=False):
                 return
         elif ex.backend is not None and ex.backend.passive_failures:
             self.server.backend_ok(ex.backend)
@@ -1058,7 +1281,7 @@ class ClientConnection(asyncio.Protocol):
             self._write(LAST_CHUNK)
         # A connection offered an upgrade that the backend declined is not reused either.
         reusable = ex.request_done and ex.backend_keep_alive and not ex.upgrade
-        self._finish(ex, up, reusable)
+        ex.finish(up, reusable)
 
     def backend_lost(self, up: UpstreamConnection) -> None:
         """The backend closed the connection (or it broke) while attached to an exchange."""
@@ -1074,7 +1297,7 @@ class ClientConnection(asyncio.Protocol):
                 # A close-delimited response ends with the connection: that is success.
                 if ex.out_mode == BODY_CHUNKED:
                     self._write(LAST_CHUNK)
-                self._finish(ex, up, reusable=False)
+                ex.finish(up, reusable=False)
                 return
             # The response was cut short: the client must see a broken response, not a hang.
             log.warning(
@@ -1082,7 +1305,7 @@ class ClientConnection(asyncio.Protocol):
                 "backend's logs",
                 ex.backend,
             )
-            self._finish(ex, up, reusable=False, abort=True)
+            ex.finish(up, reusable=False, abort=True)
             return
         ex.upstream = None
         if up.reused and not up.got_bytes and not ex.sent_body and ex.method in IDEMPOTENT_METHODS:
@@ -1095,8 +1318,8 @@ class ClientConnection(asyncio.Protocol):
         err = BadGateway("backend closed the connection")
         if ex.backend is not None:
             self.server.backend_failed(ex.backend)
-        if not (self._may_resend(ex) and self._redispatch(ex, err)):
-            self._fail(ex, err)
+        if not (ex.may_resend() and ex.retry(err)):
+            ex.fail(err)
 
     def backend_protocol_error(self, up: UpstreamConnection, detail: str) -> None:
         log.warning(
@@ -1111,11 +1334,11 @@ class ClientConnection(asyncio.Protocol):
             up.client = None
             up.abort()
             return
-        self._let_go(ex, up, _ABORT)
+        ex.let_go(up, _ABORT)
         if ex.response_started:
-            self._finish(ex, up, reusable=False, abort=True)
+            ex.finish(up, reusable=False, abort=True)
         else:
-            self._fail(ex, BadGateway("invalid response from backend"))
+            ex.fail(BadGateway("invalid response from backend"))
 
     def backend_switched_protocols(self, up: UpstreamConnection, rest: bytes) -> None:
         """The backend answered 101: from now on both sides are a plain byte tunnel."""
@@ -1137,7 +1360,7 @@ class ClientConnection(asyncio.Protocol):
         self._write(b"".join(out))
         if rest:
             self._write(rest)
-        # The 101 is this exchange's answer (a tunnel never reaches _finish): its class count.
+        # The 101 is this exchange's answer (a tunnel never reaches finish): its class count.
         up.backend.responses[1] += 1
         if self._access_log:
             ex.status = 101  # logged when the tunnel closes (connection_lost)
@@ -1159,125 +1382,30 @@ class ClientConnection(asyncio.Protocol):
         if self._access_log and self.queue:
             self.queue[0].body_sent += len(data)  # as nginx counts a tunnel's bytes
 
-    # --- retries ----------------------------------------------------------------------------
-
-    def _may_resend(self, ex: Exchange) -> bool:
-        """May this request be sent again after some of it reached a backend? Only an
-        idempotent one, complete, whose body (if any) was kept in full for a retry."""
-        return (
-            ex.method in IDEMPOTENT_METHODS
-            and ex.request_done
-            and (not ex.sent_body or ex.kept is not None)
-        )
-
-    def _keep_for_retry(self, ex: Exchange, chunks: list[bytes]) -> None:
-        """Remember body bytes being sent, while a retry could still resend them."""
-        if not ex.sent_body and ex.kept is None and not ex.tried:
-            # The first body bytes of the first attempt: decide whether to keep them.
-            if ex.method not in IDEMPOTENT_METHODS or not self.server.settings.retries.attempts:
-                return
-            ex.kept = []
-        kept = ex.kept
-        if kept is None:
-            return
-        size = ex.kept_size + sum(len(c) for c in chunks)
-        if size > self.server.settings.retries.buffer_body_bytes:
-            ex.kept = None  # too large to keep: this request will not be retried once sent
-            return
-        kept.extend(chunks)
-        ex.kept_size = size
-
-    def _redispatch(self, ex: Exchange, err: ClientError) -> bool:
-        """Send `ex` to a different backend, if retries, the budget and the pool allow.
-
-        The caller has checked that resending is safe. Returns False (having changed nothing)
-        when it does not retry.
-        """
-        if not self._retry_allowed(ex, err):
-            return False
-        self._redispatch_now(ex, err)
-        return True
-
-    def _retry_allowed(self, ex: Exchange, err: ClientError) -> bool:
-        server = self.server
-        backend = ex.backend
-        if backend is None or ex.response_started:
-            return False
-        if len(ex.tried) + 1 > server.settings.retries.attempts:
-            return False
-        tried = (*ex.tried, backend)
-        if not any(b not in tried for b in server.pool.eligible):
-            return False  # nowhere else to go
-        if not server.retry_budget.withdraw(self._now()):
-            log.warning(
-                "retry budget exhausted: not retrying after %s; backends are failing, check "
-                "them ([retries] budget-percent caps the extra load retries may add)",
-                err.detail,
-            )
-            return False
-        return True
-
-    def _redispatch_now(self, ex: Exchange, err: ClientError) -> None:
-        backend = ex.backend
-        assert backend is not None
-        backend.in_flight -= 1
-        backend.failures += 1
-        ex.tried = (*ex.tried, backend)
-        ex.backend = None
-        ex.upstream = None
-        if ex.sent_body and ex.kept is not None:
-            # Send the kept body again (it is kept again as it goes out).
-            ex.body = ex.kept + ex.body
-            ex.buffered = ex.kept_size
-            ex.kept, ex.kept_size = [], 0
-            ex.sent_body = False
-        self.server.retried += 1
-        log.info("retrying on another backend after %s from %s", err.detail, backend.name)
-        self._start(ex)
-
-    def _retry_on_status(
-        self, ex: Exchange, up: UpstreamConnection, status: int, reusable: bool
-    ) -> bool:
-        """A backend answered 502/503/504 (by default) to a request that may be resent, and
-        nothing of the answer reached the client yet: try another backend instead."""
-        if status not in self.server.settings.retries.on_status or not self._may_resend(ex):
-            return False
-        err = _STATUS_ERRORS.get(status, BadGateway)(f"backend answered {status}")
-        if not self._retry_allowed(ex, err):
-            return False
-        self._let_go(ex, up, _REUSE if reusable else _ABORT)
-        self._redispatch_now(ex, err)
-        return True
-
     # --- completion -------------------------------------------------------------------------
 
-    def _finish(
-        self, ex: Exchange, up: UpstreamConnection | None, reusable: bool, abort: bool = False
-    ) -> None:
-        now = self._now()
-        backend = ex.backend
-        if self._access_log:
-            # A response cut short is logged with the status its head carried and the body
-            # bytes that got out, as nginx does; the warning that cut it says why.
-            self._log_access(ex, now, backend)
-        # Latency is the time to the response head: a streamed body or a tunnel says nothing
-        # about how long the backend made the user wait.
-        head_at = ex.head_at or now
-        if ex.begun:
-            self.server.count_exchange(head_at - ex.begun)
-        if backend is not None:
-            backend.in_flight -= 1
-            backend.requests += 1
-            backend.responses[ex.status // 100] += 1
-            if ex.started:
-                latency = head_at - ex.started
-                backend.latency_sum += latency
-                backend.samples.append(latency)
-                if self.server.pool.observe_latency:
-                    backend.latency.observe(latency, now)
-            ex.backend = None
-        if up is not None:
-            self._let_go(ex, up, _REUSE if reusable else _ABORT if abort else _CLOSE, now)
+    def _log_refused(self, bad: Exchange | None, err: ClientError, is_head: bool) -> None:
+        """The access log line of a request refused as the client's fault (_reject): with its
+        request line once its head was parsed, else "-"."""
+        ex = bad if bad is not None else Exchange(self)
+        if not ex.response_started:
+            ex.status = err.status
+            out = error_response(err.status, self.server.error_body(err.status), head=is_head)
+            ex.body_sent = len(out) - out.find(b"\r\n\r\n") - 4
+        # (Otherwise the backend's answer had begun: its status and the bytes sent stand.)
+        ex.log_access(self._now(), ex.backend)
+
+    def _log_unfinished(self, ex: Exchange) -> None:
+        """The connection closed with `ex` unfinished: a WebSocket tunnel that ended (101),
+        a response cut short (the status its head carried), or a client that left before any
+        answer (499, nginx's "client closed request")."""
+        if not ex.status:
+            ex.status = 499
+        ex.log_access(self._now(), ex.backend)
+
+    def finished(self, ex: Exchange, now: float, abort: bool) -> None:
+        """`ex`, the active exchange, has been answered (Exchange.finish): go on to what
+        follows it, or close (abort: its response was cut short)."""
         if abort:
             self._held = None
             self.queue.pop(0)
@@ -1297,58 +1425,15 @@ class ClientConnection(asyncio.Protocol):
         elif self._plain_upgrade is ex:
             self._plain_upgrade = None
 
-    def _log_access(self, ex: Exchange, now: float, backend: Backend | None) -> None:
-        """One access log line for `ex`, answered by `backend` (called only when access-log is
-        on, so none of this costs anything when it is off)."""
-        sink = self.server.access
-        if sink is None:
-            return  # a reload turned the log off after this connection opened
-        # The head as forwarded: its request line is "METHOD target HTTP/1.1", and Referer and
-        # User-Agent pass unchanged (they are end-to-end headers). No head: a request refused
-        # before it was understood, logged as "-".
-        head = ex.head
-        method = target = b""
-        referer: bytes | None = None
-        agent: bytes | None = None
-        if head:
-            method = ex.method
-            first = head[: head.find(b"\r\n")]
-            target = first[len(method) + 1 : first.rfind(b" ")]
-            low = head.decode("latin-1").lower()
-            referer = _header_value(head, low, "\r\nreferer:")
-            agent = _header_value(head, low, "\r\nuser-agent:")
-        sink.request(
-            self.peer_ip,
-            method,
-            target,
-            ex.version,
-            ex.status,
-            ex.body_sent,
-            referer,
-            agent,
-            now - ex.begun if ex.begun else 0.0,  # from the first dispatch, retries included
-            backend.entry.server_host if backend is not None else None,
-            len(ex.tried),
-        )
-
-    def _log_refused(self, bad: Exchange | None, err: ClientError, is_head: bool) -> None:
-        """The access log line of a request refused as the client's fault (_reject): with its
-        request line once its head was parsed, else "-"."""
-        ex = bad if bad is not None else Exchange()
-        if not ex.response_started:
-            ex.status = err.status
-            out = error_response(err.status, self.server.error_body(err.status), head=is_head)
-            ex.body_sent = len(out) - out.find(b"\r\n\r\n") - 4
-        # (Otherwise the backend's answer had begun: its status and the bytes sent stand.)
-        self._log_access(ex, self._now(), ex.backend)
-
-    def _log_unfinished(self, ex: Exchange) -> None:
-        """The connection closed with `ex` unfinished: a WebSocket tunnel that ended (101),
-        a response cut short (the status its head carried), or a client that left before any
-        answer (499, nginx's "client closed request")."""
-        if not ex.status:
-            ex.status = 499
-        self._log_access(ex, self._now(), ex.backend)
+    def failed(self, answer: bytes, keep: bool) -> None:
+        """The active exchange failed (Exchange.fail): send the proxy's `answer`, then go on
+        to what follows it, or close."""
+        self._write(answer)
+        self.queue.pop(0)
+        if not keep:
+            self._close(linger=True)
+        else:
+            self._continue(self._now())
 
     def _continue(self, now: float) -> None:
         """After an exchange: start the next pipelined request, or wait for one."""
@@ -1397,44 +1482,6 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.deadline_kind = DEADLINE_NONE  # a body is arriving: client-body watches it
 
-    def _fail(self, ex: Exchange, err: ClientError) -> None:
-        """Answer `ex` with an error instead of a backend's response."""
-        if ex.response_started:
-            self._finish(ex, ex.upstream, reusable=False, abort=True)
-            return
-        server = self.server
-        failed = ex.backend  # (and the backend the access log names)
-        if failed is not None:
-            failed.in_flight -= 1
-            failed.failures += 1
-            # The gateway error this backend caused is counted as its response.
-            failed.responses[err.status // 100] += 1
-            ex.backend = None
-        else:
-            server.generated[err.status // 100] += 1
-        if ex.begun and err.status != 503:
-            # A backend failed it (refused, reset, timed out, broke HTTP): the user waited all
-            # that time, so the autoscaler's signal counts it. (503: no backend to ask.)
-            server.count_exchange(self._now() - ex.begun)
-        up = ex.upstream
-        if up is not None:
-            self._let_go(ex, up, _CLOSE)
-        log.debug("answering %d: %s", err.status, err.detail)
-        # Keep the connection only when the request is fully read and nothing else is odd.
-        keep = ex.keep_alive and ex.request_done and not ex.upgrade and not self.server.draining
-        page = self.server.error_body(err.status)
-        out = error_response(err.status, page, close=not keep, head=ex.is_head)
-        if self._access_log:
-            ex.status = err.status
-            ex.body_sent = 0 if ex.is_head else len(out) - out.find(b"\r\n\r\n") - 4
-            self._log_access(ex, self._now(), failed)
-        self._write(out)
-        self.queue.pop(0)
-        if not keep:
-            self._close(linger=True)
-        else:
-            self._continue(self._now())
-
     def _reject(self, err: ClientError, refused: Exchange | None = None) -> None:
         """The client's fault: a malformed request, a stalled or cut body, a body too large.
 
@@ -1464,7 +1511,7 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if bad is not None and queue and queue[-1] is bad:
             queue.pop()
-            self._drop(bad)
+            bad.drop()
             if bad.response_started:
                 # Its answer had begun: it cannot be completed, and must not look complete.
                 self._held = None
@@ -1501,7 +1548,7 @@ class ClientConnection(asyncio.Protocol):
                 )
                 if ex.backend is not None:
                     self.server.backend_failed(ex.backend)
-                self._finish(ex, ex.upstream, reusable=False, abort=True)
+                ex.finish(ex.upstream, reusable=False, abort=True)
         elif kind == DEADLINE_CLIENT_WRITE:
             # The client stopped reading: its fault; the backend is not blamed.
             log.info("client %s read nothing for client-write; closed", self.peer_ip.decode())
@@ -1526,11 +1573,11 @@ class ClientConnection(asyncio.Protocol):
                 if ex.backend is not None:
                     self.server.backend_failed(ex.backend)
                 up = ex.upstream
-                if self._may_resend(ex) and up is not None:
-                    self._let_go(ex, up, _ABORT)
-                    if self._redispatch(ex, err):
+                if ex.may_resend() and up is not None:
+                    ex.let_go(up, _ABORT)
+                    if ex.retry(err):
                         return
-                self._fail(ex, err)
+                ex.fail(err)
 
     def on_body_deadline(self, now: float) -> None:
         """The sweep found the request body stalled for client-body: whose fault is it?"""
@@ -1548,7 +1595,7 @@ class ClientConnection(asyncio.Protocol):
             )
             if ex.backend is not None:
                 self.server.backend_failed(ex.backend)
-            self._fail(ex, GatewayTimeout("backend stopped reading the request body"))
+            ex.fail(GatewayTimeout("backend stopped reading the request body"))
             return
         if paused:
             # The proxy itself stopped reading (a queue, a dial): not a stall.
@@ -1583,28 +1630,6 @@ class ClientConnection(asyncio.Protocol):
             self.deadline_kind, self.deadline = DEADLINE_IDLE, now + self._t_idle
         else:
             self.deadline_kind = DEADLINE_NONE
-
-    def _drop(self, ex: Exchange) -> None:
-        """Let go of an unfinished exchange's backend: its connection is aborted (never reused
-        mid-message) and its in-flight count released. Blames nobody."""
-        up = ex.upstream
-        if up is not None:
-            self._let_go(ex, up, _ABORT)
-        if ex.backend is not None:
-            ex.backend.in_flight -= 1
-            ex.backend = None
-
-    def _let_go(self, ex: Exchange, up: UpstreamConnection, how: int, now: float = 0.0) -> None:
-        """The one way an exchange parts from its backend connection: detached from both
-        sides, then pooled (_REUSE, at `now` if the caller has the time), closed or aborted."""
-        ex.upstream = None
-        up.client = None
-        if how == _REUSE and not up.closed:
-            up.release(now or self._now(), self.server.max_idle)
-        elif how == _ABORT:
-            up.abort()
-        else:
-            up.close()
 
     def shutdown(self) -> None:
         """Graceful shutdown: idle connections close now, busy ones after their response."""
