@@ -7,7 +7,9 @@ request becomes an `Exchange`; exchanges queue in arrival order (pipelining) and
 the queue is forwarded, so responses come back in order. Later requests wait, buffered, with
 reading paused. The exchange owns the steps that end it (retry on another backend, finish with
 the backend's response, fail with the proxy's own answer); the connection drives it and goes on
-to the next one.
+to the next one. What a head becomes (the request head a backend gets, the response head and
+framing the client gets) is decided by core/http11's plan functions; the connection applies
+the plan. Every close of the client connection goes through `teardown`.
 
 Nothing of a request is forwarded until the parser has accepted the whole chunk of bytes it came
 in: callbacks only collect, and `data_received` forwards after `feed_data` returns. A malformed
@@ -106,6 +108,11 @@ DEADLINE_BACKEND_READ: Final = 4
 DEADLINE_CLIENT_WRITE: Final = 5
 DEADLINE_TUNNEL: Final = 6
 DEADLINE_LINGER: Final = 7
+
+# How the client connection is closed (teardown).
+TEARDOWN_CLOSE: Final = 0
+TEARDOWN_LINGER: Final = 1  # end our side, then read and drop what the client still sends
+TEARDOWN_ABORT: Final = 2  # a reset
 
 # A lingering close reads and drops what the client still sends for at most this long (nginx's
 # lingering_timeout), so the response it was sent is not destroyed by a reset.
@@ -576,7 +583,7 @@ class ClientConnection(asyncio.Protocol):
                 "proxy must send one (v1 or v2): fix its setting, or set proxy-protocol = false",
                 self.peer_ip.decode("latin-1"),
             )
-            self._close()
+            self.teardown(TEARDOWN_CLOSE)
             return b""
         if client:
             # The client the proxy in front saw: from now on it is the peer for forwarding
@@ -1287,7 +1294,7 @@ class ClientConnection(asyncio.Protocol):
         """The backend closed the connection (or it broke) while attached to an exchange."""
         if self._tunnel is up:
             self._tunnel = None
-            self._close()
+            self.teardown(TEARDOWN_CLOSE)
             return
         if not self.queue or self.queue[0].upstream is not up:
             return
@@ -1407,15 +1414,14 @@ class ClientConnection(asyncio.Protocol):
         """`ex`, the active exchange, has been answered (Exchange.finish): go on to what
         follows it, or close (abort: its response was cut short)."""
         if abort:
-            self._held = None
             self.queue.pop(0)
-            self._abort()
+            self.teardown(TEARDOWN_ABORT)
             return
         if self._held is not None:
             self._write(b"")
         self.queue.pop(0)
         if not ex.keep_alive or not ex.request_done:
-            self._close(linger=True)
+            self.teardown(TEARDOWN_LINGER)
             return
         self._continue(now)
         if ex.tunnel_data and not self.closed:
@@ -1431,7 +1437,7 @@ class ClientConnection(asyncio.Protocol):
         self._write(answer)
         self.queue.pop(0)
         if not keep:
-            self._close(linger=True)
+            self.teardown(TEARDOWN_LINGER)
         else:
             self._continue(self._now())
 
@@ -1454,7 +1460,7 @@ class ClientConnection(asyncio.Protocol):
             self.server.generated[err.status // 100] += 1
             page = self.server.error_body(err.status)
             self._write(error_response(err.status, page, head=self._rejected_head))
-            self._close(linger=True)
+            self.teardown(TEARDOWN_LINGER)
             return
         # The common case: nothing pipelined; wait for the next request.
         if self._paused & _PAUSE_QUEUE:
@@ -1462,9 +1468,9 @@ class ClientConnection(asyncio.Protocol):
         if self._client_eof:
             # The client is done sending (a partial head it left will never complete): close,
             # with nothing to linger for.
-            self._close()
+            self.teardown(TEARDOWN_CLOSE)
         elif self.server.draining:
-            self._close(linger=True)
+            self.teardown(TEARDOWN_LINGER)
         elif self.parsing is None:
             self.deadline_kind = DEADLINE_IDLE
             self.deadline = now + self._t_idle
@@ -1491,8 +1497,10 @@ class ClientConnection(asyncio.Protocol):
         connection closes. `refused`: the express lane's request, for the access log (the
         general path's is `parsing`).
         """
-        if self.closed or self.transport is None:
-            self.closed = True
+        if self.closed:
+            return
+        if self.transport is None:
+            self.teardown(TEARDOWN_CLOSE)
             return
         log.debug("rejecting request from %s: %s", self.peer_ip.decode(), err.detail)
         bad = self.parsing
@@ -1514,8 +1522,7 @@ class ClientConnection(asyncio.Protocol):
             bad.drop()
             if bad.response_started:
                 # Its answer had begun: it cannot be completed, and must not look complete.
-                self._held = None
-                self._abort()
+                self.teardown(TEARDOWN_ABORT)
                 return
         if queue:
             self._rejected = err
@@ -1531,13 +1538,13 @@ class ClientConnection(asyncio.Protocol):
         self._held = None
         self.server.generated[err.status // 100] += 1
         self._write(error_response(err.status, self.server.error_body(err.status), head=head))
-        self._close(linger=True)
+        self.teardown(TEARDOWN_LINGER)
 
     def on_deadline(self, kind: int) -> None:
         """The server's sweep found this connection's deadline passed."""
         self.deadline_kind = DEADLINE_NONE
         if kind == DEADLINE_IDLE:
-            self._close()
+            self.teardown(TEARDOWN_CLOSE)
         elif kind == DEADLINE_BACKEND_READ:
             if self.queue:
                 ex = self.queue[0]
@@ -1552,12 +1559,12 @@ class ClientConnection(asyncio.Protocol):
         elif kind == DEADLINE_CLIENT_WRITE:
             # The client stopped reading: its fault; the backend is not blamed.
             log.info("client %s read nothing for client-write; closed", self.peer_ip.decode())
-            self._abort()
+            self.teardown(TEARDOWN_ABORT)
         elif kind == DEADLINE_TUNNEL:
             log.info("tunnel idle for tunnel-idle; closed")
-            self._close()  # the backend side closes with it (connection_lost)
+            self.teardown(TEARDOWN_CLOSE)  # the backend side closes with it (connection_lost)
         elif kind == DEADLINE_LINGER:
-            self._abort()
+            self.teardown(TEARDOWN_ABORT)
         elif kind == DEADLINE_HEADER:
             if self._in_head or self.parsing is not None or not self.queue:
                 self._reject(RequestTimeout("client too slow to send the request head"))
@@ -1634,7 +1641,7 @@ class ClientConnection(asyncio.Protocol):
     def shutdown(self) -> None:
         """Graceful shutdown: idle connections close now, busy ones after their response."""
         if not self.queue and self.parsing is None and self._tunnel is None:
-            self._close()
+            self.teardown(TEARDOWN_CLOSE)
 
     # --- small helpers ----------------------------------------------------------------------
 
@@ -1665,18 +1672,28 @@ class ClientConnection(asyncio.Protocol):
     def resume_reading_for_backend(self) -> None:
         self._resume(_PAUSE_BACKEND if self._tunnel is None else _PAUSE_TUNNEL)
 
-    def _close(self, linger: bool = False) -> None:
+    def teardown(self, how: int) -> None:
+        """The one way the client connection is closed: TEARDOWN_CLOSE, TEARDOWN_LINGER (a
+        lingering close, when the client may still be sending) or TEARDOWN_ABORT (a reset:
+        nothing more reaches the client, not even a response head still held back). Whoever
+        closes, connection_lost follows and lets go of what the connection still holds (its
+        exchanges' backend connections, a tunnel)."""
         self.closed = True
-        if self._held is not None:
+        if how == TEARDOWN_ABORT:
+            self._held = None
+        elif self._held is not None:
             self._write(b"")
         t = self.transport
         if t is None:
             return
         flush_writes()  # nothing queued may be overtaken or lost
+        if how == TEARDOWN_ABORT:
+            t.abort()
+            return
         # Over TLS, close() is already a staged close: the transport sends close_notify and
         # reads (and drops) until the client's, so it needs no lingering of ours; and without
         # a half-close, lingering would only hold back the end of the response.
-        if linger and not t.is_closing() and t.can_write_eof():
+        if how == TEARDOWN_LINGER and not t.is_closing() and t.can_write_eof():
             # Lingering close (RFC 9112 9.6, nginx's lingering_close): the client may still be
             # sending (a body that was not read, requests pipelined behind a close), and
             # closing with unread bytes resets the connection, which can destroy the response
@@ -1690,9 +1707,3 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self._now() + LINGER_TIME
             return
         t.close()
-
-    def _abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            flush_writes()  # nothing queued may be overtaken or lost
-            self.transport.abort()
