@@ -15,11 +15,13 @@ from doproxy.core.http11 import (
     BODY_REFUSED,
     GENERAL,
     NOT_EXPRESS,
+    NOT_PLAIN,
     PLAIN,
     REWRITE,
     RequestPlan,
     express_response_plan,
     lone_connection,
+    plain_request_plan,
     request_head_kind,
     request_plan,
     response_plan,
@@ -374,3 +376,48 @@ def test_request_plan_expect_and_host_rules() -> None:
         _request([(b"Host", b"a b")])
     old = _request([], version=b"1.0")
     assert old.host is None and old.head == b"GET /a HTTP/1.1\r\n" + HOP.no_host
+
+
+def _plain(raw: bytes, host_ok: bytes | None = None) -> tuple[bytes, bytes | None, bool, int]:
+    low = raw.decode("latin-1").lower()
+    line_end = low.find("\r\n")
+    http11 = low[line_end - 9 : line_end] == " http/1.1"
+    method = raw[: raw.find(b" ")]
+    return plain_request_plan(raw, low, method, line_end, http11, HOP.parts, HOP, host_ok)
+
+
+def test_plain_request_plan_appends_the_forwarding_headers() -> None:
+    raw = b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n"
+    assert _plain(raw) == (raw[:-2] + b"h".join(HOP.parts), b"h", True, -1)
+    assert _plain(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 12\r\n\r\n")[2:] == (True, 12)
+
+
+def test_plain_request_plan_of_a_lone_connection_line() -> None:
+    keep = _plain(b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nHost: h\r\n\r\n")
+    assert keep[0].startswith(b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nHost: h")
+    assert keep[2] is True
+    close = _plain(b"GET / HTTP/1.1\r\nConnection: close\r\nHost: h\r\nContent-Length: 1\r\n\r\n")
+    assert close[0].startswith(b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1")
+    assert b"close" not in close[0] and close[2:] == (False, 1)
+    # Any other Connection line: the general path removes what it names.
+    assert _plain(b"GET / HTTP/1.1\r\nConnection: x-a\r\nHost: h\r\n\r\n") == NOT_PLAIN
+
+
+def test_plain_request_plan_of_http10() -> None:
+    head, host, keep, length = _plain(b"GET /x HTTP/1.0\r\nAccept: a\r\n\r\n")
+    assert head == b"GET /x HTTP/1.1\r\nAccept: a\r\n" + HOP.no_host
+    assert (host, keep, length) == (None, False, -1)
+    head, host, keep, _ = _plain(b"GET /x HTTP/1.0\r\nConnection: keep-alive\r\nHost: h\r\n\r\n")
+    assert head.startswith(b"GET /x HTTP/1.1\r\nConnection: keep-alive\r\nHost: h")
+    assert (host, keep) == (b"h", True)
+
+
+def test_plain_request_plan_host_rules() -> None:
+    with pytest.raises(BadRequest):
+        _plain(b"GET / HTTP/1.1\r\nHost: h\r\nHost: h\r\n\r\n")
+    with pytest.raises(BadRequest):
+        _plain(b"GET / HTTP/1.1\r\nAccept: a\r\n\r\n")
+    with pytest.raises(BadRequest):
+        _plain(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n")
+    # A Host already found valid on this connection is not checked again.
+    assert _plain(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", host_ok=b"a b")[1] == b"a b"

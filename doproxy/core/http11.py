@@ -18,8 +18,9 @@ does by default, so no field can slip past the header rules at the end of a body
 
 Plans: the rules that decide what a message becomes return it as a small plan, and the
 connection applies it; nothing here writes into an exchange or a socket, so each is tested
-with bytes alone (tests/test_http11.py). request_plan: the head a backend gets and how the
-request's body and connection go on; express_response_plan: the bytes the client gets for a
+with bytes alone (tests/test_http11.py). plain_request_plan (the express lane) and
+request_plan (the general path): the head a backend gets and how the request's body and
+connection go on; express_response_plan: the bytes the client gets for a
 whole response read at once; response_plan: the head, the body's framing and keep-alive.
 """
 
@@ -505,6 +506,75 @@ def _response_plan_general(
 
 
 # --- request plans: what goes to the backend, decided from the client's head ---------------
+
+
+# The express lane's plan for a plain request head (plain_request_plan): (the head for the
+# backend, or b"" when the head needs the general path after all; the Host it names, None for
+# an HTTP/1.0 request without one; whether the client's connection stays open; the
+# Content-Length, -1 when there is none). A plain tuple: compiled, it is returned in registers.
+PlainPlan = tuple[bytes, bytes | None, bool, int]
+NOT_PLAIN: Final[PlainPlan] = (b"", None, False, -1)
+
+
+def plain_request_plan(
+    data: bytes,
+    low: str,
+    method: bytes,
+    line_end: int,
+    http11: bool,
+    parts: tuple[bytes, ...],
+    hop: Hop,
+    host_ok: bytes | None = None,
+) -> PlainPlan:
+    """The express lane's request head: `data`, one whole head that llhttp has validated
+    (every line, token names, one valid Content-Length), `low` the same decoded as latin-1 and
+    lower-cased, whose names ask for nothing but Host, a lone Connection line and the
+    forwarding headers (request_head_kind PLAIN). `line_end` is where its request line ends,
+    `http11` whether it is HTTP/1.1 (else 1.0), `parts` hop.parts (the connection keeps them as
+    its own, compiled, attribute), `host_ok` a Host value already found valid.
+
+    llhttp has validated every line, so plain searches are exact: a header name can only
+    follow a line break. The head is rewritten as raw bytes: a lone "Connection: keep-alive"
+    stays (it is true of the backend connection too), a lone "Connection: close" goes (only
+    the client's connection closes), and the forwarding headers are appended, the Host value
+    put where they name it.
+    Any other Connection line: NOT_PLAIN, the general path removes what it names.
+    """
+    head = data[:-2]  # without the blank line
+    keep_alive = http11
+    i, j, value = lone_connection(low)
+    if i >= 0:
+        if not value:
+            return NOT_PLAIN
+        if value == "keep-alive":
+            keep_alive = True
+        else:  # close
+            keep_alive = False
+            head = head[: i + 1] + head[j + 2 :]
+            low = low[: i + 1] + low[j + 2 :]
+    host: bytes | None = None
+    i = low.find("\nhost:")
+    if i >= 0:
+        j = low.find("\r\n", i)
+        if "\nhost:" in low[j:]:
+            raise BadRequest("more than one Host header")
+        host = head[i + 6 : j].strip(b" \t")
+        # A keep-alive client repeats its Host: it is checked once.
+        if host != host_ok and not valid_host(host):
+            raise BadRequest("invalid Host")
+        tail = host.join(parts if http11 else hop.parts_10)
+    elif http11:
+        raise BadRequest("HTTP/1.1 request without Host")
+    else:
+        tail = hop.no_host
+    if http11:
+        out = head + tail
+    else:
+        url = head[len(method) + 1 : head.rfind(b" ", 0, line_end)]
+        out = method + b" " + url + b" HTTP/1.1" + head[line_end:] + tail
+    i = low.find("\ncontent-length:")
+    length = int(head[i + 16 : low.find("\r\n", i)]) if i >= 0 else -1
+    return out, host, keep_alive, length
 
 
 class RequestPlan:

@@ -52,7 +52,6 @@ from doproxy.core.forwarding import (
     hop_for,
     is_trusted,
     parse_proxy_header,
-    valid_host,
 )
 from doproxy.core.http11 import (
     BODY_CHUNKED,
@@ -68,7 +67,7 @@ from doproxy.core.http11 import (
     error_response,
     express_response_plan,
     forwarded_fields,
-    lone_connection,
+    plain_request_plan,
     request_head_kind,
     request_plan,
     response_plan,
@@ -914,47 +913,27 @@ class ClientConnection(asyncio.Protocol):
         ex.method = method
         if method == b"HEAD":
             ex.is_head = True
-        head = data[:-2]  # without the blank line
-        i, j, value = lone_connection(low)
+        if kind != REWRITE:
+            head, host, keep_alive, length = plain_request_plan(
+                data, low, method, line_end, keep_alive, self._tail_parts, self._hop, self._host_ok
+            )
+            if head:
+                if host is not None:
+                    self._host_ok = host
+                    ex.host = host
+                if not keep_alive:
+                    ex.keep_alive = False
+                ex.head = head
+                self._body_left = length
+                return
         # Hop-by-hop or forwarding headers to rewrite, other than a lone Connection:
-        # keep-alive or close, send the head down the general path.
-        if kind == REWRITE or (i >= 0 and not value):
-            ex.keep_alive = self._lean_keep_alive(low, keep_alive)
-            first, fields = split_head(head)
-            self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
-            self._lean_content_length(head, low)
-            return
-        if value == "keep-alive":
-            keep_alive = True  # kept: it is true of the backend connection too
-        elif value == "close":
-            # The backend connection stays open: only the client's connection closes.
-            keep_alive = False
-            head = head[: i + 1] + head[j + 2 :]
-            low = low[: i + 1] + low[j + 2 :]
-        if not keep_alive:
-            ex.keep_alive = False
-        i = low.find("\nhost:")
-        if i >= 0:
-            j = low.find("\r\n", i)
-            if "\nhost:" in low[j:]:
-                raise BadRequest("more than one Host header")
-            host = head[i + 6 : j].strip(b" \t")
-            if host != self._host_ok:  # a keep-alive client repeats its Host: check it once
-                if not valid_host(host):
-                    raise BadRequest("invalid Host")
-                self._host_ok = host
-            ex.host = host
-            tail = host.join(self._tail_parts if ex.version == b"1.1" else self._hop.parts_10)
-        elif ex.version == b"1.1":
-            raise BadRequest("HTTP/1.1 request without Host")
-        else:
-            tail = self._hop.no_host
-        if ex.version == b"1.1":
-            ex.head = head + tail
-        else:
-            url = head[len(method) + 1 : head.rfind(b" ", 0, line_end)]
-            ex.head = method + b" " + url + b" HTTP/1.1" + head[line_end:] + tail
-        self._lean_content_length(head, low)
+        # keep-alive or close: the general path's rules.
+        ex.keep_alive = self._lean_keep_alive(low, keep_alive)
+        head = data[:-2]  # without the blank line
+        first, fields = split_head(head)
+        self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
+        i = low.find("\ncontent-length:")
+        self._body_left = int(head[i + 16 : low.find("\r\n", i)]) if i >= 0 else -1
 
     def _lean_keep_alive(self, low: str, default: bool) -> bool:
         """Keep-alive from the Connection tokens of a lean head (llhttp's flags are gone)."""
@@ -962,10 +941,6 @@ class ClientConnection(asyncio.Protocol):
         if "close" in tokens:
             return False
         return True if "keep-alive" in tokens else default
-
-    def _lean_content_length(self, head: bytes, low: str) -> None:
-        i = low.find("\ncontent-length:")
-        self._body_left = int(head[i + 16 : low.find("\r\n", i)]) if i >= 0 else -1
 
     def _build_request_head(
         self, ex: Exchange, url: bytes, fields: list[tuple[bytes, bytes]]
