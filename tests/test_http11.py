@@ -20,12 +20,16 @@ from doproxy.core.http11 import (
     REWRITE,
     RequestPlan,
     express_response_plan,
+    interim_head,
+    keep_alive_of,
     lone_connection,
     plain_request_plan,
     request_head_kind,
     request_plan,
     response_plan,
     scan_response,
+    switches,
+    websocket_101,
 )
 from doproxy.errors import BadRequest, ExpectationFailed, NotImplementedByProxy
 
@@ -421,3 +425,27 @@ def test_plain_request_plan_host_rules() -> None:
         _plain(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n")
     # A Host already found valid on this connection is not checked again.
     assert _plain(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", host_ok=b"a b")[1] == b"a b"
+
+
+def test_keep_alive_of_a_request_head() -> None:
+    assert keep_alive_of("get / http/1.1\r\nconnection: x, close\r\n", True) is False
+    assert keep_alive_of("get / http/1.0\r\nconnection: keep-alive, x\r\n", False) is True
+    assert keep_alive_of("get / http/1.0\r\nconnection: x\r\n", False) is False
+    assert keep_alive_of("get / http/1.1\r\nhost: h\r\n", True) is True
+
+
+def test_interim_and_switching_heads() -> None:
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\nKeep-Alive: 5\r\n"
+    assert interim_head(hints, hints.decode("latin-1")) == (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
+    )
+    ws = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: Upgrade\r\nX: y\r\n"
+    )
+    assert switches(ws.decode("latin-1").lower())
+    assert not switches("http/1.1 101 switching protocols\r\nupgrade: websocket\r\n")
+    assert websocket_101(ws) == (
+        b"HTTP/1.1 101 Switching Protocols\r\nX: y\r\n"
+        b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    assert websocket_101(ws.replace(b"WebSocket", b"h2c")) == b""

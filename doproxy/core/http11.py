@@ -508,7 +508,43 @@ def _response_plan_general(
     return b"".join(lines), body, until_close, keep
 
 
+def interim_head(head: bytes, text: str) -> bytes:
+    """What an HTTP/1.1 client gets of an interim response such as 103 Early Hints (not 100,
+    which the proxy answers itself, nor 101): its status line and the headers that pass under
+    the same hop-by-hop rules as a final response's, with the blank line."""
+    _, fields = split_head(head)
+    return b"".join([head[: text.find("\r\n") + 2], *forwarded_fields(fields), b"\r\n"])
+
+
+def switches(low: str) -> bool:
+    """Does a lower-cased 101 head carry Upgrade and Connection: upgrade (so llhttp switches)?"""
+    return "\nupgrade:" in low and "upgrade" in connection_options(low)
+
+
+def websocket_101(head: bytes) -> bytes:
+    """The 101 the client gets when a backend agrees to a WebSocket upgrade (its head without
+    the blank line), or b"" when that 101 switches to anything but websocket: the tunnel opens
+    only to the protocol the client asked for."""
+    low = head.lower()
+    i = low.find(b"\nupgrade:")
+    if i < 0 or low[i + 9 : low.find(b"\r\n", i)].strip() != b"websocket":
+        return b""
+    out = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+    out += forwarded_fields(split_head(head)[1])
+    out.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+    return b"".join(out)
+
+
 # --- request plans: what goes to the backend, decided from the client's head ---------------
+
+
+def keep_alive_of(low: str, default: bool) -> bool:
+    """Does the client's connection stay open, by the Connection tokens of a lower-cased
+    request head (close wins over keep-alive), else by its version's `default`?"""
+    tokens = connection_options(low)
+    if "close" in tokens:
+        return False
+    return True if "keep-alive" in tokens else default
 
 
 # The express lane's plan for a plain request head (plain_request_plan): (the head for the

@@ -62,16 +62,18 @@ from doproxy.core.http11 import (
     LAST_CHUNK,
     REWRITE,
     chunk,
-    connection_options,
     cookie_value,
     error_response,
     express_response_plan,
-    forwarded_fields,
+    interim_head,
+    keep_alive_of,
     plain_request_plan,
     request_head_kind,
     request_plan,
     response_plan,
     split_head,
+    switches,
+    websocket_101,
 )
 from doproxy.errors import (
     BadGateway,
@@ -453,11 +455,6 @@ def _header_value(head: bytes, low: str, name: str) -> bytes | None:
     if i < 0:
         return None
     return head[i + len(name) : low.find("\r\n", i + 2)].strip(b" \t")
-
-
-def _switches(low: str) -> bool:
-    """Does a lower-cased 101 head carry Upgrade and Connection: upgrade (so llhttp switches)?"""
-    return "\nupgrade:" in low and "upgrade" in connection_options(low)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -928,19 +925,12 @@ class ClientConnection(asyncio.Protocol):
                 return
         # Hop-by-hop or forwarding headers to rewrite, other than a lone Connection:
         # keep-alive or close: the general path's rules.
-        ex.keep_alive = self._lean_keep_alive(low, keep_alive)
+        ex.keep_alive = keep_alive_of(low, keep_alive)
         head = data[:-2]  # without the blank line
         first, fields = split_head(head)
         self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
         i = low.find("\ncontent-length:")
         self._body_left = int(head[i + 16 : low.find("\r\n", i)]) if i >= 0 else -1
-
-    def _lean_keep_alive(self, low: str, default: bool) -> bool:
-        """Keep-alive from the Connection tokens of a lean head (llhttp's flags are gone)."""
-        tokens = connection_options(low)
-        if "close" in tokens:
-            return False
-        return True if "keep-alive" in tokens else default
 
     def _build_request_head(
         self, ex: Exchange, url: bytes, fields: list[tuple[bytes, bytes]]
@@ -1191,10 +1181,8 @@ class ClientConnection(asyncio.Protocol):
             if status != 100 and status != 101 and ex.version == b"1.1":
                 # Interim responses such as 103 Early Hints pass to HTTP/1.1 clients, under
                 # the same hop-by-hop rules as final ones.
-                _, fields = split_head(head)
-                out = [head[: text.find("\r\n") + 2], *forwarded_fields(fields), b"\r\n"]
-                self._write(b"".join(out))
-            elif status == 101 and not _switches(text.lower()):
+                self._write(interim_head(head, text))
+            elif status == 101 and not switches(text.lower()):
                 # llhttp switches only with Upgrade and Connection: upgrade; a bare 101 would
                 # leave the exchange waiting for a final response that never comes.
                 self.backend_protocol_error(up, "101 without Upgrade")
@@ -1328,18 +1316,14 @@ class ClientConnection(asyncio.Protocol):
         if not ex.upgrade:
             self.backend_protocol_error(up, "101 without a WebSocket upgrade request")
             return
-        low = up.last_head.lower()
-        i = low.find(b"\nupgrade:")
-        if i < 0 or low[i + 9 : low.find(b"\r\n", i)].strip() != b"websocket":
+        out = websocket_101(up.last_head)
+        if not out:
             # The tunnel opens only to the protocol the client asked for.
             self.backend_protocol_error(up, "101 to a protocol other than websocket")
             return
-        out = [b"HTTP/1.1 101 Switching Protocols\r\n"]
-        out += forwarded_fields(split_head(up.last_head)[1])
-        out.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n")
         self.deadline_kind = DEADLINE_TUNNEL
         self.deadline = self._now() + self._t_tunnel
-        self._write(b"".join(out))
+        self._write(out)
         if rest:
             self._write(rest)
         # The 101 is this exchange's answer (a tunnel never reaches finish): its class count.
