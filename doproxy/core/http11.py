@@ -1,6 +1,6 @@
 """HTTP/1.1 as the proxy speaks it: rules over bytes and text, no I/O. Pure, and compiled.
 
-Two kinds of rules live here, both run on every request and compiled with the data plane
+Three kinds of rules live here, all run on every request and compiled with the data plane
 (doproxy/_compiled.py): a call from compiled code into an interpreted helper costs more than
 the work these do.
 
@@ -18,10 +18,12 @@ does by default, so no field can slip past the header rules at the end of a body
 
 Plans: the rules that decide what a message becomes return it as a small plan, and the
 connection applies it; nothing here writes into an exchange or a socket, so each is tested
-with bytes alone (tests/test_http11.py). plain_request_plan (the express lane) and
-request_plan (the general path): the head a backend gets and how the request's body and
-connection go on; express_response_plan: the bytes the client gets for a
-whole response read at once; response_plan: the head, the body's framing and keep-alive.
+with bytes alone (tests/test_http11.py). A request the rules refuse raises the ClientError
+its client gets. plain_request_plan (the express lane) and request_plan (the general path):
+the head a backend gets and how the request's body and connection go on;
+express_response_plan: the bytes the client gets for a whole response read at once;
+response_plan: the head, the body's framing and keep-alive; interim_head and websocket_101:
+what a client gets of a 1xx.
 """
 
 from __future__ import annotations
