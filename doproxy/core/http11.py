@@ -1,6 +1,6 @@
 """HTTP/1.1 as the proxy speaks it: rules over bytes and text, no I/O. Pure, and compiled.
 
-Two kinds of rules live here, both run on every request and compiled with the data plane
+Three kinds of rules live here, all run on every request and compiled with the data plane
 (doproxy/_compiled.py): a call from compiled code into an interpreted helper costs more than
 the work these do.
 
@@ -15,13 +15,23 @@ Connection and every header it names, Keep-Alive, Proxy-Connection, TE, Trailer,
 (except for a WebSocket tunnel) and Transfer-Encoding (the proxy re-frames the body itself).
 Trailers are dropped in both directions: chunked bodies are re-encoded without them, as nginx
 does by default, so no field can slip past the header rules at the end of a body.
+
+Plans: the rules that decide what a message becomes return it as a small plan, and the
+connection applies it; nothing here writes into an exchange or a socket, so each is tested
+with bytes alone (tests/test_http11.py). A request the rules refuse raises the ClientError
+its client gets. plain_request_plan (the express lane) and request_plan (the general path):
+the head a backend gets and how the request's body and connection go on;
+express_response_plan: the bytes the client gets for a whole response read at once;
+response_plan: the head, the body's framing and keep-alive; interim_head and websocket_101:
+what a client gets of a 1xx.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from doproxy.core.forwarding import FORWARDING_HEADERS
+from doproxy.core.forwarding import FORWARDING_HEADERS, Hop, origin_form, valid_host
+from doproxy.errors import BadRequest, ExpectationFailed, NotImplementedByProxy
 
 HEAD_SCAN: Final = 8192  # a response head is looked for in this many bytes first
 
@@ -358,3 +368,407 @@ def cookie_value(cookie_header: bytes, name: bytes) -> bytes | None:
         if sep and key == name:
             return value
     return None
+
+
+# --- response plans: what the proxy sends the client, decided from the backend's head ------
+
+# How a response body goes to the client (the framing of a ResponsePlan). Final: the compiled
+# code uses the values inline.
+BODY_RAW: Final = 0  # the bytes as they are (Content-Length, or close-delimited for HTTP/1.0)
+BODY_CHUNKED: Final = 1  # re-encoded as chunked
+BODY_NONE: Final = 2  # no body (HEAD, 204, 304)
+BODY_REFUSED: Final = 3  # a Transfer-Encoding the proxy cannot relabel: answer 502 instead
+
+_CLOSE_LINE: Final = b"Connection: close\r\n"
+
+# A response plan: (head bytes to send the client, with its blank line; how the body is
+# framed, BODY_*; whether the body ends only when the backend closes; whether the client's
+# connection stays open). A plain tuple: compiled, it is returned in registers, not allocated.
+ResponsePlan = tuple[bytes, int, bool, bool]
+# An express response plan: (the bytes to send the client, head and body; the status; the
+# Content-Length; whether the backend keeps its connection open). Status 0: not for the express
+# lane (the general path decides).
+ExpressPlan = tuple[bytes, int, int, bool]
+NOT_EXPRESS: Final[ExpressPlan] = (b"", 0, 0, False)
+
+
+def express_response_plan(data: bytes, keep: bool) -> ExpressPlan:
+    """The express lane for responses: `data` is one read from the backend; is it exactly one
+    whole HTTP/1.1 Content-Length response, with nothing hop-by-hop but a lone Connection line?
+    Then it goes to the client as it is when its Connection line already says what the proxy
+    does with the client connection (`keep`: the common case, no copy), else with that line
+    dropped or replaced. Decided from the raw bytes before llhttp validates them (the caller
+    does, and sends nothing that llhttp refuses).
+
+    1xx, 204 and 304 are not for the express lane: they have no body, whatever their
+    Content-Length says, so bytes after their head are stray.
+    """
+    text, end = head_text(data)
+    if end < 0 or not text.startswith("HTTP/1.1 "):
+        return NOT_EXPRESS
+    # The status from its three digits, as native integers (int() of a slice costs more than
+    # the rest of this check); anything else is llhttp's to refuse, on the general path. The
+    # text is long enough: "HTTP/1.1 " and the blank line are in it.
+    d0 = ord(text[9]) - 48
+    d1 = ord(text[10]) - 48
+    d2 = ord(text[11]) - 48
+    if not (0 <= d0 <= 9 and 0 <= d1 <= 9 and 0 <= d2 <= 9):
+        return NOT_EXPRESS
+    status = d0 * 100 + d1 * 10 + d2
+    if status < 200 or status == 204 or status == 304:
+        return NOT_EXPRESS
+    low = text[: end + 2].lower()
+    general, length, i, j, value = scan_response(low)
+    if general or length < 0 or len(data) != end + 4 + length:
+        return NOT_EXPRESS  # (a bad Content-Length: llhttp will say what is wrong with it)
+    backend_keep_alive = True
+    if i >= 0:
+        if not value:
+            return NOT_EXPRESS
+        backend_keep_alive = value == "keep-alive"
+        if backend_keep_alive == keep:
+            out = data
+        elif keep:
+            out = data[: i + 1] + data[j + 2 :]
+        else:
+            out = data[: i + 1] + _CLOSE_LINE + data[j + 2 :]
+    else:
+        out = data if keep else data[: end + 2] + _CLOSE_LINE + data[end + 2 :]
+    return out, status, length, backend_keep_alive
+
+
+def response_plan(
+    status: int, head: bytes, text: str, version: bytes, is_head: bool, keep: bool
+) -> ResponsePlan:
+    """The plan for a final response whose head llhttp has validated: `head` its raw bytes
+    without the blank line, `text` the same decoded as latin-1, `version` the client's HTTP
+    version, `is_head` whether it answers HEAD, `keep` whether the client's connection may stay
+    open. With BODY_REFUSED, the plan's head is the Transfer-Encoding that was refused.
+
+    The common case keeps the backend's head and drops only a lone Connection line: an
+    HTTP/1.1 exchange with Content-Length (or no body) whose only hop-by-hop header is
+    "Connection: keep-alive/close". Everything else is rebuilt header by header.
+    """
+    if version == b"1.1" and text.startswith("HTTP/1.1 "):
+        low = text.lower()
+        if not response_needs_general_path(low):
+            no_body = is_head or status == 304
+            if no_body or (status != 204 and "\ncontent-length:" in low):
+                i, j, value = lone_connection(low)
+                if value:
+                    head = head[: i + 1] + head[j + 2 :]
+                    i = -1
+                if i < 0:
+                    return (
+                        head + (b"\r\n" if keep else b"Connection: close\r\n\r\n"),
+                        BODY_NONE if no_body else BODY_RAW,
+                        False,
+                        keep,
+                    )
+    return _response_plan_general(status, head, version, is_head, keep)
+
+
+def _response_plan_general(
+    status: int, head: bytes, version: bytes, is_head: bool, keep: bool
+) -> ResponsePlan:
+    first, fields = split_head(head)
+    parts = first.split(b" ", 2)
+    reason = parts[2] if len(parts) > 2 else b""
+    # HTTP/1.1 in the status line whatever the client's version (RFC 9110 2.5), as nginx
+    # and HAProxy do; the framing below is what an HTTP/1.0 client understands.
+    lines = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
+    lines += forwarded_fields(fields)
+    length: bytes | None = None
+    te: bytes | None = None
+    for name, value in fields:
+        lname = name.lower()
+        if lname == b"content-length":
+            length = value
+        elif lname == b"transfer-encoding":
+            te = value if te is None else te + b", " + value
+    chunked = te is not None
+    if te is not None and te.replace(b" ", b"").lower() != b"chunked":
+        # A coding other than chunked cannot be relabelled (the client would decode the
+        # wrong thing) and llhttp reads such a body until close: refuse it, as nginx does.
+        return te, BODY_REFUSED, False, False
+    until_close = False
+    if is_head or status == 204 or status == 304:
+        body = BODY_NONE
+        if length is not None and status != 204:
+            lines.append(b"Content-Length: " + length + b"\r\n")
+    elif length is not None and not chunked:
+        body = BODY_RAW
+        lines.append(b"Content-Length: " + length + b"\r\n")
+    elif version == b"1.1":
+        until_close = not chunked
+        body = BODY_CHUNKED
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    else:
+        until_close = not chunked
+        body = BODY_RAW  # HTTP/1.0 client: the body ends when the proxy closes
+        keep = False
+    if not keep:
+        lines.append(b"Connection: close\r\n\r\n")
+    elif version == b"1.0":
+        lines.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        lines.append(b"\r\n")
+    return b"".join(lines), body, until_close, keep
+
+
+def interim_head(head: bytes, text: str) -> bytes:
+    """What an HTTP/1.1 client gets of an interim response such as 103 Early Hints (not 100,
+    which the proxy answers itself, nor 101): its status line and the headers that pass under
+    the same hop-by-hop rules as a final response's, with the blank line."""
+    _, fields = split_head(head)
+    return b"".join([head[: text.find("\r\n") + 2], *forwarded_fields(fields), b"\r\n"])
+
+
+def switches(low: str) -> bool:
+    """Does a lower-cased 101 head carry Upgrade and Connection: upgrade (so llhttp switches)?"""
+    return "\nupgrade:" in low and "upgrade" in connection_options(low)
+
+
+def websocket_101(head: bytes) -> bytes:
+    """The 101 the client gets when a backend agrees to a WebSocket upgrade (its head without
+    the blank line), or b"" when that 101 switches to anything but websocket: the tunnel opens
+    only to the protocol the client asked for."""
+    low = head.lower()
+    i = low.find(b"\nupgrade:")
+    if i < 0 or low[i + 9 : low.find(b"\r\n", i)].strip() != b"websocket":
+        return b""
+    out = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+    out += forwarded_fields(split_head(head)[1])
+    out.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+    return b"".join(out)
+
+
+# --- request plans: what goes to the backend, decided from the client's head ---------------
+
+
+def keep_alive_of(low: str, default: bool) -> bool:
+    """Does the client's connection stay open, by the Connection tokens of a lower-cased
+    request head (close wins over keep-alive), else by its version's `default`?"""
+    tokens = connection_options(low)
+    if "close" in tokens:
+        return False
+    return True if "keep-alive" in tokens else default
+
+
+# The express lane's plan for a plain request head (plain_request_plan): (the head for the
+# backend, or b"" when the head needs the general path after all; the Host it names, None for
+# an HTTP/1.0 request without one; whether the client's connection stays open; the
+# Content-Length, -1 when there is none). A plain tuple: compiled, it is returned in registers.
+PlainPlan = tuple[bytes, bytes | None, bool, int]
+NOT_PLAIN: Final[PlainPlan] = (b"", None, False, -1)
+
+
+def plain_request_plan(
+    data: bytes,
+    low: str,
+    method: bytes,
+    line_end: int,
+    http11: bool,
+    parts: tuple[bytes, ...],
+    hop: Hop,
+    host_ok: bytes | None = None,
+) -> PlainPlan:
+    """The express lane's request head: `data`, one whole head that llhttp has validated
+    (every line, token names, one valid Content-Length), `low` the same decoded as latin-1 and
+    lower-cased, whose names ask for nothing but Host, a lone Connection line and the
+    forwarding headers (request_head_kind PLAIN). `line_end` is where its request line ends,
+    `http11` whether it is HTTP/1.1 (else 1.0), `parts` hop.parts (the connection keeps them as
+    its own, compiled, attribute), `host_ok` a Host value already found valid.
+
+    llhttp has validated every line, so plain searches are exact: a header name can only
+    follow a line break. The head is rewritten as raw bytes: a lone "Connection: keep-alive"
+    stays (it is true of the backend connection too), a lone "Connection: close" goes (only
+    the client's connection closes), and the forwarding headers are appended, the Host value
+    put where they name it.
+    Any other Connection line: NOT_PLAIN, the general path removes what it names.
+    """
+    head = data[:-2]  # without the blank line
+    keep_alive = http11
+    i, j, value = lone_connection(low)
+    if i >= 0:
+        if not value:
+            return NOT_PLAIN
+        if value == "keep-alive":
+            keep_alive = True
+        else:  # close
+            keep_alive = False
+            head = head[: i + 1] + head[j + 2 :]
+            low = low[: i + 1] + low[j + 2 :]
+    host: bytes | None = None
+    i = low.find("\nhost:")
+    if i >= 0:
+        j = low.find("\r\n", i)
+        if "\nhost:" in low[j:]:
+            raise BadRequest("more than one Host header")
+        host = head[i + 6 : j].strip(b" \t")
+        # A keep-alive client repeats its Host: it is checked once.
+        if host != host_ok and not valid_host(host):
+            raise BadRequest("invalid Host")
+        tail = host.join(parts if http11 else hop.parts_10)
+    elif http11:
+        raise BadRequest("HTTP/1.1 request without Host")
+    else:
+        tail = hop.no_host
+    if http11:
+        out = head + tail
+    else:
+        url = head[len(method) + 1 : head.rfind(b" ", 0, line_end)]
+        out = method + b" " + url + b" HTTP/1.1" + head[line_end:] + tail
+    i = low.find("\ncontent-length:")
+    length = int(head[i + 16 : low.find("\r\n", i)]) if i >= 0 else -1
+    return out, host, keep_alive, length
+
+
+class RequestPlan:
+    """What the general path makes of a parsed request head (request_plan): the head to send
+    the backend (`head`, origin-form, HTTP/1.1, ending with its blank line), the Host it names
+    (`host`, None for an HTTP/1.0 request without one), the Host header found valid (`valid`,
+    for the caller's cache), and how the body and the connection go on: `chunked` (the body is
+    chunked), `websocket` (a WebSocket upgrade is offered to the backend), `expect_continue`
+    (the client waits for 100 Continue), `upgrade_body` (the Content-Length of a request with
+    Upgrade, whose body llhttp does not read)."""
+
+    def __init__(
+        self,
+        head: bytes,
+        host: bytes | None,
+        valid: bytes | None,
+        chunked: bool,
+        websocket: bool,
+        expect_continue: bool,
+        upgrade_body: int,
+    ) -> None:
+        self.head = head
+        self.host = host
+        self.valid = valid
+        self.chunked = chunked
+        self.websocket = websocket
+        self.expect_continue = expect_continue
+        self.upgrade_body = upgrade_body
+
+
+def request_plan(
+    method: bytes,
+    version: bytes,
+    url: bytes,
+    fields: list[tuple[bytes, bytes]],
+    hop: Hop,
+    trusted: bool,
+    underscores: bool,
+    host_ok: bytes | None = None,
+) -> RequestPlan:
+    """The general path: apply every header rule to a parsed request (its method, HTTP
+    version, target and header fields). `hop` is what the proxy adds for this client,
+    `trusted` whether its forwarding headers are believed, `underscores` whether header names
+    with an underscore pass, and `host_ok` a Host value already found valid (not checked
+    again). Raises the ClientError the client gets for a request the rules refuse."""
+    lines: list[bytes] = []
+    host: bytes | None = None
+    te: bytes | None = None
+    upgrade: bytes | None = None
+    via: bytes | None = None
+    expect_continue = False
+    # Forwarding headers a trusted proxy sent (lower-case name -> values joined); from
+    # anyone else they are dropped, so a client cannot forge who it is.
+    sent: dict[bytes, bytes] | None = None
+    # Headers named by Connection are hop-by-hop too (RFC 9110 7.6.1), but the request is
+    # framed once, from what was received: a name that carries framing (Content-Length,
+    # Transfer-Encoding) or that the proxy decides itself (Host, Upgrade, Connection) is
+    # never dropped because a client named it. Known before the walk, so a dropped line is
+    # never written in the first place.
+    named = connection_named(fields)
+    for name, value in fields:
+        lname = name.lower()
+        if lname not in REQUEST_SPECIAL:
+            if named and lname in named:
+                continue
+            if 95 in name and not underscores:
+                # "_": X_Forwarded_For is X-Forwarded-For to a CGI or WSGI backend, so
+                # such names could forge what the rules above remove (nginx drops them).
+                continue
+            lines.append(name + b": " + value + b"\r\n")
+            continue
+        if lname == b"host":
+            if host is not None:
+                raise BadRequest("more than one Host header")
+            host = value
+        elif lname in FORWARDING_HEADERS:
+            if trusted:
+                if sent is None:
+                    sent = {}
+                seen = sent.get(lname)
+                sent[lname] = value if seen is None else seen + b", " + value
+        elif lname == b"via":
+            via = value if via is None else via + b", " + value
+        elif lname == b"transfer-encoding":
+            te = value if te is None else te + b", " + value
+        elif lname == b"upgrade":
+            upgrade = value
+        elif lname == b"expect":
+            if value.lower() == b"100-continue":
+                expect_continue = version == b"1.1"
+            else:
+                raise ExpectationFailed("only Expect: 100-continue is supported")
+        # Keep-Alive, Proxy-Connection, TE, Trailer and HTTP2-Settings are dropped.
+    if host is None:
+        if version == b"1.1":
+            raise BadRequest("HTTP/1.1 request without Host")
+    elif host != host_ok and not valid_host(host):
+        raise BadRequest("invalid Host")
+    valid = host
+    if url[:1] != b"/" and not (url == b"*" and method == b"OPTIONS"):
+        # Absolute-form (RFC 9112 3.2.2): the target's authority replaces Host, and the
+        # backend gets origin-form, which every server understands.
+        try:
+            url, host = origin_form(url)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+    chunked = False
+    if te is not None:
+        if version != b"1.1":
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip() for c in te.lower().split(b",")]
+        if codings[-1] != b"chunked":
+            # RFC 9112 6.3: the body length cannot be known; 400 and close.
+            raise BadRequest("Transfer-Encoding does not end in chunked")
+        if len(codings) > 1:
+            raise NotImplementedByProxy(f"Transfer-Encoding {te.decode('latin-1')!r}")
+        chunked = True
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    websocket = False
+    upgrade_body = 0
+    if upgrade is not None:
+        # llhttp treats an upgrade request as ending with its head; a body after it is the
+        # caller's to read, for Content-Length only.
+        for name, value in fields:
+            if name.lower() == b"content-length":
+                upgrade_body = int(value)
+        # Offered to the backend only as RFC 9110 7.8 and RFC 6455 have it: websocket,
+        # named in Connection, in HTTP/1.1. Any other Upgrade is dropped (hop-by-hop).
+        websocket = (
+            upgrade.strip().lower() == b"websocket"
+            and version == b"1.1"
+            and b"upgrade" in connection_tokens([v for n, v in fields if n.lower() == CONNECTION])
+        )
+        if chunked or (websocket and upgrade_body > 0):
+            raise BadRequest("a request body with Upgrade is not supported")
+        if websocket:
+            lines.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
+    if host is not None:
+        lines.append(b"Host: " + host + b"\r\n")
+    if sent is None and via is None:
+        # What the express lane adds, from the same pieces.
+        if host is not None:
+            lines.append(host.join(hop.parts if version == b"1.1" else hop.parts_10))
+        else:
+            lines.append(hop.no_host)
+    else:
+        lines.append(hop.headers(host, version, sent, via))
+        lines.append(b"\r\n")
+    head = method + b" " + url + b" HTTP/1.1\r\n" + b"".join(lines)
+    return RequestPlan(head, host, valid, chunked, websocket, expect_continue, upgrade_body)

@@ -5,7 +5,11 @@ Theory of operation
 Bytes from the client go through llhttp (httptools), which calls back per request event. Each
 request becomes an `Exchange`; exchanges queue in arrival order (pipelining) and only the head of
 the queue is forwarded, so responses come back in order. Later requests wait, buffered, with
-reading paused.
+reading paused. The exchange owns the steps that end it (retry on another backend, finish with
+the backend's response, fail with the proxy's own answer); the connection drives it and goes on
+to the next one. What a head becomes (the request head a backend gets, the response head and
+framing the client gets) is decided by core/http11's plan functions; the connection applies
+the plan. Every close of the client connection goes through `teardown`.
 
 Nothing of a request is forwarded until the parser has accepted the whole chunk of bytes it came
 in: callbacks only collect, and `data_received` forwards after `feed_data` returns. A malformed
@@ -41,48 +45,44 @@ from typing import Final, cast
 import httptools
 
 from doproxy.core.forwarding import (
-    FORWARDING_HEADERS,
     PROXY_BAD,
     PROXY_MORE,
     Hop,
     IPNetwork,
     hop_for,
     is_trusted,
-    origin_form,
     parse_proxy_header,
-    valid_host,
 )
 from doproxy.core.http11 import (
-    CONNECTION,
+    BODY_CHUNKED,
+    BODY_RAW,
+    BODY_REFUSED,
     GENERAL,
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
-    REQUEST_SPECIAL,
     REWRITE,
     chunk,
-    connection_named,
-    connection_options,
-    connection_tokens,
     cookie_value,
     error_response,
-    forwarded_fields,
-    head_text,
-    lone_connection,
+    express_response_plan,
+    interim_head,
+    keep_alive_of,
+    plain_request_plan,
     request_head_kind,
-    response_needs_general_path,
-    scan_response,
+    request_plan,
+    response_plan,
     split_head,
+    switches,
+    websocket_101,
 )
 from doproxy.errors import (
     BadGateway,
     BadRequest,
     ClientError,
     ContentTooLarge,
-    ExpectationFailed,
     GatewayTimeout,
     HeaderFieldsTooLarge,
     MethodNotAllowed,
-    NotImplementedByProxy,
     RequestTimeout,
     ServiceUnavailable,
     URITooLong,
@@ -110,16 +110,16 @@ DEADLINE_CLIENT_WRITE: Final = 5
 DEADLINE_TUNNEL: Final = 6
 DEADLINE_LINGER: Final = 7
 
+# How the client connection is closed (teardown).
+TEARDOWN_CLOSE: Final = 0
+TEARDOWN_LINGER: Final = 1  # end our side, then read and drop what the client still sends
+TEARDOWN_ABORT: Final = 2  # a reset
+
 # A lingering close reads and drops what the client still sends for at most this long (nginx's
 # lingering_timeout), so the response it was sent is not destroyed by a reset.
 LINGER_TIME: Final = 5.0
 
-# Output framing of a response body towards the client.
-_OUT_RAW: Final = 0  # pass bytes as they are (Content-Length, or close-delimited for HTTP/1.0)
-_OUT_CHUNKED: Final = 1  # re-encode as chunked
-_OUT_NONE: Final = 2  # no body (HEAD, 204, 304)
-
-# How an exchange lets go of its backend connection (_let_go).
+# How an exchange lets go of its backend connection (Exchange.let_go).
 _REUSE: Final = 0  # back to the backend's idle stack (closed instead if it already is)
 _CLOSE: Final = 1  # close it: it is not at a clean message boundary, or it asked to close
 _ABORT: Final = 2  # abort it: its late answer must reach no one
@@ -129,8 +129,18 @@ _BUFFER_LIMIT: Final = (
 )  # bytes of request body held while a backend connection is dialled
 
 
+_STATUS_ERRORS: dict[int, type[ClientError]] = {
+    502: BadGateway,
+    503: ServiceUnavailable,
+    504: GatewayTimeout,
+}
+
+
 class Exchange:
-    """One request and its response.
+    """One request and its response, and the steps that end it (uvicorn's per-request cycle
+    object): `retry` on another backend, `finish` with the backend's response, `fail` with the
+    proxy's own answer. Its client connection drives it, and it tells the connection when it
+    is done (`ClientConnection.finished`, `failed`) so the connection goes on to the next one.
 
     Defaults live on the class and an instance stores only what differs: a new exchange per
     request then costs one small object, not two dozen attribute writes.
@@ -156,7 +166,7 @@ class Exchange:
     head_at = 0.0
     response_started = False
     sent_body = False
-    out_mode = 0  # _OUT_RAW (a literal: compilers such as mypyc want literal defaults)
+    out_mode = 0  # http11.BODY_RAW (a literal: compilers such as mypyc want literal defaults)
     # Bytes after an upgrade request's head: the tunnel's first bytes if the backend agrees,
     # else parsed as the next requests once this one is answered.
     tunnel_data = b""
@@ -173,15 +183,228 @@ class Exchange:
     status = 0  # the status answered to the client (access log, per-class counts)
     body_sent = 0  # response body bytes handed to the client (counted while the access log is on)
 
-    def __init__(self) -> None:
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
         self.body: list[bytes] = []
 
+    # --- retries ----------------------------------------------------------------------------
 
-_STATUS_ERRORS: dict[int, type[ClientError]] = {
-    502: BadGateway,
-    503: ServiceUnavailable,
-    504: GatewayTimeout,
-}
+    def may_resend(self) -> bool:
+        """May this request be sent again after some of it reached a backend? Only an
+        idempotent one, complete, whose body (if any) was kept in full for a retry."""
+        return (
+            self.method in IDEMPOTENT_METHODS
+            and self.request_done
+            and (not self.sent_body or self.kept is not None)
+        )
+
+    def keep_for_retry(self, chunks: list[bytes]) -> None:
+        """Remember body bytes being sent, while a retry could still resend them."""
+        retries = self.conn.server.settings.retries
+        if not self.sent_body and self.kept is None and not self.tried:
+            # The first body bytes of the first attempt: decide whether to keep them.
+            if self.method not in IDEMPOTENT_METHODS or not retries.attempts:
+                return
+            self.kept = []
+        kept = self.kept
+        if kept is None:
+            return
+        size = self.kept_size + sum(len(c) for c in chunks)
+        if size > retries.buffer_body_bytes:
+            self.kept = None  # too large to keep: this request will not be retried once sent
+            return
+        kept.extend(chunks)
+        self.kept_size = size
+
+    def retry(self, err: ClientError) -> bool:
+        """Send this request to a different backend, if retries, the budget and the pool
+        allow.
+
+        The caller has checked that resending is safe. Returns False (having changed nothing)
+        when it does not retry.
+        """
+        if not self.retry_allowed(err):
+            return False
+        self._retry_now(err)
+        return True
+
+    def retry_allowed(self, err: ClientError) -> bool:
+        conn = self.conn
+        server = conn.server
+        backend = self.backend
+        if backend is None or self.response_started:
+            return False
+        if len(self.tried) + 1 > server.settings.retries.attempts:
+            return False
+        tried = (*self.tried, backend)
+        if not any(b not in tried for b in server.pool.eligible):
+            return False  # nowhere else to go
+        if not server.retry_budget.withdraw(conn._now()):
+            log.warning(
+                "retry budget exhausted: not retrying after %s; backends are failing, check "
+                "them ([retries] budget-percent caps the extra load retries may add)",
+                err.detail,
+            )
+            return False
+        return True
+
+    def _retry_now(self, err: ClientError) -> None:
+        backend = self.backend
+        assert backend is not None
+        backend.in_flight -= 1
+        backend.failures += 1
+        self.tried = (*self.tried, backend)
+        self.backend = None
+        self.upstream = None
+        if self.sent_body and self.kept is not None:
+            # Send the kept body again (it is kept again as it goes out).
+            self.body = self.kept + self.body
+            self.buffered = self.kept_size
+            self.kept, self.kept_size = [], 0
+            self.sent_body = False
+        conn = self.conn
+        conn.server.retried += 1
+        log.info("retrying on another backend after %s from %s", err.detail, backend.name)
+        conn._start(self)
+
+    def retry_on_status(self, up: UpstreamConnection, status: int, reusable: bool) -> bool:
+        """A backend answered 502/503/504 (by default) to a request that may be resent, and
+        nothing of the answer reached the client yet: try another backend instead."""
+        if status not in self.conn.server.settings.retries.on_status or not self.may_resend():
+            return False
+        err = _STATUS_ERRORS.get(status, BadGateway)(f"backend answered {status}")
+        if not self.retry_allowed(err):
+            return False
+        self.let_go(up, _REUSE if reusable else _ABORT)
+        self._retry_now(err)
+        return True
+
+    # --- the end of an exchange -------------------------------------------------------------
+
+    def finish(self, up: UpstreamConnection | None, reusable: bool, abort: bool = False) -> None:
+        """The response is complete, or was cut short (`abort`): count it, let go of the
+        backend connection `up` (pooled when `reusable`), and let the client connection go on
+        to what comes next."""
+        conn = self.conn
+        now = conn._now()
+        backend = self.backend
+        if conn._access_log:
+            # A response cut short is logged with the status its head carried and the body
+            # bytes that got out, as nginx does; the warning that cut it says why.
+            self.log_access(now, backend)
+        # Latency is the time to the response head: a streamed body or a tunnel says nothing
+        # about how long the backend made the user wait.
+        head_at = self.head_at or now
+        server = conn.server
+        if self.begun:
+            server.count_exchange(head_at - self.begun)
+        if backend is not None:
+            backend.in_flight -= 1
+            backend.requests += 1
+            backend.responses[self.status // 100] += 1
+            if self.started:
+                latency = head_at - self.started
+                backend.latency_sum += latency
+                backend.samples.append(latency)
+                if server.pool.observe_latency:
+                    backend.latency.observe(latency, now)
+            self.backend = None
+        if up is not None:
+            self.let_go(up, _REUSE if reusable else _ABORT if abort else _CLOSE, now)
+        conn.finished(self, now, abort)
+
+    def fail(self, err: ClientError) -> None:
+        """Answer with an error instead of a backend's response."""
+        if self.response_started:
+            self.finish(self.upstream, reusable=False, abort=True)
+            return
+        conn = self.conn
+        server = conn.server
+        failed = self.backend  # (and the backend the access log names)
+        if failed is not None:
+            failed.in_flight -= 1
+            failed.failures += 1
+            # The gateway error this backend caused is counted as its response.
+            failed.responses[err.status // 100] += 1
+            self.backend = None
+        else:
+            server.generated[err.status // 100] += 1
+        if self.begun and err.status != 503:
+            # A backend failed it (refused, reset, timed out, broke HTTP): the user waited all
+            # that time, so the autoscaler's signal counts it. (503: no backend to ask.)
+            server.count_exchange(conn._now() - self.begun)
+        up = self.upstream
+        if up is not None:
+            self.let_go(up, _CLOSE)
+        log.debug("answering %d: %s", err.status, err.detail)
+        # Keep the connection only when the request is fully read and nothing else is odd.
+        keep = self.keep_alive and self.request_done and not self.upgrade and not server.draining
+        page = err.page or server.error_body(err.status)
+        out = error_response(
+            err.status, page, close=not keep, head=self.is_head, retry_after=err.retry_after
+        )
+        if conn._access_log:
+            self.status = err.status
+            self.body_sent = 0 if self.is_head else len(out) - out.find(b"\r\n\r\n") - 4
+            self.log_access(conn._now(), failed)
+        conn.failed(out, keep)
+
+    def drop(self) -> None:
+        """Let go of an unfinished exchange's backend: its connection is aborted (never reused
+        mid-message) and its in-flight count released. Blames nobody."""
+        up = self.upstream
+        if up is not None:
+            self.let_go(up, _ABORT)
+        if self.backend is not None:
+            self.backend.in_flight -= 1
+            self.backend = None
+
+    def let_go(self, up: UpstreamConnection, how: int, now: float = 0.0) -> None:
+        """The one way an exchange parts from its backend connection: detached from both
+        sides, then pooled (_REUSE, at `now` if the caller has the time), closed or aborted."""
+        self.upstream = None
+        up.client = None
+        if how == _REUSE and not up.closed:
+            up.release(now or self.conn._now(), self.conn.server.max_idle)
+        elif how == _ABORT:
+            up.abort()
+        else:
+            up.close()
+
+    def log_access(self, now: float, backend: Backend | None) -> None:
+        """One access log line for this exchange, answered by `backend` (called only when
+        access-log is on, so none of this costs anything when it is off)."""
+        conn = self.conn
+        sink = conn.server.access
+        if sink is None:
+            return  # a reload turned the log off after this connection opened
+        # The head as forwarded: its request line is "METHOD target HTTP/1.1", and Referer and
+        # User-Agent pass unchanged (they are end-to-end headers). No head: a request refused
+        # before it was understood, logged as "-".
+        head = self.head
+        method = target = b""
+        referer: bytes | None = None
+        agent: bytes | None = None
+        if head:
+            method = self.method
+            first = head[: head.find(b"\r\n")]
+            target = first[len(method) + 1 : first.rfind(b" ")]
+            low = head.decode("latin-1").lower()
+            referer = _header_value(head, low, "\r\nreferer:")
+            agent = _header_value(head, low, "\r\nuser-agent:")
+        sink.request(
+            conn.peer_ip,
+            method,
+            target,
+            self.version,
+            self.status,
+            self.body_sent,
+            referer,
+            agent,
+            now - self.begun if self.begun else 0.0,  # from the first dispatch, retries included
+            backend.entry.server_host if backend is not None else None,
+            len(self.tried),
+        )
 
 
 class _LeanParser:
@@ -224,7 +447,6 @@ def _spent_parser() -> httptools.HttpRequestParser:
 _SPENT: Final = _spent_parser()
 
 
-_CLOSE_LINE: Final = b"Connection: close\r\n"
 _LEAN_MAX: Final = 16 * 1024  # a chunk longer than this is not a lone request head worth decoding
 
 
@@ -235,11 +457,6 @@ def _header_value(head: bytes, low: str, name: str) -> bytes | None:
     if i < 0:
         return None
     return head[i + len(name) : low.find("\r\n", i + 2)].strip(b" \t")
-
-
-def _switches(low: str) -> bool:
-    """Does a lower-cased 101 head carry Upgrade and Connection: upgrade (so llhttp switches)?"""
-    return "\nupgrade:" in low and "upgrade" in connection_options(low)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -364,7 +581,7 @@ class ClientConnection(asyncio.Protocol):
                 "proxy must send one (v1 or v2): fix its setting, or set proxy-protocol = false",
                 self.peer_ip.decode("latin-1"),
             )
-            self._close()
+            self.teardown(TEARDOWN_CLOSE)
             return b""
         if client:
             # The client the proxy in front saw: from now on it is the peer for forwarding
@@ -483,7 +700,7 @@ class ClientConnection(asyncio.Protocol):
             tunnel.client = None
             tunnel.close()
         for ex in self.queue:
-            self._drop(ex)  # the response has no reader: never reuse its connection
+            ex.drop()  # the response has no reader: never reuse its connection
         self.queue.clear()
 
     def pause_writing(self) -> None:
@@ -507,7 +724,7 @@ class ClientConnection(asyncio.Protocol):
     # --- request parsing (llhttp callbacks) -------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.parsing = Exchange()
+        self.parsing = Exchange(self)
         self._url = b""
         self._headers = []
         self._in_head = True
@@ -636,7 +853,7 @@ class ClientConnection(asyncio.Protocol):
             self._reject(BadRequest(str(e)))
             return
         self.server.express_requests += 1
-        ex = Exchange()
+        ex = Exchange(self)
         try:
             self._rewrite_head(ex, data, low, parser.get_method(), kind)
         except ClientError as e:
@@ -695,168 +912,54 @@ class ClientConnection(asyncio.Protocol):
         ex.method = method
         if method == b"HEAD":
             ex.is_head = True
-        head = data[:-2]  # without the blank line
-        i, j, value = lone_connection(low)
+        if kind != REWRITE:
+            head, host, keep_alive, length = plain_request_plan(
+                data, low, method, line_end, keep_alive, self._tail_parts, self._hop, self._host_ok
+            )
+            if head:
+                if host is not None:
+                    self._host_ok = host
+                    ex.host = host
+                if not keep_alive:
+                    ex.keep_alive = False
+                ex.head = head
+                self._body_left = length
+                return
         # Hop-by-hop or forwarding headers to rewrite, other than a lone Connection:
-        # keep-alive or close, send the head down the general path.
-        if kind == REWRITE or (i >= 0 and not value):
-            ex.keep_alive = self._lean_keep_alive(low, keep_alive)
-            first, fields = split_head(head)
-            self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
-            self._lean_content_length(head, low)
-            return
-        if value == "keep-alive":
-            keep_alive = True  # kept: it is true of the backend connection too
-        elif value == "close":
-            # The backend connection stays open: only the client's connection closes.
-            keep_alive = False
-            head = head[: i + 1] + head[j + 2 :]
-            low = low[: i + 1] + low[j + 2 :]
-        if not keep_alive:
-            ex.keep_alive = False
-        i = low.find("\nhost:")
-        if i >= 0:
-            j = low.find("\r\n", i)
-            if "\nhost:" in low[j:]:
-                raise BadRequest("more than one Host header")
-            host = head[i + 6 : j].strip(b" \t")
-            if host != self._host_ok:  # a keep-alive client repeats its Host: check it once
-                if not valid_host(host):
-                    raise BadRequest("invalid Host")
-                self._host_ok = host
-            ex.host = host
-            tail = host.join(self._tail_parts if ex.version == b"1.1" else self._hop.parts_10)
-        elif ex.version == b"1.1":
-            raise BadRequest("HTTP/1.1 request without Host")
-        else:
-            tail = self._hop.no_host
-        if ex.version == b"1.1":
-            ex.head = head + tail
-        else:
-            url = head[len(method) + 1 : head.rfind(b" ", 0, line_end)]
-            ex.head = method + b" " + url + b" HTTP/1.1" + head[line_end:] + tail
-        self._lean_content_length(head, low)
-
-    def _lean_keep_alive(self, low: str, default: bool) -> bool:
-        """Keep-alive from the Connection tokens of a lean head (llhttp's flags are gone)."""
-        tokens = connection_options(low)
-        if "close" in tokens:
-            return False
-        return True if "keep-alive" in tokens else default
-
-    def _lean_content_length(self, head: bytes, low: str) -> None:
+        # keep-alive or close: the general path's rules.
+        ex.keep_alive = keep_alive_of(low, keep_alive)
+        head = data[:-2]  # without the blank line
+        first, fields = split_head(head)
+        self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
         i = low.find("\ncontent-length:")
         self._body_left = int(head[i + 16 : low.find("\r\n", i)]) if i >= 0 else -1
 
     def _build_request_head(
         self, ex: Exchange, url: bytes, fields: list[tuple[bytes, bytes]]
     ) -> None:
-        """The general path: apply every header rule to a parsed list of fields."""
-        lines: list[bytes] = []
-        host: bytes | None = None
-        te: bytes | None = None
-        upgrade: bytes | None = None
-        via: bytes | None = None
-        # Forwarding headers a trusted proxy sent (lower-case name -> values joined); from
-        # anyone else they are dropped, so a client cannot forge who it is.
-        sent: dict[bytes, bytes] | None = None
-        # Headers named by Connection are hop-by-hop too (RFC 9110 7.6.1), but the request is
-        # framed once, from what was received: a name that carries framing (Content-Length,
-        # Transfer-Encoding) or that the proxy decides itself (Host, Upgrade, Connection) is
-        # never dropped because a client named it. Known before the walk, so a dropped line is
-        # never written in the first place.
-        named = connection_named(fields)
-        for name, value in fields:
-            lname = name.lower()
-            if lname not in REQUEST_SPECIAL:
-                if named and lname in named:
-                    continue
-                if 95 in name and not self._underscores:
-                    # "_": X_Forwarded_For is X-Forwarded-For to a CGI or WSGI backend, so
-                    # such names could forge what the rules above remove (nginx drops them).
-                    continue
-                lines.append(name + b": " + value + b"\r\n")
-                continue
-            if lname == b"host":
-                if host is not None:
-                    raise BadRequest("more than one Host header")
-                host = value
-            elif lname in FORWARDING_HEADERS:
-                if self._trusted:
-                    if sent is None:
-                        sent = {}
-                    seen = sent.get(lname)
-                    sent[lname] = value if seen is None else seen + b", " + value
-            elif lname == b"via":
-                via = value if via is None else via + b", " + value
-            elif lname == b"transfer-encoding":
-                te = value if te is None else te + b", " + value
-            elif lname == b"upgrade":
-                upgrade = value
-            elif lname == b"expect":
-                if value.lower() == b"100-continue":
-                    ex.expect_continue = ex.version == b"1.1"
-                else:
-                    raise ExpectationFailed("only Expect: 100-continue is supported")
-            # Keep-Alive, Proxy-Connection, TE, Trailer and HTTP2-Settings are dropped.
-        if host is None:
-            if ex.version == b"1.1":
-                raise BadRequest("HTTP/1.1 request without Host")
-        elif host != self._host_ok:
-            if not valid_host(host):
-                raise BadRequest("invalid Host")
-            self._host_ok = host
-        if url[:1] != b"/" and not (url == b"*" and ex.method == b"OPTIONS"):
-            # Absolute-form (RFC 9112 3.2.2): the target's authority replaces Host, and the
-            # backend gets origin-form, which every server understands.
-            try:
-                url, host = origin_form(url)
-            except ValueError as e:
-                raise BadRequest(str(e)) from None
-        if te is not None:
-            if ex.version != b"1.1":
-                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-            codings = [c.strip() for c in te.lower().split(b",")]
-            if codings[-1] != b"chunked":
-                # RFC 9112 6.3: the body length cannot be known; 400 and close.
-                raise BadRequest("Transfer-Encoding does not end in chunked")
-            if len(codings) > 1:
-                raise NotImplementedByProxy(f"Transfer-Encoding {te.decode('latin-1')!r}")
+        """The general path: every header rule (http11.request_plan), applied to `ex`."""
+        plan = request_plan(
+            ex.method,
+            ex.version,
+            url,
+            fields,
+            self._hop,
+            self._trusted,
+            self._underscores,
+            self._host_ok,
+        )
+        if plan.valid is not None:
+            self._host_ok = plan.valid
+        ex.head = plan.head
+        ex.host = plan.host
+        if plan.chunked:
             ex.chunked_in = True
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        if upgrade is not None:
-            # llhttp treats an upgrade request as ending with its head; a body after it
-            # is handled by _upgrade_requested, for Content-Length only.
-            for name, value in fields:
-                if name.lower() == b"content-length":
-                    ex.upgrade_body = int(value)
-            # Offered to the backend only as RFC 9110 7.8 and RFC 6455 have it: websocket,
-            # named in Connection, in HTTP/1.1. Any other Upgrade is dropped (hop-by-hop).
-            websocket = (
-                upgrade.strip().lower() == b"websocket"
-                and ex.version == b"1.1"
-                and b"upgrade"
-                in connection_tokens([v for n, v in fields if n.lower() == CONNECTION])
-            )
-            if ex.chunked_in or (websocket and ex.upgrade_body > 0):
-                raise BadRequest("a request body with Upgrade is not supported")
-            if websocket:
-                ex.upgrade = True
-                lines.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n")
-        if host is not None:
-            lines.append(b"Host: " + host + b"\r\n")
-        ex.host = host
-        hop = self._hop
-        if sent is None and via is None:
-            # What the express lane adds, from the same pieces.
-            if host is not None:
-                lines.append(host.join(self._tail_parts if ex.version == b"1.1" else hop.parts_10))
-            else:
-                lines.append(hop.no_host)
-        else:
-            lines.append(hop.headers(host, ex.version, sent, via))
-            lines.append(b"\r\n")
-        ex.head = ex.method + b" " + url + b" HTTP/1.1\r\n" + b"".join(lines)
+        if plan.websocket:
+            ex.upgrade = True
+        if plan.expect_continue:
+            ex.expect_continue = True
+        if plan.upgrade_body:
+            ex.upgrade_body = plan.upgrade_body
 
     def _upgrade_requested(self, rest: bytes) -> None:
         """llhttp stopped after a request that asked to switch protocols.
@@ -928,7 +1031,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 flush_writes()  # nothing queued may be overtaken or lost
                 t.writelines(ex.body)
-            self._keep_for_retry(ex, ex.body)
+            ex.keep_for_retry(ex.body)
             ex.body = []
             ex.buffered = 0
             ex.sent_body = True
@@ -960,7 +1063,7 @@ class ClientConnection(asyncio.Protocol):
                     self._pause(_PAUSE_BUFFER)
                     return
                 err = held
-            self._fail(ex, err)
+            ex.fail(err)
             return
         ex.backend = backend
         backend.in_flight += 1
@@ -992,7 +1095,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._resume(_PAUSE_BUFFER)
         if err is not None:
-            self._fail(ex, err)
+            ex.fail(err)
         else:
             self._start(ex)
 
@@ -1010,8 +1113,8 @@ class ClientConnection(asyncio.Protocol):
             if ex.backend is not None:
                 self.server.backend_failed(ex.backend)
             # Nothing was sent: any method may go to another backend.
-            if not self._redispatch(ex, err):
-                self._fail(ex, err)
+            if not ex.retry(err):
+                ex.fail(err)
             return
         self._attach(ex, up, self._now())
 
@@ -1030,7 +1133,7 @@ class ClientConnection(asyncio.Protocol):
             head = head[:-2] + b"Host: " + backend.host_header + b"\r\n\r\n"
         ex.started = now
         if ex.body:
-            self._keep_for_retry(ex, ex.body)
+            ex.keep_for_retry(ex.body)
             ex.body.insert(0, head)
             flush_writes()  # nothing queued may be overtaken or lost
             t.writelines(ex.body)
@@ -1062,43 +1165,20 @@ class ClientConnection(asyncio.Protocol):
         ex = self.queue[0]
         if ex.version != b"1.1" or ex.is_head or ex.upgrade or not ex.request_done:
             return False
-        text, end = head_text(data)
-        code = text[9:12]
-        if end < 0 or not text.startswith("HTTP/1.1 ") or code < "200" or code in ("204", "304"):
-            # 1xx, 204 and 304 take the general path: they have no body, whatever their
-            # Content-Length says, so bytes after their head are stray.
-            return False
-        low = text[: end + 2].lower()
-        general, length, i, j, value = scan_response(low)
-        if general or length < 0 or len(data) != end + 4 + length:
-            return False  # (a bad Content-Length: llhttp will say what is wrong with it)
         keep = ex.keep_alive and not self.server.draining
-        backend_keep_alive = True
-        # The client gets the backend's bytes as they are when their Connection line already
-        # states what the proxy does with the client connection (the common case: no copy),
-        # else with that line dropped or replaced.
-        if i >= 0:
-            if not value:
-                return False
-            backend_keep_alive = value == "keep-alive"
-            if backend_keep_alive == keep:
-                out = data
-            elif keep:
-                out = data[: i + 1] + data[j + 2 :]
-            else:
-                out = data[: i + 1] + _CLOSE_LINE + data[j + 2 :]
-        else:
-            out = data if keep else data[: end + 2] + _CLOSE_LINE + data[end + 2 :]
+        out, status, length, backend_keep_alive = express_response_plan(data, keep)
+        if not status:
+            return False
         try:
             up.lean_parser.feed_data(data)
         except httptools.HttpParserError as e:
             self.backend_protocol_error(up, str(e))
             return True
         backend = ex.backend
-        if text[9] == "5":
+        if status // 100 == 5:
             if backend is not None:
                 self.server.backend_failed(backend)
-            if self._retry_on_status(ex, up, int(text[9:12]), backend_keep_alive):
+            if ex.retry_on_status(up, status, backend_keep_alive):
                 return True
         elif backend is not None and backend.passive_failures:
             self.server.backend_ok(backend)
@@ -1107,11 +1187,11 @@ class ClientConnection(asyncio.Protocol):
             write_soon(t, out)
         if not keep:
             ex.keep_alive = False
-        ex.status = int(code)  # counted by class in _finish
+        ex.status = status  # counted by class in Exchange.finish
         if self._access_log:
             ex.body_sent = length
         self.server.express_responses += 1
-        self._finish(ex, up, reusable=backend_keep_alive)
+        ex.finish(up, reusable=backend_keep_alive)
         return True
 
     def response_head(
@@ -1124,10 +1204,8 @@ class ClientConnection(asyncio.Protocol):
             if status != 100 and status != 101 and ex.version == b"1.1":
                 # Interim responses such as 103 Early Hints pass to HTTP/1.1 clients, under
                 # the same hop-by-hop rules as final ones.
-                _, fields = split_head(head)
-                out = [head[: text.find("\r\n") + 2], *forwarded_fields(fields), b"\r\n"]
-                self._write(b"".join(out))
-            elif status == 101 and not _switches(text.lower()):
+                self._write(interim_head(head, text))
+            elif status == 101 and not switches(text.lower()):
                 # llhttp switches only with Upgrade and Connection: upgrade; a bare 101 would
                 # leave the exchange waiting for a final response that never comes.
                 self.backend_protocol_error(up, "101 without Upgrade")
@@ -1139,7 +1217,7 @@ class ClientConnection(asyncio.Protocol):
         if status >= 500:
             if ex.backend is not None:
                 self.server.backend_failed(ex.backend)
-            if self._retry_on_status(ex, up, status, reusable=False):
+            if ex.retry_on_status(up, status, reusable=False):
                 return
         elif ex.backend is not None and ex.backend.passive_failures:
             self.server.backend_ok(ex.backend)
@@ -1156,79 +1234,20 @@ class ClientConnection(asyncio.Protocol):
         ex.status = status
         ex.backend_keep_alive = backend_keep_alive and ex.backend_keep_alive
         keep = ex.keep_alive and ex.request_done and not self.server.draining
-        # Fast path, the common case: an HTTP/1.1 exchange with Content-Length (or no body)
-        # whose only hop-by-hop header is "Connection: keep-alive/close".
-        if ex.version == b"1.1" and text.startswith("HTTP/1.1 "):
-            low = text.lower()
-            if not response_needs_general_path(low):
-                no_body = ex.is_head or status == 304
-                if no_body or (status != 204 and "\ncontent-length:" in low):
-                    i, j, value = lone_connection(low)
-                    if value:
-                        head = head[: i + 1] + head[j + 2 :]
-                        i = -1
-                    if i < 0:
-                        ex.until_close = False
-                        ex.out_mode = _OUT_NONE if no_body else _OUT_RAW
-                        if not keep:
-                            ex.keep_alive = False
-                        self._held = head + (b"\r\n" if keep else b"Connection: close\r\n\r\n")
-                        if no_body and ex.is_head:
-                            up.stop_after_head()
-                        return
-        self._response_head_general(up, ex, status, head, keep)
-
-    def _response_head_general(
-        self, up: UpstreamConnection, ex: Exchange, status: int, head: bytes, keep: bool
-    ) -> None:
-        first, fields = split_head(head)
-        parts = first.split(b" ", 2)
-        reason = parts[2] if len(parts) > 2 else b""
-        # HTTP/1.1 in the status line whatever the client's version (RFC 9110 2.5), as nginx
-        # and HAProxy do; the framing below is what an HTTP/1.0 client understands.
-        lines = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
-        lines += forwarded_fields(fields)
-        length: bytes | None = None
-        te: bytes | None = None
-        for name, value in fields:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = value
-            elif lname == b"transfer-encoding":
-                te = value if te is None else te + b", " + value
-        chunked = te is not None
-        if te is not None and te.replace(b" ", b"").lower() != b"chunked":
-            # A coding other than chunked cannot be relabelled (the client would decode the
-            # wrong thing) and llhttp reads such a body until close: refuse it, as nginx does.
+        head, body, until_close, keep = response_plan(
+            status, head, text, ex.version, ex.is_head, keep
+        )
+        if body == BODY_REFUSED:
             # Nothing of the response has reached the client yet, so it can still get a 502.
             ex.response_started = False
-            self.backend_protocol_error(up, f"Transfer-Encoding {te.decode('latin-1')!r}")
+            self.backend_protocol_error(up, f"Transfer-Encoding {head.decode('latin-1')!r}")
             return
-        ex.until_close = False
-        if ex.is_head or status == 204 or status == 304:
-            ex.out_mode = _OUT_NONE
-            if length is not None and status != 204:
-                lines.append(b"Content-Length: " + length + b"\r\n")
-        elif length is not None and not chunked:
-            ex.out_mode = _OUT_RAW
-            lines.append(b"Content-Length: " + length + b"\r\n")
-        elif ex.version == b"1.1":
-            ex.until_close = not chunked
-            ex.out_mode = _OUT_CHUNKED
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        else:
-            ex.until_close = not chunked
-            ex.out_mode = _OUT_RAW  # HTTP/1.0 client: the body ends when we close
-            keep = False
+        ex.until_close = until_close
+        ex.out_mode = body
         if not keep:
             ex.keep_alive = False
-            lines.append(b"Connection: close\r\n\r\n")
-        elif ex.version == b"1.0":
-            lines.append(b"Connection: keep-alive\r\n\r\n")
-        else:
-            lines.append(b"\r\n")
-        self._held = b"".join(lines)
-        if ex.out_mode == _OUT_NONE and ex.is_head:
+        self._held = head
+        if ex.is_head:
             up.stop_after_head()
 
     def response_body(self, body: bytes) -> None:
@@ -1236,9 +1255,9 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self._now() + self._t_backend_read
         ex = self.queue[0]
         mode = ex.out_mode
-        if mode == _OUT_RAW:
+        if mode == BODY_RAW:
             self._write(body)
-        elif mode == _OUT_CHUNKED:
+        elif mode == BODY_CHUNKED:
             self._write(chunk(body))
         else:
             return
@@ -1251,17 +1270,17 @@ class ClientConnection(asyncio.Protocol):
         ex = self.queue[0]
         if not ex.response_started:
             return  # a 1xx interim response ended; the final one follows
-        if ex.out_mode == _OUT_CHUNKED:
+        if ex.out_mode == BODY_CHUNKED:
             self._write(LAST_CHUNK)
         # A connection offered an upgrade that the backend declined is not reused either.
         reusable = ex.request_done and ex.backend_keep_alive and not ex.upgrade
-        self._finish(ex, up, reusable)
+        ex.finish(up, reusable)
 
     def backend_lost(self, up: UpstreamConnection) -> None:
         """The backend closed the connection (or it broke) while attached to an exchange."""
         if self._tunnel is up:
             self._tunnel = None
-            self._close()
+            self.teardown(TEARDOWN_CLOSE)
             return
         if not self.queue or self.queue[0].upstream is not up:
             return
@@ -1269,9 +1288,9 @@ class ClientConnection(asyncio.Protocol):
         if ex.response_started:
             if ex.until_close:
                 # A close-delimited response ends with the connection: that is success.
-                if ex.out_mode == _OUT_CHUNKED:
+                if ex.out_mode == BODY_CHUNKED:
                     self._write(LAST_CHUNK)
-                self._finish(ex, up, reusable=False)
+                ex.finish(up, reusable=False)
                 return
             # The response was cut short: the client must see a broken response, not a hang.
             log.warning(
@@ -1279,7 +1298,7 @@ class ClientConnection(asyncio.Protocol):
                 "backend's logs",
                 ex.backend,
             )
-            self._finish(ex, up, reusable=False, abort=True)
+            ex.finish(up, reusable=False, abort=True)
             return
         ex.upstream = None
         if up.reused and not up.got_bytes and not ex.sent_body and ex.method in IDEMPOTENT_METHODS:
@@ -1292,8 +1311,8 @@ class ClientConnection(asyncio.Protocol):
         err = BadGateway("backend closed the connection")
         if ex.backend is not None:
             self.server.backend_failed(ex.backend)
-        if not (self._may_resend(ex) and self._redispatch(ex, err)):
-            self._fail(ex, err)
+        if not (ex.may_resend() and ex.retry(err)):
+            ex.fail(err)
 
     def backend_protocol_error(self, up: UpstreamConnection, detail: str) -> None:
         log.warning(
@@ -1308,11 +1327,11 @@ class ClientConnection(asyncio.Protocol):
             up.client = None
             up.abort()
             return
-        self._let_go(ex, up, _ABORT)
+        ex.let_go(up, _ABORT)
         if ex.response_started:
-            self._finish(ex, up, reusable=False, abort=True)
+            ex.finish(up, reusable=False, abort=True)
         else:
-            self._fail(ex, BadGateway("invalid response from backend"))
+            ex.fail(BadGateway("invalid response from backend"))
 
     def backend_switched_protocols(self, up: UpstreamConnection, rest: bytes) -> None:
         """The backend answered 101: from now on both sides are a plain byte tunnel."""
@@ -1320,21 +1339,17 @@ class ClientConnection(asyncio.Protocol):
         if not ex.upgrade:
             self.backend_protocol_error(up, "101 without a WebSocket upgrade request")
             return
-        low = up.last_head.lower()
-        i = low.find(b"\nupgrade:")
-        if i < 0 or low[i + 9 : low.find(b"\r\n", i)].strip() != b"websocket":
+        out = websocket_101(up.last_head)
+        if not out:
             # The tunnel opens only to the protocol the client asked for.
             self.backend_protocol_error(up, "101 to a protocol other than websocket")
             return
-        out = [b"HTTP/1.1 101 Switching Protocols\r\n"]
-        out += forwarded_fields(split_head(up.last_head)[1])
-        out.append(b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\n")
         self.deadline_kind = DEADLINE_TUNNEL
         self.deadline = self._now() + self._t_tunnel
-        self._write(b"".join(out))
+        self._write(out)
         if rest:
             self._write(rest)
-        # The 101 is this exchange's answer (a tunnel never reaches _finish): its class count.
+        # The 101 is this exchange's answer (a tunnel never reaches finish): its class count.
         up.backend.responses[1] += 1
         if self._access_log:
             ex.status = 101  # logged when the tunnel closes (connection_lost)
@@ -1356,135 +1371,39 @@ class ClientConnection(asyncio.Protocol):
         if self._access_log and self.queue:
             self.queue[0].body_sent += len(data)  # as nginx counts a tunnel's bytes
 
-    # --- retries ----------------------------------------------------------------------------
-
-    def _may_resend(self, ex: Exchange) -> bool:
-        """May this request be sent again after some of it reached a backend? Only an
-        idempotent one, complete, whose body (if any) was kept in full for a retry."""
-        return (
-            ex.method in IDEMPOTENT_METHODS
-            and ex.request_done
-            and (not ex.sent_body or ex.kept is not None)
-        )
-
-    def _keep_for_retry(self, ex: Exchange, chunks: list[bytes]) -> None:
-        """Remember body bytes being sent, while a retry could still resend them."""
-        if not ex.sent_body and ex.kept is None and not ex.tried:
-            # The first body bytes of the first attempt: decide whether to keep them.
-            if ex.method not in IDEMPOTENT_METHODS or not self.server.settings.retries.attempts:
-                return
-            ex.kept = []
-        kept = ex.kept
-        if kept is None:
-            return
-        size = ex.kept_size + sum(len(c) for c in chunks)
-        if size > self.server.settings.retries.buffer_body_bytes:
-            ex.kept = None  # too large to keep: this request will not be retried once sent
-            return
-        kept.extend(chunks)
-        ex.kept_size = size
-
-    def _redispatch(self, ex: Exchange, err: ClientError) -> bool:
-        """Send `ex` to a different backend, if retries, the budget and the pool allow.
-
-        The caller has checked that resending is safe. Returns False (having changed nothing)
-        when it does not retry.
-        """
-        if not self._retry_allowed(ex, err):
-            return False
-        self._redispatch_now(ex, err)
-        return True
-
-    def _retry_allowed(self, ex: Exchange, err: ClientError) -> bool:
-        server = self.server
-        backend = ex.backend
-        if backend is None or ex.response_started:
-            return False
-        if len(ex.tried) + 1 > server.settings.retries.attempts:
-            return False
-        tried = (*ex.tried, backend)
-        if not any(b not in tried for b in server.pool.eligible):
-            return False  # nowhere else to go
-        if not server.retry_budget.withdraw(self._now()):
-            log.warning(
-                "retry budget exhausted: not retrying after %s; backends are failing, check "
-                "them ([retries] budget-percent caps the extra load retries may add)",
-                err.detail,
-            )
-            return False
-        return True
-
-    def _redispatch_now(self, ex: Exchange, err: ClientError) -> None:
-        backend = ex.backend
-        assert backend is not None
-        backend.in_flight -= 1
-        backend.failures += 1
-        ex.tried = (*ex.tried, backend)
-        ex.backend = None
-        ex.upstream = None
-        if ex.sent_body and ex.kept is not None:
-            # Send the kept body again (it is kept again as it goes out).
-            ex.body = ex.kept + ex.body
-            ex.buffered = ex.kept_size
-            ex.kept, ex.kept_size = [], 0
-            ex.sent_body = False
-        self.server.retried += 1
-        log.info("retrying on another backend after %s from %s", err.detail, backend.name)
-        self._start(ex)
-
-    def _retry_on_status(
-        self, ex: Exchange, up: UpstreamConnection, status: int, reusable: bool
-    ) -> bool:
-        """A backend answered 502/503/504 (by default) to a request that may be resent, and
-        nothing of the answer reached the client yet: try another backend instead."""
-        if status not in self.server.settings.retries.on_status or not self._may_resend(ex):
-            return False
-        err = _STATUS_ERRORS.get(status, BadGateway)(f"backend answered {status}")
-        if not self._retry_allowed(ex, err):
-            return False
-        self._let_go(ex, up, _REUSE if reusable else _ABORT)
-        self._redispatch_now(ex, err)
-        return True
-
     # --- completion -------------------------------------------------------------------------
 
-    def _finish(
-        self, ex: Exchange, up: UpstreamConnection | None, reusable: bool, abort: bool = False
-    ) -> None:
-        now = self._now()
-        backend = ex.backend
-        if self._access_log:
-            # A response cut short is logged with the status its head carried and the body
-            # bytes that got out, as nginx does; the warning that cut it says why.
-            self._log_access(ex, now, backend)
-        # Latency is the time to the response head: a streamed body or a tunnel says nothing
-        # about how long the backend made the user wait.
-        head_at = ex.head_at or now
-        if ex.begun:
-            self.server.count_exchange(head_at - ex.begun)
-        if backend is not None:
-            backend.in_flight -= 1
-            backend.requests += 1
-            backend.responses[ex.status // 100] += 1
-            if ex.started:
-                latency = head_at - ex.started
-                backend.latency_sum += latency
-                backend.samples.append(latency)
-                if self.server.pool.observe_latency:
-                    backend.latency.observe(latency, now)
-            ex.backend = None
-        if up is not None:
-            self._let_go(ex, up, _REUSE if reusable else _ABORT if abort else _CLOSE, now)
+    def _log_refused(self, bad: Exchange | None, err: ClientError, is_head: bool) -> None:
+        """The access log line of a request refused as the client's fault (_reject): with its
+        request line once its head was parsed, else "-"."""
+        ex = bad if bad is not None else Exchange(self)
+        if not ex.response_started:
+            ex.status = err.status
+            out = error_response(err.status, self.server.error_body(err.status), head=is_head)
+            ex.body_sent = len(out) - out.find(b"\r\n\r\n") - 4
+        # (Otherwise the backend's answer had begun: its status and the bytes sent stand.)
+        ex.log_access(self._now(), ex.backend)
+
+    def _log_unfinished(self, ex: Exchange) -> None:
+        """The connection closed with `ex` unfinished: a WebSocket tunnel that ended (101),
+        a response cut short (the status its head carried), or a client that left before any
+        answer (499, nginx's "client closed request")."""
+        if not ex.status:
+            ex.status = 499
+        ex.log_access(self._now(), ex.backend)
+
+    def finished(self, ex: Exchange, now: float, abort: bool) -> None:
+        """`ex`, the active exchange, has been answered (Exchange.finish): go on to what
+        follows it, or close (abort: its response was cut short)."""
         if abort:
-            self._held = None
             self.queue.pop(0)
-            self._abort()
+            self.teardown(TEARDOWN_ABORT)
             return
         if self._held is not None:
             self._write(b"")
         self.queue.pop(0)
         if not ex.keep_alive or not ex.request_done:
-            self._close(linger=True)
+            self.teardown(TEARDOWN_LINGER)
             return
         self._continue(now)
         if ex.tunnel_data and not self.closed:
@@ -1494,58 +1413,15 @@ class ClientConnection(asyncio.Protocol):
         elif self._plain_upgrade is ex:
             self._plain_upgrade = None
 
-    def _log_access(self, ex: Exchange, now: float, backend: Backend | None) -> None:
-        """One access log line for `ex`, answered by `backend` (called only when access-log is
-        on, so none of this costs anything when it is off)."""
-        sink = self.server.access
-        if sink is None:
-            return  # a reload turned the log off after this connection opened
-        # The head as forwarded: its request line is "METHOD target HTTP/1.1", and Referer and
-        # User-Agent pass unchanged (they are end-to-end headers). No head: a request refused
-        # before it was understood, logged as "-".
-        head = ex.head
-        method = target = b""
-        referer: bytes | None = None
-        agent: bytes | None = None
-        if head:
-            method = ex.method
-            first = head[: head.find(b"\r\n")]
-            target = first[len(method) + 1 : first.rfind(b" ")]
-            low = head.decode("latin-1").lower()
-            referer = _header_value(head, low, "\r\nreferer:")
-            agent = _header_value(head, low, "\r\nuser-agent:")
-        sink.request(
-            self.peer_ip,
-            method,
-            target,
-            ex.version,
-            ex.status,
-            ex.body_sent,
-            referer,
-            agent,
-            now - ex.begun if ex.begun else 0.0,  # from the first dispatch, retries included
-            backend.entry.server_host if backend is not None else None,
-            len(ex.tried),
-        )
-
-    def _log_refused(self, bad: Exchange | None, err: ClientError, is_head: bool) -> None:
-        """The access log line of a request refused as the client's fault (_reject): with its
-        request line once its head was parsed, else "-"."""
-        ex = bad if bad is not None else Exchange()
-        if not ex.response_started:
-            ex.status = err.status
-            out = error_response(err.status, self.server.error_body(err.status), head=is_head)
-            ex.body_sent = len(out) - out.find(b"\r\n\r\n") - 4
-        # (Otherwise the backend's answer had begun: its status and the bytes sent stand.)
-        self._log_access(ex, self._now(), ex.backend)
-
-    def _log_unfinished(self, ex: Exchange) -> None:
-        """The connection closed with `ex` unfinished: a WebSocket tunnel that ended (101),
-        a response cut short (the status its head carried), or a client that left before any
-        answer (499, nginx's "client closed request")."""
-        if not ex.status:
-            ex.status = 499
-        self._log_access(ex, self._now(), ex.backend)
+    def failed(self, answer: bytes, keep: bool) -> None:
+        """The active exchange failed (Exchange.fail): send the proxy's `answer`, then go on
+        to what follows it, or close."""
+        self._write(answer)
+        self.queue.pop(0)
+        if not keep:
+            self.teardown(TEARDOWN_LINGER)
+        else:
+            self._continue(self._now())
 
     def _continue(self, now: float) -> None:
         """After an exchange: start the next pipelined request, or wait for one."""
@@ -1566,7 +1442,7 @@ class ClientConnection(asyncio.Protocol):
             self.server.generated[err.status // 100] += 1
             page = self.server.error_body(err.status)
             self._write(error_response(err.status, page, head=self._rejected_head))
-            self._close(linger=True)
+            self.teardown(TEARDOWN_LINGER)
             return
         # The common case: nothing pipelined; wait for the next request.
         if self._paused & _PAUSE_QUEUE:
@@ -1574,9 +1450,9 @@ class ClientConnection(asyncio.Protocol):
         if self._client_eof:
             # The client is done sending (a partial head it left will never complete): close,
             # with nothing to linger for.
-            self._close()
+            self.teardown(TEARDOWN_CLOSE)
         elif self.server.draining:
-            self._close(linger=True)
+            self.teardown(TEARDOWN_LINGER)
         elif self.parsing is None:
             self.deadline_kind = DEADLINE_IDLE
             self.deadline = now + self._t_idle
@@ -1594,46 +1470,6 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.deadline_kind = DEADLINE_NONE  # a body is arriving: client-body watches it
 
-    def _fail(self, ex: Exchange, err: ClientError) -> None:
-        """Answer `ex` with an error instead of a backend's response."""
-        if ex.response_started:
-            self._finish(ex, ex.upstream, reusable=False, abort=True)
-            return
-        server = self.server
-        failed = ex.backend  # (and the backend the access log names)
-        if failed is not None:
-            failed.in_flight -= 1
-            failed.failures += 1
-            # The gateway error this backend caused is counted as its response.
-            failed.responses[err.status // 100] += 1
-            ex.backend = None
-        else:
-            server.generated[err.status // 100] += 1
-        if ex.begun and err.status != 503:
-            # A backend failed it (refused, reset, timed out, broke HTTP): the user waited all
-            # that time, so the autoscaler's signal counts it. (503: no backend to ask.)
-            server.count_exchange(self._now() - ex.begun)
-        up = ex.upstream
-        if up is not None:
-            self._let_go(ex, up, _CLOSE)
-        log.debug("answering %d: %s", err.status, err.detail)
-        # Keep the connection only when the request is fully read and nothing else is odd.
-        keep = ex.keep_alive and ex.request_done and not ex.upgrade and not self.server.draining
-        page = err.page or self.server.error_body(err.status)
-        out = error_response(
-            err.status, page, close=not keep, head=ex.is_head, retry_after=err.retry_after
-        )
-        if self._access_log:
-            ex.status = err.status
-            ex.body_sent = 0 if ex.is_head else len(out) - out.find(b"\r\n\r\n") - 4
-            self._log_access(ex, self._now(), failed)
-        self._write(out)
-        self.queue.pop(0)
-        if not keep:
-            self._close(linger=True)
-        else:
-            self._continue(self._now())
-
     def _reject(self, err: ClientError, refused: Exchange | None = None) -> None:
         """The client's fault: a malformed request, a stalled or cut body, a body too large.
 
@@ -1643,8 +1479,10 @@ class ClientConnection(asyncio.Protocol):
         connection closes. `refused`: the express lane's request, for the access log (the
         general path's is `parsing`).
         """
-        if self.closed or self.transport is None:
-            self.closed = True
+        if self.closed:
+            return
+        if self.transport is None:
+            self.teardown(TEARDOWN_CLOSE)
             return
         log.debug("rejecting request from %s: %s", self.peer_ip.decode(), err.detail)
         bad = self.parsing
@@ -1663,11 +1501,10 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if bad is not None and queue and queue[-1] is bad:
             queue.pop()
-            self._drop(bad)
+            bad.drop()
             if bad.response_started:
                 # Its answer had begun: it cannot be completed, and must not look complete.
-                self._held = None
-                self._abort()
+                self.teardown(TEARDOWN_ABORT)
                 return
         if queue:
             self._rejected = err
@@ -1683,13 +1520,13 @@ class ClientConnection(asyncio.Protocol):
         self._held = None
         self.server.generated[err.status // 100] += 1
         self._write(error_response(err.status, self.server.error_body(err.status), head=head))
-        self._close(linger=True)
+        self.teardown(TEARDOWN_LINGER)
 
     def on_deadline(self, kind: int) -> None:
         """The server's sweep found this connection's deadline passed."""
         self.deadline_kind = DEADLINE_NONE
         if kind == DEADLINE_IDLE:
-            self._close()
+            self.teardown(TEARDOWN_CLOSE)
         elif kind == DEADLINE_BACKEND_READ:
             if self.queue:
                 ex = self.queue[0]
@@ -1700,16 +1537,16 @@ class ClientConnection(asyncio.Protocol):
                 )
                 if ex.backend is not None:
                     self.server.backend_failed(ex.backend)
-                self._finish(ex, ex.upstream, reusable=False, abort=True)
+                ex.finish(ex.upstream, reusable=False, abort=True)
         elif kind == DEADLINE_CLIENT_WRITE:
             # The client stopped reading: its fault; the backend is not blamed.
             log.info("client %s read nothing for client-write; closed", self.peer_ip.decode())
-            self._abort()
+            self.teardown(TEARDOWN_ABORT)
         elif kind == DEADLINE_TUNNEL:
             log.info("tunnel idle for tunnel-idle; closed")
-            self._close()  # the backend side closes with it (connection_lost)
+            self.teardown(TEARDOWN_CLOSE)  # the backend side closes with it (connection_lost)
         elif kind == DEADLINE_LINGER:
-            self._abort()
+            self.teardown(TEARDOWN_ABORT)
         elif kind == DEADLINE_HEADER:
             if self._in_head or self.parsing is not None or not self.queue:
                 self._reject(RequestTimeout("client too slow to send the request head"))
@@ -1725,11 +1562,11 @@ class ClientConnection(asyncio.Protocol):
                 if ex.backend is not None:
                     self.server.backend_failed(ex.backend)
                 up = ex.upstream
-                if self._may_resend(ex) and up is not None:
-                    self._let_go(ex, up, _ABORT)
-                    if self._redispatch(ex, err):
+                if ex.may_resend() and up is not None:
+                    ex.let_go(up, _ABORT)
+                    if ex.retry(err):
                         return
-                self._fail(ex, err)
+                ex.fail(err)
 
     def on_body_deadline(self, now: float) -> None:
         """The sweep found the request body stalled for client-body: whose fault is it?"""
@@ -1747,7 +1584,7 @@ class ClientConnection(asyncio.Protocol):
             )
             if ex.backend is not None:
                 self.server.backend_failed(ex.backend)
-            self._fail(ex, GatewayTimeout("backend stopped reading the request body"))
+            ex.fail(GatewayTimeout("backend stopped reading the request body"))
             return
         if paused:
             # The proxy itself stopped reading (a queue, a dial): not a stall.
@@ -1783,32 +1620,10 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.deadline_kind = DEADLINE_NONE
 
-    def _drop(self, ex: Exchange) -> None:
-        """Let go of an unfinished exchange's backend: its connection is aborted (never reused
-        mid-message) and its in-flight count released. Blames nobody."""
-        up = ex.upstream
-        if up is not None:
-            self._let_go(ex, up, _ABORT)
-        if ex.backend is not None:
-            ex.backend.in_flight -= 1
-            ex.backend = None
-
-    def _let_go(self, ex: Exchange, up: UpstreamConnection, how: int, now: float = 0.0) -> None:
-        """The one way an exchange parts from its backend connection: detached from both
-        sides, then pooled (_REUSE, at `now` if the caller has the time), closed or aborted."""
-        ex.upstream = None
-        up.client = None
-        if how == _REUSE and not up.closed:
-            up.release(now or self._now(), self.server.max_idle)
-        elif how == _ABORT:
-            up.abort()
-        else:
-            up.close()
-
     def shutdown(self) -> None:
         """Graceful shutdown: idle connections close now, busy ones after their response."""
         if not self.queue and self.parsing is None and self._tunnel is None:
-            self._close()
+            self.teardown(TEARDOWN_CLOSE)
 
     # --- small helpers ----------------------------------------------------------------------
 
@@ -1839,18 +1654,28 @@ class ClientConnection(asyncio.Protocol):
     def resume_reading_for_backend(self) -> None:
         self._resume(_PAUSE_BACKEND if self._tunnel is None else _PAUSE_TUNNEL)
 
-    def _close(self, linger: bool = False) -> None:
+    def teardown(self, how: int) -> None:
+        """The one way the client connection is closed: TEARDOWN_CLOSE, TEARDOWN_LINGER (a
+        lingering close, when the client may still be sending) or TEARDOWN_ABORT (a reset:
+        nothing more reaches the client, not even a response head still held back). Whoever
+        closes, connection_lost follows and lets go of what the connection still holds (its
+        exchanges' backend connections, a tunnel)."""
         self.closed = True
-        if self._held is not None:
+        if how == TEARDOWN_ABORT:
+            self._held = None
+        elif self._held is not None:
             self._write(b"")
         t = self.transport
         if t is None:
             return
         flush_writes()  # nothing queued may be overtaken or lost
+        if how == TEARDOWN_ABORT:
+            t.abort()
+            return
         # Over TLS, close() is already a staged close: the transport sends close_notify and
         # reads (and drops) until the client's, so it needs no lingering of ours; and without
         # a half-close, lingering would only hold back the end of the response.
-        if linger and not t.is_closing() and t.can_write_eof():
+        if how == TEARDOWN_LINGER and not t.is_closing() and t.can_write_eof():
             # Lingering close (RFC 9112 9.6, nginx's lingering_close): the client may still be
             # sending (a body that was not read, requests pipelined behind a close), and
             # closing with unread bytes resets the connection, which can destroy the response
@@ -1864,9 +1689,3 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self._now() + LINGER_TIME
             return
         t.close()
-
-    def _abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            flush_writes()  # nothing queued may be overtaken or lost
-            self.transport.abort()

@@ -26,9 +26,8 @@ from typing import Any, Final, cast
 
 from doproxy.core.settings import Settings, parse_bind
 from doproxy.proxy.backend import Pool
-from doproxy.proxy.client import ClientConnection
+from doproxy.proxy.client import TEARDOWN_ABORT, ClientConnection
 from doproxy.proxy.state import ProxyState
-from doproxy.proxy.writes import flush_writes
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +240,7 @@ class ProxyServer(ProxyState):
                 len(busy),
             )
         for conn in busy:
-            if conn.transport is not None:
-                flush_writes()
-                conn.transport.abort()
+            conn.teardown(TEARDOWN_ABORT)
         if self._sweeper is not None:
             self._sweeper.cancel()
         for task in list(self.dials):
