@@ -1026,7 +1026,9 @@ class Runtime:
                         backend=b.name,
                     )
                 seen[b] = b.ejections
-            for gone in [b for b in seen if b not in self.backends]:
+            # A set: `b not in list` for each of 2,000 backends was 4M comparisons a second.
+            current = set(self.backends)
+            for gone in [b for b in seen if b not in current]:
                 del seen[gone]
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
