@@ -353,7 +353,8 @@ def start_proxy(
         (workdir / "haproxy.cfg").write_text(conf)
         cmd = ["haproxy", "-db", "-f", str(workdir / "haproxy.cfg")]
     elif key == NGINX:
-        (workdir / "nginx.conf").write_text(nginx_ws_conf(workdir, port, backend, conns))
+        # Generous: with 2 per tunnel exactly, nginx still ran out ("reusing connections").
+        (workdir / "nginx.conf").write_text(nginx_ws_conf(workdir, port, backend, 2 * conns))
         cmd = _nginx_cmd(workdir)
     elif key == DOPROXY:
         for name, text in doproxy_files(port, [backend]).items():
@@ -477,14 +478,21 @@ def main(argv: list[str] | None = None) -> int:
         ports = free_ports(len(keys))
         services = {}
         for key, port in zip(keys, ports, strict=True):
-            service = start_proxy(key, base, port, backend_port, args.proxy_cpu, args.tunnels + 100)
+            # nginx counts both sides of a tunnel in worker_connections
+            conns = 2 * args.tunnels + 100
+            service = start_proxy(key, base, port, backend_port, args.proxy_cpu, conns)
             stack.callback(stop, service)
             services[key] = (service, port)
         for rep in range(args.reps):
             for key in keys[rep % len(keys) :] + keys[: rep % len(keys)]:
                 service, port = services[key]
                 pids = [st.pid for st in process_tree(service.pid)]
-                data = run_client(port, pids, args)
+                try:
+                    data = run_client(port, pids, args)
+                except BenchError as e:
+                    raise BenchError(
+                        f"{base_label(key)}: {e}\nits log:\n{service.log_tail()}"
+                    ) from None
                 if not service.alive():
                     raise BenchError(f"{base_label(key)} exited:\n{service.log_tail()}")
                 r = Result(
