@@ -15,6 +15,11 @@ checks off unless `--health-checks`), its admin listener on as it ships. Then, a
   rewrites the inventory and lets doproxy's file watcher apply it (`--via watch`:
   `watch-config = true`, the inventory-only path).
 
+`--loop-lag` measures the reload itself instead, in this process and without traffic: a
+Runtime on the same inventory is reloaded `--reloads` times (the inventory alternating) while
+a 1 ms timer runs; it prints how long a reload took and the worst lateness of the timer during
+each, i.e. how long the event loop could not serve anything.
+
 It prints both phases' latency (p50, p99, p99.9, max), req/s, the proxy's CPU, the reloads seen
 in doproxy's log and how long each took (from the harness's signal or write to doproxy's
 "reloaded"/"inventory applied" line, so a reload that waits for a blocked loop counts whole),
@@ -275,6 +280,58 @@ def report(phases: list[Phase], took: list[float], failed: int, args: argparse.N
     return "\n".join(lines)
 
 
+async def _loop_lag(args: argparse.Namespace) -> str:
+    """In this process: a Runtime on `--backends` entries (no traffic), a 1 ms timer, and
+    `--reloads` reloads, each after the inventory alternated; for each reload its wall time
+    and the worst lateness of the timer while it ran: how long the loop was held up."""
+    import asyncio
+
+    from doproxy.config import load_settings
+    from doproxy.inventory import load_inventory
+    from doproxy.runtime import Runtime
+
+    with tempfile.TemporaryDirectory(prefix="doproxy-lag-") as d:
+        base = Path(d)
+        ports = [9, 9]  # never dialled: no traffic, health checks off
+        texts = [inventory(ports, args.backends - 1), inventory(ports, args.backends)]
+        (base / "inventory.toml").write_text(texts[1])
+        cfg = base / "doproxy.toml"
+        cfg.write_text(config(0, "sighup", False))
+        rt = Runtime(load_settings(cfg), load_inventory(base / "inventory.toml"), cfg)
+        await rt.start()
+        worst = [0.0]
+
+        async def timer() -> None:
+            while True:
+                t = time.perf_counter()
+                await asyncio.sleep(0.001)
+                worst[0] = max(worst[0], time.perf_counter() - t - 0.001)
+
+        task = asyncio.get_running_loop().create_task(timer())
+        took, late = [], []
+        try:
+            for i in range(args.reloads):
+                write_atomically(base / "inventory.toml", texts[i % 2 if not args.same else 1])
+                await asyncio.sleep(0.05)
+                worst[0] = 0.0
+                t = time.perf_counter()
+                if not await rt.reload():
+                    raise BenchError(f"reload failed: {rt.last_reload_error}")
+                took.append(time.perf_counter() - t)
+                await asyncio.sleep(0.005)
+                late.append(worst[0])
+        finally:
+            task.cancel()
+            await rt.stop()
+    took_ms, late_ms = [t * 1000 for t in took], [t * 1000 for t in late]
+    return (
+        f"{args.backends} backends, {args.reloads} reloads in this process: a reload took "
+        f"{statistics.median(took_ms):.1f} ms (median, max {max(took_ms):.1f}); the worst "
+        f"lateness of a 1 ms timer during one: median {statistics.median(late_ms):.1f} ms, "
+        f"max {max(late_ms):.1f} ms"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.reload_storm",
@@ -294,7 +351,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--proxy-cpu", default="0")
     p.add_argument("--load-cpu", default="1")
     p.add_argument("--keep-log", type=Path, help="copy doproxy's log here")
+    p.add_argument(
+        "--loop-lag",
+        action="store_true",
+        help="instead: reload doproxy's Runtime in this process --reloads times and report "
+        "how long each held up its event loop (a 1 ms timer's lateness); no traffic, no wrk",
+    )
+    p.add_argument("--reloads", type=int, default=20, help="with --loop-lag (20)")
     args = p.parse_args(argv)
+    if args.loop_lag:
+        import uvloop
+
+        print(uvloop.run(_loop_lag(args)))
+        return 0
     args.seconds = max(1, min(args.seconds, 30))
     if (os.cpu_count() or 1) < 2:
         args.proxy_cpu = args.load_cpu = None
