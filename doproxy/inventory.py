@@ -15,6 +15,7 @@ import fcntl
 import os
 import re
 import tempfile
+import threading
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,7 @@ _ANY_HEADER = re.compile(r"^[ \t]*\[", re.MULTILINE)
 # an inventory that changed in a few entries (or not at all) parses and validates only those.
 # Entries are frozen, so the same object may serve every read. At most _CACHED_FILES files.
 _blocks: dict[str, dict[str, InventoryEntry]] = {}
+_blocks_lock = threading.Lock()  # reloads, the store and the CLI read in threads
 _CACHED_FILES = 8
 
 
@@ -57,7 +59,8 @@ def _parse_by_entry(text: str, file: str) -> list[InventoryEntry] | None:
     head = text[: starts[0][0]] if starts else text
     if head.strip() and tomllib.loads(head):  # only comments may come first
         return None
-    old = _blocks.get(file, {})
+    with _blocks_lock:
+        old = _blocks.get(file, {})
     new: dict[str, InventoryEntry] = {}
     by_table: dict[str, list[InventoryEntry]] = {t: [] for t in TABLES}
     ends = [at for at, _ in starts[1:]] + [len(text)]
@@ -76,10 +79,11 @@ def _parse_by_entry(text: str, file: str) -> list[InventoryEntry] | None:
                 entry.address()
         new[block] = entry
         by_table[table].append(entry)
-    _blocks.pop(file, None)
-    _blocks[file] = new
-    while len(_blocks) > _CACHED_FILES:
-        del _blocks[next(iter(_blocks))]
+    with _blocks_lock:
+        _blocks.pop(file, None)
+        _blocks[file] = new
+        while len(_blocks) > _CACHED_FILES:
+            del _blocks[next(iter(_blocks))]
     return [e for t in TABLES for e in by_table[t]]
 
 
