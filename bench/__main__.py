@@ -18,8 +18,10 @@ from bench.runner import Options, RunResult, estimated_seconds, run
 from bench.servers import (
     DOPROXY,
     HAPROXY,
+    LOG,
     NONE,
     PROXY_KEYS,
+    logs,
     parse_key,
     set_workers,
     variant_key,
@@ -69,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         default="all",
         metavar="NAME[,NAME]",
         help=f"with --pool-sizes: doproxy's balancers to measure, or all ({', '.join(BALANCERS)})",
+    )
+    p.add_argument(
+        "--access-log",
+        action="store_true",
+        help="also measure every proxy with an access log line written for every request "
+        "(doproxy access-log-file, HAProxy option httplog to its standard output in a file, "
+        "nginx access_log buffered as doproxy's): rows of their own, ratios to HAProxy with "
+        "its log on",
     )
     p.add_argument(
         "--workers",
@@ -141,6 +151,10 @@ def options(args: argparse.Namespace) -> Options:
     if sizes:
         proxies = _pool_proxies(proxies, sizes, _balancers(args.balancers))
         workloads = (WORKLOADS[0],)  # 2 B, c50: where a proxy's own cost shows most
+    if args.access_log:
+        if sizes:
+            raise SystemExit("--access-log and --pool-sizes: one dimension at a time")
+        proxies = tuple(k for key in proxies for k in ((key,) if key == NONE else (key, key + LOG)))
     return Options(
         reps=1 if args.quick else max(1, args.reps),
         duration=2 if args.quick else max(1, args.duration),
@@ -166,6 +180,14 @@ def _method(opts: Options) -> str:
             "pool size (HAProxy `server` lines, nginx `upstream` servers, doproxy "
             "`[[droplet]]` entries), doproxy with health checks off; ratios are to HAProxy "
             "with the same pool size; "
+        )
+    if any(logs(k) for k in opts.proxies):
+        pools += (
+            "rows marked access log: every request logged to a file in the temporary run "
+            "folder (doproxy `access-log-file`, combined format, its 64 KiB buffer flushed "
+            "within a second; HAProxy `option httplog` with `log stdout format raw`, its "
+            "standard output a file; nginx `access_log ... combined buffer=64k flush=1s`), "
+            "the file counted and emptied between runs; ratios to HAProxy with its log on; "
         )
     return pools + (
         f"`wrk -t1 --latency`, {opts.reps} run{'s' if opts.reps > 1 else ''} of "

@@ -133,17 +133,41 @@ class Service:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def start(name: str, cmd: Sequence[str], log_path: Path, cwd: Path | None = None) -> Service:
-    with log_path.open("wb") as log:
+def start(
+    name: str,
+    cmd: Sequence[str],
+    log_path: Path,
+    cwd: Path | None = None,
+    stdout: Path | None = None,
+) -> Service:
+    """Start `cmd` with its standard error (and output, unless `stdout` names a file to append
+    it to instead) in `log_path`."""
+    with contextlib.ExitStack() as files:
+        log = files.enter_context(log_path.open("wb"))
+        # Appending: the harness may truncate the file between runs while it is written.
+        out = log if stdout is None else files.enter_context(stdout.open("ab"))
         proc = subprocess.Popen(
             list(cmd),
             stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=out,
+            stderr=log if stdout is not None else subprocess.STDOUT,
             cwd=cwd,
             start_new_session=True,  # a Ctrl-C in the terminal reaches only the harness
         )
     return Service(name, proc, log_path)
+
+
+def count_and_truncate(path: Path) -> int:
+    """The lines in `path` (a log its writer appends to), then empty it for the next run."""
+    lines = 0
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                lines += chunk.count(b"\n")
+        os.truncate(path, 0)
+    except FileNotFoundError:
+        return 0
+    return lines
 
 
 def http_get_status(port: int, path: str, timeout: float = 1.0) -> int:

@@ -15,6 +15,7 @@ from bench.procs import (
     BenchError,
     ProcStat,
     children_cpu_ticks,
+    count_and_truncate,
     cpu_ticks,
     free_ports,
     machine_busy_ticks,
@@ -112,15 +113,45 @@ def measure(
     script: Path,
 ) -> Sample:
     """One wrk run, with the proxy's CPU time read from /proc just before and just after."""
+    _count_log(target)
     before = _Snapshot.take(target.procs, backends)
     result = run_wrk(target.url(workload.path), workload, opts.duration, script, opts.load_cpus)
     after = _Snapshot.take(target.procs, backends)
     if target.service is not None and not target.service.alive():
         raise BenchError("exited during the run")
+    if target.access_log is not None:
+        target.log_requests += result.requests
     user = after.proxy[0] - before.proxy[0]
     system = after.proxy[1] - before.proxy[1]
     other = _other_load_pct(before, after, result.duration_s)
     return Sample(target.key, workload, rep, result, user, system, other)
+
+
+def _count_log(target: Target) -> None:
+    """With an access log: count the lines written since the last count (those of the last
+    measured run, flushed since; before the first run, the warm-up's, not counted) and empty
+    the file, so a long run does not fill the disk."""
+    if target.access_log is None:
+        return
+    lines = count_and_truncate(target.access_log)
+    if target.log_requests:
+        target.log_lines += lines
+
+
+def _log_counts(targets: Sequence[Target]) -> list[str]:
+    """One note per target with an access log: lines written for the requests it served."""
+    logging = [t for t in targets if t.access_log is not None and t.log_requests]
+    if not logging:
+        return []
+    time.sleep(1.2)  # doproxy and nginx flush their buffers within a second
+    notes = []
+    for target in logging:
+        _count_log(target)
+        notes.append(
+            f"{target.label} wrote {target.log_lines:,} access log lines for the "
+            f"{target.log_requests:,} requests wrk completed in the measured runs"
+        )
+    return notes
 
 
 def _describe(sample: Sample) -> str:
@@ -254,6 +285,7 @@ def run(opts: Options, progress: Progress) -> RunResult:
         targets, backends = _start_all(base, opts, stack, progress)
         _warm_up(targets, opts, script, progress)
         _measure_all(targets, backends, opts, script, progress, out)
+        out.problems.extend(_log_counts(targets))
         out.problems.extend(_log_notes(targets))
     if note := _noise_note(out.samples):
         out.problems.append(note)

@@ -43,12 +43,21 @@ def base_label(proxy: str) -> str:
 BACKEND_PORTS = 2  # the nginx backend listens on this many ports
 
 
+LOG = "+log"  # a key's suffix: the proxy writes an access log line for every request
+
+
 def parse_key(key: str) -> tuple[str, str, int | None]:
     """A target key: "haproxy", or with the pool-size dimension "haproxy@200" or
-    "doproxy:leastconn@200" -> (proxy, doproxy's balancer or "", pool size or None)."""
-    head, _, size = key.partition("@")
+    "doproxy:leastconn@200" -> (proxy, doproxy's balancer or "", pool size or None).
+    A key may end in "+log" (see `logs`)."""
+    head, _, size = key.removesuffix(LOG).partition("@")
     proxy, _, balancer = head.partition(":")
     return proxy, balancer, int(size) if size else None
+
+
+def logs(key: str) -> bool:
+    """Does this target write an access log (`--access-log`)?"""
+    return key.endswith(LOG)
 
 
 def variant_key(proxy: str, balancer: str, size: int) -> str:
@@ -58,13 +67,16 @@ def variant_key(proxy: str, balancer: str, size: int) -> str:
 def label_of(key: str) -> str:
     proxy, balancer, size = parse_key(key)
     text = base_label(proxy) + (f" {balancer}" if balancer else "")
-    return text + (f", {size} backends" if size is not None else "")
+    text += f", {size} backends" if size is not None else ""
+    return text + (", access log" if logs(key) else "")
 
 
 def reference_of(key: str) -> str:
-    """The row a target's ratios are taken against: HAProxy with the same pool."""
+    """The row a target's ratios are taken against: HAProxy with the same pool, and with its
+    access log on when the target's is."""
     _, _, size = parse_key(key)
-    return HAPROXY if size is None else variant_key(HAPROXY, "", size)
+    ref = HAPROXY if size is None else variant_key(HAPROXY, "", size)
+    return ref + (LOG if logs(key) else "")
 
 
 def pool_ports(ports: list[int], size: int | None) -> list[int]:
@@ -116,6 +128,9 @@ class Target:
     service: Service | None = None
     procs: list[ProcStat] = field(default_factory=list)  # whose CPU time we read
     scraper: Scraper | None = None
+    access_log: Path | None = None  # the file its access log goes to (`--access-log`)
+    log_lines: int = 0  # lines found in it after the measured runs (bench.runner counts)
+    log_requests: int = 0  # requests wrk completed in those runs
 
     @property
     def label(self) -> str:
@@ -161,12 +176,25 @@ def backend_nginx_conf(workdir: Path, ports: list[int], docroot: Path) -> str:
     )
 
 
-def nginx_proxy_conf(workdir: Path, port: int, backends: list[int], max_conns: int = 4096) -> str:
+def nginx_proxy_conf(
+    workdir: Path,
+    port: int,
+    backends: list[int],
+    max_conns: int = 4096,
+    access_log: Path | None = None,
+) -> str:
+    """`access_log`: log every request there in nginx's combined format, buffered as doproxy
+    buffers its own (64 KiB, flushed within a second)."""
     servers = "".join(f"        server 127.0.0.1:{p};\n" for p in backends)
+    common = _nginx_http_common(workdir)
+    if access_log is not None:
+        common = common.replace(
+            "access_log off;", f"access_log {access_log} combined buffer=64k flush=1s;"
+        )
     return (
         _nginx_main(workdir, max_conns, WORKERS)
         + "http {\n"
-        + _nginx_http_common(workdir)
+        + common
         + "    upstream backends {\n"
         + servers
         + "        keepalive 64;\n        keepalive_requests 1000000;\n    }\n"
@@ -181,20 +209,30 @@ def nginx_proxy_conf(workdir: Path, port: int, backends: list[int], max_conns: i
     )
 
 
-def haproxy_conf(port: int, backends: list[int], max_conns: int = 4096) -> str:
+def haproxy_conf(
+    port: int, backends: list[int], max_conns: int = 4096, access_log: bool = False
+) -> str:
+    """`access_log`: `option httplog` for every request, written to standard output (HAProxy
+    writes no files itself; the harness points its standard output at a file)."""
     servers = "".join(f"    server b{i} 127.0.0.1:{p}\n" for i, p in enumerate(backends, 1))
+    logging = ("    log stdout format raw local0\n", "    log global\n    option httplog\n")
     return (
-        f"global\n    nbthread {WORKERS}\n    maxconn {max_conns}\n\n"
-        "defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n"
+        f"global\n    nbthread {WORKERS}\n    maxconn {max_conns}\n"
+        + (logging[0] if access_log else "")
+        + "\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n"
         "    timeout server 30s\n    option http-keep-alive\n    http-reuse always\n"
-        "    option forwardfor\n\n"
+        "    option forwardfor\n" + (logging[1] if access_log else "") + "\n"
         f"frontend fe\n    bind 127.0.0.1:{port}\n    default_backend be\n\n"
         f"backend be\n    balance roundrobin\n{servers}"
     )
 
 
 def doproxy_files(
-    port: int, backends: list[int], balancer: str = "", health_checks: bool = True
+    port: int,
+    backends: list[int],
+    balancer: str = "",
+    health_checks: bool = True,
+    access_log: str = "",
 ) -> dict[str, str]:
     inventory = "".join(
         f'[[droplet]]\nid = {i}\nname = "b{i}"\nserver-host = "127.0.0.1:{p}"\n\n'
@@ -203,6 +241,8 @@ def doproxy_files(
     config = (
         f'bind = "127.0.0.1:{port}"\nwatch-config = false\ninventory-file = "inventory.toml"\n'
         + (f"workers = {WORKERS}\n" if WORKERS > 1 else "")
+        # The combined format, as nginx's and close to HAProxy's httplog.
+        + (f'access-log = true\naccess-log-file = "{access_log}"\n' if access_log else "")
         # The admin listener is on, as by default; port 0 so runs side by side never collide.
         + '[admin]\nbind = "127.0.0.1:0"\n'
     )
@@ -249,23 +289,41 @@ def _start_proxy(
     workdir = _workdir(base, key)
     proxy, balancer, size = parse_key(key)
     backends = pool_ports(ports, size)
+    access = access_log_path(base, key)
+    stdout = None
     if proxy == HAPROXY:
-        (workdir / "haproxy.cfg").write_text(haproxy_conf(port, backends, max_conns))
+        (workdir / "haproxy.cfg").write_text(
+            haproxy_conf(port, backends, max_conns, access_log=access is not None)
+        )
         cmd = ["haproxy", "-db", "-f", str(workdir / "haproxy.cfg")]
+        stdout = access  # its log lines; warnings go to standard error, the log
     elif proxy == NGINX:
-        (workdir / "nginx.conf").write_text(nginx_proxy_conf(workdir, port, backends, max_conns))
+        (workdir / "nginx.conf").write_text(
+            nginx_proxy_conf(workdir, port, backends, max_conns, access)
+        )
         cmd = _nginx_cmd(workdir)
     elif proxy == DOPROXY:
         # With the pool-size dimension, health checks are off, as in issue 12's measurement:
         # the balancers' cost is measured, not that of checking the same two servers 200 times.
-        files = doproxy_files(port, backends, balancer, health_checks=size is None)
+        files = doproxy_files(
+            port,
+            backends,
+            balancer,
+            health_checks=size is None,
+            access_log=access.name if access is not None else "",
+        )
         for name, text in files.items():
             (workdir / name).write_text(text)
         config = str(workdir / "doproxy.toml")
         cmd = [sys.executable, "-m", "doproxy", "--config", config, "--log-level", "warning"]
     else:
         raise ValueError(key)
-    return start(label_of(key), pinned(cmd, cpus), workdir / "log", cwd=workdir)
+    return start(label_of(key), pinned(cmd, cpus), workdir / "log", cwd=workdir, stdout=stdout)
+
+
+def access_log_path(base: Path, key: str) -> Path | None:
+    """Where target `key` writes its access log, or None when it writes none."""
+    return base / key / "access.log" if logs(key) else None
 
 
 def start_target(
@@ -290,4 +348,6 @@ def start_target(
     scraper = None
     if parse_key(key)[0] == DOPROXY:
         scraper = Scraper(base / key / "inventory.toml.admin.addr")
-    return Target(key, port, service, process_tree(service.pid), scraper)
+    target = Target(key, port, service, process_tree(service.pid), scraper)
+    target.access_log = access_log_path(base, key)
+    return target

@@ -13,7 +13,9 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
+import re
 import tempfile
+import threading
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +31,76 @@ from doproxy.errors import ConfigError, Problem
 TABLES = ("droplet", "backend")
 
 
+# A line that opens one entry, `[[droplet]]` or `[[backend]]` (an optional comment after it).
+_HEADER = re.compile(r"^\[\[(droplet|backend)\]\][ \t]*(?:#[^\n]*)?$", re.MULTILINE)
+# Any line that opens a table: anything but _HEADER's sends a file down the general path.
+_ANY_HEADER = re.compile(r"^[ \t]*\[", re.MULTILINE)
+# Each file's entries by the text of their table, from the last time it was read: a reload of
+# an inventory that changed in a few entries (or not at all) parses and validates only those.
+# Entries are frozen, so the same object may serve every read. At most _CACHED_FILES files.
+_blocks: dict[str, dict[str, InventoryEntry]] = {}
+_blocks_lock = threading.Lock()  # reloads, the store and the CLI read in threads
+_CACHED_FILES = 8
+
+
+def _parse_by_entry(text: str, file: str) -> list[InventoryEntry] | None:
+    """`parse_inventory`'s result for a plain inventory, parsing and validating only the tables
+    not seen in this file's last read; None when the file is not plain (then the whole text is
+    parsed). Plain: nothing but `[[droplet]]`/`[[backend]]` tables and comments, no
+    multi-line strings, every table valid on its own. In a valid TOML document such a header
+    line is always a header (not inside a string or an array), so each table's text parses to
+    exactly the row the whole file's parse would give; any problem at all falls back to the
+    whole parse, which reports it as before."""
+    if "'''" in text or '"""' in text:
+        return None
+    starts = [(m.start(), m.group(1)) for m in _HEADER.finditer(text)]
+    if len(starts) != sum(1 for _ in _ANY_HEADER.finditer(text)):
+        return None  # sub-tables, other tables, headers written another way
+    head = text[: starts[0][0]] if starts else text
+    if head.strip() and tomllib.loads(head):  # only comments may come first
+        return None
+    with _blocks_lock:
+        old = _blocks.get(file, {})
+    new: dict[str, InventoryEntry] = {}
+    by_table: dict[str, list[InventoryEntry]] = {t: [] for t in TABLES}
+    ends = [at for at, _ in starts[1:]] + [len(text)]
+    for (at, table), end in zip(starts, ends, strict=True):
+        block = text[at:end]
+        entry = old.get(block)
+        if entry is None:
+            entry = new.get(block)
+        if entry is None:
+            data = tomllib.loads(block)
+            rows = data.get(table)
+            if len(data) != 1 or not isinstance(rows, list) or len(rows) != 1:
+                return None
+            entry = InventoryEntry.model_validate(rows[0])
+            if entry.server_host or entry.state != "provisioning":
+                entry.address()
+        new[block] = entry
+        by_table[table].append(entry)
+    with _blocks_lock:
+        _blocks.pop(file, None)
+        _blocks[file] = new
+        while len(_blocks) > _CACHED_FILES:
+            del _blocks[next(iter(_blocks))]
+    return [e for t in TABLES for e in by_table[t]]
+
+
 def parse_inventory(text: str, file: str) -> list[InventoryEntry]:
+    """The entries of inventory text (`file` names it in problems), or ConfigError listing
+    every problem."""
+    try:
+        fast = _parse_by_entry(text, file)
+    except (tomllib.TOMLDecodeError, ValidationError, ValueError):
+        fast = None  # the whole parse says what is wrong, as it always has
+    if fast is None:
+        return _parse_whole(text, file)
+    _check_ids(fast, text, file)
+    return fast
+
+
+def _parse_whole(text: str, file: str) -> list[InventoryEntry]:
     try:
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -64,25 +135,29 @@ def parse_inventory(text: str, file: str) -> list[InventoryEntry]:
                 problems.append(Problem(file, f"{table}[{i}].server-host", str(e)))
                 continue
             entries.append(entry)
+    problems += _duplicate_ids(entries, text, file)
+    if problems:
+        raise ConfigError(problems)
+    return entries
+
+
+def _duplicate_ids(entries: list[InventoryEntry], text: str, file: str) -> list[Problem]:
     seen: dict[str, int] = {}
     for entry in entries:
         if entry.id in (0, ""):
             continue
         k = str(entry.id)
         seen[k] = seen.get(k, 0) + 1
-    for k, n in seen.items():
-        if n > 1:
-            problems.append(
-                Problem(
-                    file,
-                    "id",
-                    f"duplicate id {k} ({n} entries)",
-                    find_line(text, ("droplet", "id")),
-                )
-            )
-    if problems:
+    return [
+        Problem(file, "id", f"duplicate id {k} ({n} entries)", find_line(text, ("droplet", "id")))
+        for k, n in seen.items()
+        if n > 1
+    ]
+
+
+def _check_ids(entries: list[InventoryEntry], text: str, file: str) -> None:
+    if problems := _duplicate_ids(entries, text, file):
         raise ConfigError(problems)
-    return entries
 
 
 def load_inventory(path: str | Path) -> list[InventoryEntry]:

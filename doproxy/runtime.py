@@ -1081,7 +1081,9 @@ class Runtime:
                         backend=b.name,
                     )
                 seen[b] = b.ejections
-            for gone in [b for b in seen if b not in self.backends]:
+            # A set: `b not in list` for each of 2,000 backends was 4M comparisons a second.
+            current = set(self.backends)
+            for gone in [b for b in seen if b not in current]:
                 del seen[gone]
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
@@ -1214,10 +1216,24 @@ class Runtime:
         return f"serving on {where}"
 
     async def _reload(self) -> bool:
-        assert self.config_file is not None
-        # The whole new configuration, read and validated before anything is applied.
-        settings = load_settings(self.config_file)
-        if settings.cluster != self.settings.cluster:
+        config_file = self.config_file
+        assert config_file is not None
+        # In a cluster the inventory is etcd's (applied by the watch), not the local copy.
+        entries = self.entries if self.cluster is not None else None
+        cluster = self.settings.cluster
+
+        def load() -> Snapshot | None:
+            settings = load_settings(config_file)
+            if settings.cluster != cluster:
+                return None  # refused below, before the rest is read
+            return load_snapshot(settings, self.base, entries)
+
+        # The whole new configuration, read and validated before anything is applied, in a
+        # thread: reading files and parsing an inventory of thousands of entries must not
+        # hold up the event loop, which serves requests meanwhile. Nothing in it changes
+        # what runs; the loop applies its result, or nothing.
+        snap = await asyncio.to_thread(load)
+        if snap is None:
             raise ConfigError(
                 [
                     Problem(
@@ -1228,10 +1244,6 @@ class Runtime:
                     )
                 ]
             )
-        # In a cluster the inventory is etcd's (applied by the watch), not the local copy.
-        snap = load_snapshot(
-            settings, self.base, self.entries if self.cluster is not None else None
-        )
         # The access log: opened now when it changes (an unwritable file fails the reload and
         # the running one carries on), kept open when it does not.
         access = self.access

@@ -128,7 +128,8 @@ class StatsCollector:
             attempts = n + failed
             if attempts > 0:
                 b.failure_rate = st.failure_rate.add(failed / attempts, now)
-        for gone in [b for b in self.stats if b not in pool.backends]:
+        current = set(pool.backends)  # a set: `not in` the list was O(n²) at 2,000 backends
+        for gone in [b for b in self.stats if b not in current]:
             del self.stats[gone]
         sig = self.signal
         sig.requests_per_second = total_requests / TICK

@@ -114,3 +114,54 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
         assert p.exitcode == 0
     ids = sorted(int(e.id) for e in load_inventory(f))
     assert ids == sorted(k * 100 + i for k in range(4) for i in range(25))
+
+
+PLAIN = "".join(
+    f'[[droplet]]\nid = {i}\nname = "b{i}"\nserver-host = "10.0.0.{i}:80"\nweight = {i}\n\n'
+    for i in range(1, 6)
+)
+
+SAME_AS_A_WHOLE_PARSE = [
+    "",
+    "# nothing yet\n\n",
+    PLAIN,
+    "# the pool\n" + PLAIN + '[[backend]]\nserver-host = "127.0.0.1:9000"\n',
+    # interleaved tables: every droplet first, then every backend, as a whole parse gives
+    '[[backend]]\nserver-host = "b:1"\n[[droplet]]  # one\nid = 7\nserver-host = "d:1"\n'
+    '[[backend]]\nserver-host = "b:2"\ntags = ["x", "y"]\n',
+    # not plain, read whole: a multi-line string, a sub-table, an indented header, CRLF
+    '[[droplet]]\nid = 1\nserver-host = "a:1"\nname = """\n[[droplet]]\nid = 2\n"""\n',
+    '[[droplet]]\nid = 1\nserver-host = "a:1"\n[droplet.x]\n',
+    '  [[droplet]]\nid = 1\nserver-host = "a:1"\n',
+    '[[droplet]]\r\nid = 1\r\nserver-host = "a:1"\r\n',
+    'id = 5\n[[droplet]]\nserver-host = "a:1"\n',
+]
+
+
+@pytest.mark.parametrize("text", SAME_AS_A_WHOLE_PARSE)
+def test_reading_entry_by_entry_agrees_with_a_whole_parse(text: str) -> None:
+    from doproxy.inventory import _parse_whole
+
+    try:
+        whole: list[InventoryEntry] | str = _parse_whole(text, "inv.toml")
+    except ConfigError as e:
+        whole = str(e)
+    for _ in range(2):  # the first read, then one from the per-entry cache
+        try:
+            got: list[InventoryEntry] | str = parse_inventory(text, "inv.toml")
+        except ConfigError as e:
+            got = str(e)
+        assert got == whole
+
+
+def test_a_reread_parses_only_the_entries_that_changed() -> None:
+    first = parse_inventory(PLAIN, "reread.toml")
+    changed = PLAIN.replace("weight = 3\n", "weight = 30\n")
+    second = parse_inventory(changed, "reread.toml")
+    assert [e.weight for e in second] == [1, 2, 30, 4, 5]
+    assert [a is b for a, b in zip(first, second, strict=True)] == [1, 1, 0, 1, 1]
+    # A broken entry is reported as before, cache or not.
+    with pytest.raises(ConfigError, match=r"droplet\[2\]\.weight"):
+        parse_inventory(changed.replace("weight = 30", "weight = -1"), "reread.toml")
+    with pytest.raises(ConfigError, match="duplicate id 1"):
+        parse_inventory(changed.replace("id = 2\n", "id = 1\n"), "reread.toml")

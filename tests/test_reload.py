@@ -289,3 +289,38 @@ async def test_an_edited_error_page_reloads(
     save_by_rename(page, "<p>new</p>")
     await wait_for(lambda: rt.reloads == 1)
     assert rt.server.error_pages[502][1] == b"<p>new</p>"
+
+
+async def test_a_reload_reads_its_files_off_the_event_loop(
+    make_runtime: MakeRuntime,
+    two_backends: tuple[RawBackend, RawBackend],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reading and validating the config and the inventory (thousands of entries, tens of
+    milliseconds) happens in a thread, so the loop keeps serving; the loop applies it."""
+    import threading
+
+    import doproxy.runtime
+
+    b1, b2 = two_backends
+    rt = await make_runtime(config(watch=False), inventory(b1.port))
+    loop_thread = threading.current_thread()
+    read_in: list[threading.Thread] = []
+    real_load_settings, real_load_inventory = load_settings, load_inventory
+
+    def spy_settings(path: Path) -> object:
+        read_in.append(threading.current_thread())
+        return real_load_settings(path)
+
+    def spy_inventory(path: Path) -> object:
+        read_in.append(threading.current_thread())
+        return real_load_inventory(path)
+
+    monkeypatch.setattr(doproxy.runtime, "load_settings", spy_settings)
+    monkeypatch.setattr(doproxy.runtime, "load_inventory", spy_inventory)
+    (tmp_path / "inventory.toml").write_text(inventory(b1.port, b2.port))
+    assert await rt.reload()
+    assert len(read_in) == 2 and loop_thread not in read_in
+    assert rt.server is not None
+    assert [b.port for b in rt.server.pool.backends] == [b1.port, b2.port]
