@@ -40,7 +40,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from doproxy.cluster.etcd import Compare, EtcdClient, Get, Put, WatchEvent
 from doproxy.cluster.store import EtcdStore
@@ -353,11 +353,18 @@ class ClusterNode:
     async def ensure_leader(self) -> None:
         """Raise NotLeader unless this node still leads: by our own clock first (a node
         paused past its TTL knows it at once, without asking), then by etcd."""
-        if not self.leading or not self.lease_valid():
-            raise NotLeader(f"{self.name} is not the cluster's leader; no provider call")
+        self.check_lease()
         result = await self.client.txn([Compare(self.leader_key, "VALUE", "EQUAL", self.token)], [])
         if not result.succeeded:
             raise NotLeader(f"{self.name} lost the leadership; no provider call")
+        # Paused during that round trip? Its answer may predate the lease lapsing.
+        self.check_lease()
+
+    def check_lease(self) -> None:
+        """Raise NotLeader unless our lease cannot have lapsed, by our own clock (no I/O: the
+        provider runs it right before each request goes out)."""
+        if not self.leading or not self.lease_valid():
+            raise NotLeader(f"{self.name} is not the cluster's leader; no provider call")
 
     # --- the inventory -----------------------------------------------------------------------
 
@@ -460,13 +467,23 @@ class ClusterNode:
         }
 
 
+@runtime_checkable
+class GuardsSends(Protocol):
+    """A provider that can check, right before each request leaves, that it still may."""
+
+    def guard_sends(self, check: Callable[[], None]) -> None: ...
+
+
 class LeaderOnly:
-    """The leader's provider: every call first makes sure this node still leads."""
+    """The leader's provider: every call first makes sure this node still leads, and a
+    provider that can (DigitalOcean) checks the lease again as each request goes out."""
 
     def __init__(self, provider: Provider, node: ClusterNode) -> None:
         self.provider = provider
         self.node = node
         self.kind = provider.kind
+        if isinstance(provider, GuardsSends):
+            provider.guard_sends(node.check_lease)
 
     async def list(self) -> builtins.list[Machine]:
         await self.node.ensure_leader()

@@ -142,8 +142,14 @@ class _BearerAuth(SansIOHTTPPolicy[HttpRequest, AsyncHttpResponse]):
 
     def __init__(self, token: str) -> None:
         self.__header = f"Bearer {token}"
+        # Cluster mode: raises unless this process may still call the provider (its lease as
+        # leader cannot have lapsed). Checked here, the last step of ours before the request
+        # goes out, so a leader paused between its checks and the send makes no call.
+        self.guard: Callable[[], None] | None = None
 
     def on_request(self, request: PipelineRequest[HttpRequest]) -> None:
+        if self.guard is not None:
+            self.guard()
         request.http_request.headers["Authorization"] = self.__header
 
     def __repr__(self) -> str:
@@ -225,10 +231,11 @@ class DigitalOceanProvider:
         self._attempts = max(1, attempts)
         # Epoch second until which the API said we have no requests left (ratelimit-reset).
         self._blocked_until = 0.0
+        self._auth = _BearerAuth(token)
         self._client = pydo.aio.Client(
             "unused",  # the token is sent by _BearerAuth only; see the module docstring
             endpoint=self.api_url,
-            authentication_policy=_BearerAuth(token),
+            authentication_policy=self._auth,
             retry_total=0,  # azure-core must never retry: a retried POST can duplicate a droplet
             http_logging_policy=_DebugLog(),
             connection_timeout=request_timeout,
@@ -237,6 +244,10 @@ class DigitalOceanProvider:
 
     def __repr__(self) -> str:
         return f"DigitalOceanProvider(api_url={self.api_url!r}, tags={self.settings.tags!r})"
+
+    def guard_sends(self, check: Callable[[], None]) -> None:
+        """Run `check` right before every request is sent (it raises to stop the request)."""
+        self._auth.guard = check
 
     # --- Provider ----------------------------------------------------------------------------
 

@@ -242,6 +242,7 @@ class Exchange:
     request_errors: list[str] = field(default_factory=list)
     response_errors: list[str] = field(default_factory=list)
     validated: bool = False  # False when the fake runs with validate=False
+    arrived: float = 0.0  # clock() when the request arrived (exchanges are listed as answered)
 
     @property
     def valid(self) -> bool:
@@ -788,6 +789,7 @@ class FakeDigitalOcean:
     # --- HTTP -----------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.Response:
+        arrived = self.clock()
         raw = await request.read()
         method = request.method.upper()
         path = request.path
@@ -809,6 +811,7 @@ class FakeDigitalOcean:
         out_headers.update(extra)
         data = b"" if payload is None else json.dumps(payload).encode()
         exchange = Exchange(
+            arrived=arrived,
             method=method,
             path=path,
             query=query,
