@@ -133,6 +133,20 @@ def resolve_in(folder: Path, path: str) -> Path:
     return p if p.is_absolute() else folder / p
 
 
+def read_secret_file(folder: Path, path: str, key: str) -> str:
+    """A secret kept in a file named by the config key `key` (relative to `folder`): its text,
+    stripped. A file that cannot be read or is empty is a ConfigError naming the key, never
+    the value."""
+    file = resolve_in(folder, path)
+    try:
+        secret = file.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise ConfigError([Problem(str(file), key, f"cannot read it: {e.strerror}")]) from None
+    if not secret:
+        raise ConfigError([Problem(str(file), key, "the file is empty")])
+    return secret
+
+
 def resolve_relative(settings_file: str | Path, path: str) -> Path:
     """Paths in the config (inventory, TLS files) are relative to the config file's folder."""
     return resolve_in(Path(settings_file).resolve().parent, path)

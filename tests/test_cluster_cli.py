@@ -169,3 +169,15 @@ poll-interval = "50ms"
             assert fake.violations == []
         finally:
             await store.close()
+
+
+def test_an_empty_or_missing_password_file_is_refused_naming_its_key(tmp_path: Path) -> None:
+    from doproxy.core.settings import Cluster
+    from doproxy.errors import ConfigError
+
+    settings = Cluster.model_validate({"username": "root", "password-file": "etcd.password"})
+    with pytest.raises(ConfigError, match=r"cluster\.password-file.*cannot read it"):
+        EtcdStore.from_settings(settings, tmp_path)
+    (tmp_path / "etcd.password").write_text("\n")
+    with pytest.raises(ConfigError, match=r"cluster\.password-file.*empty"):
+        EtcdStore.from_settings(settings, tmp_path)

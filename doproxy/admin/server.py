@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from doproxy import __version__
 from doproxy.admin import http as web  # aiohttp.web's names for what the handlers use
-from doproxy.config import resolve_in
+from doproxy.config import read_secret_file
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Admin, Settings, parse_bind
-from doproxy.errors import ConfigError, DoproxyError, Problem
+from doproxy.errors import ConfigError, DoproxyError
 from doproxy.events import EventLog
 from doproxy.inventory import write_atomically
 
@@ -156,16 +156,7 @@ def configured_token(admin: Admin, base: Path) -> str | None:
     if admin.token:
         return admin.token
     if admin.token_file:
-        path = resolve_in(base, admin.token_file)
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ConfigError(
-                [Problem(str(path), "admin.token-file", f"cannot read it: {e.strerror}")]
-            ) from None
-        if not token:
-            raise ConfigError([Problem(str(path), "admin.token-file", "the file is empty")])
-        return token
+        return read_secret_file(base, admin.token_file, "admin.token-file")
     return None
 
 

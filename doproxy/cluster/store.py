@@ -41,7 +41,7 @@ from urllib.parse import quote
 from pydantic import ValidationError
 
 from doproxy.cluster.etcd import Compare, Delete, EtcdClient, Get, KeyValue, Put
-from doproxy.config import resolve_in
+from doproxy.config import read_secret_file, resolve_in
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Cluster
 from doproxy.errors import ConfigError, DoproxyError, NotLeader, Problem
@@ -101,13 +101,7 @@ class EtcdStore:
     def from_settings(cls, c: Cluster, base: Path) -> EtcdStore:
         password = c.password
         if c.password_file:
-            p = resolve_in(base, c.password_file)
-            try:
-                password = p.read_text(encoding="utf-8").strip()
-            except OSError as e:
-                raise ConfigError(
-                    [Problem(str(p), "", f"cannot read the etcd password: {e.strerror}")]
-                ) from None
+            password = read_secret_file(base, c.password_file, "cluster.password-file")
         ssl_ctx = None
         if any(u.startswith("https://") for u in c.endpoints) or c.cert_file:
             import ssl
