@@ -79,8 +79,9 @@ from doproxy.machines import (
     set_state,
     survey,
 )
-from doproxy.provisioning import Machine, Provider, new_name
+from doproxy.provisioning import Machine, Provider, Spec, new_name
 from doproxy.proxy.backend import Backend
+from doproxy.rollout import Rollouts
 
 
 class Proxy(Protocol):
@@ -228,16 +229,21 @@ class Autoscaler:
         # id, which a new object may reuse once a reload freed the old one.
         self._limited: tuple[Provisioning, Provisioning] | None = None
         self._bad_overrides: str | None = None
+        # Progressive rollouts (doproxy.rollout): made and retired by this scaler's tasks, and
+        # while one runs the scaler holds its own decisions, so the pool keeps its size.
+        self.rollouts = Rollouts(self)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="autoscaler")
+        self.rollouts.run()  # one that a crash or a restart interrupted goes on
 
     async def stop(self) -> None:
         """Stop deciding. Creates and retires in progress are cancelled: each left a record
         in the inventory (an intent, or a draining/disabled entry) that the next start
         reconciles."""
+        await self.rollouts.stop()
         tasks = [t for t in (self._task, *self.creating, *self.retiring.values()) if t]
         for t in tasks:
             t.cancel()
@@ -277,14 +283,24 @@ class Autoscaler:
     def paused(self) -> bool:
         return bool(self._overrides.get("paused"))
 
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """Everything kept with the overrides: pause, limits, a rollout's record and spec."""
+        return self._overrides
+
     def overrides_view(self) -> dict[str, Any]:
-        return {k: v for k, v in self._overrides.items() if v is not None and v is not False}
+        """The admin API's own overrides (pause, limits), for the API."""
+        return {
+            k: v
+            for k, v in self._overrides.items()
+            if (k == "paused" or k in LIMITS) and v is not None and v is not False
+        }
 
     def set_paused(self, paused: bool) -> None:
         """Pause (decide and show, never act) or resume; kept across restarts."""
-        self._save_overrides({**self._overrides, "paused": paused})
+        self.save_overrides({**self._overrides, "paused": paused})
         log.info("autoscaler %s by the admin API", "paused" if paused else "resumed")
-        self._journal("state", self.status())
+        self.record("state", self.status())
 
     def set_limits(self, limits: dict[str, int | None]) -> None:
         """Override min-backends and max-backends (None: the config's again); kept across
@@ -292,12 +308,12 @@ class Autoscaler:
         merged = {**self._overrides, **limits}
         chosen = {k: v for k, v in merged.items() if k in LIMITS and v is not None}
         with_limits(self.runtime.settings.provisioning, chosen)  # raises when invalid
-        self._save_overrides(merged)
+        self.save_overrides(merged)
         self._limited = None
         self._bad_overrides = None
         log.info("autoscaler limits overridden by the admin API: %s", chosen or "none")
 
-    def _save_overrides(self, overrides: dict[str, Any]) -> None:
+    def save_overrides(self, overrides: dict[str, Any]) -> None:
         self._kept_overrides.save(overrides)
         self._overrides = overrides
 
@@ -376,9 +392,9 @@ class Autoscaler:
         key = {k: v for k, v in state.items() if k != "create_backoff"}
         if key != self._last_state:
             self._last_state = key
-            self._journal("state", state)
+            self.record("state", state)
 
-    def _journal(self, kind: str, data: dict[str, Any]) -> None:
+    def record(self, kind: str, data: dict[str, Any]) -> None:
         self.journal.add({"at": self.wall().isoformat(), "kind": kind, **data})
 
     def _restore(self) -> None:
@@ -406,7 +422,7 @@ class Autoscaler:
             return
         self._reported.add(key)
         log.log(level, message, *args)
-        self._journal("reconcile", {"report": message % args})
+        self.record("reconcile", {"report": message % args})
         self.events.publish(
             "reconcile", message % args, "warning" if level >= logging.WARNING else "info"
         )
@@ -481,7 +497,7 @@ class Autoscaler:
                 m.id,
             )
             if not dry:
-                self._spawn_create(functools.partial(self._adopt, m), m.name)
+                self.spawn_create(functools.partial(self._adopt, m), m.name)
         for e in found.retiring:
             key = str(e.id)
             if key in self.retiring:
@@ -495,7 +511,7 @@ class Autoscaler:
                 _dry(dry),
             )
             if not dry:
-                self._spawn_retire(key)
+                self.spawn_retire(key)
         for m in found.orphans:
             if m.name in self._creating_names:
                 continue
@@ -512,7 +528,7 @@ class Autoscaler:
             if dry:
                 continue
             if policy == "adopt":
-                self._spawn_create(functools.partial(self._adopt, m), m.name)
+                self.spawn_create(functools.partial(self._adopt, m), m.name)
             else:
                 with contextlib.suppress(MachineNotFound):
                     await self.provider.destroy(m.id)
@@ -537,7 +553,9 @@ class Autoscaler:
         """What one more machine costs per hour: the config's cost-per-hour (local), else the
         configured droplet size's price as last seen on a droplet (None before any)."""
         p = provisioner(self.runtime.settings)
-        return p.price if p.price is not None else self.size_prices.get(p.size)
+        spec = self.current_spec()
+        size = (spec.size if spec else "") or p.size
+        return p.price if p.price is not None else self.size_prices.get(size)
 
     def _managed(self, e: InventoryEntry) -> bool:
         return managed_by(e, self.provider.kind)
@@ -638,8 +656,10 @@ class Autoscaler:
         decision, self.state = decide(obs, self.settings, self.state)
         self.desired = decision.size_after
         self.last_latency = obs.latency
-        # Paused by the admin API: decide and show, as in dry-run, but never act.
-        dry = self.settings.dry_run or self.paused
+        # Paused by the admin API, or a rollout in progress: decide and show, as in dry-run,
+        # but never act.
+        rolling = self.rollouts.active
+        dry = self.settings.dry_run or self.paused or rolling
         acting = decision.action != "none" and not dry
         creates = decision.action in ("up", "replace")
         if acting and creates and now < self.create_after:
@@ -673,7 +693,7 @@ class Autoscaler:
                 cost_after=_round_cost(decision.cost_after),
             )
             self.history.append(record)
-            self._journal(
+            self.record(
                 "decision",
                 {
                     "action": record.action,
@@ -685,7 +705,7 @@ class Autoscaler:
                     "cost_after": record.cost_after,
                 },
             )
-            suffix = _dry(dry and decision.action != "none", self.paused)
+            suffix = _dry(dry and decision.action != "none", self.paused, rolling)
             costs = record.cost_words()
             said = decision.reason + (f"; {costs}" if costs else "") + suffix
             # The cost cap binding is the operator's to know: it holds capacity back.
@@ -726,15 +746,15 @@ class Autoscaler:
         if d.action == "up":
             for _ in range(d.count):
                 name = new_name(provisioner(self.runtime.settings).name_prefix)
-                self._spawn_create(functools.partial(self._create, name), name)
+                self.spawn_create(functools.partial(self.create, name), name)
         elif d.action == "down":
             for key in victims:
-                self._spawn_retire(key)
+                self.spawn_retire(key)
         elif d.action == "replace":
             for key in d.replace:
                 self.replacing += 1  # counted now, not when the task first runs
                 name = new_name(provisioner(self.runtime.settings).name_prefix)
-                self._spawn_create(functools.partial(self._replace, key, name), name)
+                self.spawn_create(functools.partial(self._replace, key, name), name)
 
     def _candidates(self) -> list[Candidate]:
         out = []
@@ -756,7 +776,14 @@ class Autoscaler:
 
     # --- the tasks that act --------------------------------------------------------------------
 
-    def _spawn_create(self, work: Callable[[], Coroutine[Any, Any, Any]], name: str) -> None:
+    def spawn_create(
+        self,
+        work: Callable[[], Coroutine[Any, Any, Any]],
+        name: str,
+        count_failures: bool = True,
+    ) -> asyncio.Task[Any]:
+        """Start a create task, counted at once. `count_failures`: a failure backs further
+        creates off (a rollout's new spec failing says nothing about the configured one)."""
         task = asyncio.get_running_loop().create_task(work())
         self.creating.add(task)
         self._creating_names.add(name)
@@ -765,9 +792,10 @@ class Autoscaler:
             self.creating.discard(t)
             self._creating_names.discard(name)
 
-        task.add_done_callback(self._done(forget, "create"))
+        task.add_done_callback(self._done(forget, "create" if count_failures else "rollout"))
+        return task
 
-    def _spawn_retire(self, key: str) -> None:
+    def spawn_retire(self, key: str) -> None:
         task = asyncio.get_running_loop().create_task(self._retire(key))
         self.retiring[key] = task
         task.add_done_callback(self._done(lambda t: self.retiring.pop(key, None), "retire"))
@@ -788,6 +816,8 @@ class Autoscaler:
             self._reconcile_due = True
             if what == "create":
                 self._create_failed(exc)
+            elif what == "rollout":
+                pass  # the rollout says what failed, and rolls back
             else:
                 log.error(
                     "autoscaler: %s failed: %s; the next reconcile tries again (look into it "
@@ -830,20 +860,36 @@ class Autoscaler:
     def _timeout(self) -> float:
         return provisioner(self.runtime.settings).boot_timeout
 
-    async def _create(self, name: str) -> InventoryEntry:
+    def current_spec(self) -> Spec | None:
+        """What new machines are made of where it differs from the config: the spec of the
+        last rollout that completed (doproxy.rollout); None: the config's."""
+        kept = self._overrides.get("spec")
+        return Spec.from_json(kept) if isinstance(kept, dict) else None
+
+    async def create(
+        self, name: str, spec: Spec | None = None, mark: dict[str, object] | None = None
+    ) -> InventoryEntry:
         rt = self.runtime
         started = self.clock()
+        spec = spec or self.current_spec()
         try:
             entry = await create_machine(
-                self.provider, name, rt.settings, self.store, self._timeout()
+                self.provider,
+                name,
+                rt.settings,
+                self.store,
+                self._timeout(),
+                spec=spec,
+                mark=mark,
             )
         except ProvisionTimeout:
             await self._give_up(name)
             raise
         log.info("autoscaler: %s (%s) is up at %s", entry.name, entry.id, entry.server_host)
         if entry.price_hourly is not None:
-            # Made with the configured size: now its price is known, for the cost cap.
-            self.size_prices[provisioner(rt.settings).size] = entry.price_hourly
+            # Made with this size: now its price is known, for the cost cap.
+            size = (spec.size if spec else "") or provisioner(rt.settings).size
+            self.size_prices[size] = entry.price_hourly
             self.machine_prices[str(entry.id)] = entry.price_hourly
         await rt.apply_inventory()
         self.provision_seconds.observe(self.clock() - started)
@@ -875,10 +921,10 @@ class Autoscaler:
 
     async def _replace(self, key: str, name: str) -> None:
         try:
-            await self._create(name)  # the new one first: the pool never shrinks meanwhile
+            await self.create(name)  # the new one first: the pool never shrinks meanwhile
         finally:
             self.replacing -= 1
-        self._spawn_retire(key)
+        self.spawn_retire(key)
 
     async def _retire(self, key: str) -> None:
         """Drain, destroy, forget: the victim takes no new requests, in-flight ones finish."""
@@ -932,9 +978,11 @@ def _round_cost(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
 
 
-def _dry(dry: bool, paused: bool = False) -> str:
+def _dry(dry: bool, paused: bool = False, rolling: bool = False) -> str:
     if not dry:
         return ""
+    if rolling:
+        return " (rollout in progress: not acted on)"
     return " (paused: not acted on)" if paused else " (dry-run: not acted on)"
 
 

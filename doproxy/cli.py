@@ -184,6 +184,41 @@ def _server_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default="text",
         help="text (default); json: one JSON object per line",
     )
+    ro = sub.add_parser(
+        "rollout",
+        help="replace the pool's machines with a new spec, a canary first (docs/rollouts.md)",
+        description="Begin a progressive rollout on the running server: one machine of the new "
+        "spec (the canary) gets [provisioning] canary-weight percent of the traffic for "
+        "canary-time; if its errors and latency are no worse than the old machines', the old "
+        "ones are replaced rollout-step at a time, else the new ones are destroyed. With no "
+        "option the config's spec is rolled out. `rollout status` shows it, `rollout abort` "
+        "rolls it back.",
+    )
+    ro.add_argument(
+        "action",
+        nargs="?",
+        choices=["status", "abort"],
+        help="status: the rollout in progress and the last ones; abort: roll it back",
+    )
+    ro.add_argument("--image", help="DigitalOcean: the new image (a slug or an image number)")
+    ro.add_argument("--size", help="DigitalOcean: the new size slug")
+    ro.add_argument(
+        "--user-data", metavar="FILE", help="DigitalOcean: a file with the new user data"
+    )
+    ro.add_argument(
+        "--command", help="local provider: the new command ({host}, {port}, {name} filled in)"
+    )
+    ro.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the rollout to its end; exit 1 when it rolled back",
+    )
+    ro.add_argument(
+        "--output",
+        choices=["text", "json"],
+        default="text",
+        help="for status: text (default) or the admin API's JSON",
+    )
     for verb, text in (
         ("drain", "stop sending new requests to a backend; wait for in-flight ones to finish"),
         ("enable", "send traffic to a backend again"),
@@ -242,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 _MACHINE_COMMANDS = ("create", "list", "add", "delete", "destroy", "reboot", "sanitize")
-_SERVER_COMMANDS = ("status", "events", "drain", "enable", "disable")
+_SERVER_COMMANDS = ("status", "events", "drain", "enable", "disable", "rollout")
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -259,6 +294,15 @@ def _server(args: argparse.Namespace) -> int:
             work = s.status(ctx, args.output)
         elif args.command == "events":
             work = s.events(ctx, args.follow, args.since, args.output)
+        elif args.command == "rollout":
+            given = {"image": args.image, "size": args.size, "command": args.command}
+            spec = {k: v for k, v in given.items() if v is not None}
+            action = args.action or "start"
+            if action != "start" and (spec or args.user_data is not None):
+                raise DoproxyError(f"`rollout {action}` takes no spec option")
+            if args.user_data is not None:
+                spec["user_data"] = _read_text(args.user_data, "--user-data")
+            work = s.rollout(ctx, action, spec, args.wait, args.output)
         else:
             work = s.backend_state(ctx, args.command, args.id)
         return await c.run(ctx, work)
@@ -367,3 +411,11 @@ def _check(config_file: str) -> int:
         return 1
     print(f"{config_file}: ok; {inventory_file.name}: {len(entries)} backend(s)")
     return 0
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DoproxyError(f"{option} {path}: {e}") from None

@@ -21,6 +21,8 @@ check behind a slow request waits for that request's answer, as it must.
 `python -m doproxy.demo_backend --host H --port P --name N --capacity C --service-time S` runs
 one on uvloop until SIGTERM or SIGINT; it prints one line to stderr when it listens.
 `--boot-delay SECONDS` makes it wait before it listens, like a slow application boot.
+`--error-rate FRACTION` answers that fraction of requests (not health checks) with a 500, spread
+evenly (every 20th for 0.05), like a release with a bug: the rollout demo and tests use it.
 """
 
 from __future__ import annotations
@@ -50,17 +52,33 @@ class _Job:
 class Service:
     """The backend's workers: at most `capacity` jobs in service, the rest queue FIFO."""
 
-    def __init__(self, capacity: int = 0, service_time: float = 0.0) -> None:
+    def __init__(
+        self, capacity: int = 0, service_time: float = 0.0, error_rate: float = 0.0
+    ) -> None:
         if capacity < 0 or service_time < 0:
             raise ValueError("capacity and service_time must not be negative")
+        if not 0 <= error_rate <= 1:
+            raise ValueError("error_rate must be within 0..1")
         self.capacity = capacity
         self.service_time = service_time
+        self.error_rate = error_rate
+        self._errors_due = 0.0
         self.in_service = 0
         self.queue: deque[_Job] = deque()
 
     @property
     def instant(self) -> bool:
         return self.service_time == 0 and self.capacity == 0
+
+    def fails_next(self) -> bool:
+        """Does the next request get a 500? Exactly error_rate of them, evenly spread."""
+        if not self.error_rate:
+            return False
+        self._errors_due += self.error_rate
+        if self._errors_due >= 1.0 - 1e-9:
+            self._errors_due -= 1.0
+            return True
+        return False
 
     def submit(self, job: _Job) -> None:
         if self.capacity == 0 or self.in_service < self.capacity:
@@ -156,7 +174,13 @@ class DemoBackendProtocol(asyncio.Protocol):
                 self.body_len,
             )
         keep = self.parser.should_keep_alive()
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n" % len(body)
+        status = b"200 OK"
+        if not health and self.service.fails_next():
+            status, body = b"500 Internal Server Error", b"%s: failed\n" % self.name.encode()
+        head = b"HTTP/1.1 %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n" % (
+            status,
+            len(body),
+        )
         if not keep:
             head += b"Connection: close\r\n"
             self.closing = True  # nothing after this request is answered
@@ -193,13 +217,14 @@ async def start_demo_backend(
     *,
     capacity: int = 0,
     service_time: float = 0.0,
+    error_rate: float = 0.0,
 ) -> tuple[asyncio.Server, int]:
     """Start one demo backend; returns the server and the port it listens on.
 
     `capacity` requests at most are in service at once (0: no limit), each for `service_time`
     seconds; the rest wait in a FIFO queue. See the module docstring.
     """
-    service = Service(capacity, service_time)
+    service = Service(capacity, service_time, error_rate)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: DemoBackendProtocol(name, service), host, port)
     return server, server.sockets[0].getsockname()[1]
@@ -222,6 +247,7 @@ async def _serve(args: argparse.Namespace) -> None:
         args.port,
         capacity=args.capacity,
         service_time=args.service_time,
+        error_rate=args.error_rate,
     )
     print(f"demo backend {args.name} listening on {args.host}:{port}", file=sys.stderr, flush=True)
     await stop.wait()
@@ -238,6 +264,16 @@ def _not_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not within 0..1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,6 +293,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--boot-delay", type=_not_negative(float), default=0.0, help="seconds before listening"
+    )
+    p.add_argument(
+        "--error-rate",
+        type=_fraction,
+        default=0.0,
+        help="fraction of requests answered 500 (0..1), evenly spread",
     )
     args = p.parse_args(argv)
     uvloop.run(_serve(args))

@@ -189,3 +189,9 @@ class EtcdLeaseNotFound(EtcdRequestError):
 class NotLeader(DoproxyError):
     """Cluster mode: this node is not (or no longer) the leader, so it may not act on the
     provider or write as the scaler (doproxy.cluster)."""
+
+
+class RolloutRefused(DoproxyError):
+    """A rollout cannot begin (or be aborted) now; the admin API answers it with this status."""
+
+    status = 409

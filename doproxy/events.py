@@ -21,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Kind = Literal["health", "ejection", "reload", "scaling", "reconcile", "membership", "autoscaler"]
+Kind = Literal[
+    "health", "ejection", "reload", "scaling", "reconcile", "membership", "autoscaler", "rollout"
+]
 Level = Literal["info", "warning", "error"]
 
 

@@ -118,6 +118,13 @@ def parse_overrides(text: str, where: str) -> dict[str, Any]:
         value = data.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
             out[key] = value
+    # A rollout in progress (doproxy.rollout) and the spec the last one completed with: kept
+    # with the overrides, so a restart (or a new cluster leader) resumes the one and keeps
+    # making machines of the other.
+    for key in ("rollout", "spec"):
+        value = data.get(key)
+        if isinstance(value, dict):
+            out[key] = value
     return out
 
 

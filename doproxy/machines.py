@@ -69,7 +69,7 @@ from doproxy.errors import (
 )
 from doproxy.inventory import inventory_lock, load_inventory, update_inventory, write_atomically
 from doproxy.journal import Journal, Overrides, OverridesFile, journal_path, overrides_path
-from doproxy.provisioning import Machine, Provider, entry_for, wait_active
+from doproxy.provisioning import Machine, Provider, Spec, entry_for, wait_active
 
 log = logging.getLogger(__name__)
 
@@ -463,12 +463,16 @@ async def adopt(
     store: InventoryStore,
     within: float,
     progress: Callable[[Machine, float], None] | None = None,
+    mark: dict[str, object] | None = None,
 ) -> InventoryEntry:
-    """Wait until the machine is active, then give it its entry (completing any intent)."""
+    """Wait until the machine is active, then give it its entry (completing any intent), with
+    the fields in `mark` set (a rollout's canary-weight)."""
     m = await wait_active(
         provider, machine.id, within, provisioner(settings).poll_interval, progress
     )
     entry = entry_for(m, settings, provider.kind)
+    if mark:
+        entry = entry.model_copy(update=mark)
     await complete_intent(store, m.name, entry)
     return entry
 
@@ -480,17 +484,20 @@ async def create_machine(
     store: InventoryStore,
     within: float,
     progress: Callable[[Machine, float], None] | None = None,
+    spec: Spec | None = None,
+    mark: dict[str, object] | None = None,
 ) -> InventoryEntry:
     """Create a machine crash-safely: intent, create, wait until active, complete the entry.
+    `spec` replaces parts of the configured one (a rollout's); its tags go on the intent too.
 
     When the create fails for sure, the intent is dropped; when the outcome is unknown (the
     provider cannot tell whether the machine exists), the intent stays for the next survey.
     A machine that does not become active in time stays recorded as "provisioning" with its id.
     """
-    tags = (*provisioner(settings).tags, await store.owner_tag())
+    tags = (*provisioner(settings).tags, await store.owner_tag(), *(spec.tags if spec else ()))
     await record_intent(store, name, provider.kind, tags)
     try:
-        machine = await provider.create(name)
+        machine = await provider.create(name, spec)
     except ProviderRefused:
         # Refused outright (401, 403, 422): nothing was created, so nothing is left to find.
         await drop_intent(store, name)
@@ -510,7 +517,7 @@ async def create_machine(
             raise
         machine = found[0]
     await note_machine_id(store, name, machine.id)
-    return await adopt(provider, machine, settings, store, within, progress)
+    return await adopt(provider, machine, settings, store, within, progress, mark)
 
 
 # --- the server lock and drains ---------------------------------------------------------------

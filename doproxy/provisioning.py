@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -47,6 +48,60 @@ class Machine:
         return self.status == "active"
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What a new machine is made from where it differs from the config: a rollout's new spec
+    (doproxy.rollout). An empty field keeps the config's value. `tags` are added to ours (a
+    rollout's own tag, which tells its machines from the old ones)."""
+
+    image: str = ""  # DigitalOcean: an image slug or a custom image's number
+    size: str = ""  # DigitalOcean: a size slug
+    user_data: str = ""  # DigitalOcean: the user data itself (the CLI reads the file)
+    command: str = ""  # local provider: the command line, as [local-provisioner] command
+    tags: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "image": self.image,
+            "size": self.size,
+            "user_data": self.user_data,
+            "command": self.command,
+            "tags": list(self.tags),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Spec:
+        if not isinstance(data, dict):
+            return cls()
+        tags = data.get("tags") or []
+        return cls(
+            image=str(data.get("image") or ""),
+            size=str(data.get("size") or ""),
+            user_data=str(data.get("user_data") or ""),
+            command=str(data.get("command") or ""),
+            tags=tuple(str(t) for t in tags) if isinstance(tags, list) else (),
+        )
+
+    def public(self) -> dict[str, object]:
+        """For the admin API, the log and the status page: user data may hold secrets (a
+        cloud-init with a token), so it is shown as its size and hash, never its text."""
+        out: dict[str, object] = {}
+        if self.image:
+            out["image"] = self.image
+        if self.size:
+            out["size"] = self.size
+        if self.user_data:
+            digest = hashlib.sha256(self.user_data.encode()).hexdigest()[:12]
+            out["user_data"] = f"{len(self.user_data.encode())} bytes, sha256 {digest}"
+        if self.command:
+            out["command"] = self.command
+        return out
+
+    def words(self) -> str:
+        said = ", ".join(f"{k} {v}" for k, v in self.public().items())
+        return said or "the config's spec"
+
+
 class Provider(Protocol):
     """Creates, lists, reboots and destroys the machines we manage (those with our tags)."""
 
@@ -60,8 +115,9 @@ class Provider(Protocol):
         """One machine; raises MachineNotFound when it does not exist."""
         ...
 
-    async def create(self, name: str) -> Machine:
+    async def create(self, name: str, spec: Spec | None = None) -> Machine:
         """Ask for a new machine called `name` with our tags; returns at once (status "new").
+        `spec` replaces parts of the configured one (a rollout's new image, size, command).
 
         Idempotent by name: when the outcome of an earlier attempt is unknown, the provider
         looks for a machine of that name with our tags before creating another.

@@ -102,7 +102,7 @@ if TYPE_CHECKING:
     from doproxy.autoscaler import Autoscaler
     from doproxy.cluster.node import ClusterNode
     from doproxy.cluster.store import EtcdStore
-    from doproxy.provisioning import Machine, Provider
+    from doproxy.provisioning import Machine, Provider, Spec
     from doproxy.wake import Waker
 
 log = logging.getLogger(__name__)
@@ -473,9 +473,9 @@ class SwappableProvider:
         async with self._using() as p:
             return await p.get(machine_id)
 
-    async def create(self, name: str) -> Machine:
+    async def create(self, name: str, spec: Spec | None = None) -> Machine:
         async with self._using() as p:
-            return await p.create(name)
+            return await p.create(name, spec)
 
     async def destroy(self, machine_id: str) -> None:
         async with self._using() as p:

@@ -429,3 +429,88 @@ async def _through_inventory(ctx: Context, verb: str, ident: str) -> int:
     )
     ctx.out.print(f"{verb}d {label} in the inventory ({who}); it is now {state}", markup=False)
     return 0
+
+
+# --- rollout ------------------------------------------------------------------------------------
+
+
+ROLLOUT_POLL = 1.0  # seconds between looks at a rollout being waited for
+
+
+async def rollout(
+    ctx: Context,
+    action: str,
+    spec: dict[str, str],
+    wait: bool,
+    output: str,
+) -> int:
+    """`action` is start, status or abort (docs/rollouts.md). Start and abort return at once
+    unless `wait`: then they follow the rollout to its end (exit 1 when it rolled back)."""
+    async with AdminClient(_locate(ctx)) as client:
+        if action == "status":
+            view = await client.get("/api/rollouts")
+            if output == "json":
+                ctx.out.file.write(json.dumps(view, indent=2) + "\n")
+            else:
+                for line in _rollout_lines(view):
+                    ctx.out.print(line, markup=False)
+            return 0
+        if action == "abort":
+            r = await client.post("/api/rollouts/abort")
+            ctx.out.print(f"rollout {r['id']}: rolling back ({r['reason']})", markup=False)
+        else:
+            r = await client.post("/api/rollouts", dict(spec))
+            ctx.out.print(f"rollout {r['id']} begun: {r['reason']}", markup=False)
+        if not wait:
+            ctx.out.print("follow it with `doproxy rollout status`", markup=False)
+            return 0
+        return await _follow_rollout(ctx, client, str(r["id"]))
+
+
+async def _follow_rollout(ctx: Context, client: AdminClient, rid: str) -> int:
+    said = ""
+    while True:
+        view = await client.get("/api/rollouts")
+        cur = view.get("current")
+        if cur is None or cur.get("id") != rid:
+            ended = next((h for h in view.get("history", []) if h.get("id") == rid), None)
+            if ended is None:
+                raise DoproxyError(f"rollout {rid} is no longer known to the server")
+            ctx.out.print(f"rollout {rid}: {ended['phase']}: {ended['reason']}", markup=False)
+            return 0 if ended["phase"] == "done" else 1
+        line = f"rollout {rid}: {cur['phase']}, {cur['old']} old and {cur['new']} new machine(s)"
+        if line != said:
+            ctx.out.print(line, markup=False)
+            said = line
+        await asyncio.sleep(ROLLOUT_POLL)
+
+
+def _rollout_lines(view: dict[str, Any]) -> list[str]:
+    if not view.get("enabled"):
+        return ["the autoscaler is off ([provisioning] enable = false): no rollouts"]
+    lines = []
+    spec = view.get("spec") or {}
+    lines.append(
+        "spec of new machines: "
+        + (", ".join(f"{k} {v}" for k, v in spec.items()) or "the config's")
+    )
+    cur = view.get("current")
+    if cur is None:
+        lines.append("no rollout in progress")
+    else:
+        lines.append(
+            f"rollout {cur['id']}: {cur['phase']} ({cur['old']} old, {cur['new']} new, "
+            f"target {cur['target']}), started {_at(cur['started'])}"
+        )
+        window = cur.get("window")
+        if window:
+            lines.append(
+                f"  watching the {window['kind']}: {window['left']:.0f}s of "
+                f"{window['seconds']:.0f}s left"
+            )
+        lines.append(f"  {cur['reason']}")
+        for v in cur.get("verdicts", []):
+            lines.append(f"  {v['window']}: {'passed' if v['passed'] else 'failed'}: {v['reason']}")
+    for h in view.get("history", [])[:5]:
+        lines.append(f"earlier: {h['id']} {h['phase']} {_at(h['updated'])}: {h['reason']}")
+    return lines

@@ -351,6 +351,9 @@ async def test_answers_match_the_openapi_document(
         ("POST", "/api/backends/zzz/enable", "/api/backends/{id}/{verb}", None),
         ("POST", "/api/reload", "/api/reload", None),
         ("POST", "/api/autoscaler/pause", "/api/autoscaler/{verb}", None),
+        ("GET", "/api/rollouts", "/api/rollouts", None),
+        ("POST", "/api/rollouts", "/api/rollouts", {"image": "x"}),
+        ("POST", "/api/rollouts/abort", "/api/rollouts/abort", None),
     ]
     for method, path, _template, body in calls:
         status, answer = await admin.call(method, path, body=body)

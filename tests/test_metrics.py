@@ -26,7 +26,7 @@ from doproxy.errors import ProviderError, ProviderRefused
 from doproxy.inventory import load_inventory
 from doproxy.machines import open_provider
 from doproxy.metrics import Metrics, backend_labels
-from doproxy.provisioning import Machine
+from doproxy.provisioning import Machine, Spec
 from doproxy.proxy.backend import Backend, Pool
 from doproxy.runtime import Runtime
 from tests.conftest import StartProxy, port_of, wait_for
@@ -361,7 +361,7 @@ class DownProvider:
     async def get(self, machine_id: str) -> Machine:
         raise ProviderRefused("not in this test")
 
-    async def create(self, name: str) -> Machine:
+    async def create(self, name: str, spec: Spec | None = None) -> Machine:
         raise ProviderRefused("not in this test")
 
     async def destroy(self, machine_id: str) -> None:

@@ -20,7 +20,7 @@ from doproxy.core.settings import Settings
 from doproxy.errors import MachineNotFound
 from doproxy.inventory import load_inventory, update_inventory
 from doproxy.machines import FileStore, open_provider, owner_tag
-from doproxy.provisioning import Machine, Provider
+from doproxy.provisioning import Machine, Provider, Spec
 from doproxy.proxy.backend import Backend
 from doproxy.runtime import Runtime
 from doproxy.testing.fake_digitalocean import FakeDigitalOcean
@@ -254,7 +254,7 @@ class Broken:
     async def get(self, machine_id: str) -> Machine:
         raise MachineNotFound(machine_id)
 
-    async def create(self, name: str) -> Machine:
+    async def create(self, name: str, spec: Spec | None = None) -> Machine:
         raise ValueError("html")
 
     async def destroy(self, machine_id: str) -> None:

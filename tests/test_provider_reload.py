@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from doproxy.config import load_settings
-from doproxy.provisioning import Machine
+from doproxy.provisioning import Machine, Spec
 from doproxy.runtime import Runtime, SwappableProvider
 from doproxy.testing.fake_digitalocean import FakeDigitalOcean
 from tests.conftest import wait_for
@@ -166,7 +166,7 @@ class Held:
     async def get(self, machine_id: str) -> Machine:
         raise NotImplementedError
 
-    async def create(self, name: str) -> Machine:
+    async def create(self, name: str, spec: Spec | None = None) -> Machine:
         raise NotImplementedError
 
     async def destroy(self, machine_id: str) -> None:

@@ -187,15 +187,15 @@ class AdminClient:
     async def get(self, path: str) -> Any:
         return await self._request("GET", path)
 
-    async def post(self, path: str) -> Any:
-        return await self._request("POST", path)
+    async def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        return await self._request("POST", path, body)
 
-    async def _request(self, method: str, path: str) -> Any:
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         assert self._session is not None, "use AdminClient in `async with`"
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
             async with self._session.request(
-                method, self.url + path, headers=self._headers(), timeout=timeout
+                method, self.url + path, headers=self._headers(), timeout=timeout, json=body
             ) as r:
                 text = await r.text()
                 status = r.status

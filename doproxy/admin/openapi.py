@@ -249,6 +249,51 @@ SPEC: dict[str, Any] = {
                     "cost": _ref("Cost"),
                 },
             },
+            "Rollout": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string"},
+                    "phase": {
+                        "type": "string",
+                        "enum": ["canary", "steps", "rolling-back", "done", "rolled-back"],
+                    },
+                    "spec": {
+                        "type": "object",
+                        "description": "image, size, command; user_data as its size and hash",
+                    },
+                    "target": {"type": "integer"},
+                    "started": {"type": "string"},
+                    "updated": {"type": "string"},
+                    "reason": {"type": "string"},
+                    "old": {"type": "integer"},
+                    "new": {"type": "integer"},
+                    "window": {
+                        "type": "object",
+                        "properties": {
+                            "kind": {"type": "string", "enum": ["canary", "step"]},
+                            "seconds": {"type": "number"},
+                            "left": {"type": "number"},
+                        },
+                    },
+                    "verdicts": {"type": "array", "items": {"type": "object"}},
+                },
+            },
+            "Rollouts": {
+                "type": "object",
+                "required": ["enabled", "current", "history"],
+                "properties": {
+                    "enabled": {"type": "boolean"},
+                    # A Rollout (3.0 ignores nullable beside a $ref, so it is said in words).
+                    "current": {
+                        "type": "object",
+                        "nullable": True,
+                        "description": "the rollout in progress (a Rollout), null when none",
+                    },
+                    "history": {"type": "array", "items": _ref("Rollout")},
+                    "settings": {"type": "object"},
+                    "spec": {"type": "object"},
+                },
+            },
             "Event": {
                 "type": "object",
                 "required": ["id", "time", "kind", "level", "message"],
@@ -348,6 +393,50 @@ SPEC: dict[str, Any] = {
                 ],
                 "responses": {
                     "200": _json(_ref("Autoscaler"), "the autoscaler"),
+                    "409": _ERR,
+                    **_AUTH,
+                },
+            }
+        },
+        "/api/rollouts": {
+            "get": {
+                "summary": "the rollout in progress (null when none) and the last ones that ended",
+                "responses": {"200": _json(_ref("Rollouts"), "the rollouts"), **_AUTH},
+            },
+            "post": {
+                "summary": "begin a rollout to a new spec (docs/rollouts.md); no field: the "
+                "config's spec",
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "image": {"type": "string"},
+                                    "size": {"type": "string"},
+                                    "user_data": {"type": "string"},
+                                    "command": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "202": _json(_ref("Rollout"), "the rollout, begun"),
+                    "400": _ERR,
+                    "409": _ERR,
+                    **_AUTH,
+                },
+            },
+        },
+        "/api/rollouts/abort": {
+            "post": {
+                "summary": "stop the rollout in progress and roll back",
+                "security": [{"bearer": []}],
+                "responses": {
+                    "202": _json(_ref("Rollout"), "the rollout, rolling back"),
                     "409": _ERR,
                     **_AUTH,
                 },

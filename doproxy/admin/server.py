@@ -51,6 +51,7 @@ from doproxy.core.settings import Admin, Settings, parse_bind
 from doproxy.errors import ConfigError, DoproxyError
 from doproxy.events import EventLog
 from doproxy.inventory import write_atomically
+from doproxy.provisioning import Spec
 
 if TYPE_CHECKING:
     from doproxy.autoscaler import Autoscaler
@@ -252,6 +253,9 @@ class AdminServer:
         r.add_get("/api/events/stream", self.event_stream)
         r.add_post("/api/backends/{id}/{verb:drain|enable|disable}", self.backend_state)
         r.add_put("/api/backends/{id}/weight", self.backend_weight)
+        r.add_get("/api/rollouts", self.rollouts)
+        r.add_post("/api/rollouts", self.rollout_start)
+        r.add_post("/api/rollouts/abort", self.rollout_abort)
         r.add_post("/api/reload", self.reload)
         r.add_get("/api/config", self.config)
         return app
@@ -498,6 +502,48 @@ class AdminServer:
         )
         return web.json_response(autoscaler_view(self.runtime))
 
+    async def rollouts(self, request: web.Request) -> web.Response:
+        return web.json_response(rollouts_view(self.runtime))
+
+    async def rollout_start(self, request: web.Request) -> web.Response:
+        """Begin a rollout: {"image", "size", "user_data", "command"} (any; none: roll the
+        config's spec out again). 202 with the rollout; 409 when one cannot begin now."""
+        scaler = self._scaler()
+        body = await _json_body(request)
+        fields = ("image", "size", "user_data", "command")
+        unknown = sorted(set(body) - set(fields))
+        if unknown:
+            return _json_error(
+                400, f"unknown field(s) {', '.join(unknown)}: the body takes {', '.join(fields)}"
+            )
+        values: dict[str, str] = {}
+        for key in fields:
+            value = body.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                return _json_error(400, f"{key} must be a string")
+            if key == "user_data" and len(value.encode()) > USER_DATA_LIMIT:
+                return _json_error(
+                    400, f"user_data is larger than DigitalOcean's {USER_DATA_LIMIT} bytes"
+                )
+            if key != "user_data" and (len(value) > 1024 or "\0" in value):
+                return _json_error(400, f"{key} must be at most 1024 characters, without NUL")
+            values[key] = value
+        spec = Spec(
+            image=values.get("image", ""),
+            size=values.get("size", ""),
+            user_data=values.get("user_data", ""),
+            command=values.get("command", ""),
+        )
+        view = await scaler.rollouts.start(spec, "the admin API")
+        return web.json_response(view, status=202)
+
+    async def rollout_abort(self, request: web.Request) -> web.Response:
+        scaler = self._scaler()
+        view = await scaler.rollouts.abort("the admin API")
+        return web.json_response(view, status=202)
+
     # --- helpers ----------------------------------------------------------------------------
 
     def _backend(self, ident: str) -> Backend:
@@ -735,6 +781,32 @@ def autoscaler_view(runtime: Served) -> dict[str, Any]:
         "create_error": status["create_error"],
         "scale_to_zero": _sleep_view(runtime, p) if p.scale_to_zero else None,
         "decisions": decisions,
+    }
+
+
+# DigitalOcean takes at most 64 KiB of user data.
+USER_DATA_LIMIT = 64 * 1024
+
+
+def rollouts_view(runtime: Served) -> dict[str, Any]:
+    """The rollout in progress (None) and the last ones that ended, newest first."""
+    scaler = runtime.autoscaler
+    if scaler is None:
+        return {"enabled": False, "current": None, "history": []}
+    p = scaler.settings
+    return {
+        "enabled": True,
+        **scaler.rollouts.status(),
+        "settings": {
+            "canary-weight": p.canary_weight,
+            "canary-time": p.canary_time,
+            "max-error-rate-increase": p.max_error_rate_increase,
+            "max-latency-ratio": p.max_latency_ratio,
+            "rollout-step": p.rollout_step,
+            "rollout-step-time": p.rollout_step_time,
+            "rollout-min-requests": p.rollout_min_requests,
+        },
+        "spec": (scaler.current_spec() or Spec()).public(),
     }
 
 

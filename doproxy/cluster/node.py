@@ -53,7 +53,7 @@ from doproxy.inventory import dump_inventory, write_atomically
 if TYPE_CHECKING:
     import builtins
 
-    from doproxy.provisioning import Machine, Provider
+    from doproxy.provisioning import Machine, Provider, Spec
     from doproxy.proxy.backend import Backend
 
 log = logging.getLogger(__name__)
@@ -493,9 +493,9 @@ class LeaderOnly:
         await self.node.ensure_leader()
         return await self.provider.get(machine_id)
 
-    async def create(self, name: str) -> Machine:
+    async def create(self, name: str, spec: Spec | None = None) -> Machine:
         await self.node.ensure_leader()
-        return await self.provider.create(name)
+        return await self.provider.create(name, spec)
 
     async def destroy(self, machine_id: str) -> None:
         await self.node.ensure_leader()

@@ -100,6 +100,38 @@ def ramp_step(elapsed: float, slow_start: float) -> int:
     return max(1, min(RAMP_STEPS, int(elapsed * RAMP_STEPS / slow_start)))
 
 
+def canary_shares(canary: Sequence[float]) -> list[int] | None:
+    """Weight multipliers (in 1..RAMP_STEPS, as a ramp's) that give the canaries of a rollout
+    their percent of the traffic together: canary[i] is eligible backend i's canary-weight (0
+    for the others). None when there is nothing to split (no canary, or only canaries).
+
+    With k canaries at share c each and n others at o each, k*c / (k*c + n*o) = p, so
+    c / o = p*n / (k*(1 - p)); the larger of the two is RAMP_STEPS and the other is rounded to a
+    step (at least one). Twenty steps make the share approximate (10 % of a pool of 3 becomes
+    7/67, 10.4 %); `hash` gives a backend at most its full points, which the larger side has.
+    """
+    k = sum(1 for c in canary if c > 0)
+    n = len(canary) - k
+    if not k or not n:
+        return None
+    p = max(canary) / 100.0
+    ratio = p * n / (k * (1.0 - p))
+    if ratio <= 1.0:
+        c, o = max(1, round(RAMP_STEPS * ratio)), RAMP_STEPS
+    else:
+        c, o = RAMP_STEPS, max(1, round(RAMP_STEPS / ratio))
+    return [c if w > 0 else o for w in canary]
+
+
+def combined(ramp: Sequence[int] | None, shares: Sequence[int] | None) -> list[int] | None:
+    """A slow-start ramp and canary shares applied together, still in 1..RAMP_STEPS."""
+    if shares is None:
+        return None if ramp is None else list(ramp)
+    if ramp is None:
+        return list(shares)
+    return [max(1, r * s // RAMP_STEPS) for r, s in zip(ramp, shares, strict=True)]
+
+
 def schedule(weights: Sequence[int]) -> list[int]:
     """One cycle of indices into `weights`, each index i appearing weights[i] times, interleaved.
 

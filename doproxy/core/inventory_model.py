@@ -41,6 +41,11 @@ class InventoryEntry(Section):
     # adopted (a droplet's size.price_hourly). Unset (and then not written) for entries that
     # predate it and for local processes, whose price is the config's cost-per-hour.
     price_hourly: float | None = Field(None, ge=0)
+    # A rollout's canary (doproxy.rollout): while set, the backends that carry it together get
+    # this percent of the traffic, whatever their number and the balancer. Kept in the
+    # inventory, so every worker and every cluster node weighs the canary the same, and a
+    # restart in the middle of a rollout does not hand the canary a full share.
+    canary_weight: float = Field(0.0, ge=0, lt=100)
 
     @model_validator(mode="after")
     def _needs_address(self) -> InventoryEntry:

@@ -250,6 +250,19 @@ class Provisioning(Section):
     # Scale-ups stop where the pool would cost more than this per hour (US dollars, as
     # DigitalOcean bills droplets); 0 = no cap. See docs/autoscaling.md, "What the pool costs".
     max_cost_per_hour: float = Field(0.0, ge=0)
+    # Progressive rollouts (docs/rollouts.md): the canary gets canary-weight percent of the
+    # traffic for canary-time; the new machines pass while their error rate is at most
+    # max-error-rate-increase percentage points above the old ones' and their mean latency at
+    # most max-latency-ratio times the old ones'. Then rollout-step old machines are replaced
+    # at a time, each step watched for rollout-step-time. A group with fewer than
+    # rollout-min-requests requests in a window is judged on its health checks alone.
+    canary_weight: float = Field(10.0, gt=0, lt=100)
+    canary_time: PositiveDuration = 300.0
+    max_error_rate_increase: float = Field(1.0, ge=0, le=100)
+    max_latency_ratio: float = Field(1.5, ge=1)
+    rollout_step: int = Field(1, ge=1)
+    rollout_step_time: PositiveDuration = 60.0
+    rollout_min_requests: int = Field(20, ge=0)
 
     @property
     def stabilization(self) -> float:

@@ -68,7 +68,7 @@ from doproxy.errors import (
     ProvisionTimeout,
     RateLimited,
 )
-from doproxy.provisioning import Machine
+from doproxy.provisioning import Machine, Spec
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +266,8 @@ class DigitalOceanProvider:
         )
         return _machine(_field(reply, "droplet", f"getting droplet {droplet_id}"))
 
-    async def create(self, name: str) -> Machine:
-        body = self._create_body(name)
+    async def create(self, name: str, spec: Spec | None = None) -> Machine:
+        body = self._create_body(name, spec or Spec())
         doing = f"creating droplet {name}"
         uncertain: UncertainOutcome | None = None
         for attempt in range(1, self._attempts + 1):
@@ -364,14 +364,15 @@ class DigitalOceanProvider:
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def _create_body(self, name: str) -> JSON:
+    def _create_body(self, name: str, spec: Spec) -> JSON:
         s = self.settings
+        image = spec.image or s.image
         body: JSON = {
             "name": name,
             "region": s.region,
-            "size": s.size,
+            "size": spec.size or s.size,
             # A custom image is referred to by its number, a public one by its slug.
-            "image": int(s.image) if s.image.isdigit() else s.image,
+            "image": int(image) if image.isdigit() else image,
             # Key ids given as strings in the config are still ids, not fingerprints.
             "ssh_keys": [
                 int(k) if isinstance(k, str) and k.isdigit() else k for k in s.ssh_key_ids
@@ -379,10 +380,11 @@ class DigitalOceanProvider:
             "backups": s.backups,
             "ipv6": s.ipv6,
             "monitoring": s.monitoring,
-            "tags": list(self._create_tags),
+            "tags": [*self._create_tags, *(t for t in spec.tags if t not in self._create_tags)],
         }
-        if self._user_data:
-            body["user_data"] = self._user_data
+        user_data = spec.user_data or self._user_data
+        if user_data:
+            body["user_data"] = user_data
         if s.vpc_uuid:
             body["vpc_uuid"] = s.vpc_uuid
         return body

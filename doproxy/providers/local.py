@@ -79,7 +79,7 @@ import aiohttp
 
 from doproxy.core.settings import LocalProvisioner
 from doproxy.errors import MachineNotFound, ProviderError
-from doproxy.provisioning import Machine, wait_active
+from doproxy.provisioning import Machine, Spec, wait_active
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,10 @@ MARK_MACHINE = "DOPROXY_MACHINE"
 MARK_TAGS = "DOPROXY_TAGS"
 MARK_PORT = "DOPROXY_PORT"
 MARK_HOST = "DOPROXY_HOST"
-MARKS = (MARK_MACHINE, MARK_TAGS, MARK_PORT, MARK_HOST)
+# The command a rollout started it with (a spec's), so a reboot restarts the same program; unset
+# for machines of the configured command.
+MARK_COMMAND = "DOPROXY_COMMAND"
+MARKS = (MARK_MACHINE, MARK_TAGS, MARK_PORT, MARK_HOST, MARK_COMMAND)
 _MARK_KEYS = {m.encode() for m in MARKS}
 _MARKED = MARK_MACHINE.encode() + b"="
 
@@ -113,6 +116,7 @@ class Proc:
     port: int
     session: int
     ticks: int  # start time in clock ticks since boot: with the pid, it names the process
+    command: str = ""  # a rollout's command (MARK_COMMAND); "" for the configured one
 
     @property
     def started(self) -> float:
@@ -201,7 +205,9 @@ def read_proc(pid: int) -> Proc | None:
     if not name:
         return None
     tags = tuple(t for t in marks.get(MARK_TAGS.encode(), "").split(",") if t)
-    return Proc(pid, name, tags, marks.get(MARK_HOST.encode(), ""), port, st[1], st[2])
+    host = marks.get(MARK_HOST.encode(), "")
+    command = marks.get(MARK_COMMAND.encode(), "")
+    return Proc(pid, name, tags, host, port, st[1], st[2], command)
 
 
 def scan() -> list[Proc]:
@@ -382,9 +388,13 @@ class LocalProvider:
             raise MachineNotFound(f"no local process {machine_id!r} with tags {self.tags}")
         return self._machine(procs, await self._status(procs))
 
-    async def create(self, name: str) -> Machine:
+    async def create(self, name: str, spec: Spec | None = None) -> Machine:
         if not _NAME.fullmatch(name):
             raise ProviderError(f"{name!r} is not a valid machine name (letters, digits, .-_)")
+        spec = spec or Spec()
+        tags = (*self._create_tags, *(t for t in spec.tags if t not in self._create_tags))
+        if spec.command:
+            command_argv(spec.command, host="h", port=1, name=name)  # refused before any start
         host = self.settings.host
         async with _ports_locked(self.settings.boot_timeout):
             procs = await asyncio.to_thread(scan)
@@ -393,7 +403,7 @@ class LocalProvider:
                 port = pid = 0
             else:
                 port = self._free_port(host, {p.port for p in procs}, name)
-                pid = await self._spawn(name, host, port, self._create_tags)
+                pid = await self._spawn(name, host, port, tags, spec.command)
         if existing:
             log.info("local machine %s exists already (pid %d)", name, _leader(existing).pid)
             return self._machine(existing, await self._status(existing))
@@ -403,7 +413,7 @@ class LocalProvider:
             name=name,
             status="new",
             private_ip=host,
-            tags=self._create_tags,
+            tags=tags,
             created=dt.datetime.now(dt.UTC),
             port=port,
             pid=pid,
@@ -426,7 +436,7 @@ class LocalProvider:
                     f"cannot restart local machine {machine_id}: {main.host}:{main.port} "
                     "was taken while it stopped"
                 )
-            pid = await self._spawn(machine_id, main.host, main.port, main.tags)
+            pid = await self._spawn(machine_id, main.host, main.port, main.tags, main.command)
         log.info("restarted local machine %s (pid %d)", machine_id, pid)
         await wait_active(
             self,
@@ -505,9 +515,12 @@ class LocalProvider:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
-    async def _spawn(self, name: str, host: str, port: int, tags: tuple[str, ...]) -> int:
-        """Start the machine's process; return its pid once a scan can find it."""
-        popen = self._popen(name, host, port, tags)
+    async def _spawn(
+        self, name: str, host: str, port: int, tags: tuple[str, ...], command: str = ""
+    ) -> int:
+        """Start the machine's process (with `command`, else the configured one); return its
+        pid once a scan can find it."""
+        popen = self._popen(name, host, port, tags, command)
         _children[popen.pid] = (popen, name)
         # Popen returns once exec() has begun, but the kernel shows the new environment in
         # /proc only a moment later (it sets it up after closing the close-on-exec pipe that
@@ -526,14 +539,16 @@ class LocalProvider:
         return popen.pid
 
     def _popen(
-        self, name: str, host: str, port: int, tags: tuple[str, ...]
+        self, name: str, host: str, port: int, tags: tuple[str, ...], command: str = ""
     ) -> subprocess.Popen[bytes]:
-        argv = command_argv(self.settings.command, host, port, name)
+        argv = command_argv(command or self.settings.command, host, port, name)
         env = {k: v for k, v in self.environ.items() if k not in MARKS}
         env[MARK_MACHINE] = name
         env[MARK_TAGS] = ",".join(tags)
         env[MARK_PORT] = str(port)
         env[MARK_HOST] = host
+        if command:
+            env[MARK_COMMAND] = command
         workdir = self.base / self.settings.workdir if self.settings.workdir else self.base
         out: int | IO[bytes] = subprocess.DEVNULL
         log_file = self._log_file(name)

@@ -20,7 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from doproxy.core.balancers import RAMP_STEPS, Balancer, LeastLatency, ramp_step
+from doproxy.core.balancers import (
+    RAMP_STEPS,
+    Balancer,
+    LeastLatency,
+    canary_shares,
+    combined,
+    ramp_step,
+)
 from doproxy.core.health import Health, ejection_duration, may_eject
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import PassiveHealth
@@ -163,6 +170,9 @@ class Pool:
                 ramp = steps
         self.ramp_due = due
         self.eligible = eligible
+        if any(b.entry.canary_weight for b in eligible):
+            # A rollout's canary takes its percent of the traffic (doproxy.rollout).
+            ramp = combined(ramp, canary_shares([b.entry.canary_weight for b in eligible]))
         self.balancer.update(eligible, ramp)
 
     # --- passive health ---------------------------------------------------------------------
