@@ -47,6 +47,10 @@ roundrobin/weighted, the candidate draw of the two-choice balancers (a ramping b
 in proportion to its ramp; its load score is not scaled as well, which would count the ramp
 twice), and the ring of hash, where a ramping backend holds only the first part of its points:
 keys move onto it gradually and never back and forth.
+
+A rollout's canary (doproxy.rollout) rides on the same multipliers: `canary_shares` computes
+what makes the canaries' share of the traffic their canary-weight percent, and the Pool passes
+the product of ramp and share, so every balancer honours a canary as it honours a ramp.
 """
 
 from __future__ import annotations
@@ -100,15 +104,18 @@ def ramp_step(elapsed: float, slow_start: float) -> int:
     return max(1, min(RAMP_STEPS, int(elapsed * RAMP_STEPS / slow_start)))
 
 
+# A rollout's canary shares are multipliers in 1..SHARE_SCALE.
+SHARE_SCALE = 1000
+
+
 def canary_shares(canary: Sequence[float]) -> list[int] | None:
-    """Weight multipliers (in 1..RAMP_STEPS, as a ramp's) that give the canaries of a rollout
-    their percent of the traffic together: canary[i] is eligible backend i's canary-weight (0
-    for the others). None when there is nothing to split (no canary, or only canaries).
+    """Weight multipliers (1..SHARE_SCALE) that give the canaries of a rollout their percent of
+    the traffic together: canary[i] is eligible backend i's canary-weight (0 for the others).
+    None when there is nothing to split (no canary, or only canaries).
 
     With k canaries at share c each and n others at o each, k*c / (k*c + n*o) = p, so
-    c / o = p*n / (k*(1 - p)); the larger of the two is RAMP_STEPS and the other is rounded to a
-    step (at least one). Twenty steps make the share approximate (10 % of a pool of 3 becomes
-    7/67, 10.4 %); `hash` gives a backend at most its full points, which the larger side has.
+    c / o = p*n / (k*(1 - p)); the larger of the two is SHARE_SCALE, the other is rounded (to
+    at least one). `hash` gives the larger side its full points and the other a prefix.
     """
     k = sum(1 for c in canary if c > 0)
     n = len(canary) - k
@@ -117,19 +124,19 @@ def canary_shares(canary: Sequence[float]) -> list[int] | None:
     p = max(canary) / 100.0
     ratio = p * n / (k * (1.0 - p))
     if ratio <= 1.0:
-        c, o = max(1, round(RAMP_STEPS * ratio)), RAMP_STEPS
+        c, o = max(1, round(SHARE_SCALE * ratio)), SHARE_SCALE
     else:
-        c, o = RAMP_STEPS, max(1, round(RAMP_STEPS / ratio))
+        c, o = SHARE_SCALE, max(1, round(SHARE_SCALE / ratio))
     return [c if w > 0 else o for w in canary]
 
 
 def combined(ramp: Sequence[int] | None, shares: Sequence[int] | None) -> list[int] | None:
-    """A slow-start ramp and canary shares applied together, still in 1..RAMP_STEPS."""
+    """A slow-start ramp and canary shares applied together: their product."""
     if shares is None:
         return None if ramp is None else list(ramp)
     if ramp is None:
-        return list(shares)
-    return [max(1, r * s // RAMP_STEPS) for r, s in zip(ramp, shares, strict=True)]
+        return [s * RAMP_STEPS for s in shares]
+    return [r * s for r, s in zip(ramp, shares, strict=True)]
 
 
 def schedule(weights: Sequence[int]) -> list[int]:
@@ -490,12 +497,17 @@ class Hash:
             self._ring = ring
         by_slot = self._by_slot
         limit = [0] * len(by_slot)
+        # A ramp is a multiplier: a slow start's steps (RAMP_STEPS is full weight), times a
+        # canary's share when a rollout runs (doproxy.core.balancers.combined). Each backend
+        # holds its multiplier's fraction of the full one's points (RAMP_STEPS, or the largest
+        # when a share multiplied them all).
+        full = max(RAMP_STEPS, max(ramp)) if ramp else RAMP_STEPS
         for i, b in enumerate(backends):
             slot = slots[b.key]
             by_slot[slot] = b
-            step = ramp[i] if ramp is not None else RAMP_STEPS
+            step = ramp[i] if ramp is not None else full
             # A ramping backend holds a prefix of its points: keys only ever move onto it.
-            limit[slot] = POINTS if step >= RAMP_STEPS else max(1, POINTS * step // RAMP_STEPS)
+            limit[slot] = POINTS if step >= full else max(1, POINTS * step // full)
         self._limit = limit
 
     def pick(self, backends: Sequence[B], request_key: object = None) -> B | None:

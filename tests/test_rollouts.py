@@ -1,0 +1,287 @@
+"""Progressive rollouts (issue 14, part 2): the pure verdict, the canary's share in every
+balancer, and whole rollouts with the local provider: real backend processes, a real listener,
+real load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from doproxy.admin.server import rollouts_view
+from doproxy.autoscaler import Autoscaler
+from doproxy.config import load_settings
+from doproxy.core.balancers import BALANCERS, SHARE_SCALE, canary_shares, make_balancer
+from doproxy.core.rollout import Thresholds, Traffic, judge, to_create, to_retire
+from doproxy.errors import RolloutRefused
+from doproxy.inventory import load_inventory
+from doproxy.loadgen import LoadResult, run_load
+from doproxy.machines import open_provider
+from doproxy.provisioning import Spec
+from doproxy.proxy.backend import Backend, Pool
+from doproxy.rollout import TAG_PREFIX
+from doproxy.runtime import Runtime
+from tests.conftest import wait_for
+from tests.test_autoscaler_e2e import destroy_all, port_range
+
+BACKEND = "python -m doproxy.demo_backend --host {host} --port {port} --name {name}"
+
+CONFIG = """bind = "127.0.0.1:0"
+watch-config = false
+inventory-file = "inventory.toml"
+
+[admin]
+bind = "127.0.0.1:0"
+
+[backend]
+new-host-health-path = "/health"
+
+[health]
+interval = "200ms"
+down-interval = "200ms"
+rise = 1
+
+[provisioning]
+enable = true
+min-backends = 2
+max-backends = 2
+interval = "250ms"
+drain-timeout = "1s"
+canary-weight = 30
+canary-time = "{canary_time}"
+rollout-step-time = "1s"
+rollout-min-requests = 20
+max-latency-ratio = 1.5
+max-error-rate-increase = 1
+
+[local-provisioner]
+enable = true
+command = "{backend}"
+ports = "{ports}"
+boot-timeout = "10s"
+stop-timeout = "2s"
+tags = ["{tag}"]
+"""
+
+
+def config(tmp: Path, canary_time: str = "2s") -> Path:
+    cfg = tmp / "doproxy.toml"
+    cfg.write_text(
+        CONFIG.format(
+            canary_time=canary_time,
+            backend=BACKEND,
+            ports=port_range(),
+            tag=f"ro-{tmp.name[-12:]}",
+        )
+    )
+    return cfg
+
+
+# --- the pure parts -------------------------------------------------------------------------
+
+T = Thresholds(max_error_rate_increase=1.0, max_latency_ratio=1.5, min_requests=20)
+
+
+def test_the_verdict_compares_errors_and_latency_with_the_old_machines() -> None:
+    old = Traffic(requests=1000, errors=5, answered=1000, latency_sum=1000 * 0.020)
+    same = Traffic(requests=100, errors=1, answered=100, latency_sum=100 * 0.022)
+    assert judge(same, old, T).passed
+    buggy = Traffic(requests=100, errors=5, answered=100, latency_sum=100 * 0.020)
+    v = judge(buggy, old, T)
+    assert not v.passed and "max-error-rate-increase" in v.reason
+    slow = Traffic(requests=100, errors=0, answered=100, latency_sum=100 * 0.040)
+    v = judge(slow, old, T)
+    assert not v.passed and "max-latency-ratio" in v.reason and "2.00x" in v.reason
+    # Sub-millisecond noise is not a slower release: both count as the 5 ms floor.
+    fast_old = Traffic(requests=1000, errors=0, answered=1000, latency_sum=1000 * 0.0002)
+    fast_new = Traffic(requests=100, errors=0, answered=100, latency_sum=100 * 0.0009)
+    assert judge(fast_new, fast_old, T).passed
+    # Too little traffic to compare: health decides.
+    v = judge(Traffic(requests=3, errors=3, answered=3), old, T)
+    assert v.passed and not v.compared
+    v = judge(same, old, T, unhealthy=("web-1",))
+    assert not v.passed and "web-1" in v.reason
+    # Too little traffic to the old ones: errors are held to the increase alone.
+    v = judge(buggy, Traffic(requests=2, errors=0, answered=2), T)
+    assert not v.passed
+
+
+def test_each_step_makes_and_retires_what_the_pool_needs() -> None:
+    # Three machines, steps of one: canary (4), retire one; then +1 -1 twice; then done.
+    assert to_create("canary", 3, 3, 0, 1) == 1
+    assert to_retire("canary", 3, 3, 1) == 1
+    assert to_create("steps", 3, 2, 1, 1) == 1
+    assert to_retire("steps", 3, 2, 2) == 1
+    # Resumed after a crash that came after the creates: nothing made twice.
+    assert to_create("steps", 3, 2, 2, 1) == 0
+    assert to_create("canary", 3, 3, 1, 1) == 0
+    # Steps of two on five: never more than two above the target.
+    assert to_create("steps", 5, 4, 1, 2) == 2
+    assert to_retire("steps", 5, 4, 3) == 2
+    assert to_create("steps", 5, 1, 4, 2) == 1  # the last old one: one more
+    # Rolling back: the old spec up to the target again.
+    assert to_create("rolling-back", 3, 1, 3, 1) == 2
+    assert to_create("rolling-back", 3, 3, 1, 1) == 0
+
+
+def test_the_canary_share_is_its_percent_whatever_the_pool() -> None:
+    for n in (1, 3, 10, 40):
+        for percent in (5.0, 10.0, 30.0, 50.0):
+            shares = canary_shares([percent] + [0.0] * n)
+            assert shares is not None and max(shares) == SHARE_SCALE
+            got = shares[0] / sum(shares)
+            assert abs(got - percent / 100) < 0.005, (n, percent, got)
+    assert canary_shares([0.0, 0.0]) is None
+    assert canary_shares([10.0]) is None  # only the canary: it takes everything
+
+
+@pytest.mark.parametrize("kind", BALANCERS)
+def test_every_balancer_gives_the_canary_its_share(kind: str) -> None:
+    from doproxy.core.inventory_model import InventoryEntry
+
+    entries = [
+        InventoryEntry(id=f"m{i}", server_host=f"127.0.0.1:{9000 + i}", canary_weight=w)
+        for i, w in enumerate([20.0, 0.0, 0.0, 0.0])
+    ]
+    backends = [Backend(e) for e in entries]
+    rng = random.Random(7)
+    balancer = make_balancer(kind, clock=lambda: 0.0, rng=rng)
+    pool = Pool(backends, balancer, warm=True, clock=lambda: 0.0)
+    picks: Counter[str] = Counter()
+    for i in range(20000):
+        key = f"client-{i}".encode() if kind == "hash" else None
+        b = balancer.pick(pool.eligible, key)
+        assert b is not None
+        picks[b.key] += 1
+    share = picks["m0"] / 20000
+    assert 0.15 < share < 0.25, (kind, share, picks)
+
+
+# --- whole rollouts -------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Path) -> AsyncIterator[tuple[Runtime, Autoscaler, int]]:
+    """A runtime on `cfg` whose pool of two serves; stopped, its machines destroyed."""
+    rt = Runtime(load_settings(cfg), [], cfg)
+    server = await rt.start()
+    try:
+        scaler = rt.autoscaler
+        assert scaler is not None
+        await asyncio.wait_for(scaler.reconciled.wait(), 10)
+        await wait_for(lambda: len(server.pool.eligible) == 2, timeout=20)
+        yield rt, scaler, server.addresses[0][1]
+    finally:
+        await rt.stop()
+        await destroy_all(rt.settings, cfg.parent)
+
+
+async def machines(rt: Runtime) -> dict[str, tuple[str, ...]]:
+    provider = open_provider(rt.settings, rt.base)
+    try:
+        return {m.id: m.tags for m in await provider.list()}
+    finally:
+        await provider.close()
+
+
+async def rollout_to_end(
+    rt: Runtime, scaler: Autoscaler, port: int, spec: Spec, within: float = 60
+) -> tuple[dict[str, Any], LoadResult]:
+    """Start a rollout under steady load; its end (the history's record) and the load."""
+    stop = asyncio.Event()
+    load = LoadResult()
+    task = asyncio.create_task(run_load("127.0.0.1", port, 4, within, stop=stop, result=load))
+    try:
+        await asyncio.sleep(0.5)  # the load is flowing before the rollout begins
+        begun = await scaler.rollouts.start(spec, "the test")
+        await wait_for(lambda: not scaler.rollouts.active, timeout=within)
+    finally:
+        stop.set()
+        await task
+    ended = next(h for h in scaler.rollouts.history if h["id"] == begun["id"])
+    return ended, load
+
+
+@pytest.mark.timeout(120)
+async def test_a_good_rollout_replaces_every_machine_with_no_failed_request(
+    tmp_path: Path,
+) -> None:
+    async with running(config(tmp_path)) as (rt, scaler, port):
+        before = set(await machines(rt))
+        spec = Spec(command=BACKEND + " --service-time 0.001")
+        ended, load = await rollout_to_end(rt, scaler, port, spec)
+        assert ended["phase"] == "done", ended
+        assert load.failed == 0, load.errors
+        assert load.ok > 200
+        # Every machine is new, none of the old is left, and nothing leaked.
+        tag = TAG_PREFIX + ended["id"]
+        now = await machines(rt)
+        assert len(now) == 2 and not set(now) & before
+        assert all(tag in tags for tags in now.values())
+        entries = load_inventory(tmp_path / "inventory.toml")
+        assert {str(e.id) for e in entries} == set(now)
+        assert all(e.canary_weight == 0 for e in entries)
+        # The canary was compared on real traffic, and every window passed.
+        verdicts = ended["verdicts"]
+        assert verdicts[0]["window"] == "canary" and verdicts[0]["compared"]
+        assert all(v["passed"] for v in verdicts)
+        # New machines are made of the new spec from now on.
+        assert scaler.current_spec() == Spec(command=spec.command)
+        assert rollouts_view(rt)["spec"] == {"command": spec.command}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("flaw", "why"),
+    [("--service-time 0.05", "max-latency-ratio"), ("--error-rate 0.05", "errors")],
+)
+async def test_a_bad_rollout_rolls_back_with_the_old_pool_intact(
+    tmp_path: Path, flaw: str, why: str
+) -> None:
+    async with running(config(tmp_path, canary_time="3s")) as (rt, scaler, port):
+        before = await machines(rt)
+        ended, load = await rollout_to_end(rt, scaler, port, Spec(command=f"{BACKEND} {flaw}"))
+        assert ended["phase"] == "rolled-back", ended
+        assert "canary failed" in ended["reason"] and why in ended["reason"]
+        assert await machines(rt) == before
+        entries = load_inventory(tmp_path / "inventory.toml")
+        assert {str(e.id) for e in entries} == set(before)
+        assert scaler.current_spec() is None
+        if "error" in flaw:
+            # Only the canary's own 500s reached users: about 5 % of its share.
+            assert load.failed < 0.05 * load.ok
+        else:
+            assert load.failed == 0, load.errors
+
+
+@pytest.mark.timeout(120)
+async def test_one_rollout_at_a_time_and_an_abort_rolls_back(tmp_path: Path) -> None:
+    async with running(config(tmp_path, canary_time="30s")) as (rt, scaler, _port):
+        before = await machines(rt)
+        with pytest.raises(RolloutRefused, match="--command"):
+            await scaler.rollouts.start(Spec(image="ubuntu-24-04-x64"), "the test")
+        begun = await scaler.rollouts.start(Spec(command=BACKEND), "the test")
+        with pytest.raises(RolloutRefused, match="in progress"):
+            await scaler.rollouts.start(Spec(command=BACKEND), "the test")
+        # The canary serves, marked with its share, and the status says so.
+        await wait_for(lambda: (scaler.rollouts.status()["current"] or {}).get("new") == 1, 20)
+        await wait_for(lambda: scaler.rollouts.window is not None, 20)
+        current = rollouts_view(rt)["current"]
+        assert current["phase"] == "canary" and current["old"] == 2
+        assert current["window"]["kind"] == "canary"
+        canaries = [b for b in rt.backends if b.entry.canary_weight]
+        assert len(canaries) == 1 and canaries[0].entry.canary_weight == 30
+        await scaler.rollouts.abort("the test")
+        await wait_for(lambda: not scaler.rollouts.active, timeout=30)
+        ended = scaler.rollouts.history[-1]
+        assert ended["id"] == begun["id"] and ended["phase"] == "rolled-back"
+        assert "aborted by the test" in ended["reason"]
+        assert await machines(rt) == before
+        with pytest.raises(RolloutRefused, match="no rollout"):
+            await scaler.rollouts.abort("the test")
