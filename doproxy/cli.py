@@ -206,7 +206,9 @@ def _server_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--user-data", metavar="FILE", help="DigitalOcean: a file with the new user data"
     )
     ro.add_argument(
-        "--command", help="local provider: the new command ({host}, {port}, {name} filled in)"
+        "--command",
+        dest="new_command",  # `command` is the subcommand's
+        help="local provider: the new command ({host}, {port}, {name} filled in)",
     )
     ro.add_argument(
         "--wait",
@@ -295,7 +297,7 @@ def _server(args: argparse.Namespace) -> int:
         elif args.command == "events":
             work = s.events(ctx, args.follow, args.since, args.output)
         elif args.command == "rollout":
-            given = {"image": args.image, "size": args.size, "command": args.command}
+            given = {"image": args.image, "size": args.size, "command": args.new_command}
             spec = {k: v for k, v in given.items() if v is not None}
             action = args.action or "start"
             if action != "start" and (spec or args.user_data is not None):

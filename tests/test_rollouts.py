@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
+import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from doproxy.proxy.backend import Backend, Pool
 from doproxy.rollout import TAG_PREFIX
 from doproxy.runtime import Runtime
 from tests.conftest import wait_for
+from tests.procs import start_proxy_process
 from tests.test_autoscaler_e2e import destroy_all, port_range
 
 BACKEND = "python -m doproxy.demo_backend --host {host} --port {port} --name {name}"
@@ -285,3 +288,97 @@ async def test_one_rollout_at_a_time_and_an_abort_rolls_back(tmp_path: Path) -> 
         assert await machines(rt) == before
         with pytest.raises(RolloutRefused, match="no rollout"):
             await scaler.rollouts.abort("the test")
+
+
+# --- a crash in the middle ------------------------------------------------------------------
+
+
+async def cli(cfg: Path, *args: str) -> tuple[int, str]:
+    """`python -m doproxy --config cfg ARGS`, as a user types it; (exit code, output)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "doproxy",
+        "--config",
+        str(cfg),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()
+
+
+async def rollouts(cfg: Path) -> dict[str, Any]:
+    code, out = await cli(cfg, "rollout", "status", "--output", "json")
+    assert code == 0, out
+    view: dict[str, Any] = json.loads(out)
+    return view
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float) -> None:
+    async with asyncio.timeout(within):
+        while not await check():
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("when", ["canary", "steps"])
+async def test_kill_9_in_the_middle_then_start_finishes_or_rolls_back_with_nothing_leaked(
+    tmp_path: Path, when: str
+) -> None:
+    cfg = config(tmp_path, canary_time="3s")
+    settings = load_settings(cfg)
+    proc = await start_proxy_process(cfg)
+    second = None
+    try:
+        await until(lambda: _serving(cfg, 2), 30)
+        code, out = await cli(cfg, "rollout", "--command", BACKEND + " --service-time 0.001")
+        assert code == 0 and "begun" in out, out
+        rid = out.split("rollout ", 1)[1].split(" ", 1)[0]
+
+        async def reached() -> bool:
+            cur = (await rollouts(cfg))["current"]
+            if when == "canary":
+                return bool(cur) and cur["phase"] == "canary" and cur["new"] == 1
+            return bool(cur) and cur["phase"] == "steps"
+
+        await until(reached, 60)
+        proc.proc.kill()  # kill -9: no handler runs, nothing is tidied
+        await proc.proc.wait()
+
+        second = await start_proxy_process(cfg)
+
+        async def ended() -> bool:
+            view = await rollouts(cfg)
+            return view["current"] is None and any(h["id"] == rid for h in view["history"])
+
+        await until(ended, 90)
+        record = next(h for h in (await rollouts(cfg))["history"] if h["id"] == rid)
+        assert record["phase"] in ("done", "rolled-back"), record
+        await until(lambda: _serving(cfg, 2), 30)
+        # Nothing leaked, nothing forgotten, and one spec for the whole pool.
+        provider = open_provider(settings, tmp_path)
+        try:
+            found = {m.id: m.tags for m in await provider.list()}
+        finally:
+            await provider.close()
+        entries = load_inventory(tmp_path / "inventory.toml")
+        assert {str(e.id) for e in entries} == set(found), (entries, found)
+        assert len(found) == 2
+        tagged = {TAG_PREFIX + rid in tags for tags in found.values()}
+        assert tagged == {record["phase"] == "done"}
+        assert all(e.canary_weight == 0 and e.state == "active" for e in entries)
+    finally:
+        for p in (proc, second):
+            if p is not None and p.proc.returncode is None:
+                await p.stop()
+        await destroy_all(settings, tmp_path)
+
+
+async def _serving(cfg: Path, n: int) -> bool:
+    code, out = await cli(cfg, "status", "--output", "json")
+    if code != 0:
+        return False
+    backends = json.loads(out)["status"]["backends"]
+    return sum(1 for b in backends if b["eligible"]) == n
