@@ -111,7 +111,7 @@ interval = "1s"
 
 [provisioning]
 enable = true
-min-backends = 1
+min-backends = {min_backends}
 max-backends = 4
 upscale-latency = "90ms"
 upscale-time = "3s"
@@ -122,6 +122,11 @@ downscale-every = "8s"
 interval = "1s"
 drain-timeout = "5s"
 orphans = "destroy"
+# `doproxy demo --rollouts`: short windows, so a rollout takes about half a minute.
+canary-weight = 25
+canary-time = "10s"
+rollout-step-time = "5s"
+rollout-min-requests = 20
 
 [admin]
 # The status page and the admin API. Loopback only, whatever the proxy's bind: read-only on
@@ -142,8 +147,19 @@ tags = ["doproxy-demo", "{run}"]  # this run's own tag: it destroys only its own
 # `doproxy demo --load`: heavy load until the pool has grown, then light load so it shrinks.
 LOAD_PHASES = ((24, 40.0), (2, 50.0))
 
+# `doproxy demo --rollouts`: under a steady load, a release three times slower (rolled back),
+# then a good one (completed). The demo backend's command, with other service times.
+DEMO_COMMAND = (
+    "python -m doproxy.demo_backend --host {host} --port {port} --name {name} --capacity 4"
+)
+ROLLOUTS = (
+    ("a slower release", DEMO_COMMAND + " --service-time 0.15"),
+    ("a good release", DEMO_COMMAND + " --service-time 0.04"),
+)
+ROLLOUT_LOAD = (4, 150.0)  # clients, at most seconds
 
-async def _demo(bind: str, load: bool, ports: str = "9100-9199") -> None:
+
+async def _demo(bind: str, load: bool, ports: str = "9100-9199", rollouts: bool = False) -> None:
     import tempfile
 
     from doproxy.loadgen import LoadResult, run_load
@@ -161,7 +177,10 @@ async def _demo(bind: str, load: bool, ports: str = "9100-9199") -> None:
         proxy_port = 0  # load_settings says what is wrong with it, with the config's words
     admin = f"127.0.0.1:{proxy_port + 1 if 0 < proxy_port < 65535 else 0}"
     config.write_text(
-        DEMO_CONFIG.format(bind=bind, ports=ports, run=run, admin=admin), encoding="utf-8"
+        DEMO_CONFIG.format(
+            bind=bind, ports=ports, run=run, admin=admin, min_backends=2 if rollouts else 1
+        ),
+        encoding="utf-8",
     )
     settings = load_settings(config)
     stop = asyncio.Event()
@@ -176,7 +195,10 @@ async def _demo(bind: str, load: bool, ports: str = "9100-9199") -> None:
         if runtime.admin is not None:
             print(f"  status page: {runtime.admin.url()}")
         print(f"try:  curl -s http://{host}:{port}/hello")
-        if load:
+        if rollouts:
+            work = _roll(host, port, server, runtime)
+            tasks.append(asyncio.get_running_loop().create_task(work))
+        elif load:
             tasks.append(asyncio.get_running_loop().create_task(_drive(host, port, server)))
         else:
             print("      doproxy demo --load   drives load, so you can watch the pool scale")
@@ -205,6 +227,41 @@ async def _demo(bind: str, load: bool, ports: str = "9100-9199") -> None:
             await runner
         print("load finished; the pool shrinks back to 1 backend. Ctrl-C to stop.")
 
+    async def _roll(host: str, port: int, server: ProxyServer, runtime: Runtime) -> None:
+        from doproxy.provisioning import Spec
+
+        scaler = runtime.autoscaler
+        assert scaler is not None
+        while len(server.pool.eligible) < 2:  # noqa: ASYNC110 - the pool is booting
+            await asyncio.sleep(0.1)
+        clients, seconds = ROLLOUT_LOAD
+        print(f"load: {clients} clients, steady, while two rollouts run")
+        result = LoadResult()
+        done = asyncio.Event()
+        runner = asyncio.get_running_loop().create_task(
+            run_load(host, port, clients, seconds, stop=done, result=result)
+        )
+        try:
+            await asyncio.sleep(3.0)  # the old machines' latency, for the canary to beat
+            for what, command in ROLLOUTS:
+                begun = await scaler.rollouts.start(Spec(command=command), "the demo")
+                print(f"rollout {begun['id']}: {what}: {begun['reason']}")
+                said = ""
+                while scaler.rollouts.active:
+                    cur = scaler.rollouts.status()["current"] or {}
+                    line = f"  {cur.get('phase')}: {cur.get('old')} old, {cur.get('new')} new"
+                    if line != said:
+                        print(line)
+                        said = line
+                    await asyncio.sleep(0.5)
+                ended = scaler.rollouts.history[-1]
+                print(f"  {ended['phase']}: {ended['reason']}")
+        finally:
+            done.set()
+            await runner
+        print(f"rollouts finished; {result.ok} requests answered, {result.failed} failed.")
+        print("Ctrl-C to stop.")
+
     try:
         await run_proxy(settings, [], config, stop=stop, on_ready=ready)
     finally:
@@ -216,5 +273,10 @@ async def _demo(bind: str, load: bool, ports: str = "9100-9199") -> None:
         await provider.close()
 
 
-def demo(bind: str = "127.0.0.1:8000", load: bool = False, ports: str = "9100-9199") -> None:
-    uvloop.run(_demo(bind, load, ports))
+def demo(
+    bind: str = "127.0.0.1:8000",
+    load: bool = False,
+    ports: str = "9100-9199",
+    rollouts: bool = False,
+) -> None:
+    uvloop.run(_demo(bind, load, ports, rollouts))

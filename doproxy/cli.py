@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also drive a bounded load (heavy, then light) so you can watch the pool scale",
     )
+    d.add_argument(
+        "--rollouts",
+        action="store_true",
+        help="under a steady load, roll out a slower release (rolled back by itself), then a "
+        "good one (completed): docs/rollouts.md",
+    )
     d.add_argument("--ports", default="9100-9199", help="ports for the demo backends")
     sub.add_parser("check", help="validate the config and the inventory; contacts nothing")
     _machine_commands(sub)
@@ -263,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
         app.serve(args.config, upgrade=args.command == "upgrade")
         return 0
     if args.command == "demo":
-        app.demo(args.bind, args.load, args.ports)
+        app.demo(args.bind, args.load, args.ports, args.rollouts)
         return 0
     if args.command == "check":
         return _check(args.config)

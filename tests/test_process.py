@@ -237,6 +237,32 @@ async def test_demo_autoscales_local_backends_and_cleans_up() -> None:
         await proxy.stop()
 
 
+@pytest.mark.timeout(120)
+async def test_demo_rollouts_rolls_a_slower_release_back_and_completes_a_good_one() -> None:
+    """`doproxy demo --rollouts`: under steady load, a slower release is rolled back by itself,
+    then a good one replaces both machines (what it logs; tests/test_rollouts.py counts the
+    failed requests of such rollouts)."""
+    import random
+
+    base = random.randrange(20000, 32700)
+    ports = f"{base}-{base + 20}"
+    proxy = await start_proxy_process(
+        None, args=("demo", "--rollouts", "--bind", "127.0.0.1:0", "--ports", ports)
+    )
+    try:
+        async with asyncio.timeout(100):
+            while "done: every machine runs the new spec" not in proxy.log.decode():
+                assert proxy.proc.returncode is None, proxy.log.decode()
+                await asyncio.sleep(0.2)
+        log = proxy.log.decode()
+        slower = log.index("rolled-back: canary failed")
+        assert "max-latency-ratio" in log[slower : slower + 300]
+        assert log.index("done: every machine runs the new spec (2)") > slower
+        assert await proxy.stop() == 0
+    finally:
+        await proxy.stop()
+
+
 async def test_sighup_reloads_the_inventory(tmp_path: Path) -> None:
     async def named(name: bytes) -> tuple[asyncio.Server, int]:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
