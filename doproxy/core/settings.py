@@ -262,7 +262,7 @@ class Provisioning(Section):
     max_latency_ratio: float = Field(1.5, ge=1)
     rollout_step: int = Field(1, ge=1)
     rollout_step_time: PositiveDuration = 60.0
-    rollout_min_requests: int = Field(20, ge=0)
+    rollout_min_requests: int = Field(100, ge=0)
 
     @property
     def stabilization(self) -> float:
