@@ -317,6 +317,12 @@ class Autoscaler:
         self._kept_overrides.save(overrides)
         self._overrides = overrides
 
+    async def store_overrides(self, overrides: dict[str, Any]) -> None:
+        """save_overrides from the event loop: the file is written in a thread, and what the
+        loop sees changes only once it is written (never half-way through a step of ours)."""
+        await asyncio.to_thread(self._kept_overrides.save, overrides)
+        self._overrides = overrides
+
     async def _run(self) -> None:
         # Nothing may end this loop but cancellation (the server stopping): every error is
         # logged once, kept as last_error, and followed by a growing pause and a reconcile.

@@ -57,7 +57,7 @@ from doproxy.core.rollout import (
     to_create,
     to_retire,
 )
-from doproxy.errors import DoproxyError, ProviderRefused, RolloutRefused
+from doproxy.errors import DoproxyError, ProviderError, ProviderRefused, RolloutRefused
 from doproxy.machines import managed_by, owned, provisioner
 from doproxy.provisioning import Spec, new_name
 
@@ -121,7 +121,7 @@ class Scaler(Protocol):
     @property
     def overrides(self) -> dict[str, Any]: ...
 
-    def save_overrides(self, overrides: dict[str, Any]) -> None: ...
+    async def store_overrides(self, overrides: dict[str, Any]) -> None: ...
 
     def record(self, kind: str, data: dict[str, Any]) -> None: ...
 
@@ -151,6 +151,9 @@ class Rollouts:
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._abort: str | None = None  # why an abort was asked for (the admin API)
         self._wake = asyncio.Event()
+        # start() and abort() check, then write: two admin calls at once must not both pass
+        # the check (two rollouts), so they take turns.
+        self._verbs = asyncio.Lock()
         self.window: dict[str, Any] | None = None  # the window being watched, for the API
         for r in scaler.journal.of_kind("rollout"):
             if r.get("phase") in ("done", "rolled-back"):
@@ -182,7 +185,7 @@ class Rollouts:
                 overrides["spec"] = kept.to_json()
             else:
                 overrides.pop("spec", None)
-        await asyncio.to_thread(self.scaler.save_overrides, overrides)
+        await self.scaler.store_overrides(overrides)
         public = self.view(r)
         self.scaler.record("rollout", public)
         level = logging.WARNING if phase in ("rolling-back", "rolled-back") else logging.INFO
@@ -238,6 +241,10 @@ class Rollouts:
 
     async def start(self, spec: Spec, by: str) -> dict[str, Any]:
         """Begin a rollout to `spec`; RolloutRefused (409) says why one cannot begin now."""
+        async with self._verbs:
+            return await self._start(spec, by)
+
+    async def _start(self, spec: Spec, by: str) -> dict[str, Any]:
         s = self.scaler
         if self.active:
             cur = self.current or {}
@@ -257,6 +264,13 @@ class Rollouts:
             raise RolloutRefused(
                 f"--command is for the local provider; {kind} takes --image, --size and --user-data"
             )
+        if spec.command:
+            from doproxy.providers.local import command_argv
+
+            try:  # a command that cannot run is refused now, not found out by a canary
+                command_argv(spec.command, "127.0.0.1", 1, "check")
+            except ProviderError as e:
+                raise RolloutRefused(f"--command: {e}") from None
         if s.creating or s.retiring:
             raise RolloutRefused(
                 f"the autoscaler is busy ({len(s.creating)} machine(s) being made, "

@@ -193,6 +193,10 @@ async def test_beyond_loopback_every_endpoint_needs_the_token(
         }
         async with s.get(f"http://127.0.0.1:{port}/api/status", headers=wrong) as r:
             assert r.status == 401
+        # A rollout's command is a program to run here: never chosen from afar, token or not.
+        url = f"http://127.0.0.1:{port}/api/rollouts"
+        async with s.post(url, headers=auth, json={"command": "sh -c 'id'"}) as r:
+            assert r.status == 403 and "loopback" in (await r.json())["error"]
     # A configured token is not written anywhere.
     assert not token_path(rt.inventory_path).exists()
 

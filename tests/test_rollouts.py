@@ -382,3 +382,23 @@ async def _serving(cfg: Path, n: int) -> bool:
         return False
     backends = json.loads(out)["status"]["backends"]
     return sum(1 for b in backends if b["eligible"]) == n
+
+
+@pytest.mark.timeout(60)
+async def test_two_starts_at_once_make_one_rollout_and_a_bad_command_is_refused(
+    tmp_path: Path,
+) -> None:
+    async with running(config(tmp_path, canary_time="30s")) as (_rt, scaler, _port):
+        with pytest.raises(RolloutRefused, match="--command"):
+            await scaler.rollouts.start(Spec(command="python 'unclosed"), "the test")
+        outcomes = await asyncio.gather(
+            scaler.rollouts.start(Spec(command=BACKEND), "one"),
+            scaler.rollouts.start(Spec(command=BACKEND), "two"),
+            return_exceptions=True,
+        )
+        begun = [o for o in outcomes if isinstance(o, dict)]
+        refused = [o for o in outcomes if isinstance(o, RolloutRefused)]
+        assert len(begun) == 1 and len(refused) == 1, outcomes
+        await scaler.rollouts.abort("the test")
+        await wait_for(lambda: not scaler.rollouts.active, timeout=30)
+        assert scaler.rollouts.history[-1]["id"] == begun[0]["id"]

@@ -426,6 +426,7 @@ SPEC: dict[str, Any] = {
                 "responses": {
                     "202": _json(_ref("Rollout"), "the rollout, begun"),
                     "400": _ERR,
+                    "403": _ERR,
                     "409": _ERR,
                     **_AUTH,
                 },

@@ -508,7 +508,6 @@ class AdminServer:
     async def rollout_start(self, request: web.Request) -> web.Response:
         """Begin a rollout: {"image", "size", "user_data", "command"} (any; none: roll the
         config's spec out again). 202 with the rollout; 409 when one cannot begin now."""
-        scaler = self._scaler()
         body = await _json_body(request)
         fields = ("image", "size", "user_data", "command")
         unknown = sorted(set(body) - set(fields))
@@ -530,6 +529,15 @@ class AdminServer:
             if key != "user_data" and (len(value) > 1024 or "\0" in value):
                 return _json_error(400, f"{key} must be at most 1024 characters, without NUL")
             values[key] = value
+        if "command" in values and not self.loopback:
+            # A command is a program this machine runs: chosen only by someone on it (the
+            # token alone does not allow that from afar).
+            return _json_error(
+                403,
+                "command is taken only by an admin listener bound to loopback (a program to "
+                "run on this machine is not chosen from afar); run `doproxy rollout` there",
+            )
+        scaler = self._scaler()
         spec = Spec(
             image=values.get("image", ""),
             size=values.get("size", ""),
