@@ -137,6 +137,41 @@ async def test_listener_files_status_and_health(
     assert not addr_path(inv).exists() and not token_path(inv).exists()
 
 
+@pytest.mark.timeout(30)
+async def test_a_canarys_share_is_in_its_backend_row(
+    start: Start, two: tuple[RawBackend, RawBackend]
+) -> None:
+    """A rollout's canary (an inventory entry with canary-weight) says its share in
+    /api/status; every other backend says 0. Checked against the OpenAPI document too."""
+    from openapi_core import OpenAPI
+    from openapi_core.testing import MockRequest, MockResponse
+
+    from doproxy.core.inventory_model import InventoryEntry
+    from doproxy.inventory import update_inventory
+
+    a, b = two
+    marked = inventory(a.port).replace("\n", "\ncanary-weight = 12.5\n", 1) + inventory(b.port)
+    rt, admin = await start(config(), marked)
+
+    async def shares() -> dict[str, Any]:
+        status, body = await admin.call("GET", "/api/status", token=None)
+        assert status == 200
+        req = MockRequest("http://127.0.0.1", "get", "/api/status")
+        resp = MockResponse(json.dumps(body).encode(), status_code=status)
+        OpenAPI.from_dict(SPEC).validate_response(req, resp)
+        return {row["id"]: row["canary_weight"] for row in body["backends"]}
+
+    assert await shares() == {str(a.port): 12.5, str(b.port): 0.0}
+
+    # The rollout unmarks it once the canary passed: 0 again.
+    def unmark(entries: list[InventoryEntry]) -> list[InventoryEntry]:
+        return [e.model_copy(update={"canary_weight": 0.0}) for e in entries]
+
+    await asyncio.to_thread(update_inventory, rt.inventory_path, unmark)
+    assert await rt.apply_inventory()
+    assert await shares() == {str(a.port): 0.0, str(b.port): 0.0}
+
+
 async def test_mutating_needs_the_token_and_wrong_equals_missing(
     start: Start, two: tuple[RawBackend, RawBackend], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -341,7 +376,9 @@ async def test_answers_match_the_openapi_document(
     validate(SPEC)
     spec = OpenAPI.from_dict(SPEC)
     a, b = two
-    _rt, admin = await start(config(), inventory(a.port, b.port))
+    rt, admin = await start(config(), inventory(a.port, b.port))
+    # Every kind of event is in the document's enum: a rollout's phase change, say.
+    rt.events.publish("rollout", "rollout 0a1b2c3d: canary: started", result="canary")
     status, served = await admin.call("GET", "/api/openapi.json", token=None)
     assert status == 200 and served == SPEC
     calls: list[tuple[str, str, str, Any]] = [

@@ -25,6 +25,7 @@ from doproxy.config import load_settings
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.inventory import load_inventory, update_inventory
 from doproxy.runtime import Runtime
+from tests.conftest import wait_for
 from tests.support import RawBackend, RequestReader, get, request, respond
 
 pytestmark = pytest.mark.timeout(120)
@@ -443,3 +444,95 @@ async def test_the_page_is_served_self_contained(runtime: Runtime) -> None:
     assert re.findall(r"https?://[^\s\"'`]+", page) == ["http://www.w3.org/2000/svg"]
     # Text from the API goes in as text: nothing in the script parses strings as HTML.
     assert not re.search(r"\.(inner|outer)HTML|insertAdjacentHTML|document\.write", page)
+
+
+@pytest.mark.timeout(120)
+async def test_the_page_shows_a_rollout_in_progress_and_its_canary(
+    tmp_path: Path, browser: Any
+) -> None:
+    """A rollout with the local provider (real backend processes): the page's Rollout panel
+    shows its canary phase, the machines and the window being watched, and the backends table
+    marks the canary with its share; after an abort, the panel shows it rolled back."""
+    from playwright.async_api import expect
+
+    from doproxy.provisioning import Spec
+    from tests.test_rollouts import BACKEND, running
+    from tests.test_rollouts import config as rollout_config
+
+    expect.set_options(timeout=20_000)  # a cold browser on a busy machine (see above)
+    # A canary window long enough that a busy machine checks the page well inside it (the
+    # abort ends it early, so the length costs nothing).
+    async with running(rollout_config(tmp_path, canary_time="60s")) as (rt, scaler, _port):
+        assert rt.admin is not None
+        url = rt.admin.url()
+        page = await browser.new_page(viewport={"width": 1400, "height": 900})
+        watched = Watched(page, url.rstrip("/"))
+        panel = page.locator("#rollout")
+
+        def field(name: str) -> Any:
+            return panel.locator(f'dd[data-field="{name}"]')
+
+        try:
+            await page.goto(url)
+            await expect(field("rollout")).to_have_text("no rollout in progress")
+            await expect(field("pool spec")).to_have_text("the config's spec")
+            await expect(page.locator("#verdicts li.empty")).to_have_text("no rollouts yet")
+
+            command = BACKEND + " --service-time 0.001"
+            begun = await scaler.rollouts.start(Spec(command=command), "the test")
+            # The canary serves and is being watched.
+            await wait_for(lambda: scaler.rollouts.window is not None, timeout=30)
+            await expect(panel).to_have_attribute("data-phase", "canary")
+            await expect(field("rollout")).to_have_text(begun["id"])
+            await expect(field("phase")).to_have_text(re.compile("^canary: "))
+            await expect(field("new spec")).to_have_text(f"command {command}")
+            await expect(field("machines")).to_have_text("2 old · 1 new · target 2")
+            await expect(field("reason")).to_contain_text("started by the test")
+            await expect(field("pool spec")).to_have_text("the config's spec")
+            watching = field("watching")
+            await expect(watching).to_have_text(
+                re.compile(r"^canary window: (1m )?\d+s left of 1m 0s$")
+            )
+            await expect(page.locator("#verdicts li.empty")).to_have_text("no window judged yet")
+
+            # The seconds left count down as the page polls.
+            def left(text: str | None) -> int:
+                found = re.search(r"(?:(\d+)m )?(\d+)s left", text or "")
+                return int(found[1] or 0) * 60 + int(found[2]) if found else -1
+
+            first = left(await watching.text_content())
+            assert 0 < first <= 60
+
+            async def counted_down() -> bool:
+                return 0 <= left(await watching.text_content()) < first
+
+            await until(counted_down, "the window's seconds left to count down")
+
+            # The canary is marked in the backends table with its share; the others are not.
+            canaries = [b for b in rt.backends if b.entry.canary_weight]
+            assert len(canaries) == 1 and canaries[0].entry.canary_weight == 30
+            await expect(page.locator("#backends tbody tr[data-id]")).to_have_count(3)
+            marked = page.locator("#backends tbody tr[data-canary]")
+            await expect(marked).to_have_count(1)
+            await expect(marked).to_have_attribute("data-id", canaries[0].key)
+            await expect(marked.locator("td[data-col=state]")).to_have_text("active canary 30%")
+            await expect(marked.locator("span.canary")).to_have_text("canary 30%")
+
+            # Aborted: rolled back, and the panel shows the one that ended.
+            await scaler.rollouts.abort("the test")
+            await wait_for(lambda: not scaler.rollouts.active, timeout=30)
+            await expect(panel).to_have_attribute("data-phase", "none")
+            await expect(field("rollout")).to_have_text("no rollout in progress")
+            await expect(field("last")).to_have_text(re.compile(f"^{begun['id']}: rolled back"))
+            await expect(field("last")).to_have_class("no")
+            await expect(field("reason")).to_contain_text("aborted by the test")
+            await expect(marked).to_have_count(0)
+            await expect(page.locator("#backends tbody tr[data-id]")).to_have_count(2)
+            # Its phase changes arrived as events over the stream.
+            await expect(page.locator("#events li[data-kind=rollout]").first).to_contain_text(
+                f"rollout {begun['id']}: rolled-back"
+            )
+        finally:
+            await page.close()
+        assert watched.foreign == []
+        assert watched.problems == []

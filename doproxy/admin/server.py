@@ -667,6 +667,8 @@ def backend_view(runtime: Served, b: Backend) -> dict[str, Any]:
         "ejected": bool(b.ejected_until),
         "eligible": eligible,
         "weight": e.weight,
+        # A rollout's canary takes this percent of the pool's traffic; 0 for every other.
+        "canary_weight": float(e.canary_weight),
         "in_flight": b.in_flight,
         "requests": b.requests,
         "failures": b.failures,
