@@ -280,6 +280,10 @@ class Autoscaler:
         return limited
 
     @property
+    def rolling_out(self) -> bool:
+        return self.rollouts.active
+
+    @property
     def paused(self) -> bool:
         return bool(self._overrides.get("paused"))
 

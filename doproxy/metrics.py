@@ -92,6 +92,11 @@ class Scaler(Protocol):
     def provision_seconds(self) -> Histogram: ...
 
     @property
+    def rolling_out(self) -> bool:
+        """Is a progressive rollout in progress (doproxy.rollout)?"""
+        ...
+
+    @property
     def creating(self) -> Sized:
         """Create tasks running now: machines being provisioned."""
         ...
@@ -283,6 +288,16 @@ class MetricsCollector:
             reloads.add_metric([result], counts.get(("reload", result), 0))
         yield reloads
 
+        rollouts = CounterMetricFamily(
+            "doproxy_rollouts_total",
+            "Progressive rollouts that ended, by result: done (every machine replaced) or "
+            "rolled-back.",
+            labels=["result"],
+        )
+        for result in ("done", "rolled-back"):
+            rollouts.add_metric([result], counts.get(("rollout", result), 0))
+        yield rollouts
+
         cluster = src.cluster
         if cluster is not None:
             yield GaugeMetricFamily(
@@ -315,6 +330,11 @@ class MetricsCollector:
                 "Seconds from a create's intent to its backend in the pool, per successful create.",
                 buckets=_buckets(provisioned.cumulative()),
                 sum_value=provisioned.sum,
+            )
+            yield GaugeMetricFamily(
+                "doproxy_rollout_in_progress",
+                "1 while a progressive rollout runs (the autoscaler holds its own decisions).",
+                value=1.0 if scaler.rolling_out else 0.0,
             )
             yield CounterMetricFamily(
                 "doproxy_autoscaler_errors_total",

@@ -236,6 +236,9 @@ async def test_a_good_rollout_replaces_every_machine_with_no_failed_request(
         assert all(v["passed"] for v in verdicts)
         # New machines are made of the new spec from now on.
         assert scaler.current_spec() == Spec(command=spec.command)
+        text = rt.metrics.exposition()[0].decode()
+        assert 'doproxy_rollouts_total{result="done"} 1.0' in text
+        assert "doproxy_rollout_in_progress 0.0" in text
         assert rollouts_view(rt)["spec"] == {"command": spec.command}
 
 
