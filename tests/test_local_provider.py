@@ -26,7 +26,7 @@ from doproxy.core.settings import LocalProvisioner
 from doproxy.errors import MachineNotFound, ProviderError, ProvisionTimeout
 from doproxy.providers import local
 from doproxy.providers.local import LocalProvider, command_argv, read_proc, signal_if_ours
-from doproxy.provisioning import Machine, Provider, wait_active
+from doproxy.provisioning import Machine, Provider, Spec, wait_active
 from tests.support import request
 
 COMMAND = "python -m doproxy.demo_backend --host {host} --port {port} --name {name}"
@@ -458,3 +458,27 @@ async def test_proc_scans_run_in_a_thread_not_on_the_event_loop(
         await provider.get("scanned-1")
     assert len(threads) >= 6
     assert threading.main_thread() not in threads
+
+
+@pytest.mark.timeout(30)
+async def test_a_spec_command_and_tags_survive_a_reboot(
+    make_provider: MakeProvider, tag: str
+) -> None:
+    """A rollout's machine runs its spec's command with the rollout's tag, and `reboot` starts
+    that command again, not the configured one."""
+    provider = make_provider()
+    spec = Spec(command=COMMAND + " --error-rate 1", tags=("doproxy-rollout-abc",))
+    created = await provider.create("web-2", spec)
+    assert created.tags == (tag, "doproxy-rollout-abc")
+    m = await active(provider, "web-2")
+    assert m.tags == (tag, "doproxy-rollout-abc")
+    r = await request(m.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert r.status == 500  # the spec's program, not the configured one
+    await provider.reboot("web-2")
+    rebooted = await provider.get("web-2")
+    assert rebooted.pid != m.pid and rebooted.tags == m.tags
+    r = await request(m.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert r.status == 500
+    # A machine of the configured command carries no spec marker: a reboot runs the config's.
+    plain = await provider.create("web-3")
+    assert "DOPROXY_COMMAND" not in environ_of(plain.pid)
