@@ -588,3 +588,81 @@ async def test_two_nodes_with_one_name_are_told(
     finally:
         await stop_nodes(nodes)
         await store.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_rollout_goes_on_after_its_leader_is_killed(
+    tmp_path: Path, etcd3: EtcdCluster, fake_do: tuple[FakeDigitalOcean, int]
+) -> None:
+    """The rollout's record is in etcd with the overrides: kill -9 of the leader during the
+    canary, and the next leader finishes it (or rolls it back), with one image for the pool
+    and no droplet leaked or made twice."""
+    fake, port = fake_do
+    fake.active_after = 0.2
+    urls = etcd3.client_urls
+    store = await push(urls, [])
+    timing = (
+        'interval = "200ms"\ncanary-time = "2s"\nrollout-step-time = "1s"\n'
+        "rollout-min-requests = 0\n"
+    )
+    nodes = await start_provisioning_nodes(
+        tmp_path, urls, fake, port, {'interval = "200ms"\n': timing}
+    )
+    try:
+        await active_backends(store, 2, 30)
+        (leader,) = leaders(await statuses(nodes))
+        first = next(n for n in nodes if n.name == leader)
+        follower = next(n for n in nodes if n is not first)
+        body = {"image": "ubuntu-24-04-x64"}
+        async with aiohttp.ClientSession() as s:
+            # Only the leader runs rollouts: a follower names it.
+            async with s.post(
+                follower.admin() + "/api/rollouts",
+                headers={"Authorization": f"Bearer {follower.token()}"},
+                json=body,
+            ) as r:
+                assert r.status == 409 and f"the leader is {leader}" in await r.text()
+            async with s.post(
+                first.admin() + "/api/rollouts",
+                headers={"Authorization": f"Bearer {first.token()}"},
+                json=body,
+            ) as r:
+                assert r.status == 202, await r.text()
+                rid = (await r.json())["id"]
+
+            async def canary_made() -> bool:
+                async with s.get(first.admin() + "/api/rollouts") as r:
+                    cur = (await r.json())["current"]
+                return bool(cur) and cur["new"] >= 1
+
+            await until(canary_made, 30)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        await first.proc.proc.wait()
+        rest = [n for n in nodes if n is not first]
+        new = await new_leader(rest, leader, 15)
+        successor = next(n for n in rest if n.name == new)
+
+        async def ended() -> dict[str, Any] | None:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(successor.admin() + "/api/rollouts") as r,
+            ):
+                view = await r.json()
+            if view["current"] is not None:
+                return None
+            return next((h for h in view["history"] if h["id"] == rid), None)
+
+        await until(ended, 60)
+        record = await ended()
+        assert record is not None and record["phase"] in ("done", "rolled-back"), record
+        await active_backends(store, 2, 30)
+        entries = await store.load()
+        ids = {str(e.id) for e in entries}
+        assert ids == {str(i) for i in fake.droplets}, fake.summary()
+        images = {fake.droplets[int(i)]["image"]["slug"] for i in ids}
+        assert images == (
+            {"ubuntu-24-04-x64"} if record["phase"] == "done" else {"ubuntu-22-04-x64"}
+        )
+    finally:
+        await stop_nodes(nodes)
+        await store.close()
