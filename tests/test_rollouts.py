@@ -405,3 +405,33 @@ async def test_two_starts_at_once_make_one_rollout_and_a_bad_command_is_refused(
         await scaler.rollouts.abort("the test")
         await wait_for(lambda: not scaler.rollouts.active, timeout=30)
         assert scaler.rollouts.history[-1]["id"] == begun[0]["id"]
+
+
+@pytest.mark.timeout(120)
+async def test_the_cli_as_documented(tmp_path: Path) -> None:
+    """`doproxy rollout --command ... --wait`, `rollout status`, `rollout abort`, as the docs
+    show them: exit 0 for a rollout that completed, 1 for one that rolled back."""
+    cfg = config(tmp_path)
+    settings = load_settings(cfg)
+    proc = await start_proxy_process(cfg)
+    try:
+        await until(lambda: _serving(cfg, 2), 30)
+        code, out = await cli(cfg, "rollout", "status")
+        assert code == 0 and "no rollout in progress" in out, out
+        code, out = await cli(cfg, "rollout", "abort")
+        assert code == 1 and "no rollout is in progress" in out, out
+        code, out = await cli(cfg, "rollout", "status", "--image", "x")
+        assert code == 1 and "takes no spec option" in out, out
+        code, out = await cli(cfg, "rollout", "--image", "ubuntu-24-04-x64")
+        assert code == 1 and "--command" in out, out  # the local provider's option
+        good = BACKEND + " --service-time 0.001"
+        code, out = await cli(cfg, "rollout", "--command", good, "--wait")
+        assert code == 0 and "done: every machine runs the new spec" in out, out
+        code, out = await cli(cfg, "rollout", "status")
+        assert "spec of new machines: command " + good in out and "earlier:" in out, out
+        # No traffic reaches this one: judged on health, and it never becomes healthy.
+        code, out = await cli(cfg, "rollout", "--command", BACKEND + " --boot-delay 30", "--wait")
+        assert code == 1 and "rolled-back" in out and "did not" in out, out
+    finally:
+        await proc.stop()
+        await destroy_all(settings, tmp_path)
