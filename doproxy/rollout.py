@@ -182,7 +182,10 @@ class Rollouts:
                 overrides["spec"] = kept.to_json()
             else:
                 overrides.pop("spec", None)
-        await asyncio.to_thread(self.scaler.save_overrides, overrides)
+        # On the loop, as the admin API's pause and limits are saved: from a worker thread the
+        # new phase showed (`active` False) before the history held the ended rollout, and
+        # the etcd store's save (it queues a write on the loop) is not thread-safe.
+        self.scaler.save_overrides(overrides)
         public = self.view(r)
         self.scaler.record("rollout", public)
         level = logging.WARNING if phase in ("rolling-back", "rolled-back") else logging.INFO
