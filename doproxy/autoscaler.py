@@ -300,31 +300,28 @@ class Autoscaler:
             if (k == "paused" or k in LIMITS) and v is not None and v is not False
         }
 
-    def set_paused(self, paused: bool) -> None:
+    async def set_paused(self, paused: bool) -> None:
         """Pause (decide and show, never act) or resume; kept across restarts."""
-        self.save_overrides({**self._overrides, "paused": paused})
+        await self.store_overrides({**self._overrides, "paused": paused})
         log.info("autoscaler %s by the admin API", "paused" if paused else "resumed")
         self.record("state", self.status())
 
-    def set_limits(self, limits: dict[str, int | None]) -> None:
+    async def set_limits(self, limits: dict[str, int | None]) -> None:
         """Override min-backends and max-backends (None: the config's again); kept across
         restarts. Raises ValueError, saying why, for limits the policy refuses."""
         merged = {**self._overrides, **limits}
         chosen = {k: v for k, v in merged.items() if k in LIMITS and v is not None}
         with_limits(self.runtime.settings.provisioning, chosen)  # raises when invalid
-        self.save_overrides(merged)
+        await self.store_overrides(merged)
         self._limited = None
         self._bad_overrides = None
         log.info("autoscaler limits overridden by the admin API: %s", chosen or "none")
 
-    def save_overrides(self, overrides: dict[str, Any]) -> None:
-        self._kept_overrides.save(overrides)
-        self._overrides = overrides
-
     async def store_overrides(self, overrides: dict[str, Any]) -> None:
-        """save_overrides from the event loop: the file is written in a thread, and what the
-        loop sees changes only once it is written (never half-way through a step of ours)."""
-        await asyncio.to_thread(self._kept_overrides.save, overrides)
+        """Keep the overrides, then use them. Called on the loop only: what the loop sees
+        changes once they are kept, never half-way through a step of ours (a rollout's phase
+        and its history change together), and etcd's store is not touched from a thread."""
+        await self._kept_overrides.keep(overrides)
         self._overrides = overrides
 
     async def _run(self) -> None:

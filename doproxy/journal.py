@@ -10,6 +10,7 @@ Only the server writes it (one server per inventory: doproxy.machines.hold_serve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -133,7 +134,9 @@ class Overrides(Protocol):
 
     def load(self) -> dict[str, Any]: ...
 
-    def save(self, overrides: dict[str, Any]) -> None: ...
+    async def keep(self, overrides: dict[str, Any]) -> None:
+        """Keep them; called on the event loop (each store knows whether its write blocks)."""
+        ...
 
 
 class OverridesFile:
@@ -145,3 +148,7 @@ class OverridesFile:
 
     def save(self, overrides: dict[str, Any]) -> None:
         write_atomically(self.path, json.dumps(overrides, sort_keys=True) + "\n")
+
+    async def keep(self, overrides: dict[str, Any]) -> None:
+        # A write and two fsyncs: in a thread, so the loop keeps serving meanwhile.
+        await asyncio.to_thread(self.save, overrides)

@@ -31,7 +31,7 @@ from doproxy.providers.digitalocean import (
     load_token,
     read_user_data,
 )
-from doproxy.provisioning import new_name, wait_active
+from doproxy.provisioning import Spec, new_name, wait_active
 from doproxy.testing.fake_digitalocean import FakeDigitalOcean
 
 TOKEN = "dop_v1_" + "5ecret" * 10  # distinctive, so a leak anywhere is found by substring
@@ -227,6 +227,95 @@ async def test_create_leaves_out_unset_user_data_and_vpc(
     assert "vpc_uuid" not in _body(post)
 
 
+CLOUD_INIT = "#cloud-config\nruncmd:\n  - echo rollout > /etc/doproxy-spec\n"
+
+
+def spec_settings(url: str) -> DOProvisioner:
+    """A config whose every field a Spec can replace is set, so a replaced one shows."""
+    return settings_for(url, region="ams3", size="s-1vcpu-1gb", image="debian-12-x64")
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("image", "sent"),
+    [("ubuntu-24-04-x64", "ubuntu-24-04-x64"), ("153678412", 153678412)],
+    ids=["slug", "custom-image-id"],
+)
+async def test_create_with_a_spec_sends_its_image_size_user_data_and_tag(
+    fake: FakeDigitalOcean, image: str, sent: str | int
+) -> None:
+    provider = DigitalOceanProvider(
+        spec_settings(fake.url), TOKEN, user_data="#!/bin/sh\necho config\n", sleep=Sleeps()
+    )
+    spec = Spec(
+        image=image,
+        size="s-2vcpu-2gb",
+        user_data=CLOUD_INIT,
+        tags=("doproxy-rollout-0a1b2c3d",),
+    )
+    try:
+        machine = await provider.create("doproxy-spec", spec)
+    finally:
+        await provider.close()
+    [post] = requests(fake, "POST", "/v2/droplets")
+    # Exactly the spec's values where it has them, the config's elsewhere; a custom image's
+    # number goes out as a JSON number (the API's oneOf: a slug string or an integer id).
+    assert _body(post) == {
+        "name": "doproxy-spec",
+        "region": "ams3",
+        "size": "s-2vcpu-2gb",
+        "image": sent,
+        "ssh_keys": [289794, "3b:16:e4:bf:8b:00:8b:b8:59:8c:a9:d3:f0:19:fa:45"],
+        "backups": False,
+        "ipv6": False,
+        "monitoring": False,
+        "tags": [*TAGS, "doproxy-rollout-0a1b2c3d"],
+        "user_data": CLOUD_INIT,
+    }
+    assert post.valid, (post.request_errors, post.response_errors)
+    assert fake.violations == [], fake.summary()
+    droplet = fake.droplets[int(machine.id)]
+    assert droplet["size_slug"] == "s-2vcpu-2gb"
+    assert (droplet["image"]["slug"] if isinstance(sent, str) else droplet["image"]["id"]) == sent
+    assert machine.tags == (*TAGS, "doproxy-rollout-0a1b2c3d")
+    assert machine.extra["size"] == "s-2vcpu-2gb"
+
+
+@pytest.mark.timeout(20)
+async def test_a_spec_changes_one_create_only(fake: FakeDigitalOcean) -> None:
+    """A create with no spec (or an empty one) after a create with one sends the config's
+    values, as before specs existed; a spec's own tag never repeats one of ours."""
+    provider = DigitalOceanProvider(
+        spec_settings(fake.url), TOKEN, user_data="#!/bin/sh\necho config\n", sleep=Sleeps()
+    )
+    try:
+        await provider.create(
+            "doproxy-new",
+            Spec(image="ubuntu-24-04-x64", size="s-2vcpu-2gb", tags=("web", "extra")),
+        )
+        await provider.create("doproxy-plain")
+        await provider.create("doproxy-empty", Spec())
+    finally:
+        await provider.close()
+    first, plain, empty = (_body(ex) for ex in requests(fake, "POST", "/v2/droplets"))
+    assert first["tags"] == [*TAGS, "extra"]
+    assert first["user_data"] == "#!/bin/sh\necho config\n"  # no user data in the spec
+    configured = {
+        "region": "ams3",
+        "size": "s-1vcpu-1gb",
+        "image": "debian-12-x64",
+        "ssh_keys": [289794, "3b:16:e4:bf:8b:00:8b:b8:59:8c:a9:d3:f0:19:fa:45"],
+        "backups": False,
+        "ipv6": False,
+        "monitoring": False,
+        "tags": TAGS,
+        "user_data": "#!/bin/sh\necho config\n",
+    }
+    assert plain == {"name": "doproxy-plain", **configured}
+    assert empty == {"name": "doproxy-empty", **configured}
+    assert fake.violations == [], fake.summary()
+
+
 # --- create is idempotent: the duplicate trap ------------------------------------------------
 
 
@@ -261,6 +350,40 @@ async def test_failed_create_is_retried_after_looking(
     ]
     assert looks and _query(looks[0]).get("name") == "doproxy-retry"
     assert fake.violations == []
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("made", [True, False], ids=["made-then-500", "500-nothing-made"])
+async def test_an_uncertain_create_with_a_spec_is_found_or_retried_with_the_spec(
+    fake: FakeDigitalOcean, provider: DigitalOceanProvider, made: bool
+) -> None:
+    """The duplicate trap with a rollout's spec: the droplet the first attempt made is found
+    by name (it carries our tags and the rollout's); when none was made, the retry sends the
+    same spec again."""
+    spec = Spec(
+        image="153678412",
+        size="s-2vcpu-2gb",
+        user_data=CLOUD_INIT,
+        tags=("doproxy-rollout-0a1b2c3d",),
+    )
+    fake.fail_next("POST", "/v2/droplets", 500, after_effect=made)
+    machine = await provider.create("doproxy-trap-spec", spec)
+    assert fake.created_count == 1 and len(fake.droplets) == 1
+    assert machine.name == "doproxy-trap-spec"
+    assert machine.tags == (*TAGS, "doproxy-rollout-0a1b2c3d")
+    assert machine.extra["size"] == "s-2vcpu-2gb"
+    droplet = fake.droplets[int(machine.id)]
+    assert droplet["image"]["id"] == 153678412
+    posts = [_body(ex) for ex in requests(fake, "POST", "/v2/droplets")]
+    assert len(posts) == (1 if made else 2)  # found by name, or made once by the retry
+    assert all(
+        (b["image"], b["size"], b["user_data"], b["tags"])
+        == (153678412, "s-2vcpu-2gb", CLOUD_INIT, [*TAGS, "doproxy-rollout-0a1b2c3d"])
+        for b in posts
+    )
+    looks = [_query(ex) for ex in requests(fake, "GET", "/v2/droplets")]
+    assert looks and looks[0].get("name") == "doproxy-trap-spec"
+    assert fake.violations == [], fake.summary()
 
 
 async def test_create_gives_up_after_repeated_failures(

@@ -472,7 +472,7 @@ class AdminServer:
     async def autoscaler_pause(self, request: web.Request) -> web.Response:
         scaler = self._scaler()
         verb = request.match_info["verb"]
-        await asyncio.to_thread(scaler.set_paused, verb == "pause")
+        await scaler.set_paused(verb == "pause")
         self.runtime.events.publish(
             "autoscaler", f"autoscaler {'paused' if verb == 'pause' else 'resumed'} (admin API)"
         )
@@ -492,7 +492,7 @@ class AdminServer:
                 return _json_error(400, f"{key} must be an integer (or null: the config's)")
             limits[key] = value
         try:
-            await asyncio.to_thread(scaler.set_limits, limits)
+            await scaler.set_limits(limits)
         except ValueError as e:
             return _json_error(400, str(e))
         p = scaler.settings

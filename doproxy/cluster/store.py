@@ -351,6 +351,11 @@ class EtcdOverrides:
     def load(self) -> dict[str, Any]:
         return dict(self.store.overrides_value)
 
+    async def keep(self, overrides: dict[str, Any]) -> None:
+        # On the loop: the write is queued for the store's writer task, which must not be
+        # touched from another thread.
+        self.save(overrides)
+
     def save(self, overrides: dict[str, Any]) -> None:
         self.store.overrides_value.clear()
         self.store.overrides_value.update(overrides)
