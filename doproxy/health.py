@@ -9,6 +9,15 @@ sink, which rebuilds the list of backends the balancer may pick from; the checke
 the balancer itself. A probe never blocks the data plane: it is an ordinary asyncio connection
 (a bare Protocol, no streams: checking 200 backends every second must stay cheap).
 
+Each backend's checks share one keep-alive connection, as Envoy's health checks do by default:
+a check is then one write and one read instead of a connect, an accept and a close, which were
+most of what 200 backends checked every second cost (HAProxy opens a connection per check). The
+connection is dropped (and the next check connects again) whenever it cannot be trusted to be
+at a response boundary: a timeout, a parse error, bytes nobody asked for, a response that ends
+with the connection or asks to close it. A kept connection that the backend had closed while
+idle (its keep-alive timeout) is not a failed check: the check is sent again once on a new
+connection, within the same timeout.
+
 A backend that is new to the checker is probed at once rather than after a full interval, and a
 failure of that very first probe takes it out at once: a fresh backend has not earned the
 benefit of the doubt that `fall` gives a proven one.
@@ -79,54 +88,6 @@ def probe_target(entry: InventoryEntry, settings: Settings) -> Target | None:
     return Target(host, port, path, settings.backend.new_host_health_https, entry.server_host)
 
 
-class _Probe(asyncio.Protocol):
-    """One health check's connection: send the request, parse the answer, say when it is done.
-
-    A bare Protocol rather than asyncio streams: at 200 backends checked every second the
-    StreamReader/StreamWriter machinery was most of the checker's CPU.
-    """
-
-    def __init__(self, request: bytes, done: asyncio.Future[None]) -> None:
-        self.request = request
-        self.done_future = done
-        self.done = False  # a whole response was parsed
-        self.body = bytearray()
-        self.error: httptools.HttpParserError | None = None
-        self.parser = httptools.HttpResponseParser(self)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not registered as asyncio.WriteTransport: no isinstance.
-        cast(asyncio.WriteTransport, transport).write(self.request)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            self.error = e
-            self._finish()
-        if self.done:
-            self._finish()
-
-    def eof_received(self) -> bool:
-        self._finish()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._finish()
-
-    def _finish(self) -> None:
-        if not self.done_future.done():
-            self.done_future.set_result(None)
-
-    # httptools callbacks
-    def on_body(self, body: bytes) -> None:
-        if len(self.body) < _MAX_BODY:
-            self.body += body[: _MAX_BODY - len(self.body)]
-
-    def on_message_complete(self) -> None:
-        self.done = True
-
-
 _insecure_ssl: ssl.SSLContext | None = None
 
 
@@ -142,47 +103,162 @@ def _ssl_context() -> ssl.SSLContext:
     return _insecure_ssl
 
 
-async def probe(target: Target, within: float, expect: tuple[int, ...], body_match: str) -> str:
-    """One health check, bounded by `within` seconds.
+class _Kept(asyncio.Protocol):
+    """A backend's health-check connection, kept between checks (see the module docstring)."""
 
-    Returns "" when it passes, else what was wrong, in words for the log.
+    def __init__(self) -> None:
+        self.transport: asyncio.WriteTransport | None = None
+        self.closed = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.body = bytearray()
+        self.error: httptools.HttpParserError | None = None
+        self.status = 0  # the status of the response to the last request
+        self.done = False  # that response was parsed whole
+        self.heard = False  # any byte of it arrived
+        self.keep = False  # ... and the connection may carry the next check
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not registered as asyncio.WriteTransport: no isinstance.
+        self.transport = cast(asyncio.WriteTransport, transport)
+
+    def ask(self, request: bytes, waiter: asyncio.Future[None]) -> None:
+        self.waiter = waiter
+        self.parser = httptools.HttpResponseParser(self)
+        self.body = bytearray()
+        self.error = None
+        self.status = 0
+        self.done = self.heard = self.keep = False
+        assert self.transport is not None
+        self.transport.write(request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is None or self.done:
+            self.close()  # bytes nobody asked for: this connection is not at a boundary
+            return
+        self.heard = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            if not self.done:  # bytes after a whole response only cost the connection
+                self.error = e
+            self.close()
+        if self.done:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.done:  # a second response in the same read: nobody asked for it
+            self.keep = False
+            raise httptools.HttpParserError("a second response to one request")
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        if len(self.body) < _MAX_BODY:
+            self.body += body[: _MAX_BODY - len(self.body)]
+
+    def on_message_complete(self) -> None:
+        self.done = True
+        self.keep = self.parser.should_keep_alive()
+
+
+class Checker:
+    """One backend's checks, over a connection kept between them."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.request = (
+            f"GET {target.path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
+            "User-Agent: doproxy-health\r\n\r\n"
+        ).encode()
+        self.conn: _Kept | None = None
+        self.connections = 0  # opened so far (tests count reuse with it)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    async def check(self, within: float, expect: tuple[int, ...], body_match: str) -> str:
+        """One health check, bounded by `within` seconds: "" when it passes, else what was
+        wrong, in words for the log."""
+        loop = asyncio.get_running_loop()
+        target = self.target
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    conn = self.conn
+                    fresh = conn is None or conn.closed
+                    if conn is None or conn.closed:
+                        _, conn = await loop.create_connection(
+                            _Kept,
+                            target.host,
+                            target.port,
+                            ssl=_ssl_context() if target.https else None,
+                        )
+                        self.conn = conn
+                        self.connections += 1
+                    waiter = loop.create_future()
+                    conn.ask(self.request, waiter)
+                    await waiter
+                    if not conn.done and not conn.heard and not fresh and conn.error is None:
+                        # The backend had closed the kept connection while it idled (its
+                        # keep-alive timeout): not an answer. Once more, on a new connection.
+                        self.close()
+                        continue
+                    break
+        except TimeoutError:
+            self.close()  # a late answer must not be read as the next check's
+            return f"no answer within {within:g}s"
+        except OSError as e:
+            self.close()
+            return f"cannot connect: {e.strerror or e}"
+        if not conn.done or not conn.keep:
+            self.close()
+        if conn.error is not None:
+            return f"invalid response: {conn.error}"
+        # As before: a response cut short after its head still has a status (a body without a
+        # length ends at the close, which the parser is never told about).
+        status = conn.status
+        if not status:
+            return "connection closed without a response"
+        passed = status in expect if expect else status < 500
+        if not passed:
+            return f"status {status}"
+        if body_match and body_match.encode() not in bytes(conn.body):
+            return f"body does not contain {body_match!r}"
+        return ""
+
+
+async def probe(target: Target, within: float, expect: tuple[int, ...], body_match: str) -> str:
+    """One health check on a connection of its own (`doproxy check`'s), bounded by `within`
+    seconds. Returns "" when it passes, else what was wrong, in words for the log.
     """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    request = (
-        f"GET {target.path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
-        "User-Agent: doproxy-health\r\nConnection: close\r\n\r\n"
-    ).encode()
-    proto = _Probe(request, done)
+    checker = Checker(target)
     try:
-        async with asyncio.timeout(within):
-            transport, _ = await loop.create_connection(
-                lambda: proto,
-                target.host,
-                target.port,
-                ssl=_ssl_context() if target.https else None,
-            )
-            try:
-                await done
-            finally:
-                transport.close()
-    except TimeoutError:
-        return f"no answer within {within:g}s"
-    except OSError as e:
-        return f"cannot connect: {e.strerror or e}"
-    if proto.error is not None:
-        return f"invalid response: {proto.error}"
-    # As before: a response cut short after its head still has a status (a body without a
-    # length ends at the close, which the parser is never told about).
-    status = proto.parser.get_status_code()
-    if not status:
-        return "connection closed without a response"
-    passed = status in expect if expect else status < 500
-    if not passed:
-        return f"status {status}"
-    if body_match and body_match.encode() not in bytes(proto.body):
-        return f"body does not contain {body_match!r}"
-    return ""
+        return await checker.check(within, expect, body_match)
+    finally:
+        checker.close()
 
 
 Sink = Callable[[Backend, State], None]
@@ -222,12 +298,19 @@ class HealthChecker:
             )
 
     async def _run(self, backend: Backend, target: Target) -> None:
+        checker = Checker(target)
+        try:
+            await self._loop(backend, checker)
+        finally:
+            checker.close()
+
+    async def _loop(self, backend: Backend, checker: Checker) -> None:
         h = self.settings.health
         timeout = h.timeout if h.timeout is not None else self.settings.backend.health_check_timeout
         health = backend.health
         first = True
         while True:
-            problem = await probe(target, timeout, h.expect_status, h.body_match)
+            problem = await checker.check(timeout, h.expect_status, h.body_match)
             now = self.clock()
             if first and problem and health.up:
                 health.record(False, now)

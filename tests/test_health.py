@@ -11,7 +11,7 @@ import pytest
 
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
-from doproxy.health import HealthChecker, Target, health_target, probe
+from doproxy.health import Checker, HealthChecker, Target, health_target, probe
 from doproxy.proxy.backend import Backend
 from doproxy.proxy.server import ProxyServer
 from tests.conftest import StartProxy, port_of, wait_for
@@ -186,3 +186,83 @@ def test_health_target(health_url: str, expected: Target) -> None:
     entry = InventoryEntry(id=1, server_host="10.0.0.9:81", health_url=health_url)
     settings = Settings.model_validate({"backend": {"new-host-health-path": "/healthz"}})
     assert health_target(Backend(entry), settings) == expected
+
+
+async def test_checks_share_one_kept_connection(
+    backend_factory: Callable[..., Awaitable[RawBackend]],
+) -> None:
+    """Every check of a backend goes over one keep-alive connection (no connect, accept and
+    close per check), and each gets its own answer."""
+    accepted = 0
+
+    async def keeps(r: asyncio.StreamReader, w: asyncio.StreamWriter, b: RawBackend) -> None:
+        nonlocal accepted
+        accepted += 1
+        rr = RequestReader(r)
+        n = 0
+        while (req := await rr.next()) is not None:
+            n += 1
+            assert req.keep_alive
+            w.write(respond(200 if n % 2 else 503, b"answer %d" % n))
+            await w.drain()
+
+    port = (await backend_factory(keeps)).port
+    checker = Checker(Target("127.0.0.1", port, "/health", False, "h"))
+    try:
+        results = [await checker.check(1, (), "") for _ in range(6)]
+        assert results == ["", "status 503"] * 3
+        assert checker.connections == 1 and accepted == 1
+    finally:
+        checker.close()
+
+
+async def test_a_kept_connection_closed_by_the_backend_is_not_a_failed_check(
+    backend_factory: Callable[..., Awaitable[RawBackend]],
+) -> None:
+    """A backend that closes each connection after its answer (a keep-alive timeout of 0),
+    without saying so: every check still passes, on a new connection when it must."""
+
+    async def one_each(r: asyncio.StreamReader, w: asyncio.StreamWriter, b: RawBackend) -> None:
+        req = await RequestReader(r).next()
+        if req is not None:
+            w.write(respond(200, b"ok"))
+            await w.drain()
+        w.close()
+
+    port = (await backend_factory(one_each)).port
+    checker = Checker(Target("127.0.0.1", port, "/health", False, "h"))
+    try:
+        for _ in range(5):
+            assert await checker.check(1, (), "") == ""
+            # Sent again at once, before the close may have arrived: the race a keep-alive
+            # timeout makes. The retry on a new connection covers it.
+        assert checker.connections == 5
+    finally:
+        checker.close()
+
+
+async def test_bytes_nobody_asked_for_cost_the_connection_not_the_next_answer(
+    backend_factory: Callable[..., Awaitable[RawBackend]],
+) -> None:
+    """A backend that sends a second response to one check: the check reads its own (the
+    first), the connection is dropped, and the next check is answered on a new one."""
+    accepted = 0
+
+    async def doubles(r: asyncio.StreamReader, w: asyncio.StreamWriter, b: RawBackend) -> None:
+        nonlocal accepted
+        accepted += 1
+        rr = RequestReader(r)
+        while await rr.next() is not None:
+            extra = respond(500, b"not asked for") if accepted == 1 else b""
+            w.write(respond(200, b"ok") + extra)
+            await w.drain()
+
+    port = (await backend_factory(doubles)).port
+    checker = Checker(Target("127.0.0.1", port, "/health", False, "h"))
+    try:
+        assert await checker.check(1, (), "") == ""
+        assert await checker.check(1, (), "") == ""
+        assert await checker.check(1, (), "") == ""
+        assert checker.connections == 2 and accepted == 2
+    finally:
+        checker.close()
