@@ -48,6 +48,7 @@ async def run_proxy(
         loop.add_signal_handler(sig, stop.set)
     if on_ready is not None:
         on_ready(runtime)
+    service.settle_heap()
     # Under systemd (Type=notify) the unit is "started" from here: the listener accepts, and
     # SIGTERM drains instead of killing. MAINPID: after an upgrade the new process (a child of
     # the old one) is the service's main process (NotifyAccess=all lets it say so).

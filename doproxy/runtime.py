@@ -539,7 +539,7 @@ class Runtime:
         self.store: InventoryStore = open_store(settings, self.base)
         self.owner = ""  # the store's owner tag, read at start (the scaler's and the CLI's)
         self.cluster: ClusterNode | None = None  # this node's part in a cluster (store etcd)
-        self._leader_store: InventoryStore | None = None  # the guarded store while we lead
+        self._leader_store: EtcdStore | None = None  # the guarded store while we lead
         self.waker: Waker | None = None  # scale to zero: holds requests while the pool wakes
 
     async def start(self) -> ProxyServer:
@@ -995,12 +995,14 @@ class Runtime:
     async def follow(self) -> None:
         """This node leads no more: its scaler stops at once (what it was doing is left as
         intents and draining entries that the next leader reconciles)."""
-        self._leader_store = None
+        view, self._leader_store = self._leader_store, None
         scaler, self.autoscaler = self.autoscaler, None
         self.provider = None
         if scaler is not None:
             await self._stop_scaler(scaler)
             log.info("autoscaler off (not the leader)")
+        if view is not None:
+            await view.release()  # its writer task, which no one would end otherwise
 
     async def _finish_drains(self, every: float = 0.1) -> None:
         """Turn "draining" backends "disabled" once nothing is in flight (or time is up).

@@ -28,6 +28,7 @@ from typing import Any
 
 import uvloop
 
+from doproxy import service
 from doproxy.core.balancers import make_balancer
 from doproxy.core.inventory_model import InventoryEntry
 from doproxy.core.settings import Settings
@@ -125,6 +126,7 @@ class WorkerProcess:
         self._sent_server = _server_counters(server)
         self._reporter = asyncio.get_running_loop().create_task(self._report_every())
         self.channel.send({"type": "ready", "pid": os.getpid(), "generation": self.generation})
+        service.settle_heap()
 
     async def _table(self, message: dict[str, Any], fds: list[int]) -> None:
         server = self.server

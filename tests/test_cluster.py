@@ -666,3 +666,23 @@ async def test_a_rollout_goes_on_after_its_leader_is_killed(
     finally:
         await stop_nodes(nodes)
         await store.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_leaders_view_is_released_with_its_leadership(etcd: EtcdCluster) -> None:
+    """The guarded view a leader wrote through: released when its leadership ends, its
+    queued writes are written and its writer task ends; the store it came from goes on."""
+    store = await push(etcd.client_urls, [])
+    try:
+        await store.client.put(PREFIX + "leader", b"n1/token")
+        view = store.guarded(PREFIX + "leader", b"n1/token")
+        view.write_soon(PREFIX + "overrides", b'{"paused": true}')
+        writer = view._writer
+        assert writer is not None and not writer.done()
+        await view.release()
+        assert writer.done() and view._writer is None
+        kvs, _ = await store.client.get(PREFIX + "overrides")
+        assert kvs and kvs[0].value == b'{"paused": true}'
+        assert await store.load() == []  # the client is the store's: still open
+    finally:
+        await store.close()

@@ -309,12 +309,20 @@ class EtcdStore:
             async with asyncio.timeout(within):
                 await self._writes.join()
 
-    async def close(self) -> None:
+    async def release(self) -> None:
+        """Done with this view (a leader's, at the end of its leadership): what it queued is
+        written (a while) or dropped, and its writer task ends. The client stays: it is the
+        store's."""
         await self.flush()
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+            self._writer = None
+            self._writes = None
+
+    async def close(self) -> None:
+        await self.release()
         await self.client.close()
 
 
