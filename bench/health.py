@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +81,10 @@ defaults
     timeout server 30s
     timeout check 1s
 
+frontend fe
+    bind 127.0.0.1:{listen}
+    default_backend be
+
 backend be
     option httpchk
     http-check send meth GET uri /health ver HTTP/1.1 hdr Host h
@@ -106,13 +111,19 @@ def measure_haproxy(port: int, backends: int, seconds: float) -> float | None:
     with tempfile.TemporaryDirectory() as tmp:
         conf = os.path.join(tmp, "haproxy.cfg")
         with open(conf, "w") as f:
-            f.write(HAPROXY_CONF.format(servers=servers))
+            # HAProxy will not start without a listener: one that nobody sends anything to.
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                listen = s.getsockname()[1]
+            f.write(HAPROXY_CONF.format(servers=servers, listen=listen))
         proc = subprocess.Popen([binary, "-f", conf], stdout=subprocess.DEVNULL)
         try:
             time.sleep(2.0)  # past its first round of checks, as doproxy's above
             start_cpu, start = _cpu_seconds(proc.pid), time.monotonic()
             time.sleep(seconds)
             end_cpu, end = _cpu_seconds(proc.pid), time.monotonic()
+            if proc.poll() is not None:
+                raise SystemExit(f"haproxy exited ({proc.returncode}): check {conf}")
         finally:
             proc.terminate()
             proc.wait(10)
