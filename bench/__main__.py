@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         "nbthread) of every proxy (1); with 2, give them both CPUs: --proxy-cpu 0,1 "
         "--load-cpu 0,1",
     )
+    p.add_argument(
+        "--workloads",
+        metavar="N[,N]",
+        help="only these of the main table's workloads, by number: "
+        + ", ".join(f"{i} {w.label}" for i, w in enumerate(WORKLOADS, 1)),
+    )
     p.add_argument("--proxy-cpu", default="0", help="taskset CPU list for the proxy (0)")
     p.add_argument("--load-cpu", default="1", help="taskset CPU list for wrk + backends (1)")
     return p
@@ -147,6 +153,12 @@ def options(args: argparse.Namespace) -> Options:
         print("warning: fewer than 2 CPUs, running without taskset pinning", file=sys.stderr)
     proxies = _proxies(args.only)
     workloads: tuple[Workload, ...] = WORKLOADS
+    if args.workloads:
+        try:
+            picked = [int(n) for n in args.workloads.split(",") if n.strip()]
+            workloads = tuple(WORKLOADS[n - 1] for n in picked if n >= 1)
+        except (ValueError, IndexError):
+            raise SystemExit(f"--workloads: numbers 1..{len(WORKLOADS)}") from None
     sizes = _sizes(args.pool_sizes)
     if sizes:
         proxies = _pool_proxies(proxies, sizes, _balancers(args.balancers))

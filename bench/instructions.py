@@ -1,8 +1,9 @@
 """Instructions per proxied request, counted by callgrind: the data plane's cost, without noise.
 
-`python -m bench.instructions [--python .venv/bin/python] [--requests 4000]` starts one nginx
-serving a 2-byte file on two 127.0.0.1 ports (the backends), and doproxy in front of them under
-`valgrind --tool=callgrind` with instrumentation off. Ten keep-alive clients send a 3-header GET
+`python -m bench.instructions [--python .venv/bin/python] [--requests 4000] [--close]` starts
+one nginx serving a 2-byte file on two 127.0.0.1 ports (the backends), and doproxy in front of
+them under `valgrind --tool=callgrind` with instrumentation off. Ten keep-alive clients send a
+3-header GET (with --close: each request on a connection of its own, `Connection: close`)
 each until the proxy has warmed up; then instrumentation is switched on for `--requests` more,
 off again, and the instructions counted in between are divided by that number.
 
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 REQUEST = b"GET /2b HTTP/1.1\r\nHost: x\r\n\r\n"
+CLOSE = b"GET /2b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 CLIENTS = 10
 
 
@@ -68,8 +70,25 @@ async def client(port: int, n: int) -> None:
     writer.close()
 
 
+async def closing_client(port: int, n: int) -> None:
+    """Each request on a connection of its own, `Connection: close`, read to the proxy's
+    close: what the `Connection: close` workload of the bench does."""
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(CLOSE)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200 "):
+            raise SystemExit(f"unexpected response: {head[:200]!r}")
+        await reader.read()  # the body, then the proxy's close
+        writer.close()
+
+
+CLOSING = False  # --close
+
+
 async def drive(port: int, conns: int, each: int) -> None:
-    await asyncio.gather(*(client(port, each) for _ in range(conns)))
+    one = closing_client if CLOSING else client
+    await asyncio.gather(*(one(port, each) for _ in range(conns)))
 
 
 def wait_until_serving(port: int, timeout: float = 120.0) -> None:
@@ -169,11 +188,18 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=4000, help="requests counted (4000)")
     parser.add_argument(
+        "--close",
+        action="store_true",
+        help="a connection per request (Connection: close), as the bench's close workload",
+    )
+    parser.add_argument(
         "--keep",
         type=Path,
         help="keep the callgrind output in this directory (for callgrind_annotate)",
     )
     args = parser.parse_args()
+    global CLOSING
+    CLOSING = args.close
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         args.keep = args.keep.resolve()
