@@ -88,7 +88,7 @@ from doproxy.errors import (
     URITooLong,
 )
 from doproxy.proxy.backend import Backend
-from doproxy.proxy.state import ProxyState
+from doproxy.proxy.state import ConnectionTerms, ProxyState
 from doproxy.proxy.upstream import UpstreamConnection
 from doproxy.proxy.writes import flush_writes, write_now, write_soon
 
@@ -460,8 +460,10 @@ def _header_value(head: bytes, low: str, name: str) -> bytes | None:
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, server: ProxyState) -> None:
+    def __init__(self, server: ProxyState, port: bytes = b"") -> None:
+        """`port`: the listener's port, as text (X-Forwarded-Port); b"": asked of the socket."""
         self.server = server
+        self._port = port
         self.transport: asyncio.Transport | None = None
         # Two parsers, switched only between requests (where llhttp's state is clean):
         # - lean: no per-header callbacks; used when one data chunk holds exactly one whole
@@ -490,28 +492,25 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = False
         self._writing_paused = False
         self._tunnel: UpstreamConnection | None = None
-        self._max_url_bytes = server.settings.limits.max_url_bytes
-        self._max_header_bytes = server.settings.limits.max_header_bytes
-        self._max_response_head = server.settings.limits.max_response_header_bytes
-        self._access_log = server.settings.access_log
-        # hash-key = "header:NAME" / "cookie:NAME": which header to read per request.
-        kind, _, name = server.settings.loadbalancing.hash_key.partition(":")
-        self._hash_header = (
-            "" if kind == "client-ip" else ("cookie" if kind == "cookie" else name.lower())
-        )
-        self._hash_cookie = name.encode() if kind == "cookie" else b""
-        timeouts = server.timeouts
-        self._t_header = timeouts.client_header
-        self._t_idle = timeouts.keep_alive
-        self._t_response = timeouts.response_header
-        self._t_body = timeouts.client_body
-        self._t_backend_read = timeouts.backend_read
-        self._t_client_write = timeouts.client_write
-        self._t_tunnel = timeouts.tunnel_idle
+        terms = server.terms  # the settings' values, read once per settings (ConnectionTerms)
+        self._terms: ConnectionTerms = terms
+        self._max_url_bytes = terms.max_url_bytes
+        self._max_header_bytes = terms.max_header_bytes
+        self._max_response_head = terms.max_response_head
+        self._access_log = terms.access_log
+        self._hash_header = terms.hash_header
+        self._hash_cookie = terms.hash_cookie
+        self._t_header = terms.t_header
+        self._t_idle = terms.t_idle
+        self._t_response = terms.t_response
+        self._t_body = terms.t_body
+        self._t_backend_read = terms.t_backend_read
+        self._t_client_write = terms.t_client_write
+        self._t_tunnel = terms.t_tunnel
         # The request body's own deadline (client-body), beside the phase deadline above: a
         # body can still be arriving while the backend already answers. 0 = none.
         self.body_deadline = 0.0
-        self._max_body = server.settings.limits.max_body_bytes
+        self._max_body = terms.max_body
         # A bad request behind good pipelined ones: answered once they are (see _reject).
         self._rejected: ClientError | None = None
         self._rejected_head = False  # it was a HEAD: its answer has no body
@@ -529,29 +528,33 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer_ip = str(peer[0]).encode()
-        settings = self.server.settings
-        sock = transport.get_extra_info("sockname")
-        port = str(sock[1]).encode() if isinstance(sock, tuple) and len(sock) > 1 else b""
-        self._max_header_count = settings.limits.max_header_count
-        self._underscores = settings.allow_underscores_in_headers
+        terms = self._terms
+        port = self._port
+        if not port:
+            # Asked of the socket only when the listener did not say (uvloop formats both
+            # addresses with printf each time: a sixth of a new connection's own cost).
+            sock = transport.get_extra_info("sockname")
+            port = str(sock[1]).encode() if isinstance(sock, tuple) and len(sock) > 1 else b""
+        self._max_header_count = terms.max_header_count
+        self._underscores = terms.underscores
         self._host_ok: bytes | None = None  # the last Host value found valid here
         # Forwarding headers from this peer are believed (and appended to) only when it is a
         # trusted proxy; from anyone else they are removed.
-        self._trusted_nets: tuple[IPNetwork, ...] = settings.trusted_proxies
+        self._trusted_nets: tuple[IPNetwork, ...] = terms.trusted_nets
         self._trusted = bool(self._trusted_nets) and is_trusted(
             self.peer_ip.decode("latin-1"), self._trusted_nets
         )
         # A trusted proxy must send a PROXY header first (HAProxy's accept-proxy, limited to
         # the trusted sources); anyone else speaks HTTP at once.
-        self._proxy_wait = self._trusted and settings.proxy_protocol
+        self._proxy_wait = self._trusted and terms.proxy_protocol
         self._proxy_buf = b""
         # What the proxy adds to every request on this connection: shared between connections
         # (hop_for), and cut where the Host value goes for the express lane.
         self._set_hop(
             hop_for(
-                settings.forwarded_header,
-                settings.add_x_forwarded_for,
-                settings.via,
+                terms.forwarded_header,
+                terms.add_x_forwarded_for,
+                terms.via,
                 self.peer_ip,
                 self.scheme,
                 port,

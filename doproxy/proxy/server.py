@@ -27,7 +27,7 @@ from typing import Any, Final, cast
 from doproxy.core.settings import Settings, parse_bind
 from doproxy.proxy.backend import Pool
 from doproxy.proxy.client import TEARDOWN_ABORT, ClientConnection
-from doproxy.proxy.state import ProxyState
+from doproxy.proxy.state import ConnectionTerms, ProxyState
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +63,27 @@ class ProxyServer(ProxyState):
         process or by the doproxy being upgraded). `start_serving=False` binds and holds the
         socket without accepting: the main process of several workers keeps the listeners
         open that way, so a worker that dies loses none (see doproxy.workers)."""
+        # Each connection learns its listener's port from here (X-Forwarded-Port), not by
+        # asking its socket: known once the listener is bound, before anything is accepted.
+        port: list[bytes] = [b""]
+
+        def accepted() -> ClientConnection:
+            return ClientConnection(self, port[0])
+
         if sock is not None:
             server = await self.loop.create_server(
-                self._new_connection,
+                accepted,
                 sock=sock,
                 ssl=self.ssl_context,
                 backlog=1024,
                 start_serving=start_serving,
             )
         else:
-            host, port = parse_bind(bind or self.settings.bind)
+            host, number = parse_bind(bind or self.settings.bind)
             server = await self.loop.create_server(
-                self._new_connection,
+                accepted,
                 host=host,
-                port=port,
+                port=number,
                 ssl=self.ssl_context,
                 reuse_address=True,
                 # Lets a reload open the new listener on the same port before closing the old.
@@ -84,6 +91,9 @@ class ProxyServer(ProxyState):
                 backlog=1024,
                 start_serving=start_serving,
             )
+        bound: Any = getattr(server, "sockets")  # noqa: B009 - see addresses
+        if bound:
+            port[0] = str(bound[0].getsockname()[1]).encode()
         self._servers.append(server)
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep())
@@ -115,9 +125,6 @@ class ProxyServer(ProxyState):
         # Several listeners on one port (one per worker, SO_REUSEPORT) are one address.
         return list(dict.fromkeys(out))
 
-    def _new_connection(self) -> ClientConnection:
-        return ClientConnection(self)
-
     def _live(self) -> list[ClientConnection]:
         """The live client connections, as a list (closing one removes it from the set)."""
         # ProxyState keeps them as objects: it sits below client.py and cannot name the class.
@@ -129,6 +136,7 @@ class ProxyServer(ProxyState):
     def set_settings(self, settings: Settings) -> None:
         """New connections use the new settings; open ones keep theirs until they close."""
         self.settings = settings
+        self.terms = ConnectionTerms(settings)
         self.timeouts = settings.timeouts
         self.max_idle = settings.limits.max_idle_per_backend
         self.retry_budget.ratio = settings.retries.budget_percent / 100.0
