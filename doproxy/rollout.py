@@ -271,27 +271,25 @@ class Rollouts:
                 command_argv(spec.command, "127.0.0.1", 1, "check")
             except ProviderError as e:
                 raise RolloutRefused(f"--command: {e}") from None
-        if s.creating or s.retiring:
-            raise RolloutRefused(
-                f"the autoscaler is busy ({len(s.creating)} machine(s) being made, "
-                f"{len(s.retiring)} retiring): try again when it is done"
-            )
+        # Creates and retires of the autoscaler's own that are under way are not a reason to
+        # refuse (an operator would race them): the rollout's first step waits for them
+        # (_settle) and only then counts the pool's size (`target`, None until then), so a
+        # machine being made counts and one retiring does not: what the pool comes to.
         rid = secrets.token_hex(4)
         spec = Spec(spec.image, spec.size, spec.user_data, spec.command, (TAG_PREFIX + rid,))
-        r: dict[str, Any] = {"id": rid, "spec": spec.to_json(), "target": 0}
+        r: dict[str, Any] = {"id": rid, "spec": spec.to_json(), "target": None}
         old, _ = self._groups(r, await s.store.load())
-        if not old:
+        if not old and not s.creating:
             raise RolloutRefused(
                 "no machine to roll out: the pool has no machine the autoscaler made "
                 "(or it sleeps: wake it first)"
             )
         now = s.wall().isoformat()
         r.update(
-            target=len(old),
             phase="canary",
             started=now,
             updated=now,
-            reason=f"started by {by}: {spec.words()}, {len(old)} machine(s)",
+            reason=f"started by {by}: {spec.words()}",
             verdicts=[],
         )
         self._abort = None
@@ -383,8 +381,13 @@ class Rollouts:
         s = self.scaler
         p = s.settings
         phase: Phase = r["phase"]
-        target = int(r["target"])
         old, new = self._groups(r, await s.store.load())
+        if r.get("target") is None:
+            # The first step, the autoscaler's own work settled: the size the pool keeps.
+            r = {**r, "target": len(old) + len(new)}
+            await self.scaler.store_overrides({**self.scaler.overrides, "rollout": r})
+            log.info("rollout %s: %d machine(s) to replace", r["id"], r["target"])
+        target = int(r["target"])
         if not old:
             await self._phase(r, "done", f"every machine runs the new spec ({len(new)})")
             return
@@ -429,7 +432,9 @@ class Rollouts:
     async def _roll_back(self, r: dict[str, Any]) -> None:
         s = self.scaler
         old, new = self._groups(r, await s.store.load())
-        count = to_create("rolling-back", int(r["target"]), len(old), len(new), 0)
+        # Rolled back before its first step counted the pool: the old machines are its size.
+        target = len(old) if r.get("target") is None else int(r["target"])
+        count = to_create("rolling-back", target, len(old), len(new), 0)
         # The old spec: the one the autoscaler makes (the config's, or the last rollout's).
         failed = await self._make(count, s.current_spec() or Spec(), 0.0)
         if failed:

@@ -498,9 +498,10 @@ def _rollout_lines(view: dict[str, Any]) -> list[str]:
     if cur is None:
         lines.append("no rollout in progress")
     else:
+        target = "counted at its first step" if cur["target"] is None else cur["target"]
         lines.append(
             f"rollout {cur['id']}: {cur['phase']} ({cur['old']} old, {cur['new']} new, "
-            f"target {cur['target']}), started {_at(cur['started'])}"
+            f"target {target}), started {_at(cur['started'])}"
         )
         window = cur.get("window")
         if window:

@@ -435,3 +435,22 @@ async def test_the_cli_as_documented(tmp_path: Path) -> None:
     finally:
         await proc.stop()
         await destroy_all(settings, tmp_path)
+
+
+@pytest.mark.timeout(120)
+async def test_a_rollout_asked_for_during_a_scale_up_waits_for_it(tmp_path: Path) -> None:
+    """The autoscaler is making a machine when the rollout is asked for: accepted (not
+    refused as busy), its size counts the machine being made, and it begins once that one
+    is made; every machine ends new."""
+    async with running(config(tmp_path)) as (rt, scaler, _port):
+        await scaler.set_limits({"min-backends": 3, "max-backends": 3})
+        await wait_for(lambda: bool(scaler.creating), timeout=10)
+        begun = await scaler.rollouts.start(Spec(command=BACKEND), "the test")
+        assert begun["target"] is None  # counted once the scale-up is done
+        await wait_for(lambda: not scaler.rollouts.active, timeout=60)
+        ended = scaler.rollouts.history[-1]
+        assert ended["id"] == begun["id"] and ended["phase"] == "done", ended
+        assert ended["target"] == 3
+        now = await machines(rt)
+        assert len(now) == 3
+        assert all(TAG_PREFIX + begun["id"] in tags for tags in now.values())

@@ -269,7 +269,7 @@ SPEC: dict[str, Any] = {
                         "type": "object",
                         "description": "image, size, command; user_data as its size and hash",
                     },
-                    "target": {"type": "integer"},
+                    "target": {"type": "integer", "nullable": True},
                     "started": {"type": "string"},
                     "updated": {"type": "string"},
                     "reason": {"type": "string"},
