@@ -225,6 +225,9 @@ class Autoscaler:
         # in etcd, for the whole cluster).
         self._kept_overrides = self.store.overrides()
         self._overrides = self._kept_overrides.load()
+        # Pause, limits and a rollout's record are one document, kept across an await: each
+        # change is made to what the last one left, one at a time (change_overrides).
+        self._overrides_turn = asyncio.Lock()
         # (the config's [provisioning], it with the limits): the config object itself, not its
         # id, which a new object may reuse once a reload freed the old one.
         self._limited: tuple[Provisioning, Provisioning] | None = None
@@ -302,27 +305,42 @@ class Autoscaler:
 
     async def set_paused(self, paused: bool) -> None:
         """Pause (decide and show, never act) or resume; kept across restarts."""
-        await self.store_overrides({**self._overrides, "paused": paused})
+        await self.change_overrides(lambda o: {**o, "paused": paused})
         log.info("autoscaler %s by the admin API", "paused" if paused else "resumed")
         self.record("state", self.status())
 
     async def set_limits(self, limits: dict[str, int | None]) -> None:
         """Override min-backends and max-backends (None: the config's again); kept across
         restarts. Raises ValueError, saying why, for limits the policy refuses."""
-        merged = {**self._overrides, **limits}
-        chosen = {k: v for k, v in merged.items() if k in LIMITS and v is not None}
-        with_limits(self.runtime.settings.provisioning, chosen)  # raises when invalid
-        await self.store_overrides(merged)
+
+        def merged(overrides: dict[str, Any]) -> dict[str, Any]:
+            out = {**overrides, **limits}
+            chosen = {k: v for k, v in out.items() if k in LIMITS and v is not None}
+            with_limits(self.runtime.settings.provisioning, chosen)  # raises when invalid
+            return out
+
+        await self.change_overrides(merged)
+        chosen = {k: v for k, v in self._overrides.items() if k in LIMITS and v is not None}
         self._limited = None
         self._bad_overrides = None
         log.info("autoscaler limits overridden by the admin API: %s", chosen or "none")
 
-    async def store_overrides(self, overrides: dict[str, Any]) -> None:
-        """Keep the overrides, then use them. Called on the loop only: what the loop sees
-        changes once they are kept, never half-way through a step of ours (a rollout's phase
-        and its history change together), and etcd's store is not touched from a thread."""
-        await self._kept_overrides.keep(overrides)
-        self._overrides = overrides
+    async def change_overrides(
+        self, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Apply `change` to the overrides, keep the result, then use it; returns it.
+
+        One change at a time, each to what the last one left: the document is kept across an
+        await, and two changes made from one old copy lost one of them (a pause made while a
+        rollout wrote its phase). On the loop only: what the loop sees changes once the
+        result is kept, never half-way through a step (a rollout's phase and its history
+        change together), and etcd's store is not touched from a thread.
+        """
+        async with self._overrides_turn:
+            overrides = change(self._overrides)
+            await self._kept_overrides.keep(overrides)
+            self._overrides = overrides
+            return overrides
 
     async def _run(self) -> None:
         # Nothing may end this loop but cancellation (the server stopping): every error is

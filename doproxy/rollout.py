@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import secrets
@@ -121,7 +122,9 @@ class Scaler(Protocol):
     @property
     def overrides(self) -> dict[str, Any]: ...
 
-    async def store_overrides(self, overrides: dict[str, Any]) -> None: ...
+    async def change_overrides(
+        self, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any]: ...
 
     def record(self, kind: str, data: dict[str, Any]) -> None: ...
 
@@ -176,16 +179,20 @@ class Rollouts:
     async def _phase(self, r: dict[str, Any], phase: Phase, reason: str) -> None:
         """Write the rollout's new phase down (before anything of it happens), then say it."""
         r = {**r, "phase": phase, "reason": reason, "updated": self.scaler.wall().isoformat()}
-        overrides = {**self.scaler.overrides, "rollout": r}
-        if phase == "done":
-            spec = self.spec_of(r)
-            kept = Spec(spec.image, spec.size, spec.user_data, spec.command)
-            # The pool's spec from now on; the config's when the rollout was to it.
-            if kept != Spec():
-                overrides["spec"] = kept.to_json()
-            else:
-                overrides.pop("spec", None)
-        await self.scaler.store_overrides(overrides)
+        # The pool's spec from now on, when done (without the rollout's tag); the config's
+        # (no "spec") when the rollout was to it.
+        kept = dataclasses.replace(self.spec_of(r), tags=())
+
+        def change(overrides: dict[str, Any]) -> dict[str, Any]:
+            out = {**overrides, "rollout": r}
+            if phase == "done":
+                if kept != Spec():
+                    out["spec"] = kept.to_json()
+                else:
+                    out.pop("spec", None)
+            return out
+
+        await self.scaler.change_overrides(change)
         public = self.view(r)
         self.scaler.record("rollout", public)
         level = logging.WARNING if phase in ("rolling-back", "rolled-back") else logging.INFO
@@ -276,7 +283,7 @@ class Rollouts:
         # (_settle) and only then counts the pool's size (`target`, None until then), so a
         # machine being made counts and one retiring does not: what the pool comes to.
         rid = secrets.token_hex(4)
-        spec = Spec(spec.image, spec.size, spec.user_data, spec.command, (TAG_PREFIX + rid,))
+        spec = dataclasses.replace(spec, tags=(TAG_PREFIX + rid,))
         r: dict[str, Any] = {"id": rid, "spec": spec.to_json(), "target": None}
         old, _ = self._groups(r, await s.store.load())
         if not old and not s.creating:
@@ -385,7 +392,8 @@ class Rollouts:
         if r.get("target") is None:
             # The first step, the autoscaler's own work settled: the size the pool keeps.
             r = {**r, "target": len(old) + len(new)}
-            await self.scaler.store_overrides({**self.scaler.overrides, "rollout": r})
+            counted = r
+            await self.scaler.change_overrides(lambda o: {**o, "rollout": counted})
             log.info("rollout %s: %d machine(s) to replace", r["id"], r["target"])
         target = int(r["target"])
         if not old:

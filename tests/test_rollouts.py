@@ -454,3 +454,26 @@ async def test_a_rollout_asked_for_during_a_scale_up_waits_for_it(tmp_path: Path
         now = await machines(rt)
         assert len(now) == 3
         assert all(TAG_PREFIX + begun["id"] in tags for tags in now.values())
+
+
+@pytest.mark.timeout(60)
+async def test_overrides_changed_at_once_all_stay(tmp_path: Path) -> None:
+    """Pause, limits and a rollout's record share one overrides document, kept across an
+    await (a file write in a thread, or etcd): changes made at the same time each apply to
+    what the others left, in memory and in what is kept; none is lost."""
+    from doproxy.journal import load_overrides, overrides_path
+
+    async with running(config(tmp_path, canary_time="30s")) as (_rt, scaler, _port):
+        begun, *_ = await asyncio.gather(
+            scaler.rollouts.start(Spec(command=BACKEND), "the test"),
+            scaler.set_paused(True),
+            scaler.set_limits({"max-backends": 3}),
+        )
+        kept = load_overrides(overrides_path(tmp_path / "inventory.toml"))
+        for overrides in (scaler.overrides, kept):
+            assert overrides["paused"] is True
+            assert overrides["max-backends"] == 3
+            assert overrides["rollout"]["id"] == begun["id"]
+        await scaler.rollouts.abort("the test")
+        await wait_for(lambda: not scaler.rollouts.active, timeout=30)
+        assert scaler.overrides["paused"] is True and scaler.overrides["max-backends"] == 3
