@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,9 @@ async def running(
             url=fake.url,
             image=OLD_IMAGE,
             size=OLD_SIZE,
-            tag=f"ro-{tmp.name[-12:]}",
+            # Random, not from the test folder's name: two test runs at once (a developer's and
+            # make test) shared a tag, and one's teardown destroyed the other's machines.
+            tag=f"ro-{uuid.uuid4().hex[:12]}",
         )
     )
     rt = Runtime(load_settings(cfg), [], cfg)

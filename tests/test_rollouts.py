@@ -9,6 +9,7 @@ import contextlib
 import json
 import random
 import sys
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -80,7 +81,9 @@ def config(tmp: Path, canary_time: str = "2s") -> Path:
             canary_time=canary_time,
             backend=BACKEND,
             ports=port_range(),
-            tag=f"ro-{tmp.name[-12:]}",
+            # Random, not from the test folder's name: two test runs at once (a developer's and
+            # make test) shared a tag, and one's teardown destroyed the other's machines.
+            tag=f"ro-{uuid.uuid4().hex[:12]}",
         )
     )
     return cfg

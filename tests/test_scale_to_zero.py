@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,9 @@ def config(tmp: Path, idle_after: str = "1s", wake_timeout: str = "15s", health:
             wake_timeout=wake_timeout,
             health=health,
             ports=port_range(),
-            tag=f"stz-{tmp.name[-12:]}",
+            # Random, not from the test folder's name: two test runs at once (a developer's and
+            # make test) shared a tag, and one's teardown destroyed the other's machines.
+            tag=f"stz-{uuid.uuid4().hex[:12]}",
         )
     )
     return cfg
