@@ -309,7 +309,11 @@ def _server(args: argparse.Namespace) -> int:
             if action != "start" and (spec or args.user_data is not None):
                 raise DoproxyError(f"`rollout {action}` takes no spec option")
             if args.user_data is not None:
-                spec["user_data"] = _read_text(args.user_data, "--user-data")
+                from pathlib import Path
+
+                from doproxy.provisioning import read_user_data_file
+
+                spec["user_data"] = read_user_data_file(Path(args.user_data), "--user-data")
             work = s.rollout(ctx, action, spec, args.wait, args.output)
         else:
             work = s.backend_state(ctx, args.command, args.id)
@@ -419,11 +423,3 @@ def _check(config_file: str) -> int:
         return 1
     print(f"{config_file}: ok; {inventory_file.name}: {len(entries)} backend(s)")
     return 0
-
-
-def _read_text(path: str, option: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DoproxyError(f"{option} {path}: {e}") from None

@@ -16,6 +16,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from doproxy.core.inventory_model import InventoryEntry
@@ -46,6 +47,22 @@ class Machine:
     @property
     def active(self) -> bool:
         return self.status == "active"
+
+
+USER_DATA_LIMIT = 64 * 1024  # DigitalOcean's limit on user_data
+
+
+def read_user_data_file(path: Path, what: str) -> str:
+    """The text of a user-data file named by `what` (the config key, or the CLI's option);
+    ProviderError says why it cannot be used (unreadable, not UTF-8, over the limit)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ProviderError(f"cannot read {what} {path}: {reason}") from None
+    if len(text.encode()) > USER_DATA_LIMIT:
+        raise ProviderError(f"{what} {path} is larger than DigitalOcean's limit of 64 KiB")
+    return text
 
 
 @dataclass(frozen=True)

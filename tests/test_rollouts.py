@@ -427,6 +427,11 @@ async def test_the_cli_as_documented(tmp_path: Path) -> None:
         assert code == 1 and "takes no spec option" in out, out
         code, out = await cli(cfg, "rollout", "--image", "ubuntu-24-04-x64")
         assert code == 1 and "--command" in out, out  # the local provider's option
+        code, out = await cli(cfg, "rollout", "--user-data", str(tmp_path / "missing.yaml"))
+        assert code == 1 and "cannot read --user-data" in out, out
+        (tmp_path / "big.yaml").write_text("#" * (64 * 1024 + 1))
+        code, out = await cli(cfg, "rollout", "--user-data", str(tmp_path / "big.yaml"))
+        assert code == 1 and "larger than DigitalOcean's limit" in out, out
         good = BACKEND + " --service-time 0.001"
         code, out = await cli(cfg, "rollout", "--command", good, "--wait")
         assert code == 0 and "done: every machine runs the new spec" in out, out

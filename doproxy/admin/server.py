@@ -51,7 +51,7 @@ from doproxy.core.settings import Admin, Settings, parse_bind
 from doproxy.errors import ConfigError, DoproxyError
 from doproxy.events import EventLog
 from doproxy.inventory import write_atomically
-from doproxy.provisioning import Spec
+from doproxy.provisioning import USER_DATA_LIMIT, Spec
 
 if TYPE_CHECKING:
     from doproxy.autoscaler import Autoscaler
@@ -792,10 +792,6 @@ def autoscaler_view(runtime: Served) -> dict[str, Any]:
         "scale_to_zero": _sleep_view(runtime, p) if p.scale_to_zero else None,
         "decisions": decisions,
     }
-
-
-# DigitalOcean takes at most 64 KiB of user data.
-USER_DATA_LIMIT = 64 * 1024
 
 
 def rollouts_view(runtime: Served) -> dict[str, Any]:

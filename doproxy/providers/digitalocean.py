@@ -68,13 +68,12 @@ from doproxy.errors import (
     ProvisionTimeout,
     RateLimited,
 )
-from doproxy.provisioning import Machine, Spec
+from doproxy.provisioning import Machine, Spec, read_user_data_file
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "DIGITALOCEAN_TOKEN"
 MAX_WAIT = 60.0  # seconds: the longest we wait for a rate limit before asking again
-USER_DATA_LIMIT = 64 * 1024  # DigitalOcean's limit on user_data
 JSON = dict[str, Any]
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -111,17 +110,7 @@ def read_user_data(settings: DOProvisioner, base: Path) -> str:
     """The user-data file's text ("" when `user-data` is not set), as the Go version sent it."""
     if not settings.user_data:
         return ""
-    path = _resolve(base, settings.user_data)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ProviderError(f"cannot read do-provisioner.user-data {path}: {reason}") from None
-    if len(text.encode()) > USER_DATA_LIMIT:
-        raise ProviderError(
-            f"do-provisioner.user-data {path} is larger than DigitalOcean's limit of 64 KiB"
-        )
-    return text
+    return read_user_data_file(_resolve(base, settings.user_data), "do-provisioner.user-data")
 
 
 def _resolve(base: Path, path: str) -> Path:
