@@ -578,9 +578,12 @@ class Autoscaler:
         """What one more machine costs per hour: the config's cost-per-hour (local), else the
         configured droplet size's price as last seen on a droplet (None before any)."""
         p = provisioner(self.runtime.settings)
-        spec = self.current_spec()
-        size = (spec.size if spec else "") or p.size
-        return p.price if p.price is not None else self.size_prices.get(size)
+        return p.price if p.price is not None else self.size_prices.get(self._size(None))
+
+    def _size(self, spec: Spec | None) -> str:
+        """The size a machine of `spec` is made of (None: the spec new machines get)."""
+        spec = spec or self.current_spec()
+        return (spec.size if spec else "") or provisioner(self.runtime.settings).size
 
     def _managed(self, e: InventoryEntry) -> bool:
         return managed_by(e, self.provider.kind)
@@ -913,8 +916,7 @@ class Autoscaler:
         log.info("autoscaler: %s (%s) is up at %s", entry.name, entry.id, entry.server_host)
         if entry.price_hourly is not None:
             # Made with this size: now its price is known, for the cost cap.
-            size = (spec.size if spec else "") or provisioner(rt.settings).size
-            self.size_prices[size] = entry.price_hourly
+            self.size_prices[self._size(spec)] = entry.price_hourly
             self.machine_prices[str(entry.id)] = entry.price_hourly
         await rt.apply_inventory()
         self.provision_seconds.observe(self.clock() - started)

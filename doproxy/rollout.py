@@ -147,9 +147,9 @@ class Scaler(Protocol):
 class Rollouts:
     """The autoscaler's rollouts: at most one at a time, driven by one task."""
 
-    def __init__(self, scaler: Scaler, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, scaler: Scaler) -> None:
         self.scaler = scaler
-        self.clock = clock or scaler.clock
+        self.clock = scaler.clock
         self.task: asyncio.Task[None] | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
         self._abort: str | None = None  # why an abort was asked for (the admin API)

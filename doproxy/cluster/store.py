@@ -362,9 +362,6 @@ class EtcdOverrides:
     async def keep(self, overrides: dict[str, Any]) -> None:
         # On the loop: the write is queued for the store's writer task, which must not be
         # touched from another thread.
-        self.save(overrides)
-
-    def save(self, overrides: dict[str, Any]) -> None:
         self.store.overrides_value.clear()
         self.store.overrides_value.update(overrides)
         # Any node's admin API may set them: not a leader's write.
