@@ -27,6 +27,7 @@ COMPILED = (
     "doproxy.core.retry",
     "doproxy.core.balancers",
     "doproxy.core.http11",
+    "doproxy.core.forwarding",
     "doproxy.proxy.writes",
     "doproxy.proxy.backend",
     "doproxy.proxy.state",

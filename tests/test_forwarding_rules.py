@@ -30,6 +30,9 @@ VALID_HOSTS = [
     b"a_b.test",  # "_" is unreserved
     b"%41bc",
     b"xn--e1afmkfd.test",
+    b"%41:80",
+    b"h:0",
+    b"[::1]:65535",
 ]
 INVALID_HOSTS = [
     b"",
@@ -53,6 +56,13 @@ INVALID_HOSTS = [
     b"h?x",
     b"h#x",
     b"\xc3\xa9.test",
+    b"h:8a",
+    b"[::1]:8a",
+    b"[::1]:123456",
+    b"%4:80",
+    b"h\x00",
+    b"h\x7f",
+    b"\xff",
 ]
 
 
