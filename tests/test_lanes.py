@@ -268,3 +268,60 @@ async def test_lean_parsers_are_shared_between_idle_connections(
     await b.close()
     assert b"\r\n\r\nabcdef" in echo_backend.all_received
     assert b"\r\n\r\nxyz" in echo_backend.all_received
+
+
+async def test_close_request_is_closed_at_once_and_its_parser_serves_another_connection(
+    start_proxy: StartProxy, echo_backend: RawBackend
+) -> None:
+    # A client that says `Connection: close` sends nothing after that request (RFC 9112 9.6):
+    # once it is answered the proxy closes at once, without waiting for the client's FIN (a
+    # lingering close would hold the connection for up to 5 s), and the lean parser it used
+    # goes back for other connections in a clean state.
+    from doproxy.proxy import client as client_module
+
+    proxy = await start_proxy([echo_backend.port])
+    free = len(client_module._LEAN_FREE)
+    a = await Client.connect(port_of(proxy))
+    await a.send(
+        b"POST /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\nContent-Length: 3\r\n\r\n"
+    )
+    await a.send(b"abc")
+    r = await a.response()
+    assert (r.status, r.body, r.header("connection")) == (200, b"POST /last len=3", b"close")
+    # The client keeps its side open; the proxy's side is gone well before a linger ends.
+    await wait_for(lambda: not proxy.connections, timeout=2.0)
+    assert await a.closed(timeout=2.0)
+    # It took a parser (a free one, or a new one when none was free) and gave it back.
+    assert len(client_module._LEAN_FREE) == max(free, 1)
+    # The next connection takes that parser: a keep-alive exchange with a body, then a
+    # pipelined request, parse as they would on a new parser.
+    b = await Client.connect(port_of(proxy))
+    await b.send(b"POST /next HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nxy")
+    assert (await b.response()).body == b"POST /next len=2"
+    await b.send(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert (await b.response()).body == b"GET /1 len=0"
+    assert (await b.response()).body == b"GET /2 len=0"
+    await b.close()
+    await a.close()
+
+
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+async def test_nothing_after_a_close_request_reaches_a_backend(
+    start_proxy: StartProxy, echo_backend: RawBackend, version: bytes
+) -> None:
+    # A request sent after one that said close (HTTP/1.0 says it by default) is never served,
+    # whether it arrives before or after the answer, in the same read or the next.
+    proxy = await start_proxy([echo_backend.port])
+    close = b"" if version == b"1.0" else b"Connection: close\r\n"
+    first = b"GET /first HTTP/" + version + b"\r\nHost: h\r\n" + close + b"\r\n"
+    extra = b"GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+    for writes in ([first + extra], [first, extra]):
+        c = await Client.connect(port_of(proxy))
+        for data in writes:
+            await c.send(data)
+        assert (await c.response()).body == b"GET /first len=0"
+        assert await c.closed()
+        await c.close()
+    await wait_for(lambda: not proxy.connections)
+    assert b"/smuggled" not in echo_backend.all_received
+    assert echo_backend.all_received.count(b"GET /first") == 2

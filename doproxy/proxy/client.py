@@ -151,6 +151,10 @@ class Exchange:
     head = b""
     host: bytes | None = None
     keep_alive = True
+    # The request said it is the client's last (Connection: close, or HTTP/1.0 without
+    # keep-alive): the client sends nothing after it (RFC 9112 9.6), so once it is answered
+    # there is nothing to linger for (see ClientConnection.finished).
+    last = False
     chunked_in = False
     buffered = 0
     request_done = False
@@ -422,6 +426,12 @@ class _LeanParser:
     def __init__(self) -> None:
         self.conn: ClientConnection | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # After a request with `Connection: close` (or HTTP/1.0's default), llhttp refuses
+        # any further bytes, which would make the parser useless to the next connection. A
+        # lean parser is only ever fed one message per chunk (what follows it goes to the
+        # full parser), and only a connection that said close is closed after its answer, so
+        # this leniency changes nothing else: it lets close connections give theirs back.
+        self.parser.set_dangerous_leniencies(lenient_keep_alive=True)
 
     def on_body(self, body: bytes) -> None:
         conn = self.conn
@@ -693,7 +703,13 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._lean = None  # in whatever state it was left: not for another connection
+        lean = self._lean
+        if lean is not None:
+            # In whatever state it was left: not for another connection. Unlinked, so that
+            # this connection is freed when the last reference goes, not by the cycle
+            # collector (the parser and its callbacks' owner refer to each other).
+            lean.conn = None
+            self._lean = None
         self.server.connection_closed(self)
         if self._access_log and self.queue and self.queue[0].begun:
             self._log_unfinished(self.queue[0])
@@ -765,7 +781,9 @@ class ClientConnection(asyncio.Protocol):
             raise MethodNotAllowed("CONNECT is not supported by a reverse proxy")
         ex.method = method
         ex.is_head = method == b"HEAD"
-        ex.keep_alive = parser.should_keep_alive()
+        if not parser.should_keep_alive():
+            ex.keep_alive = False
+            ex.last = True
         self._build_request_head(ex, self._url, self._headers)
         if self._hash_header:
             self._set_hash_key(ex, self._headers)
@@ -925,12 +943,15 @@ class ClientConnection(asyncio.Protocol):
                     ex.host = host
                 if not keep_alive:
                     ex.keep_alive = False
+                    ex.last = True
                 ex.head = head
                 self._body_left = length
                 return
         # Hop-by-hop or forwarding headers to rewrite, other than a lone Connection:
         # keep-alive or close: the general path's rules.
-        ex.keep_alive = keep_alive_of(low, keep_alive)
+        if not keep_alive_of(low, keep_alive):
+            ex.keep_alive = False
+            ex.last = True
         head = data[:-2]  # without the blank line
         first, fields = split_head(head)
         self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
@@ -1144,7 +1165,7 @@ class ClientConnection(asyncio.Protocol):
             ex.buffered = 0
             ex.sent_body = True
         else:
-            write_soon(t, head)
+            write_soon(self.server.loop, t, head)
         if ex.request_done:
             self._await_response(now)
         else:
@@ -1187,7 +1208,7 @@ class ClientConnection(asyncio.Protocol):
             self.server.backend_ok(backend)
         t = self.transport
         if t is not None and not t.is_closing():
-            write_soon(t, out)
+            write_soon(self.server.loop, t, out)
         if not keep:
             ex.keep_alive = False
         ex.status = status  # counted by class in Exchange.finish
@@ -1404,9 +1425,19 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._held is not None:
             self._write(b"")
-        self.queue.pop(0)
+        queue = self.queue
+        queue.pop(0)
         if not ex.keep_alive or not ex.request_done:
-            self.teardown(TEARDOWN_LINGER)
+            # A lingering close, unless the client said this was its last request and sent
+            # nothing more: then close at once, as nginx and HAProxy do (a shutdown, a read of
+            # the client's FIN and a loop iteration less per connection). A client that sends
+            # more after its own "close" anyway may see a reset.
+            if ex.last and ex.request_done and not queue and self._rejected is None:
+                if self.parsing is None and not self._in_head:
+                    self._give_back_lean()  # whole messages only: it is between two
+                self.teardown(TEARDOWN_CLOSE)
+            else:
+                self.teardown(TEARDOWN_LINGER)
             return
         self._continue(now)
         if ex.tunnel_data and not self.closed:
@@ -1459,19 +1490,22 @@ class ClientConnection(asyncio.Protocol):
         elif self.parsing is None:
             self.deadline_kind = DEADLINE_IDLE
             self.deadline = now + self._t_idle
-            lean = self._lean
-            if lean is not None:
-                # Between messages: the parser goes back for any connection's next request.
-                self._lean = None
-                self.parser = _SPENT
-                lean.conn = None
-                if len(_LEAN_FREE) < _LEAN_FREE_MAX:
-                    _LEAN_FREE.append(lean)
+            self._give_back_lean()
         elif self._in_head:
             self.deadline_kind = DEADLINE_HEADER
             self.deadline = now + self._t_header
         else:
             self.deadline_kind = DEADLINE_NONE  # a body is arriving: client-body watches it
+
+    def _give_back_lean(self) -> None:
+        """Between messages: the lean parser goes back for any connection's next request."""
+        lean = self._lean
+        if lean is not None:
+            self._lean = None
+            self.parser = _SPENT
+            lean.conn = None
+            if len(_LEAN_FREE) < _LEAN_FREE_MAX:
+                _LEAN_FREE.append(lean)
 
     def _reject(self, err: ClientError, refused: Exchange | None = None) -> None:
         """The client's fault: a malformed request, a stalled or cut body, a body too large.
