@@ -172,49 +172,59 @@ def request_head_kind(low: str) -> int:
     return kind
 
 
-def scan_response(low: str) -> tuple[bool, int, int, int, str]:
-    """Everything the express response lane needs from a lower-cased response head, in one
-    walk over its lines: (needs the general path, Content-Length, Connection line).
+def scan_response(head: str, limit: int = -1) -> tuple[bool, int, int, int, str]:
+    """Everything the express response lane needs from a response head, in one walk over its
+    lines: (needs the general path, Content-Length, Connection line). `head` is latin-1 text
+    in any case, looked at up to `limit` (the end of its last header line; -1: all of it).
 
-    One split into lines, then each header's first letter as an integer, and names compared
-    only where that letter fits. This replaces a search of the whole head per header name: a
-    response head is ~250 characters, a substring search costs about four instructions per
-    character, and the six of them cost more than the rest of the response path did.
-    Splitting on one character is a memchr; comparing code points is native integer work once
-    compiled. "Needs the general path": a hop-by-hop header other than Connection.
+    Each line is found with one search for its line break (a memchr), and its name's first
+    letter, lower-cased as an integer, picks the names worth comparing; only those are sliced
+    and lower-cased. This replaces lower-casing the whole head and splitting it into a string
+    per line, which cost more than everything else on the response path (a response head is
+    ~250 characters, and most of its lines are names no rule cares about), and before that a
+    substring search of the whole head per header name. "Needs the general path": a
+    hop-by-hop header other than Connection.
 
     Content-Length is the first such header's value, -1 when there is none and -2 when it is
     not a number (llhttp, which validates the response next, says what is wrong). The
     Connection line comes as lone_connection gives it: the index of the line break before the
-    first one, that of its CRLF, and "keep-alive" or "close" when it is the only Connection
-    line and holds just that token, else "".
+    first one, that of its CRLF, and "keep-alive" or "close" (lower-cased) when it is the only
+    Connection line and holds just that token, else "".
     """
+    if limit < 0:
+        limit = len(head)
     general = False
     length = -1
     start = -1
     end = -1
     value = ""
     connections = 0
-    pos = 0  # index in `low` of the current line's first character
-    for line in low.split("\n"):
-        n = len(line)
-        if n and pos:  # pos 0: the status line
-            c = ord(line[0])
-            if c == 99:  # c
-                if line.startswith("content-length:"):
-                    if length == -1:
-                        try:
-                            length = int(line[15:])
-                        except ValueError:
-                            length = -2
-                elif line.startswith("connection:"):
-                    connections += 1
-                    if connections == 1:
-                        start, end = pos - 1, pos + n - 1
-                        value = line[11:].strip()
-            elif hop_by_hop(line) != NOT_HOP:
-                general = True
-        pos += n + 1
+    pos = head.find("\n", 0, limit) + 1  # the first header line: the status line is skipped
+    while 0 < pos < limit:
+        eol = head.find("\n", pos, limit)
+        if eol < 0:
+            eol = limit
+        # ASCII letters differ from their capitals by the 32 bit alone, so `| 32` lower-cases
+        # a letter and maps nothing else onto one.
+        c = ord(head[pos]) | 32
+        if c == 99 and eol - pos >= 11:  # c: Content-Length or Connection?
+            d = ord(head[pos + 3]) | 32  # "cont..." or "conn..."
+            if d == 116 and head[pos : pos + 15].lower() == "content-length:":
+                if length == -1:
+                    try:
+                        length = int(head[pos + 15 : eol])
+                    except ValueError:
+                        length = -2
+            elif d == 110 and head[pos : pos + 11].lower() == "connection:":
+                connections += 1
+                if connections == 1:
+                    start, end = pos - 1, eol - 1
+                    value = head[pos + 11 : eol].strip().lower()
+        elif (c == 116 or c == 117 or c == 107 or c == 112 or c == 104) and hop_by_hop(
+            head[pos:eol].lower()
+        ) != NOT_HOP:  # t, u, k, p, h: the letters hop_by_hop looks at
+            general = True
+        pos = eol + 1
     if connections != 1 or (value != "keep-alive" and value != "close"):
         value = ""
     return general, length, start, end, value
@@ -417,8 +427,7 @@ def express_response_plan(data: bytes, keep: bool) -> ExpressPlan:
     status = d0 * 100 + d1 * 10 + d2
     if status < 200 or status == 204 or status == 304:
         return NOT_EXPRESS
-    low = text[: end + 2].lower()
-    general, length, i, j, value = scan_response(low)
+    general, length, i, j, value = scan_response(text, end + 2)
     if general or length < 0 or len(data) != end + 4 + length:
         return NOT_EXPRESS  # (a bad Content-Length: llhttp will say what is wrong with it)
     backend_keep_alive = True
