@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from doproxy.core.forwarding import (
     PROXY_BAD,
@@ -74,6 +76,48 @@ def test_valid_hosts(host: bytes) -> None:
 @pytest.mark.parametrize("host", INVALID_HOSTS)
 def test_invalid_hosts(host: bytes) -> None:
     assert not valid_host(host)
+
+
+def reference_valid_host(value: bytes) -> bool:
+    """valid_host as it was written before its byte-table loop (partition and translate)."""
+    reg_name = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%"
+    if not value:
+        return False
+    if value[0] == 91:
+        end = value.find(b"]")
+        if end < 0 or 37 in value[:end]:
+            return False
+        try:
+            ipaddress.IPv6Address(value[1:end].decode("ascii"))
+        except ValueError:
+            return False
+        rest = value[end + 1 :]
+        if not rest:
+            return True
+        if rest[0] != 58:
+            return False
+        port = rest[1:]
+    else:
+        host, colon, port = value.partition(b":")
+        if not host or host.translate(None, reg_name):
+            return False
+        i = host.find(b"%")
+        while i >= 0:
+            pair = host[i + 1 : i + 3]
+            if len(pair) != 2 or pair.translate(None, b"0123456789abcdefABCDEF"):
+                return False
+            i = host.find(b"%", i + 3)
+        if not colon:
+            return True
+    return 0 < len(port) <= 5 and not port.translate(None, b"0123456789")
+
+
+@given(
+    st.binary(max_size=24)
+    | st.lists(st.sampled_from(list(b"aZ09-.%:[]f1@ _\xff")), max_size=16).map(bytes)
+)
+def test_valid_host_agrees_with_the_partition_rules(value: bytes) -> None:
+    assert valid_host(value) == reference_valid_host(value)
 
 
 @pytest.mark.parametrize(
