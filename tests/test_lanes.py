@@ -285,6 +285,8 @@ async def test_close_request_is_closed_at_once_and_its_parser_serves_another_con
     await a.send(
         b"POST /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\nContent-Length: 3\r\n\r\n"
     )
+    # The head alone takes the express lane, with a lean parser (see above); the body follows.
+    await wait_for(lambda: proxy.express_requests == 1)
     await a.send(b"abc")
     r = await a.response()
     assert (r.status, r.body, r.header("connection")) == (200, b"POST /last len=3", b"close")
@@ -325,3 +327,42 @@ async def test_nothing_after_a_close_request_reaches_a_backend(
     await wait_for(lambda: not proxy.connections)
     assert b"/smuggled" not in echo_backend.all_received
     assert echo_backend.all_received.count(b"GET /first") == 2
+
+
+async def test_close_request_lingers_when_the_client_has_started_another(
+    start_proxy: StartProxy, backend_factory: Callable[..., Awaitable[RawBackend]]
+) -> None:
+    # The client said close but has already sent part of another head: more may be on its
+    # way, and closing under it would reset the connection. So this close lingers (reads and
+    # drops what comes) as any other, and still serves nothing after the close.
+    from doproxy.proxy.client import DEADLINE_LINGER
+
+    answer = asyncio.Event()
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: Any) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await answer.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    backend = await backend_factory(held)
+    proxy = await start_proxy([backend.port])
+    c = await Client.connect(port_of(proxy))
+    try:
+        await c.send(b"GET /last HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        await wait_for(lambda: b"/last" in backend.all_received)
+        await c.send(b"GET /next HTTP/1.1\r\nHo")
+        await wait_for(lambda: any(conn._in_head for conn in proxy.connections))
+        answer.set()
+        r = await c.response()
+        assert (r.status, r.body, r.header("connection")) == (200, b"ok", b"close")
+        await wait_for(
+            lambda: any(conn.deadline_kind == DEADLINE_LINGER for conn in proxy.connections)
+        )
+        await c.send(b"st: h\r\n\r\n")  # read and dropped, not answered
+        assert await c.closed()
+    finally:
+        await c.close()
+    await wait_for(lambda: not proxy.connections)
+    assert b"/next" not in backend.all_received

@@ -1428,13 +1428,20 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         queue.pop(0)
         if not ex.keep_alive or not ex.request_done:
-            # A lingering close, unless the client said this was its last request and sent
-            # nothing more: then close at once, as nginx and HAProxy do (a shutdown, a read of
-            # the client's FIN and a loop iteration less per connection). A client that sends
-            # more after its own "close" anyway may see a reset.
-            if ex.last and ex.request_done and not queue and self._rejected is None:
-                if self.parsing is None and not self._in_head:
-                    self._give_back_lean()  # whole messages only: it is between two
+            # A lingering close, unless the client said this was its last request and has
+            # sent nothing after it, not even the start of another head: then close at once,
+            # as nginx and HAProxy do (a shutdown, a read of the client's FIN and a loop
+            # iteration less per connection). A client that sends more after its own "close"
+            # anyway may see a reset.
+            if (
+                ex.last
+                and ex.request_done
+                and not queue
+                and self._rejected is None
+                and self.parsing is None
+                and not self._in_head
+            ):
+                self._give_back_lean()  # whole messages only: it is between two
                 self.teardown(TEARDOWN_CLOSE)
             else:
                 self.teardown(TEARDOWN_LINGER)
