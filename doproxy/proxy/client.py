@@ -416,9 +416,10 @@ class _LeanParser:
     only body bytes call back into Python, and they go to `conn`.
 
     An idle keep-alive connection holds none: it takes one from `_LEAN_FREE` for a request and
-    gives it back when it goes idle again (the parser is then between messages, with nothing
-    of the last request left in it). A parser with its callbacks is about 640 bytes; most of a
-    server's connections are idle at any moment, so they share the few that are in use.
+    gives it back when it goes idle again, or when it closes after the client's last request
+    (the parser is then between messages, with nothing of the last request left in it). A
+    parser with its callbacks is about 640 bytes; most of a server's connections are idle at
+    any moment, so they share the few that are in use.
     """
 
     __slots__ = ("conn", "parser")
