@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import pytest
 
@@ -166,6 +167,69 @@ async def test_client_that_reads_nothing_is_closed_and_blames_no_backend(
         await wait_for(lambda: not proxy.connections, timeout=10)
     finally:
         await c.close()
+    not_blamed(proxy)
+
+
+@pytest.mark.parametrize("size", [48 * 1024, 4 * 1024 * 1024])
+async def test_client_that_stops_reading_cannot_hold_a_closed_connection(
+    start_proxy: StartProxy, backend_factory: object, size: int
+) -> None:
+    # The client said close, so the connection is closed once the response is handed over;
+    # but a client that reads nothing leaves part of it buffered in the proxy, the more so the
+    # larger it is. Whatever is left, the client must read it within client-write, or the
+    # connection is cut: nothing may hold a closed connection (a descriptor and its buffer)
+    # open for ever.
+    body = b"x" * size
+
+    async def answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
+    ) -> None:
+        await RequestReader(reader).next()
+        writer.write(respond(200, body))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        await reader.read()
+
+    backend = await backend_factory(answer)  # type: ignore[operator]
+    proxy = await start_proxy(
+        [backend.port], {"timeouts": {"client-write": "0.5s", "backend-read": "30s"}}
+    )
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it reads nothing
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port_of(proxy)))
+        await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        await wait_for(lambda: b"GET / " in backend.all_received)
+        await wait_for(lambda: not proxy.connections, timeout=4)
+    not_blamed(proxy)
+
+
+async def test_closed_connection_with_an_unread_answer_is_cut_after_client_write(
+    start_proxy: StartProxy, echo_backend: RawBackend
+) -> None:
+    # The state the test above cannot make on demand (loopback's kernel buffers take a
+    # megabyte and more): a connection closed with the rest of its answer still buffered in
+    # the proxy, below the high-water mark, so writing never paused and no client-write
+    # deadline was running (pipelined answers to a client that stopped reading, say). The
+    # close itself must start one.
+    from doproxy.proxy.client import TEARDOWN_CLOSE
+
+    proxy = await start_proxy([echo_backend.port], {"timeouts": {"client-write": "0.5s"}})
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it reads nothing
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port_of(proxy)))
+        await wait_for(lambda: len(proxy.connections) == 1)
+        (conn,) = proxy._live()
+        t = conn.transport
+        assert t is not None
+        t.set_write_buffer_limits(high=256 * 1024 * 1024)  # never paused
+        t.write(b"x" * (32 * 1024 * 1024))  # more than the kernel takes
+        assert t.get_write_buffer_size() > 0
+        conn.teardown(TEARDOWN_CLOSE)
+        await wait_for(lambda: not proxy.connections, timeout=4)
     not_blamed(proxy)
 
 

@@ -1734,3 +1734,10 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self._now() + LINGER_TIME
             return
         t.close()
+        if t.get_write_buffer_size():
+            # The rest of the answer waits for the client to read it: within client-write, as
+            # any answer, or the connection is cut. Without this a client that stopped reading
+            # would hold a closed connection (a descriptor and its buffer) for ever, whenever
+            # writing had not paused and started that deadline already.
+            self.deadline_kind = DEADLINE_CLIENT_WRITE
+            self.deadline = self._now() + self._t_client_write
