@@ -20,7 +20,7 @@ import pytest
 
 from doproxy.proxy.server import ProxyServer
 from tests.conftest import StartProxy, port_of, wait_for
-from tests.support import Client, RawBackend, RequestReader, get, respond
+from tests.support import Client, RawBackend, RequestReader, answering, get, respond
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -179,18 +179,7 @@ async def test_client_that_stops_reading_cannot_hold_a_closed_connection(
     # larger it is. Whatever is left, the client must read it within client-write, or the
     # connection is cut: nothing may hold a closed connection (a descriptor and its buffer)
     # open for ever.
-    body = b"x" * size
-
-    async def answer(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: RawBackend
-    ) -> None:
-        await RequestReader(reader).next()
-        writer.write(respond(200, body))
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        await reader.read()
-
-    backend = await backend_factory(answer)  # type: ignore[operator]
+    backend = await backend_factory(answering(200, b"x" * size))  # type: ignore[operator]
     proxy = await start_proxy(
         [backend.port], {"timeouts": {"client-write": "0.5s", "backend-read": "30s"}}
     )
