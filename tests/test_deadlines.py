@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -170,6 +171,17 @@ async def test_client_that_reads_nothing_is_closed_and_blames_no_backend(
     not_blamed(proxy)
 
 
+@contextlib.asynccontextmanager
+async def client_reading_nothing(port: int) -> AsyncIterator[socket.socket]:
+    """A client connection with a small receive buffer, which never reads from it."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        yield sock
+
+
 @pytest.mark.parametrize("size", [48 * 1024, 4 * 1024 * 1024])
 async def test_client_that_stops_reading_cannot_hold_a_closed_connection(
     start_proxy: StartProxy, backend_factory: object, size: int
@@ -183,11 +195,8 @@ async def test_client_that_stops_reading_cannot_hold_a_closed_connection(
     proxy = await start_proxy(
         [backend.port], {"timeouts": {"client-write": "0.5s", "backend-read": "30s"}}
     )
-    loop = asyncio.get_running_loop()
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it reads nothing
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", port_of(proxy)))
+    async with client_reading_nothing(port_of(proxy)) as sock:
+        loop = asyncio.get_running_loop()
         await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         await wait_for(lambda: b"GET / " in backend.all_received)
         await wait_for(lambda: not proxy.connections, timeout=4)
@@ -205,11 +214,7 @@ async def test_closed_connection_with_an_unread_answer_is_cut_after_client_write
     from doproxy.proxy.client import TEARDOWN_CLOSE
 
     proxy = await start_proxy([echo_backend.port], {"timeouts": {"client-write": "0.5s"}})
-    loop = asyncio.get_running_loop()
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it reads nothing
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", port_of(proxy)))
+    async with client_reading_nothing(port_of(proxy)):
         await wait_for(lambda: len(proxy.connections) == 1)
         (conn,) = proxy._live()
         t = conn.transport
