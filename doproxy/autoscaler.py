@@ -165,6 +165,11 @@ def backoff(interval: float, failures: int) -> float:
     return float(min(interval * 2 ** min(failures - 1, 30), max(BACKOFF_CAP, interval)))
 
 
+def limits_in(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The min/max-backends the overrides set (a None one is the config's again)."""
+    return {k: v for k, v in overrides.items() if k in LIMITS and v is not None}
+
+
 class Autoscaler:
     def __init__(
         self,
@@ -259,7 +264,7 @@ class Autoscaler:
     def settings(self) -> Provisioning:
         """The config's [provisioning], with the admin API's min/max overrides applied."""
         config = self.runtime.settings.provisioning
-        limits = {k: v for k, v in self._overrides.items() if k in LIMITS and v is not None}
+        limits = limits_in(self._overrides)
         if not limits:
             return config
         cached = self._limited
@@ -315,12 +320,11 @@ class Autoscaler:
 
         def merged(overrides: dict[str, Any]) -> dict[str, Any]:
             out = {**overrides, **limits}
-            chosen = {k: v for k, v in out.items() if k in LIMITS and v is not None}
-            with_limits(self.runtime.settings.provisioning, chosen)  # raises when invalid
+            with_limits(self.runtime.settings.provisioning, limits_in(out))  # raises if invalid
             return out
 
         await self.change_overrides(merged)
-        chosen = {k: v for k, v in self._overrides.items() if k in LIMITS and v is not None}
+        chosen = limits_in(self._overrides)
         self._limited = None
         self._bad_overrides = None
         log.info("autoscaler limits overridden by the admin API: %s", chosen or "none")
