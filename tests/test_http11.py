@@ -170,6 +170,27 @@ def test_scan_response_cases(fields: list[str], expected: tuple[object, ...]) ->
     assert scan_response(low) == expected
 
 
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (["Content-Type: text/plain", "Content-Length: 2"], (False, 2, -1, -1, "")),
+        (["Content-Length: 2", "CONTENT-LENGTH: 3"], (False, 2, -1, -1, "")),
+        (["Connection: Keep-Alive"], (False, -1, 16, 39, "keep-alive")),
+        (["Connection: close", "connection: close"], (False, -1, 16, 34, "")),
+        (["Content-Location: /a", "Connection-X: close"], (False, -1, -1, -1, "")),
+    ],
+)
+def test_scan_response_of_names_in_their_usual_capitals(
+    fields: list[str], expected: tuple[object, ...]
+) -> None:
+    # Names as backends usually write them are compared as written, any other case after
+    # lower-casing; the ninth letter of a "c" name picks which (Content-Location is not
+    # Content-Length, Connection-X is not Connection).
+    head = _head("HTTP/1.1 200 OK", fields)
+    assert scan_response(head) == expected
+    assert scan_response(head) == reference_response(head.lower())
+
+
 # --- response plans: what goes to the client, decided without sockets -----------------------
 
 OK_2 = b"HTTP/1.1 200 OK\r\nServer: b\r\nContent-Length: 2\r\n\r\nok"

@@ -208,18 +208,31 @@ def scan_response(head: str, limit: int = -1) -> tuple[bool, int, int, int, str]
         # a letter and maps nothing else onto one.
         c = ord(head[pos]) | 32
         if c == 99 and eol - pos >= 11:  # c: Content-Length or Connection?
-            d = ord(head[pos + 3]) | 32  # "cont..." or "conn..."
-            if d == 116 and head[pos : pos + 15].lower() == "content-length:":
-                if length == -1:
+            # The ninth letter tells "content-Length" from "connectiOn" and from the other
+            # "content-*" names. A name is compared as written first: backends write these in
+            # their usual capitals, and lower-casing a slice costs more than comparing it.
+            d = ord(head[pos + 8]) | 32
+            if d == 108:  # l
+                name = head[pos : pos + 15]
+                if (name == "Content-Length:" or name.lower() == "content-length:") and (
+                    length == -1
+                ):
                     try:
                         length = int(head[pos + 15 : eol])
                     except ValueError:
                         length = -2
-            elif d == 110 and head[pos : pos + 11].lower() == "connection:":
+            elif (
+                d == 111
+                and (  # o
+                    (name := head[pos : pos + 11]) == "Connection:" or name.lower() == "connection:"
+                )
+            ):
                 connections += 1
                 if connections == 1:
                     start, end = pos - 1, eol - 1
-                    value = head[pos + 11 : eol].strip().lower()
+                    value = head[pos + 11 : eol].strip()
+                    if value != "keep-alive" and value != "close":
+                        value = value.lower()
         elif (c == 116 or c == 117 or c == 107 or c == 112 or c == 104) and hop_by_hop(
             head[pos:eol].lower()
         ) != NOT_HOP:  # t, u, k, p, h: the letters hop_by_hop looks at
