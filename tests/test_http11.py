@@ -26,9 +26,9 @@ from doproxy.core.http11 import (
     keep_alive_of,
     lone_connection,
     plain_request_plan,
-    request_head_kind,
     request_plan,
     response_plan,
+    scan_request,
     scan_response,
     switches,
     websocket_101,
@@ -146,11 +146,68 @@ def test_scan_response_reads_names_in_any_case_and_stops_at_its_limit(
     st.sampled_from(["/te:", "/a_b", "*", "http://h/", "http://h_x/"]),
     st.sampled_from(["", "\r\n", "\n"]),
 )
-def test_request_head_kind_agrees_with_the_searches(
-    fields: list[str], target: str, before: str
-) -> None:
+def test_request_scan_agrees_with_the_searches(fields: list[str], target: str, before: str) -> None:
     low = before + _head(f"get {target} http/1.1", fields) + "\r\n"
-    assert request_head_kind(low) == reference_request(low)
+    kind, line_end, start, end, value, host_start, host_end, length = scan_request(
+        low.lstrip("\r\n")  # (the caller drops empty lines before the request line)
+    )
+    assert kind == reference_request(low)
+    if kind != GENERAL:
+        low = low.lstrip("\r\n")
+        assert line_end == low.find("\r\n")
+        assert (start, end, value) == lone_connection(low)
+        assert length == reference_response(low)[1]
+        hosts = low.count("\nhost:")
+        i = low.find("\nhost:")
+        assert (host_start, host_end) == (
+            (-1, -1) if not hosts else (-2, -2) if hosts > 1 else (i, low.find("\r\n", i))
+        )
+
+
+@given(
+    st.lists(lines, max_size=8),
+    st.sampled_from(["/te:", "/a_b", "*", "http://h/"]),
+    st.randoms(use_true_random=False),
+)
+def test_request_scan_reads_names_in_any_case(
+    fields: list[str], target: str, rnd: random.Random
+) -> None:
+    # Clients write names in any case; the scan compares them as written first, then
+    # lower-cased. The same head in any case scans as its lower-case self.
+    low = _head(f"get {target} http/1.1", fields) + "\r\n"
+    mixed = "".join(ch.upper() if rnd.random() < 0.5 else ch for ch in low)
+    assert scan_request(mixed)[0] == scan_request(low)[0]
+    assert scan_request(mixed)[2:] == scan_request(low)[2:]
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (
+            "GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\nContent-Length: 2\r\n\r\n",
+            (PLAIN, 14, 24, 42, "close", 15, 23, 2),
+        ),
+        ("GET / HTTP/1.1\r\nHost: h\r\nHOST: h\r\n\r\n", (PLAIN, 14, -1, -1, "", -2, -2, -1)),
+        (
+            "GET / HTTP/1.1\r\nConnection: Keep-Alive\r\n\r\n",
+            (PLAIN, 14, 15, 38, "keep-alive", -1, -1, -1),
+        ),
+        ("GET / HTTP/1.1\r\nX-Real-IP: a\r\n\r\n", (REWRITE, 14, -1, -1, "", -1, -1, -1)),
+        ("GET / HTTP/1.1\r\nX-Real-IPs: a\r\n\r\n", (PLAIN, 14, -1, -1, "", -1, -1, -1)),
+        (
+            "GET / HTTP/1.1\r\nContent-Location: /\r\nHostname: a\r\n\r\n",
+            (PLAIN, 14, -1, -1, "", -1, -1, -1),
+        ),
+        (
+            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            (GENERAL, 14, -1, -1, "", -1, -1, -1),
+        ),
+        ("GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n", (PLAIN, 14, -1, -1, "", -1, -1, -2)),
+        ("GET * HTTP/1.1\r\n\r\n", (REWRITE, 14, -1, -1, "", -1, -1, -1)),
+    ],
+)
+def test_request_scan_cases(head: str, expected: tuple[object, ...]) -> None:
+    assert scan_request(head) == expected
 
 
 @pytest.mark.parametrize(
@@ -417,11 +474,12 @@ def test_request_plan_expect_and_host_rules() -> None:
 
 
 def _plain(raw: bytes, host_ok: bytes | None = None) -> tuple[bytes, bytes | None, bool, int]:
-    low = raw.decode("latin-1").lower()
-    line_end = low.find("\r\n")
-    http11 = low[line_end - 9 : line_end] == " http/1.1"
+    scan = scan_request(raw.decode("latin-1"))
+    assert scan[0] == PLAIN
+    line_end = scan[1]
+    http11 = raw[line_end - 9 : line_end] == b" HTTP/1.1"
     method = raw[: raw.find(b" ")]
-    return plain_request_plan(raw, low, method, line_end, http11, HOP.parts, HOP, host_ok)
+    return plain_request_plan(raw, scan, method, http11, HOP.parts, HOP, host_ok)
 
 
 def test_plain_request_plan_appends_the_forwarding_headers() -> None:

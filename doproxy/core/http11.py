@@ -89,7 +89,7 @@ def response_needs_general_path(low: str) -> bool:
     return scan_response(low)[0]
 
 
-# What the header names of a request head ask of the express lane (request_head_kind).
+# What the header names of a request head ask of the express lane (scan_request).
 PLAIN: Final = 0  # nothing to rewrite but Host, a lone Connection and the forwarding headers
 REWRITE: Final = 1  # hop-by-hop or forwarding headers to drop: build the head header by header
 GENERAL: Final = 2  # Transfer-Encoding or Upgrade: the general path, with llhttp's callbacks
@@ -125,51 +125,117 @@ def hop_by_hop(line: str) -> int:
     return NOT_HOP
 
 
-def request_head_kind(low: str) -> int:
-    """Classify a lower-cased request head by its target and header names, in one walk over
-    its lines (see scan_response for why not one search per name).
+# What scan_request finds in a request head, in one walk: (its kind: PLAIN, REWRITE or
+# GENERAL; where its request line ends; its Connection line as scan_response gives it: start,
+# end and lone value; its Host line: the index of the line break before it and that of its
+# CRLF, (-1, -1) without one and (-2, -2) for more than one; its Content-Length, -1 without
+# one and -2 when it is not a number). A plain tuple: compiled, it is returned in registers.
+RequestScan = tuple[int, int, int, int, str, int, int, int]
 
-    REWRITE: a target that is not origin-form (absolute-form, `*`), a hop-by-hop header, a
-    header that says who the client is (X-Forwarded-*, X-Real-IP, Forwarded) or that the proxy
-    appends to (Via), Expect, or a header name with an underscore. Empty lines before the
-    request line (RFC 9112 2.2) are skipped, as llhttp skips them.
+
+def scan_request(head: str) -> RequestScan:
+    """Everything the express lane needs from a request head (latin-1 text in any case,
+    starting at its request line), in one walk over its lines, as scan_response walks a
+    response: one search per line break, and only the names whose first letter fits are
+    sliced and compared, as written first, lower-cased only when that fails. This replaces
+    lower-casing the whole head, splitting it into a string per line and a search per header
+    name the plan needs.
+
+    The kind: REWRITE for a target that is not origin-form (absolute-form, `*`), a hop-by-hop
+    header, a header that says who the client is (X-Forwarded-*, X-Real-IP, Forwarded) or
+    that the proxy appends to (Via), Expect, or a header name with an underscore; GENERAL for
+    Transfer-Encoding or Upgrade (the rest of the scan is then not made). The positions are
+    exact once llhttp has validated the head (a name can only follow a line break); before
+    that, only the kind is used, to pick the lane.
     """
     kind = PLAIN
-    first = True
+    n = len(head)
+    line_end = head.find("\r\n")
+    if line_end < 0:
+        line_end = n
+    # The request line: origin-form targets start with "/" after the method.
+    sp = head.find(" ", 0, line_end)
+    if sp < 0 or sp + 1 >= line_end or ord(head[sp + 1]) != 47:
+        kind = REWRITE
     # Header names with an underscore: looked for line by line only when the headers hold one
     # at all (one memchr instead of two searches per line).
-    underscore = low.find("_", low.find("\n")) >= 0
-    for line in low.lstrip("\r\n").split("\n"):
-        if first:  # the request line: origin-form targets start with "/" after the method
-            first = False
-            sp = line.find(" ")
-            if sp < 0 or line[sp + 1 : sp + 2] != "/":
-                kind = REWRITE
+    underscore = head.find("_", line_end) >= 0
+    length = -1
+    host_start = host_end = -1
+    start = end = -1
+    value = ""
+    connections = 0
+    pos = line_end + 2
+    while pos < n:
+        eol = head.find("\n", pos)
+        if eol < 0:
+            eol = n
+        if eol - pos <= 1:  # the blank line (or a bare line break, which llhttp refuses)
+            pos = eol + 1
             continue
-        if not line:
-            continue
-        c = ord(line[0])
-        if c == 120:  # x
-            if line.startswith("x-forwarded-") or line.startswith("x-real-ip:"):
+        c = ord(head[pos]) | 32  # lower-cased, as in scan_response
+        if (
+            c == 104
+            and eol - pos >= 5
+            and (  # h
+                (name := head[pos : pos + 5]) == "Host:" or name.lower() == "host:"
+            )
+        ):
+            if host_start == -1:
+                host_start, host_end = pos - 1, eol - 1
+            else:
+                host_start = host_end = -2
+        elif c == 99 and eol - pos >= 11:  # c: Content-Length or Connection (scan_response)
+            d = ord(head[pos + 8]) | 32
+            if d == 108:  # l
+                name = head[pos : pos + 15]
+                if (name == "Content-Length:" or name.lower() == "content-length:") and (
+                    length == -1
+                ):
+                    try:
+                        length = int(head[pos + 15 : eol])
+                    except ValueError:
+                        length = -2
+            elif (
+                d == 111
+                and (  # o
+                    (name := head[pos : pos + 11]) == "Connection:" or name.lower() == "connection:"
+                )
+            ):
+                connections += 1
+                if connections == 1:
+                    start, end = pos - 1, eol - 1
+                    value = head[pos + 11 : eol].strip()
+                    if value != "keep-alive" and value != "close":
+                        value = value.lower()
+        elif c == 120:  # x
+            low = head[pos : pos + 12].lower()
+            if low == "x-forwarded-" or low.startswith("x-real-ip:"):
                 kind = REWRITE
         elif c == 102:  # f
-            if line.startswith("forwarded:"):
+            if head[pos : pos + 10].lower() == "forwarded:":
                 kind = REWRITE
         elif c == 101:  # e
-            if line.startswith("expect:"):
+            if head[pos : pos + 7].lower() == "expect:":
                 kind = REWRITE
         elif c == 118:  # v
-            if line.startswith("via:"):
+            if head[pos : pos + 4].lower() == "via:":
                 kind = REWRITE
-        else:
-            hop = hop_by_hop(line)
+        elif c == 116 or c == 117 or c == 107 or c == 112 or c == 104:  # t, u, k, p, h
+            # (The longest name hop_by_hop compares is "transfer-encoding:", 18 letters.)
+            hop = hop_by_hop(head[pos : min(pos + 18, eol)].lower())
             if hop == FRAMING:
-                return GENERAL
+                return GENERAL, line_end, -1, -1, "", -1, -1, -1
             if hop == HOP:
                 kind = REWRITE
-        if underscore and line.find("_", 0, line.find(":")) >= 0:
-            kind = REWRITE  # an underscore in the name (only the name is searched)
-    return kind
+        if underscore:
+            colon = head.find(":", pos, eol)
+            if head.find("_", pos, colon if colon >= 0 else eol) >= 0:
+                kind = REWRITE  # an underscore in the name (only the name is searched)
+        pos = eol + 1
+    if connections != 1 or (value != "keep-alive" and value != "close"):
+        value = ""
+    return kind, line_end, start, end, value, host_start, host_end, length
 
 
 def scan_response(head: str, limit: int = -1) -> tuple[bool, int, int, int, str]:
@@ -587,47 +653,36 @@ NOT_PLAIN: Final[PlainPlan] = (b"", None, False, -1)
 
 def plain_request_plan(
     data: bytes,
-    low: str,
+    scan: RequestScan,
     method: bytes,
-    line_end: int,
     http11: bool,
     parts: tuple[bytes, ...],
     hop: Hop,
     host_ok: bytes | None = None,
 ) -> PlainPlan:
     """The express lane's request head: `data`, one whole head that llhttp has validated
-    (every line, token names, one valid Content-Length), `low` the same decoded as latin-1 and
-    lower-cased, whose names ask for nothing but Host, a lone Connection line and the
-    forwarding headers (request_head_kind PLAIN). `line_end` is where its request line ends,
-    `http11` whether it is HTTP/1.1 (else 1.0), `parts` hop.parts (the connection keeps them as
-    its own, compiled, attribute), `host_ok` a Host value already found valid.
+    (every line, token names, one valid Content-Length), `scan` what scan_request found in it
+    (kind PLAIN: its names ask for nothing but Host, a lone Connection line and the forwarding
+    headers), `http11` whether it is HTTP/1.1 (else 1.0), `parts` hop.parts (the connection
+    keeps them as its own, compiled, attribute), `host_ok` a Host value already found valid.
 
-    llhttp has validated every line, so plain searches are exact: a header name can only
-    follow a line break. The head is rewritten as raw bytes: a lone "Connection: keep-alive"
-    stays (it is true of the backend connection too), a lone "Connection: close" goes (only
-    the client's connection closes), and the forwarding headers are appended, the Host value
-    put where they name it.
-    Any other Connection line: NOT_PLAIN, the general path removes what it names.
+    The head is rewritten as raw bytes: a lone "Connection: keep-alive" stays (it is true of
+    the backend connection too), a lone "Connection: close" goes (only the client's
+    connection closes), and the forwarding headers are appended, the Host value put where they
+    name it. Any other Connection line: NOT_PLAIN, the general path removes what it names.
     """
+    _, line_end, i, j, value, host_start, host_end, length = scan
     head = data[:-2]  # without the blank line
     keep_alive = http11
-    i, j, value = lone_connection(low)
     if i >= 0:
         if not value:
             return NOT_PLAIN
-        if value == "keep-alive":
-            keep_alive = True
-        else:  # close
-            keep_alive = False
-            head = head[: i + 1] + head[j + 2 :]
-            low = low[: i + 1] + low[j + 2 :]
+        keep_alive = value == "keep-alive"
     host: bytes | None = None
-    i = low.find("\nhost:")
-    if i >= 0:
-        j = low.find("\r\n", i)
-        if "\nhost:" in low[j:]:
-            raise BadRequest("more than one Host header")
-        host = head[i + 6 : j].strip(b" \t")
+    if host_start == -2:
+        raise BadRequest("more than one Host header")
+    if host_start >= 0:
+        host = head[host_start + 6 : host_end].strip(b" \t")
         # A keep-alive client repeats its Host: it is checked once.
         if host != host_ok and not valid_host(host):
             raise BadRequest("invalid Host")
@@ -636,13 +691,13 @@ def plain_request_plan(
         raise BadRequest("HTTP/1.1 request without Host")
     else:
         tail = hop.no_host
+    if i >= 0 and not keep_alive:  # a lone Connection: close
+        head = head[: i + 1] + head[j + 2 :]
     if http11:
         out = head + tail
     else:
         url = head[len(method) + 1 : head.rfind(b" ", 0, line_end)]
         out = method + b" " + url + b" HTTP/1.1" + head[line_end:] + tail
-    i = low.find("\ncontent-length:")
-    length = int(head[i + 16 : low.find("\r\n", i)]) if i >= 0 else -1
     return out, host, keep_alive, length
 
 

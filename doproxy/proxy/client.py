@@ -61,6 +61,7 @@ from doproxy.core.http11 import (
     IDEMPOTENT_METHODS,
     LAST_CHUNK,
     REWRITE,
+    RequestScan,
     chunk,
     cookie_value,
     error_response,
@@ -68,9 +69,9 @@ from doproxy.core.http11 import (
     interim_head,
     keep_alive_of,
     plain_request_plan,
-    request_head_kind,
     request_plan,
     response_plan,
+    scan_request,
     split_head,
     switches,
     websocket_101,
@@ -631,10 +632,16 @@ class ClientConnection(asyncio.Protocol):
                 text = data.decode("latin-1")
                 # (A 3-byte chunk has no "\r\n\r\n" at all: find's -1 must not pass.)
                 if len(text) > 3 and text.find("\r\n\r\n") + 4 == len(text):
-                    low = text.lower()
-                    kind = request_head_kind(low)
-                    if kind != GENERAL:
-                        self._express(data, low, kind)
+                    if data[0] == 13 or data[0] == 10:
+                        # Empty lines before the request line are ignored (RFC 9112 2.2), as
+                        # llhttp ignores them on the general path.
+                        data = data.lstrip(b"\r\n")
+                        if not data:
+                            return
+                        text = text.lstrip("\r\n")
+                    scan = scan_request(text)
+                    if scan[0] != GENERAL:
+                        self._express(data, text, scan)
                         return
             if self._full_parser is None:
                 self._full_parser = httptools.HttpRequestParser(self)
@@ -841,24 +848,15 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         self._body_left = -1
 
-    def _express(self, data: bytes, low: str, kind: int) -> None:
+    def _express(self, data: bytes, text: str, scan: RequestScan) -> None:
         """A whole request head in one chunk: validate it with the lean parser (llhttp with no
         per-header callbacks), rewrite it as raw bytes and start it.
 
         llhttp has validated every line once feed_data returns (no obs-fold, no bare CR/LF,
-        token names, one valid Content-Length), so plain searches are exact: a header name can
-        only follow a line break. The searches run on the head decoded as latin-1 (one byte,
-        one character, so positions match): CPython 3.11's bytes.find and `in` first try the
-        needle as an integer and raise and swallow a TypeError each time, which costs more
-        than the search itself.
+        token names, one valid Content-Length), so what scan_request found in `text` (the
+        head decoded as latin-1: one byte, one character, so positions match) is exact: a
+        header name can only follow a line break.
         """
-        if data[0] == 13 or data[0] == 10:
-            # Empty lines before the request line are ignored (RFC 9112 2.2), as llhttp
-            # ignores them on the general path.
-            data = data.lstrip(b"\r\n")
-            if not data:
-                return
-            low = low.lstrip("\r\n")
         lean = self._lean
         if lean is None:
             lean = _LEAN_FREE.pop() if _LEAN_FREE else _LeanParser()
@@ -877,7 +875,7 @@ class ClientConnection(asyncio.Protocol):
         self.server.express_requests += 1
         ex = Exchange(self)
         try:
-            self._rewrite_head(ex, data, low, parser.get_method(), kind)
+            self._rewrite_head(ex, data, text, scan, parser.get_method())
         except ClientError as e:
             self._reject(e)
             return
@@ -908,8 +906,10 @@ class ClientConnection(asyncio.Protocol):
             ex.request_done = True
             self.parsing = None
 
-    def _rewrite_head(self, ex: Exchange, data: bytes, low: str, method: bytes, kind: int) -> None:
-        line_end = low.find("\r\n")
+    def _rewrite_head(
+        self, ex: Exchange, data: bytes, text: str, scan: RequestScan, method: bytes
+    ) -> None:
+        line_end = scan[1]
         if line_end > self._max_url_bytes:
             raise URITooLong()
         if len(data) > self._max_header_bytes:
@@ -918,15 +918,15 @@ class ClientConnection(asyncio.Protocol):
         # break), so only a head that long can have that many, and only then are lines counted.
         if (
             len(data) > 3 * self._max_header_count
-            and low.count("\n") - 2 > self._max_header_count  # the request and blank lines
+            and text.count("\n") - 2 > self._max_header_count  # the request and blank lines
         ):
             raise HeaderFieldsTooLarge("too many header fields")
-        # The version from the request line llhttp accepted (httptools' get_http_version
-        # formats a new string on every call).
-        version = low[line_end - 9 : line_end]
-        if version == " http/1.1":
+        # The version from the request line llhttp accepted, which spells it "HTTP/" in
+        # capitals (httptools' get_http_version formats a new string on every call).
+        version = text[line_end - 9 : line_end]
+        if version == " HTTP/1.1":
             keep_alive = True
-        elif version == " http/1.0":
+        elif version == " HTTP/1.0":
             ex.version = b"1.0"
             keep_alive = False
         else:
@@ -934,9 +934,9 @@ class ClientConnection(asyncio.Protocol):
         ex.method = method
         if method == b"HEAD":
             ex.is_head = True
-        if kind != REWRITE:
+        if scan[0] != REWRITE:
             head, host, keep_alive, length = plain_request_plan(
-                data, low, method, line_end, keep_alive, self._tail_parts, self._hop, self._host_ok
+                data, scan, method, keep_alive, self._tail_parts, self._hop, self._host_ok
             )
             if head:
                 if host is not None:
@@ -950,14 +950,13 @@ class ClientConnection(asyncio.Protocol):
                 return
         # Hop-by-hop or forwarding headers to rewrite, other than a lone Connection:
         # keep-alive or close: the general path's rules.
-        if not keep_alive_of(low, keep_alive):
+        if not keep_alive_of(text.lower(), keep_alive):
             ex.keep_alive = False
             ex.last = True
         head = data[:-2]  # without the blank line
         first, fields = split_head(head)
         self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
-        i = low.find("\ncontent-length:")
-        self._body_left = int(head[i + 16 : low.find("\r\n", i)]) if i >= 0 else -1
+        self._body_left = scan[7]
 
     def _build_request_head(
         self, ex: Exchange, url: bytes, fields: list[tuple[bytes, bytes]]
