@@ -124,10 +124,15 @@ def reference_request(low: str) -> int:
     return REWRITE if any(n in low for n in rewrite) or underscore or not origin else PLAIN
 
 
+def _same_scan(got: tuple[object, ...], want: tuple[object, ...]) -> bool:
+    """A head that needs the general path says so; the rest of its scan means nothing."""
+    return got == want if not want[0] else bool(got[0])
+
+
 @given(st.lists(lines, max_size=8))
 def test_scan_response_agrees_with_the_searches(fields: list[str]) -> None:
     low = _head("http/1.1 200 ok", fields)
-    assert scan_response(low) == reference_response(low)
+    assert _same_scan(scan_response(low), reference_response(low))
 
 
 @given(st.lists(lines, max_size=8), st.randoms(use_true_random=False), st.text(max_size=20))
@@ -138,7 +143,7 @@ def test_scan_response_reads_names_in_any_case_and_stops_at_its_limit(
     # after the head (the express lane scans the head of a whole response) is not looked at.
     low = _head("http/1.1 200 ok", fields)
     mixed = "".join(ch.upper() if rnd.random() < 0.5 else ch for ch in low)
-    assert scan_response(mixed + "\r\n" + body, len(mixed)) == reference_response(low)
+    assert _same_scan(scan_response(mixed + "\r\n" + body, len(mixed)), reference_response(low))
 
 
 @given(

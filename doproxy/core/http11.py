@@ -125,67 +125,56 @@ def hop_by_hop(line: str) -> int:
     return NOT_HOP
 
 
-# What scan_request finds in a request head, in one walk: (its kind: PLAIN, REWRITE or
-# GENERAL; where its request line ends; its Connection line as scan_response gives it: start,
-# end and lone value; its Host line: the index of the line break before it and that of its
-# CRLF, (-1, -1) without one and (-2, -2) for more than one; its Content-Length, -1 without
-# one and -2 when it is not a number). A plain tuple: compiled, it is returned in registers.
-RequestScan = tuple[int, int, int, int, str, int, int, int]
+# What a walk over the header lines of a head finds (_scan_fields): (its kind: PLAIN,
+# REWRITE or GENERAL; its Content-Length, -1 without one and -2 when it is not a number; its
+# Connection line: the index of the line break before the first one, that of its CRLF, and
+# "keep-alive" or "close" when it is the only Connection line and holds just that token,
+# else ""; a request's Host line: the index of the line break before it and that of its
+# CRLF, (-1, -1) without one and (-2, -2) for more than one). A plain tuple: compiled, it is
+# returned in registers.
+_Fields = tuple[int, int, int, int, str, int, int]
 
 
-def scan_request(head: str) -> RequestScan:
-    """Everything the express lane needs from a request head (latin-1 text in any case,
-    starting at its request line), in one walk over its lines, as scan_response walks a
-    response: one search per line break, and only the names whose first letter fits are
-    sliced and compared, as written first, lower-cased only when that fails. This replaces
-    lower-casing the whole head, splitting it into a string per line and a search per header
-    name the plan needs.
+def _scan_fields(head: str, pos: int, limit: int, request: bool) -> _Fields:
+    """Walk the header lines of `head` (latin-1 text in any case) from `pos`, the first one,
+    up to `limit`: the one walk behind scan_request and scan_response.
 
-    The kind: REWRITE for a target that is not origin-form (absolute-form, `*`), a hop-by-hop
-    header, a header that says who the client is (X-Forwarded-*, X-Real-IP, Forwarded) or
-    that the proxy appends to (Via), Expect, or a header name with an underscore; GENERAL for
-    Transfer-Encoding or Upgrade (the rest of the scan is then not made). The positions are
-    exact once llhttp has validated the head (a name can only follow a line break); before
-    that, only the kind is used, to pick the lane.
+    Each line is found with one search for its line break (a memchr), and its name's first
+    letter, lower-cased as an integer, picks the names worth comparing; only those are sliced
+    and compared, as written first and lower-cased only when that fails (peers write
+    `Content-Length:` and `Connection:` in these capitals, and lower-casing a slice costs more
+    than comparing it). This replaced lower-casing the whole head, splitting it into a string
+    per line and a search of the whole head per header name (a head is a few hundred
+    characters, most of its lines are names no rule cares about, and those were about half of
+    the express lanes' own instructions).
+
+    REWRITE: a hop-by-hop header other than Connection, and for a `request`: a header that
+    says who the client is (X-Forwarded-*, X-Real-IP, Forwarded), that the proxy appends to
+    (Via), Expect, or a header name with an underscore. GENERAL: Transfer-Encoding or Upgrade;
+    the walk stops there and the rest of the tuple means nothing.
     """
     kind = PLAIN
-    n = len(head)
-    line_end = head.find("\r\n")
-    if line_end < 0:
-        line_end = n
-    # The request line: origin-form targets start with "/" after the method.
-    sp = head.find(" ", 0, line_end)
-    if sp < 0 or sp + 1 >= line_end or ord(head[sp + 1]) != 47:
-        kind = REWRITE
     # Header names with an underscore: looked for line by line only when the headers hold one
     # at all (one memchr instead of two searches per line).
-    underscore = head.find("_", line_end) >= 0
+    underscore = request and head.find("_", pos, limit) >= 0
     length = -1
     host_start = host_end = -1
     start = end = -1
     value = ""
     connections = 0
-    pos = line_end + 2
-    while pos < n:
-        eol = head.find("\n", pos)
+    while pos < limit:
+        eol = head.find("\n", pos, limit)
         if eol < 0:
-            eol = n
+            eol = limit
         if eol - pos <= 1:  # the blank line (or a bare line break, which llhttp refuses)
             pos = eol + 1
             continue
-        c = ord(head[pos]) | 32  # lower-cased, as in scan_response
-        if (
-            c == 104
-            and eol - pos >= 5
-            and (  # h
-                (name := head[pos : pos + 5]) == "Host:" or name.lower() == "host:"
-            )
-        ):
-            if host_start == -1:
-                host_start, host_end = pos - 1, eol - 1
-            else:
-                host_start = host_end = -2
-        elif c == 99 and eol - pos >= 11:  # c: Content-Length or Connection (scan_response)
+        # ASCII letters differ from their capitals by the 32 bit alone, so `| 32` lower-cases
+        # a letter and maps nothing else onto one.
+        c = ord(head[pos]) | 32
+        if c == 99 and eol - pos >= 11:  # c: Content-Length or Connection?
+            # The ninth letter tells "content-Length" from "connectiOn" and from the other
+            # "content-*" names.
             d = ord(head[pos + 8]) | 32
             if d == 108:  # l
                 name = head[pos : pos + 15]
@@ -208,26 +197,27 @@ def scan_request(head: str) -> RequestScan:
                     value = head[pos + 11 : eol].strip()
                     if value != "keep-alive" and value != "close":
                         value = value.lower()
-        elif c == 120:  # x
-            low = head[pos : pos + 12].lower()
-            if low == "x-forwarded-" or low.startswith("x-real-ip:"):
-                kind = REWRITE
-        elif c == 102:  # f
-            if head[pos : pos + 10].lower() == "forwarded:":
-                kind = REWRITE
-        elif c == 101:  # e
-            if head[pos : pos + 7].lower() == "expect:":
-                kind = REWRITE
-        elif c == 118:  # v
-            if head[pos : pos + 4].lower() == "via:":
-                kind = REWRITE
+        elif (
+            request
+            and c == 104  # h
+            and eol - pos >= 5
+            and ((name := head[pos : pos + 5]) == "Host:" or name.lower() == "host:")
+        ):
+            if host_start == -1:
+                host_start, host_end = pos - 1, eol - 1
+            else:
+                host_start = host_end = -2
         elif c == 116 or c == 117 or c == 107 or c == 112 or c == 104:  # t, u, k, p, h
             # (The longest name hop_by_hop compares is "transfer-encoding:", 18 letters.)
             hop = hop_by_hop(head[pos : min(pos + 18, eol)].lower())
             if hop == FRAMING:
-                return GENERAL, line_end, -1, -1, "", -1, -1, -1
+                return GENERAL, -1, -1, -1, "", -1, -1
             if hop == HOP:
                 kind = REWRITE
+        elif (
+            request and (c == 120 or c == 102 or c == 101 or c == 118) and _names_client(head, pos)
+        ):
+            kind = REWRITE
         if underscore:
             colon = head.find(":", pos, eol)
             if head.find("_", pos, colon if colon >= 0 else eol) >= 0:
@@ -235,78 +225,63 @@ def scan_request(head: str) -> RequestScan:
         pos = eol + 1
     if connections != 1 or (value != "keep-alive" and value != "close"):
         value = ""
+    return kind, length, start, end, value, host_start, host_end
+
+
+def _names_client(head: str, pos: int) -> bool:
+    """Is the line at `pos`, whose name starts with x, f, e or v, one the proxy rewrites:
+    X-Forwarded-*, X-Real-IP, Forwarded (who the client is), Via (appended to), Expect?"""
+    low = head[pos : pos + 12].lower()
+    return (
+        low == "x-forwarded-"
+        or low.startswith("x-real-ip:")
+        or low.startswith("forwarded:")
+        or low.startswith("expect:")
+        or low.startswith("via:")
+    )
+
+
+# What scan_request finds in a request head, in one walk: (its kind, as _scan_fields; where
+# its request line ends; its Connection line, Host line and Content-Length, as _scan_fields).
+RequestScan = tuple[int, int, int, int, str, int, int, int]
+
+
+def scan_request(head: str) -> RequestScan:
+    """Everything the express lane needs from a request head (latin-1 text in any case,
+    starting at its request line), in one walk over its lines (_scan_fields).
+
+    The kind is also REWRITE for a target that is not origin-form (absolute-form, `*`). The
+    positions are exact once llhttp has validated the head (a name can only follow a line
+    break); before that, only the kind is used, to pick the lane.
+    """
+    n = len(head)
+    line_end = head.find("\r\n")
+    if line_end < 0:
+        line_end = n
+    kind, length, start, end, value, host_start, host_end = _scan_fields(
+        head, line_end + 2, n, True
+    )
+    # The request line: origin-form targets start with "/" after the method.
+    sp = head.find(" ", 0, line_end)
+    if kind == PLAIN and (sp < 0 or sp + 1 >= line_end or ord(head[sp + 1]) != 47):
+        kind = REWRITE
     return kind, line_end, start, end, value, host_start, host_end, length
 
 
 def scan_response(head: str, limit: int = -1) -> tuple[bool, int, int, int, str]:
     """Everything the express response lane needs from a response head, in one walk over its
-    lines: (needs the general path, Content-Length, Connection line). `head` is latin-1 text
-    in any case, looked at up to `limit` (the end of its last header line; -1: all of it).
-
-    Each line is found with one search for its line break (a memchr), and its name's first
-    letter, lower-cased as an integer, picks the names worth comparing; only those are sliced
-    and lower-cased. This replaces lower-casing the whole head and splitting it into a string
-    per line (a response head is ~250 characters, most of its lines are names no rule cares
-    about, and the two were about half of the response lane's own instructions), and before
-    that a substring search of the whole head per header name. "Needs the general path": a
-    hop-by-hop header other than Connection.
-
-    Content-Length is the first such header's value, -1 when there is none and -2 when it is
-    not a number (llhttp, which validates the response next, says what is wrong). The
-    Connection line comes as lone_connection gives it: the index of the line break before the
-    first one, that of its CRLF, and "keep-alive" or "close" (lower-cased) when it is the only
-    Connection line and holds just that token, else "".
+    lines (_scan_fields): (needs the general path, Content-Length, Connection line). `head`
+    is latin-1 text in any case, looked at up to `limit` (the end of its last header line;
+    -1: all of it). "Needs the general path": a hop-by-hop header other than Connection; the
+    rest of the tuple then means nothing.
     """
     if limit < 0:
         limit = len(head)
-    general = False
-    length = -1
-    start = -1
-    end = -1
-    value = ""
-    connections = 0
     pos = head.find("\n", 0, limit) + 1  # the first header line: the status line is skipped
-    while 0 < pos < limit:
-        eol = head.find("\n", pos, limit)
-        if eol < 0:
-            eol = limit
-        # ASCII letters differ from their capitals by the 32 bit alone, so `| 32` lower-cases
-        # a letter and maps nothing else onto one.
-        c = ord(head[pos]) | 32
-        if c == 99 and eol - pos >= 11:  # c: Content-Length or Connection?
-            # The ninth letter tells "content-Length" from "connectiOn" and from the other
-            # "content-*" names. A name is compared as written first: backends write these in
-            # their usual capitals, and lower-casing a slice costs more than comparing it.
-            d = ord(head[pos + 8]) | 32
-            if d == 108:  # l
-                name = head[pos : pos + 15]
-                if (name == "Content-Length:" or name.lower() == "content-length:") and (
-                    length == -1
-                ):
-                    try:
-                        length = int(head[pos + 15 : eol])
-                    except ValueError:
-                        length = -2
-            elif (
-                d == 111
-                and (  # o
-                    (name := head[pos : pos + 11]) == "Connection:" or name.lower() == "connection:"
-                )
-            ):
-                connections += 1
-                if connections == 1:
-                    start, end = pos - 1, eol - 1
-                    value = head[pos + 11 : eol].strip()
-                    if value != "keep-alive" and value != "close":
-                        value = value.lower()
-        elif (c == 116 or c == 117 or c == 107 or c == 112 or c == 104) and hop_by_hop(
-            head[pos:eol].lower()
-        ) != NOT_HOP:  # t, u, k, p, h: the letters hop_by_hop looks at
-            general = True
-        pos = eol + 1
-    if connections != 1 or (value != "keep-alive" and value != "close"):
-        value = ""
-    return general, length, start, end, value
+    if pos == 0:
+        return False, -1, -1, -1, ""
+    kind, length, start, end, value, _, _ = _scan_fields(head, pos, limit, False)
+    return kind != PLAIN, length, start, end, value
 
 
 # --- header forwarding rules ---------------------------------------------------------------
