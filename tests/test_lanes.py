@@ -9,6 +9,9 @@ one write from the backend (express) or the head and body in separate writes (ge
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -366,3 +369,61 @@ async def test_close_request_lingers_when_the_client_has_started_another(
         await c.close()
     await wait_for(lambda: not proxy.connections)
     assert b"/next" not in backend.all_received
+
+
+def _segments_in(sock: Any) -> int:
+    """Segments the kernel has received on this TCP socket (struct tcp_info's tcpi_segs_in,
+    at byte 140 since Linux 4.2)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int(struct.unpack_from("=I", info, 140)[0])
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="Linux's TCP_QUICKACK")
+async def test_a_new_connections_request_is_acknowledged_by_its_answer(
+    start_proxy: StartProxy,
+) -> None:
+    # As HAProxy on its HTTP listeners: the proxy's kernel does not acknowledge a new
+    # connection's first request in a segment of its own (its quick-ACK start); the answer
+    # carries the ACK. One segment less per connection, on `Connection: close` traffic.
+    got = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def held(reader: Any, writer: asyncio.StreamWriter, backend: RawBackend) -> None:
+        rr = RequestReader(reader)
+        while await rr.next() is not None:
+            got.set()
+            await answer.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    backend = await RawBackend(held).start()
+    proxy = await start_proxy([backend.port])
+    for listener in proxy.listening_sockets():
+        for s in listener:
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
+    # A delayed ACK goes out after 40 ms at the least (TCP_ATO_MIN): an observation counts
+    # only when the backend had the request well before that. A loaded machine may need a
+    # few connections to make one.
+    observed = 0
+    for _ in range(20):
+        got.clear()
+        answer.clear()
+        c = await Client.connect(port_of(proxy))
+        sock = c.writer.get_extra_info("socket")
+        before = _segments_in(sock)  # the handshake's
+        start = time.monotonic()
+        await c.send(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        await asyncio.wait_for(got.wait(), 5)
+        segments = _segments_in(sock)
+        quick = time.monotonic() - start < 0.02
+        answer.set()
+        assert (await c.response()).body == b"ok"
+        await c.close()
+        if quick:
+            # The proxy read the request and sent it on: a quick ACK would be here by now.
+            assert segments == before, "the request was acknowledged on its own"
+            observed += 1
+            if observed == 3:
+                break
+    assert observed == 3, "the machine never let a request through within 20 ms"
+    await backend.close()
