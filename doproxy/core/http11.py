@@ -53,24 +53,6 @@ def head_text(buf: bytes) -> tuple[str, int]:
     return text, end
 
 
-def lone_connection(low: str) -> tuple[int, int, str]:
-    """The Connection line of a lower-cased head: (start, end, value).
-
-    `start` is the index of the line break before the line and `end` that of its CRLF, or
-    (-1, -1, "") when there is none. `value` is "keep-alive" or "close" for a single line with
-    just that token, and "" for anything else (other tokens, several Connection lines): those
-    heads need the general path, which removes every header Connection names.
-    """
-    i = low.find("\nconnection:")
-    if i < 0:
-        return -1, -1, ""
-    j = low.find("\r\n", i)
-    value = low[i + 12 : j].strip()
-    if (value != "keep-alive" and value != "close") or "\nconnection:" in low[j:]:
-        value = ""
-    return i, j, value
-
-
 def connection_options(low: str) -> set[str]:
     """Every token of every Connection line of a lower-cased head."""
     tokens: set[str] = set()
@@ -82,11 +64,6 @@ def connection_options(low: str) -> set[str]:
         tokens.update(t.strip() for t in low[i + 12 : j].split(","))
         start = j
     return tokens
-
-
-def response_needs_general_path(low: str) -> bool:
-    """True when a lower-cased response head has a hop-by-hop header other than Connection."""
-    return scan_response(low)[0]
 
 
 # What the header names of a request head ask of the express lane (scan_request).
@@ -513,11 +490,10 @@ def response_plan(
     "Connection: keep-alive/close". Everything else is rebuilt header by header.
     """
     if version == b"1.1" and text.startswith("HTTP/1.1 "):
-        low = text.lower()
-        if not response_needs_general_path(low):
+        general, length, i, j, value = scan_response(text)
+        if not general:
             no_body = is_head or status == 304
-            if no_body or (status != 204 and "\ncontent-length:" in low):
-                i, j, value = lone_connection(low)
+            if no_body or (status != 204 and length != -1):
                 if value:
                     head = head[: i + 1] + head[j + 2 :]
                     i = -1
