@@ -195,6 +195,24 @@ def answering(status: int, body: bytes) -> Handler:
     return handler
 
 
+def holding(answer: asyncio.Event, arrived: asyncio.Event | None = None) -> Handler:
+    """A keep-alive backend that answers every request 200 "ok", each only once `answer` is
+    set; `arrived`, when given, is set as each request arrives."""
+
+    async def handler(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
+    ) -> None:
+        rr = RequestReader(reader)
+        while await rr.next() is not None:
+            if arrived is not None:
+                arrived.set()
+            await answer.wait()
+            writer.write(respond(200, b"ok"))
+            await writer.drain()
+
+    return handler
+
+
 async def silent(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, backend: RawBackend
 ) -> None:

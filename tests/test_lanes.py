@@ -19,7 +19,7 @@ import pytest
 
 from doproxy.proxy.server import ProxyServer
 from tests.conftest import StartProxy, port_of, wait_for
-from tests.support import Client, RawBackend, RequestReader
+from tests.support import Client, RawBackend, RequestReader, holding
 
 REQUESTS = [
     b"GET /a?x=1 HTTP/1.1\r\nHost: app.test\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
@@ -341,15 +341,7 @@ async def test_close_request_lingers_when_the_client_has_started_another(
     from doproxy.proxy.client import DEADLINE_LINGER
 
     answer = asyncio.Event()
-
-    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, b: Any) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        await answer.wait()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        await reader.read()
-
-    backend = await backend_factory(held)
+    backend = await backend_factory(holding(answer))
     proxy = await start_proxy([backend.port])
     c = await Client.connect(port_of(proxy))
     try:
@@ -380,23 +372,14 @@ def _segments_in(sock: Any) -> int:
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="Linux's TCP_QUICKACK")
 async def test_a_new_connections_request_is_acknowledged_by_its_answer(
-    start_proxy: StartProxy,
+    start_proxy: StartProxy, backend_factory: Callable[..., Awaitable[RawBackend]]
 ) -> None:
     # As HAProxy on its HTTP listeners: the proxy's kernel does not acknowledge a new
     # connection's first request in a segment of its own (its quick-ACK start); the answer
     # carries the ACK. One segment less per connection, on `Connection: close` traffic.
     got = asyncio.Event()
     answer = asyncio.Event()
-
-    async def held(reader: Any, writer: asyncio.StreamWriter, backend: RawBackend) -> None:
-        rr = RequestReader(reader)
-        while await rr.next() is not None:
-            got.set()
-            await answer.wait()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    backend = await RawBackend(held).start()
+    backend = await backend_factory(holding(answer, got))
     proxy = await start_proxy([backend.port])
     for listener in proxy.listening_sockets():
         for s in listener:
@@ -426,4 +409,3 @@ async def test_a_new_connections_request_is_acknowledged_by_its_answer(
             if observed == 3:
                 break
     assert observed == 3, "the machine never let a request through within 20 ms"
-    await backend.close()
