@@ -32,7 +32,8 @@ from doproxy.proxy.state import ConnectionTerms, ProxyState
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL: Final = 0.1
-_NO_QUICK_ACK: Final = hasattr(socket, "TCP_QUICKACK")  # Linux's; see listen()
+# Linux can turn off a socket's quick ACKs (TCP_QUICKACK); see listen().
+_CAN_DELAY_ACKS: Final = hasattr(socket, "TCP_QUICKACK")
 # Latency samples the backends keep between two statistics ticks, all together: a cap that
 # only matters when nobody collects them (no statistics running).
 _MAX_SAMPLES: Final = 200_000
@@ -93,15 +94,15 @@ class ProxyServer(ProxyState):
                 start_serving=start_serving,
             )
         bound: Any = getattr(server, "sockets")  # noqa: B009 - see addresses
-        for s in bound:
-            # A request's ACK rides on its answer rather than in a segment of its own, as
-            # HAProxy does on its HTTP listeners: each accepted connection inherits the
-            # listener's delayed-ACK mode, so the kernel does not acknowledge a new
-            # connection's first request at once (its quick-ACK start). One segment less per
-            # new connection for both ends; with `Connection: close` traffic that was 12
-            # segments per request against HAProxy's 11, and the load generator's CPU, not
-            # the proxy's, is what limits that benchmark (docs/benchmarks.md, round 5).
-            if _NO_QUICK_ACK:
+        # A request's ACK rides on its answer rather than in a segment of its own, as
+        # HAProxy does on its HTTP listeners: each accepted connection inherits the
+        # listener's delayed-ACK mode, so the kernel does not acknowledge a new
+        # connection's first request at once (its quick-ACK start). One segment less per
+        # new connection for both ends; with `Connection: close` traffic that was 12
+        # segments per request against HAProxy's 11, and the load generator's CPU, not
+        # the proxy's, is what limits that benchmark (docs/benchmarks.md, round 5).
+        if _CAN_DELAY_ACKS:
+            for s in bound:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
         if bound:
             port[0] = str(bound[0].getsockname()[1]).encode()
