@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import resource
+import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -269,9 +270,18 @@ async def _demo(bind: str, load: bool, ports: str = "9100-9199", rollouts: bool 
         for t in tasks:
             t.cancel()
         provider = open_provider(settings, folder)
-        for m in await provider.list():
-            await provider.destroy(m.id)
-        await provider.close()
+        try:
+            for m in await provider.list():
+                await provider.destroy(m.id)
+            left = await provider.list()
+        finally:
+            await provider.close()
+        # The folder is the demo's own, made for this run: removed once nothing it started
+        # is left (else kept, with the inventory that names what is still running).
+        if not left:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            print(f"doproxy demo: {len(left)} backend(s) still running, see {folder}")
 
 
 def demo(

@@ -198,9 +198,13 @@ def test_bad_config_fails_to_start_with_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_demo_autoscales_local_backends_and_cleans_up() -> None:
+async def test_demo_autoscales_local_backends_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`make run` runs `doproxy demo`: the proxy with autoscaling local demo backends (min 1)."""
     import random
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the demo makes its folder
 
     base = random.randrange(20000, 32700)  # below the ephemeral ports, see test_autoscaler_e2e
     ports = f"{base}-{base + 20}"
@@ -227,7 +231,11 @@ async def test_demo_autoscales_local_backends_and_cleans_up() -> None:
         async with aiohttp.ClientSession() as s, s.get(found.group(1)) as page:
             assert page.status == 200
             assert "<title>doproxy status</title>" in await page.text()
+        (folder,) = tmp_path.glob("doproxy-demo-*")  # noqa: ASYNC240 - a local folder
+        assert (folder / "inventory.toml").exists()
         assert await proxy.stop() == 0
+        # Its folder (config, inventory, journal, admin token) goes with it.
+        assert not folder.exists()
         # The demo destroys its backends when it stops: nothing answers on their ports.
         for port in range(base, base + 21):
             with pytest.raises(OSError):
