@@ -205,8 +205,23 @@ def nginx_proxy_conf(
         + "            proxy_http_version 1.1;\n"
         + '            proxy_set_header Connection "";\n'
         + "            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n"
+        + "            proxy_set_header X-Forwarded-Proto $scheme;\n"
+        + "            proxy_set_header X-Forwarded-Host $http_host;\n"
+        + "            proxy_set_header X-Forwarded-Port $server_port;\n"
+        + "            proxy_set_header X-Real-IP $remote_addr;\n"
         + "        }\n    }\n}\n"
     )
+
+
+# The forwarding headers doproxy adds by default (forwarded-header = "x-forwarded"), added by
+# HAProxy and nginx too, so that every proxy does the same work per request and every backend
+# parses the same request head.
+_HAPROXY_FORWARDING = (
+    "    http-request set-header X-Forwarded-Proto http\n"
+    "    http-request set-header X-Forwarded-Host %[req.hdr(host)]\n"
+    "    http-request set-header X-Forwarded-Port %[dst_port]\n"
+    "    http-request set-header X-Real-IP %[src]\n"
+)
 
 
 def haproxy_conf(
@@ -222,7 +237,9 @@ def haproxy_conf(
         + "\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n"
         "    timeout server 30s\n    option http-keep-alive\n    http-reuse always\n"
         "    option forwardfor\n" + (logging[1] if access_log else "") + "\n"
-        f"frontend fe\n    bind 127.0.0.1:{port}\n    default_backend be\n\n"
+        f"frontend fe\n    bind 127.0.0.1:{port}\n"
+        + _HAPROXY_FORWARDING
+        + "    default_backend be\n\n"
         f"backend be\n    balance roundrobin\n{servers}"
     )
 
