@@ -186,11 +186,13 @@ async def client_reading_nothing(port: int) -> AsyncIterator[socket.socket]:
 async def test_client_that_stops_reading_cannot_hold_a_closed_connection(
     start_proxy: StartProxy, backend_factory: object, size: int
 ) -> None:
-    # The client said close, so the connection is closed once the response is handed over;
-    # but a client that reads nothing leaves part of it buffered in the proxy, the more so the
-    # larger it is. Whatever is left, the client must read it within client-write, or the
-    # connection is cut: nothing may hold a closed connection (a descriptor and its buffer)
-    # open for ever.
+    # The client said close, so the connection is closed once the response is handed over
+    # (a lingering close, bounded by LINGER_TIME); but a client that reads nothing leaves part
+    # of it buffered in the proxy, the more so the larger it is. Whatever is left, the client
+    # must read it within client-write, or the connection is cut: nothing may hold a closed
+    # connection (a descriptor and its buffer) open for ever.
+    from doproxy.proxy.client import LINGER_TIME
+
     backend = await backend_factory(answering(200, b"x" * size))  # type: ignore[operator]
     proxy = await start_proxy(
         [backend.port], {"timeouts": {"client-write": "0.5s", "backend-read": "30s"}}
@@ -199,7 +201,7 @@ async def test_client_that_stops_reading_cannot_hold_a_closed_connection(
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
         await wait_for(lambda: b"GET / " in backend.all_received)
-        await wait_for(lambda: not proxy.connections, timeout=4)
+        await wait_for(lambda: not proxy.connections, timeout=LINGER_TIME + 3)
     not_blamed(proxy)
 
 
@@ -224,6 +226,41 @@ async def test_closed_connection_with_an_unread_answer_is_cut_after_client_write
         assert t.get_write_buffer_size() > 0
         conn.teardown(TEARDOWN_CLOSE)
         await wait_for(lambda: not proxy.connections, timeout=4)
+    not_blamed(proxy)
+
+
+async def test_lingering_close_waits_for_the_rest_of_the_answer_then_lingers(
+    start_proxy: StartProxy, echo_backend: RawBackend
+) -> None:
+    # A lingering close with the end of the answer still buffered in the proxy: the client has
+    # client-write to take it (not the linger's LINGER_TIME, which would cut a slow reader
+    # mid-answer); once it has, the linger follows, until the client closes.
+    from doproxy.proxy.client import DEADLINE_CLIENT_WRITE, DEADLINE_LINGER, TEARDOWN_LINGER
+
+    proxy = await start_proxy([echo_backend.port], {"timeouts": {"client-write": "0.5s"}})
+    c = await Client.connect(port_of(proxy))
+    try:
+        await wait_for(lambda: len(proxy.connections) == 1)
+        (conn,) = proxy._live()
+        t = conn.transport
+        assert t is not None
+        size = 32 * 1024 * 1024  # more than the kernel takes
+        t.set_write_buffer_limits(high=256 * 1024 * 1024)  # never paused
+        t.write(b"x" * size)
+        assert t.get_write_buffer_size() > 0
+        conn.teardown(TEARDOWN_LINGER)
+        assert conn.deadline_kind == DEADLINE_CLIENT_WRITE
+        got = 0
+        async with asyncio.timeout(10):
+            while data := await c.reader.read(1 << 20):
+                got += len(data)
+        assert got == size  # all of it, then the end (the proxy's half-close)
+        # The client keeps its side open: past client-write, the connection lingers.
+        await wait_for(lambda: conn.deadline_kind == DEADLINE_LINGER, timeout=3)
+        assert proxy.connections
+    finally:
+        await c.close()
+    await wait_for(lambda: not proxy.connections, timeout=3)
     not_blamed(proxy)
 
 

@@ -1060,3 +1060,19 @@ async def test_proxy_error_to_head_has_no_body(start_proxy: StartProxy) -> None:
     got = responses_to([b"HEAD", b"GET"], await read_all(client))
     await client.close()
     assert [(r.status, r.header(b"x-backend-id")) for r in got] == [(502, None), (200, b"/b")]
+
+
+@pytest.mark.timeout(30)
+async def test_last_request_answered_when_more_arrives_after_it(start_proxy: StartProxy) -> None:
+    """A client's last request (HTTP/1.0 without keep-alive) is answered even when the client
+    sends more after it, in a later write (found by the property test)."""
+    head = b"HEAD /c0t0r0 HTTP/1.0\r\nHost: example.test\r\nUser-Agent: fuzz\r\nContent-Length: 5"
+    data = head + b"\r\n\r\naaaaaGET /c0t0r1 HTTP/1.1\r\nHost: example.test\r\n\r\ngarbage\r\n\r\n"
+    body_end = len(head) + 4 + 5
+    await run_scenario(
+        start_proxy,
+        Scenario(
+            turns=[Turn(conn=0, data=data, cuts=(body_end, body_end + 1))],
+            responses={"/c0t0r0": RespSpec(), "/c0t0r1": RespSpec()},
+        ),
+    )

@@ -273,14 +273,16 @@ async def test_lean_parsers_are_shared_between_idle_connections(
     assert b"\r\n\r\nxyz" in echo_backend.all_received
 
 
-async def test_close_request_is_closed_at_once_and_its_parser_serves_another_connection(
+async def test_close_request_is_half_closed_at_once_and_its_parser_serves_another_connection(
     start_proxy: StartProxy, echo_backend: RawBackend
 ) -> None:
-    # A client that says `Connection: close` sends nothing after that request (RFC 9112 9.6):
-    # once it is answered the proxy closes at once, without waiting for the client's FIN (a
-    # lingering close would hold the connection for up to 5 s), and the lean parser it used
-    # goes back for other connections in a clean state.
+    # Once a `Connection: close` request is answered, the proxy ends its side at once (the
+    # client reads the end of the stream right behind the answer) and closes when the client
+    # closes (a lingering close: see test_last_request_answered_when_more_arrives_after_it in
+    # tests/test_differential.py); the lean parser it used goes back for other connections in
+    # a clean state.
     from doproxy.proxy import client as client_module
+    from doproxy.proxy.client import DEADLINE_LINGER
 
     proxy = await start_proxy([echo_backend.port])
     free = len(client_module._LEAN_FREE)
@@ -293,9 +295,12 @@ async def test_close_request_is_closed_at_once_and_its_parser_serves_another_con
     await a.send(b"abc")
     r = await a.response()
     assert (r.status, r.body, r.header("connection")) == (200, b"POST /last len=3", b"close")
-    # The client keeps its side open; the proxy's side is gone well before a linger ends.
-    await wait_for(lambda: not proxy.connections, timeout=2.0)
+    # The client sees the end at once; the proxy lingers until the client closes its side.
     assert await a.closed(timeout=2.0)
+    (conn,) = proxy.connections
+    assert conn.deadline_kind == DEADLINE_LINGER
+    await a.close()
+    await wait_for(lambda: not proxy.connections, timeout=2.0)
     # It took a parser (a free one, or a new one when none was free) and gave it back.
     assert len(client_module._LEAN_FREE) == max(free, 1)
     # The next connection takes that parser: a keep-alive exchange with a body, then a

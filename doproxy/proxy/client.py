@@ -152,10 +152,6 @@ class Exchange:
     head = b""
     host: bytes | None = None
     keep_alive = True
-    # The request said it is the client's last (Connection: close, or HTTP/1.0 without
-    # keep-alive): the client sends nothing after it (RFC 9112 9.6), so once it is answered
-    # there is nothing to linger for (see ClientConnection.finished).
-    last = False
     chunked_in = False
     buffered = 0
     request_done = False
@@ -791,7 +787,6 @@ class ClientConnection(asyncio.Protocol):
         ex.is_head = method == b"HEAD"
         if not parser.should_keep_alive():
             ex.keep_alive = False
-            ex.last = True
         self._build_request_head(ex, self._url, self._headers)
         if self._hash_header:
             self._set_hash_key(ex, self._headers)
@@ -944,7 +939,6 @@ class ClientConnection(asyncio.Protocol):
                     ex.host = host
                 if not keep_alive:
                     ex.keep_alive = False
-                    ex.last = True
                 ex.head = head
                 self._body_left = length
                 return
@@ -952,7 +946,6 @@ class ClientConnection(asyncio.Protocol):
         # keep-alive or close: the general path's rules.
         if not keep_alive_of(text.lower(), keep_alive):
             ex.keep_alive = False
-            ex.last = True
         head = data[:-2]  # without the blank line
         first, fields = split_head(head)
         self._build_request_head(ex, first[len(method) + 1 : first.rfind(b" ")], fields)
@@ -1428,23 +1421,22 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         queue.pop(0)
         if not ex.keep_alive or not ex.request_done:
-            # A lingering close, unless the client said this was its last request and has
-            # sent nothing after it, not even the start of another head: then close at once,
-            # as nginx and HAProxy do (a shutdown, a read of the client's FIN and a loop
-            # iteration less per connection). A client that sends more after its own "close"
-            # anyway may see a reset.
+            # Always a lingering close (RFC 9112 9.6), even after the client's own last
+            # request: nothing seen after it is no proof that nothing is on its way, and a
+            # close with bytes unread resets the connection, which can destroy the answer
+            # before the client has read it (the differential test found it: a client that
+            # sent more after an HTTP/1.0 request, in a later write, got nothing). The
+            # half-close sends our FIN right behind the answer, so a client that closes once
+            # it has its answer ends the linger at once.
             if (
-                ex.last
-                and ex.request_done
+                ex.request_done
                 and not queue
                 and self._rejected is None
                 and self.parsing is None
                 and not self._in_head
             ):
                 self._give_back_lean()  # whole messages only: it is between two
-                self.teardown(TEARDOWN_CLOSE)
-            else:
-                self.teardown(TEARDOWN_LINGER)
+            self.teardown(TEARDOWN_LINGER)
             return
         self._continue(now)
         if ex.tunnel_data and not self.closed:
@@ -1583,6 +1575,12 @@ class ClientConnection(asyncio.Protocol):
                     self.server.backend_failed(ex.backend)
                 ex.finish(ex.upstream, reusable=False, abort=True)
         elif kind == DEADLINE_CLIENT_WRITE:
+            t = self.transport
+            if self.closed and t is not None and not t.get_write_buffer_size():
+                # A lingering close whose answer has all been taken since: now the linger.
+                self.deadline_kind = DEADLINE_LINGER
+                self.deadline = self._now() + LINGER_TIME
+                return
             # The client stopped reading: its fault; the backend is not blamed.
             log.info("client %s read nothing for client-write; closed", self.peer_ip.decode())
             self.teardown(TEARDOWN_ABORT)
@@ -1729,8 +1727,14 @@ class ClientConnection(asyncio.Protocol):
             self._paused = 0
             t.resume_reading()
             t.write_eof()
-            self.deadline_kind = DEADLINE_LINGER
-            self.deadline = self._now() + LINGER_TIME
+            if t.get_write_buffer_size():
+                # The rest of the answer goes first: the client must take it within
+                # client-write, as any answer (on_deadline then starts the linger).
+                self.deadline_kind = DEADLINE_CLIENT_WRITE
+                self.deadline = self._now() + self._t_client_write
+            else:
+                self.deadline_kind = DEADLINE_LINGER
+                self.deadline = self._now() + LINGER_TIME
             return
         t.close()
         if t.get_write_buffer_size():
