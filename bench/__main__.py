@@ -13,7 +13,15 @@ from pathlib import Path
 from types import FrameType
 
 from bench.procs import BenchError
-from bench.report import REPO, generated_block, machine_info, pool_table, table, write_doc
+from bench.report import (
+    REPO,
+    generated_block,
+    machine_info,
+    paired_table,
+    pool_table,
+    table,
+    write_doc,
+)
 from bench.runner import Options, RunResult, estimated_seconds, run
 from bench.servers import (
     DOPROXY,
@@ -260,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; every process started was stopped", file=sys.stderr)
         return 130
     body = table(result.samples, opts.proxies, opts.workloads)
+    if paired := paired_table(result.samples, opts.proxies, opts.workloads):
+        body += (
+            "\n\nThe same ratios repetition by repetition (each repetition runs every proxy back "
+            "to back, so these are less affected by the machine's slow drift than the ratios of "
+            "medians above):\n\n" + paired
+        )
     if pools := pool_table(result.samples, opts.proxies, opts.workloads[0]):
         body += "\n\ndoproxy by balancer and pool size:\n\n" + pools
     block = generated_block(body, info, _command(argv), _method(opts), result.problems)

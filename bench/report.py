@@ -223,6 +223,38 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def paired_table(
+    samples: Sequence[Sample], proxies: Sequence[str], workloads: Sequence[Workload]
+) -> str:
+    """Each proxy's ratios to its reference repetition by repetition: the runs of one
+    repetition are made back to back, so their ratio cancels the machine's slow drift, which
+    the ratio of medians in the main table does not. "" when there are fewer than 2."""
+    lines = [
+        "| workload | proxy | req/s ÷ HAProxy, by repetition | median | "
+        "CPU ÷ HAProxy, by repetition | median |",
+        "|---|---|---|---|---|---|",
+    ]
+    for workload in workloads:
+        for proxy in proxies:
+            reference = reference_of(proxy)
+            if proxy == reference or parse_key(proxy)[0] == NONE:
+                continue
+            ref = {s.rep: s for s in samples if s.proxy == reference and s.workload == workload}
+            mine = [s for s in samples if s.proxy == proxy and s.workload == workload]
+            pairs = [(s, ref[s.rep]) for s in sorted(mine, key=lambda s: s.rep) if s.rep in ref]
+            pairs = [(s, r) for s, r in pairs if r.wrk.rps and r.user_us + r.sys_us > 0]
+            if len(pairs) < 2:
+                continue
+            rps = [s.wrk.rps / r.wrk.rps for s, r in pairs]
+            cpu = [(s.user_us + s.sys_us) / (r.user_us + r.sys_us) for s, r in pairs]
+            lines.append(
+                f"| {workload.label} | {label_of(proxy)} | "
+                f"{', '.join(f'{x:.2f}' for x in rps)} | {statistics.median(rps):.2f} | "
+                f"{', '.join(f'{x:.2f}' for x in cpu)} | {statistics.median(cpu):.2f} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def generated_block(
     body: str, info: dict[str, str], command: str, settings: str, notes: Sequence[str]
 ) -> str:
