@@ -11,7 +11,9 @@ their backend connections alive. The proxy under test is pinned to one CPU (`tas
 wrk and the backends share the other one, so the proxy's own cost decides its throughput.
 
 Every (configuration, workload) pair runs `--reps` times (3 by default), interleaved so that slow
-drift of the machine hits every proxy alike, and the table reports medians.
+drift of the machine hits every proxy alike, and the table reports medians. A second table gives
+each proxy's ratios to HAProxy repetition by repetition and their median: the runs of one
+repetition are back to back, so their ratio is less exposed to drift than the ratio of medians.
 
 Why CPU time per request
 ------------------------
